@@ -1,0 +1,83 @@
+"""Database engine and schema migrations (Alembic), for SQLite and PostgreSQL alike.
+
+`create_engine` is the only place that knows dialect quirks (SQLite pragmas); `upgrade` runs the packaged migrations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from inboxd.errors import ConfigError, InboxdError
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+class DatabaseError(InboxdError):
+    """The database cannot be reached or is not at the expected schema version."""
+
+
+def create_engine(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            # WAL: the HR app may read while inboxd writes; foreign keys: cascades work as on PostgreSQL.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql"):
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    raise ConfigError(f"unsupported database url scheme {url.split(':', 1)[0]!r}; "
+                      "use sqlite:///PATH or postgresql+psycopg://...", key="database.url")
+
+
+def _alembic_config(connection: sa.Connection) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def upgrade(engine: sa.Engine, revision: str = "head") -> None:
+    """Bring the schema to `revision` (idempotent)."""
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), revision)
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str | None:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return ScriptDirectory.from_config(cfg).get_current_head()
+
+
+def check_schema(engine: sa.Engine) -> None:
+    """Refuse to run against a database that `inboxd db upgrade` has not brought to this version."""
+    try:
+        current = current_revision(engine)
+    except sa.exc.OperationalError as exc:
+        raise DatabaseError(f"cannot connect to the database: {exc.orig}") from exc
+    head = head_revision()
+    if current != head:
+        raise DatabaseError(
+            f"database schema is at {current or 'nothing'}, this inboxd needs {head}: run `inboxd db upgrade`"
+        )
