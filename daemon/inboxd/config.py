@@ -1,0 +1,663 @@
+"""The daemon's configuration: one TOML file read once into frozen, validated dataclasses.
+
+Nothing here runs at import time; ``load_config`` is called by the CLI and the result is passed down.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar, cast
+from urllib.parse import urlsplit
+
+from inboxd.errors import ConfigError
+
+Scope = Literal["all", "contacts"]
+ProviderKind = Literal["gmail", "microsoft", "imap"]
+TlsMode = Literal["tls", "starttls", "plain"]
+AuthMethod = Literal["oauth2", "password"]
+
+SCOPES: tuple[Scope, ...] = ("all", "contacts")
+PROVIDER_KINDS: tuple[ProviderKind, ...] = ("gmail", "microsoft", "imap")
+TLS_MODES: tuple[TlsMode, ...] = ("tls", "starttls", "plain")
+AUTH_METHODS: tuple[AuthMethod, ...] = ("oauth2", "password")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+MIB = 1024 * 1024
+DEFAULT_INTERVAL = timedelta(minutes=60)
+DEFAULT_BATCH_SIZE = 200
+MAX_BATCH_SIZE = 5000
+DEFAULT_MAX_ATTACHMENT_BYTES = 25 * MIB
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_STATE_DIR = "./var"
+
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL, not a secret)
+MICROSOFT_TOKEN_URI = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"  # noqa: S105
+
+
+@dataclass(frozen=True, repr=False)
+class DatabaseConfig:
+    url: str
+
+    def __repr__(self) -> str:
+        # The URL may carry the database password; never let it reach a log line.
+        return f"DatabaseConfig(url={redact_url(self.url)!r})"
+
+
+@dataclass(frozen=True)
+class SecretsConfig:
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    attachments_dir: Path
+    scope: Scope = "contacts"
+    interval: timedelta = DEFAULT_INTERVAL
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    kind: ProviderKind
+    imap_host: str
+    imap_port: int
+    imap_tls: TlsMode
+    smtp_host: str | None
+    smtp_port: int | None
+    smtp_tls: TlsMode | None
+    auth: AuthMethod
+    token_uri: str | None
+    client_id: str | None
+    client_secret: str | None = field(repr=False)
+    ca_file: Path | None
+    timeout: float = DEFAULT_TIMEOUT
+
+
+@dataclass(frozen=True)
+class AccountPolicy:
+    email: str
+    paused: bool = False
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    state_dir: Path
+    database: DatabaseConfig
+    secrets: SecretsConfig
+    sync: SyncConfig
+    providers: Mapping[str, ProviderConfig]
+    accounts: Mapping[str, AccountPolicy]
+    log_level: str = "info"
+
+    def policy_for(self, email: str) -> AccountPolicy:
+        """The admin's policy for this mailbox; accounts not named in the config are synced normally."""
+        key = email.strip().lower()
+        return self.accounts.get(key) or AccountPolicy(email=key)
+
+
+# --- public entry points ------------------------------------------------------------------------
+
+
+def load_config(path: Path | None = None, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the config file named by ``path``, else by ``$INBOXD_CONFIG``."""
+    environ: Mapping[str, str] = os.environ if env is None else env
+    if path is None:
+        named = environ.get("INBOXD_CONFIG", "").strip()
+        if not named:
+            raise ConfigError(
+                "no config file given: pass --config /etc/inboxd/inboxd.toml or set INBOXD_CONFIG "
+                "(config/inboxd.toml in the repository is a commented example)"
+            )
+        path = Path(named)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", path=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file is not UTF-8 text ({exc.reason})", path=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", path=str(path)) from None
+    return parse_config(text, path=path, env=environ)
+
+
+def parse_config(text: str, *, path: Path | None, env: Mapping[str, str]) -> Config:
+    """Validate TOML text into a Config; ``path`` names the file in errors and anchors relative paths."""
+    where = str(path) if path is not None else None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"TOML syntax error: {exc}", path=where) from None
+    base_dir = path.absolute().parent if path is not None else Path.cwd()
+    ctx = _Context(where=where, base_dir=base_dir, env=env)
+    return _build_config(_Table(data, "", ctx), path)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_RE = re.compile(r"(\d+)\s*([smhd])")
+
+
+def parse_duration(s: str) -> timedelta:
+    """``"30s"``, ``"60m"``, ``"2h"``, ``"1d"`` or a combination like ``"1h30m"`` -> timedelta."""
+    text = s.strip().lower()
+    if not text:
+        raise ValueError('expected a duration like "30s", "60m", "2h" or "1d", got an empty string')
+    pos, seconds = 0, 0
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != pos and text[pos : match.start()].strip():
+            break
+        seconds += int(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if pos == 0 or text[pos:].strip():
+        raise ValueError(f'expected a duration like "30s", "60m", "2h" or "1d", got {s!r}')
+    return timedelta(seconds=seconds)
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+
+
+def parse_size(s: str | int) -> int:
+    """Bytes from an int or ``"500KB"``, ``"25MB"`` (powers of 1000), ``"10MiB"`` (powers of 1024)."""
+    if isinstance(s, bool):
+        raise ValueError(f'expected a size in bytes or like "25MB", got {s!r}')
+    if isinstance(s, int):
+        if s < 0:
+            raise ValueError(f"expected a size of 0 bytes or more, got {s}")
+        return s
+    match = _SIZE_RE.fullmatch(s.strip().lower())
+    if match is None or match.group(2) not in _SIZE_UNITS:
+        raise ValueError(f'expected a size like 1048576, "500KB", "25MB" or "10MiB", got {s!r}')
+    return round(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1: the only hosts we talk to without TLS."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{netloc[1]}").geturl()
+
+
+# --- validation machinery -----------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Context:
+    where: str | None
+    base_dir: Path
+    env: Mapping[str, str]
+
+    def resolve(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    def credential(self, value: str) -> Path:
+        """A relative secret file name is first looked up in systemd's $CREDENTIALS_DIRECTORY."""
+        creds = self.env.get("CREDENTIALS_DIRECTORY", "").strip()
+        if creds and not Path(value).is_absolute():
+            candidate = Path(creds) / value
+            if candidate.is_file():
+                return candidate
+        return self.resolve(value)
+
+
+def _show(value: object) -> str:
+    """A value as the admin wrote it in TOML, for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return str(value)
+
+
+_MISSING: Any = object()
+
+
+class _Table:
+    """One TOML table plus its dotted key, so every error names file and key."""
+
+    def __init__(self, data: Mapping[str, Any], key: str, ctx: _Context) -> None:
+        self.data = data
+        self.key = key
+        self.ctx = ctx
+
+    def dotted(self, name: str) -> str:
+        quoted = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+        return f"{self.key}.{quoted}" if self.key else quoted
+
+    def error(self, name: str | None, message: str) -> ConfigError:
+        key = self.dotted(name) if name is not None else (self.key or None)
+        return ConfigError(message, path=self.ctx.where, key=key)
+
+    def only(self, allowed: Collection[str]) -> None:
+        """Reject keys we do not know, suggesting the closest known one (typo protection)."""
+        for name in self.data:
+            if name in allowed:
+                continue
+            close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
+            hint = f'; did you mean "{close[0]}"?' if close else f"; known keys: {', '.join(sorted(allowed))}"
+            raise self.error(name, f"unknown key{hint}")
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def _get(self, name: str, default: Any, check: Callable[[Any], bool], expected: str) -> Any:
+        if name not in self.data:
+            if default is _MISSING:
+                raise self.error(name, f"is required: {expected}")
+            return default
+        value = self.data[name]
+        if not check(value):
+            raise self.error(name, f"must be {expected}, got {_show(value)}")
+        return value
+
+    def table(self, name: str) -> _Table:
+        value = self._get(name, {}, lambda v: isinstance(v, dict), f"a table ([{self.dotted(name)}])")
+        return _Table(value, self.dotted(name), self.ctx)
+
+    def string(self, name: str, default: Any = _MISSING, *, expected: str = "a non-empty string") -> Any:
+        return self._get(name, default, lambda v: isinstance(v, str) and v.strip() != "", expected)
+
+    def choice(self, name: str, choices: tuple[T, ...], default: Any = _MISSING) -> T:
+        options = " or ".join(_show(c) for c in choices)
+        return cast(T, self._get(name, default, lambda v: v in choices, f"one of {options}"))
+
+    def integer(self, name: str, default: Any, low: int, high: int) -> Any:
+        def ok(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+        return self._get(name, default, ok, f"an integer {low}-{high}")
+
+    def boolean(self, name: str, default: Any) -> Any:
+        return self._get(name, default, lambda v: isinstance(v, bool), "true or false")
+
+    def number(self, name: str, default: Any, *, expected: str) -> Any:
+        def ok(v: Any) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+
+        value = self._get(name, default, ok, expected)
+        return None if value is None else float(value)
+
+    def host(self, name: str, default: Any = _MISSING) -> Any:
+        def ok(v: Any) -> bool:
+            return isinstance(v, str) and re.fullmatch(r"\[?[A-Za-z0-9.:_-]+\]?", v.strip()) is not None
+
+        value = self._get(name, default, ok, 'a host name or IP address like "imap.example.com"')
+        return value.strip() if isinstance(value, str) else value
+
+    def converted(self, name: str, default: Any, convert: Callable[[Any], T], expected: str) -> T:
+        if name not in self.data:
+            return cast(T, default)
+        value = self.data[name]
+        try:
+            return convert(value)
+        except (ValueError, TypeError, AttributeError):
+            raise self.error(name, f"must be {expected}, got {_show(value)}") from None
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+
+def _build_config(root: _Table, path: Path | None) -> Config:
+    root.only({"state_dir", "log_level", "database", "secrets", "sync", "providers", "accounts"})
+    ctx = root.ctx
+    state_default = ctx.env.get("STATE_DIRECTORY", "").split(":")[0].strip() or DEFAULT_STATE_DIR
+    state_dir = ctx.resolve(root.string("state_dir", state_default, expected="a directory path"))
+    log_level = root.converted("log_level", "info", _log_level, f"one of {', '.join(LOG_LEVELS)}")
+
+    return Config(
+        path=path,
+        state_dir=state_dir,
+        database=_database(root.table("database"), state_dir),
+        secrets=_secrets(root.table("secrets"), state_dir),
+        sync=_sync(root.table("sync"), state_dir),
+        providers=_providers(root.table("providers")),
+        accounts=_accounts(root.table("accounts")),
+        log_level=log_level,
+    )
+
+
+def _log_level(value: Any) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in LOG_LEVELS:
+        raise ValueError(value)
+    return value.strip().lower()
+
+
+_SQLITE_RE = re.compile(r"^(sqlite(?:\+\w+)?):///(.*)$")
+
+
+def _database(table: _Table, state_dir: Path) -> DatabaseConfig:
+    table.only({"url"})
+    default = f"sqlite:///{state_dir / 'inboxd.db'}"
+    url: str = table.string(
+        "url", default, expected='a database URL like "postgresql+psycopg://inboxd@db/inboxd"'
+    ).strip()
+    if "://" not in url:
+        raise table.error("url", f'must be a database URL like "sqlite:///inboxd.db", got {_show(url)}')
+    sqlite = _SQLITE_RE.match(url)
+    if sqlite:
+        file_part = sqlite.group(2)
+        if file_part and not file_part.startswith(("/", ":memory:", "file:")):
+            # A relative SQLite path is anchored at the config file, not at the daemon's cwd.
+            url = f"{sqlite.group(1)}:///{table.ctx.resolve(file_part)}"
+    return DatabaseConfig(url=url)
+
+
+def _secrets(table: _Table, state_dir: Path) -> SecretsConfig:
+    table.only({"key_file"})
+    if not table.has("key_file"):
+        return SecretsConfig(key_file=state_dir / "secret.key")
+    value = table.string("key_file", expected="a file path")
+    return SecretsConfig(key_file=table.ctx.credential(value))
+
+
+def _sync(table: _Table, state_dir: Path) -> SyncConfig:
+    table.only({"scope", "interval", "batch_size", "max_attachment_bytes", "attachments_dir"})
+    interval = table.converted(
+        "interval", DEFAULT_INTERVAL, _positive_duration, 'a duration like "30s", "60m", "2h" or "1d"'
+    )
+    max_bytes = table.converted(
+        "max_attachment_bytes",
+        DEFAULT_MAX_ATTACHMENT_BYTES,
+        _positive_size,
+        'a size above 0 like 26214400, "25MB" or "25MiB"',
+    )
+    attachments = table.string("attachments_dir", None, expected="a directory path")
+    return SyncConfig(
+        scope=table.choice("scope", SCOPES, "contacts"),
+        interval=interval,
+        batch_size=table.integer("batch_size", DEFAULT_BATCH_SIZE, 1, MAX_BATCH_SIZE),
+        max_attachment_bytes=max_bytes,
+        attachments_dir=table.ctx.resolve(attachments) if attachments else state_dir / "attachments",
+    )
+
+
+def _positive_duration(value: Any) -> timedelta:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    duration = parse_duration(value)
+    if duration <= timedelta(0):
+        raise ValueError(value)
+    return duration
+
+
+def _positive_size(value: Any) -> int:
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError(value)
+    return size
+
+
+def _providers(table: _Table) -> Mapping[str, ProviderConfig]:
+    providers = {}
+    for name in table.data:
+        providers[name] = _provider(table.table(name), name)
+    return MappingProxyType(providers)
+
+
+_PROVIDER_KEYS = {
+    "kind",
+    "imap_host",
+    "imap_port",
+    "imap_tls",
+    "smtp_host",
+    "smtp_port",
+    "smtp_tls",
+    "auth",
+    "token_uri",
+    "tenant",
+    "client_id",
+    "client_secret",
+    "client_secret_file",
+    "ca_file",
+    "timeout",
+}
+
+# Per kind: imap host/port/tls, smtp host/port/tls, auth, token_uri.
+_KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gmail": {
+        "imap_host": "imap.gmail.com",
+        "imap_port": 993,
+        "imap_tls": "tls",
+        "smtp_host": "smtp.gmail.com",
+        "smtp_port": 465,
+        "smtp_tls": "tls",
+        "auth": "oauth2",
+        "token_uri": GOOGLE_TOKEN_URI,
+    },
+    "microsoft": {
+        "imap_host": "outlook.office365.com",
+        "imap_port": 993,
+        "imap_tls": "tls",
+        "smtp_host": "smtp.office365.com",
+        "smtp_port": 587,
+        "smtp_tls": "starttls",
+        "auth": "oauth2",
+        "token_uri": MICROSOFT_TOKEN_URI.format(tenant="common"),
+    },
+    "imap": {"auth": "password"},
+}
+
+_PORT_FOR_TLS = {
+    "imap": {"tls": 993, "starttls": 143, "plain": 143},
+    "smtp": {"tls": 465, "starttls": 587, "plain": 25},
+}
+
+
+def _provider(table: _Table, name: str) -> ProviderConfig:
+    table.only(_PROVIDER_KEYS)
+    inferred = name if name in PROVIDER_KINDS else _MISSING
+    kind: ProviderKind = table.choice("kind", PROVIDER_KINDS, inferred)
+    defaults = _KIND_DEFAULTS[kind]
+
+    imap_host = table.host("imap_host", defaults.get("imap_host", _MISSING))
+    imap_tls: TlsMode = table.choice("imap_tls", TLS_MODES, defaults.get("imap_tls", "tls"))
+    imap_port = table.integer("imap_port", _PORT_FOR_TLS["imap"][imap_tls], 1, 65535)
+    _check_plain(table, "imap_tls", imap_tls, imap_host)
+
+    smtp_host = table.host("smtp_host", defaults.get("smtp_host"))
+    smtp_port: int | None = None
+    smtp_tls: TlsMode | None = None
+    if smtp_host is None:
+        for key in ("smtp_port", "smtp_tls"):
+            if table.has(key):
+                raise table.error(key, "is set but smtp_host is not; add smtp_host or remove this key")
+    else:
+        smtp_mode: TlsMode = table.choice("smtp_tls", TLS_MODES, defaults.get("smtp_tls", "tls"))
+        smtp_port = table.integer("smtp_port", _PORT_FOR_TLS["smtp"][smtp_mode], 1, 65535)
+        _check_plain(table, "smtp_tls", smtp_mode, smtp_host)
+        smtp_tls = smtp_mode
+
+    auth: AuthMethod = table.choice("auth", AUTH_METHODS, defaults["auth"])
+    ca_file = None
+    if table.has("ca_file"):
+        ca_file = table.ctx.resolve(table.string("ca_file", expected="a path to a PEM CA bundle"))
+        if not ca_file.is_file():
+            raise table.error("ca_file", f"file not found: {ca_file}")
+    timeout = table.number("timeout", DEFAULT_TIMEOUT, expected="a number of seconds above 0, like 30")
+
+    token_uri = client_id = client_secret = None
+    if auth == "oauth2":
+        token_uri, client_id, client_secret = _oauth_client(table, kind, defaults.get("token_uri"))
+    else:
+        for key in ("token_uri", "tenant", "client_id", "client_secret", "client_secret_file"):
+            if table.has(key):
+                raise table.error(key, f'is only used with auth = "oauth2" (this provider has "{auth}")')
+
+    return ProviderConfig(
+        name=name,
+        kind=kind,
+        imap_host=imap_host,
+        imap_port=imap_port,
+        imap_tls=imap_tls,
+        smtp_host=smtp_host,
+        smtp_port=smtp_port,
+        smtp_tls=smtp_tls,
+        auth=auth,
+        token_uri=token_uri,
+        client_id=client_id,
+        client_secret=client_secret,
+        ca_file=ca_file,
+        timeout=timeout,
+    )
+
+
+def _check_plain(table: _Table, key: str, mode: str, host: str) -> None:
+    if mode == "plain" and not is_loopback_host(host):
+        raise table.error(
+            key,
+            f'"plain" (no TLS) is only allowed for a loopback host (localhost, 127.0.0.0/8, ::1), '
+            f'not {_show(host)}; use "tls" or "starttls"',
+        )
+
+
+def _oauth_client(table: _Table, kind: str, default_uri: str | None) -> tuple[str, str, str]:
+    token_uri: str | None = table.string("token_uri", None, expected='a URL like "https://host/token"')
+    if table.has("tenant"):
+        if kind != "microsoft":
+            raise table.error("tenant", f'is only used with kind = "microsoft" (this provider is "{kind}")')
+        if token_uri is not None:
+            raise table.error("tenant", "set either tenant or token_uri, not both")
+        expected = 'a tenant id, domain, "common" or "organizations"'
+        tenant = table.converted("tenant", "common", _tenant, expected)
+        default_uri = MICROSOFT_TOKEN_URI.format(tenant=tenant)
+
+    client_id: str | None = table.string("client_id", None)
+    client_secret: str | None = table.string("client_secret", None)
+    if table.has("client_secret_file"):
+        if client_secret is not None:
+            raise table.error("client_secret_file", "set client_secret or client_secret_file, not both")
+        file_id, client_secret, file_uri = _read_client_secret_file(table)
+        if file_id is not None:
+            if client_id is not None and client_id != file_id:
+                raise table.error(
+                    "client_id", "differs from the client_id in client_secret_file; remove one of them"
+                )
+            client_id = file_id
+        if token_uri is None and file_uri is not None and not table.has("tenant"):
+            token_uri = file_uri
+
+    token_uri = token_uri or default_uri
+    if token_uri is None:
+        raise table.error("token_uri", 'is required with auth = "oauth2": the OAuth token endpoint URL')
+    _check_token_uri(table, token_uri)
+    if client_id is None:
+        raise table.error("client_id", 'is required with auth = "oauth2": the OAuth client (application) id')
+    if client_secret is None:
+        raise table.error(
+            "client_secret_file",
+            'is required with auth = "oauth2" (or client_secret): a file holding the OAuth client secret',
+        )
+    return token_uri, client_id, client_secret
+
+
+def _tenant(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9.-]+", value):
+        raise ValueError(value)
+    return value
+
+
+def _check_token_uri(table: _Table, uri: str) -> None:
+    key = "token_uri" if table.has("token_uri") else "client_secret_file"
+    parts = urlsplit(uri)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
+        return
+    raise table.error(key, f"must be an https:// URL (http:// only on loopback), got {_show(uri)}")
+
+
+def _read_client_secret_file(table: _Table) -> tuple[str | None, str, str | None]:
+    """(client_id or None, client_secret, token_uri or None) from a plain or Google-style JSON file."""
+    name = table.string("client_secret_file", expected="a file path")
+    file = table.ctx.credential(name)
+    try:
+        text = file.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise table.error("client_secret_file", f"file not found: {file}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise table.error("client_secret_file", f"cannot read {file}: {reason}") from None
+    if not text:
+        raise table.error("client_secret_file", f"{file} is empty")
+    if not text.startswith("{"):
+        return None, text, None
+    expected = (
+        f'{file} must be a Google client secret JSON ({{"installed": {{"client_id": ..., '
+        f'"client_secret": ...}}}} or "web") or the bare secret'
+    )
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise table.error("client_secret_file", f"{file} is not valid JSON; {expected}") from None
+    inner = next((data[k] for k in ("installed", "web") if isinstance(data, dict) and k in data), None)
+    if not isinstance(inner, dict):
+        raise table.error("client_secret_file", expected)
+    client_id, secret, uri = (inner.get(k) for k in ("client_id", "client_secret", "token_uri"))
+    if not (isinstance(client_id, str) and client_id and isinstance(secret, str) and secret):
+        raise table.error("client_secret_file", expected)
+    return client_id, secret, uri if isinstance(uri, str) and uri else None
+
+
+def _accounts(table: _Table) -> Mapping[str, AccountPolicy]:
+    accounts: dict[str, AccountPolicy] = {}
+    for name, value in table.data.items():
+        email = name.strip().lower()
+        if not isinstance(value, dict) or not re.fullmatch(r"[^@\s]+@[^@\s]+", email):
+            raise table.error(
+                name,
+                "account keys are email addresses, quoted, with a table of settings: "
+                '[accounts."anna@example.com"] paused = true',
+            )
+        if email in accounts:
+            raise table.error(name, f"duplicate account (emails are case-insensitive): {email}")
+        account = table.table(name)
+        account.only({"paused", "reason"})
+        accounts[email] = AccountPolicy(
+            email=email,
+            paused=account.boolean("paused", False),
+            reason=account.string("reason", None, expected="a non-empty string (why the account is paused)"),
+        )
+    return MappingProxyType(accounts)

@@ -1,0 +1,180 @@
+"""Access tokens for XOAUTH2: the TokenSource port and its google-auth adapter over a refresh token.
+
+A token is fetched once per lifetime (minus a margin) on the injected clock; library errors become ours.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import google.auth.exceptions
+import google.auth.transport.requests
+import requests
+from google.auth import transport
+from google.oauth2.credentials import Credentials
+
+from inboxd.clock import Clock
+from inboxd.errors import ReauthRequired, RetryLater
+
+# Used when a token endpoint omits expires_in: short enough that a wrong guess costs little.
+ASSUMED_LIFETIME = timedelta(minutes=5)
+DEFAULT_HTTP_TIMEOUT = 30.0
+
+
+class TokenSource(Protocol):
+    def access_token(self) -> str:
+        """A valid access token; cached until shortly before it expires."""
+
+    def invalidate(self) -> None:
+        """The server rejected the last token: the next access_token() fetches a new one."""
+
+
+class _FailFastRequest(google.auth.transport.requests.Request):
+    """google-auth's transport, but a 5xx/429 answer raises at once instead of google-auth retrying it.
+
+    Also applies our timeout (google-auth's default is 120 s) and the CA bundle for a private token endpoint.
+    google-auth backs off with time.sleep on the real clock (3 tries, ~3 s) while we hold the refresh lock;
+    retrying is the scheduler's job (RetryLater), with its own bounded, injected-clock backoff.
+    """
+
+    def __init__(self, session: requests.Session, timeout: float, ca_file: Path | None) -> None:
+        super().__init__(session)
+        self._timeout = timeout
+        # Per request, not session.verify: requests lets $REQUESTS_CA_BUNDLE override a session's verify.
+        self._verify: dict[str, str] = {"verify": str(ca_file)} if ca_file is not None else {}
+
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: Any = None,
+        headers: Any = None,
+        timeout: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        response = super().__call__(  # type: ignore[no-untyped-call]
+            url,
+            method=method,
+            body=body,
+            headers=headers,
+            timeout=timeout or self._timeout,
+            **self._verify,
+            **kwargs,
+        )
+        if response.status in transport.DEFAULT_RETRYABLE_STATUS_CODES:
+            raise _RetryableStatus(response.status)
+        return response
+
+
+class _RetryableStatus(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+class OAuthRefreshTokenSource:
+    """Trades a refresh token for access tokens at ``token_uri`` (Google, Microsoft, any RFC 6749 server)."""
+
+    def __init__(
+        self,
+        *,
+        refresh_token: str,
+        client_id: str,
+        client_secret: str,
+        token_uri: str,
+        clock: Clock,
+        ca_file: Path | None = None,
+        margin: timedelta = timedelta(seconds=60),
+        on_rotated_refresh_token: Callable[[str], None] | None = None,
+        timeout: float = DEFAULT_HTTP_TIMEOUT,
+    ) -> None:
+        # Built directly: Credentials.from_authorized_user_info() would silently reset token_uri to Google's.
+        self._credentials = Credentials(  # type: ignore[no-untyped-call]
+            token=None,
+            refresh_token=refresh_token,
+            client_id=client_id,
+            client_secret=client_secret,
+            token_uri=token_uri,
+            scopes=None,
+        )
+        self._token_uri = token_uri
+        self._host = urlsplit(token_uri).hostname or token_uri
+        self._clock = clock
+        self._margin = margin
+        self._on_rotated = on_rotated_refresh_token
+        self._session = requests.Session()
+        self._request = _FailFastRequest(self._session, timeout, ca_file)
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._refresh_at: datetime | None = None
+
+    def __repr__(self) -> str:
+        return f"OAuthRefreshTokenSource(token_uri={self._token_uri!r})"
+
+    def access_token(self) -> str:
+        # One lock around check-and-refresh: concurrent callers wait for one refresh and share its token.
+        with self._lock:
+            now = self._clock.now()
+            if self._token is None or self._refresh_at is None or now >= self._refresh_at:
+                self._refresh(now)
+            assert self._token is not None
+            return self._token
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._token = None
+            self._refresh_at = None
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _refresh(self, now: datetime) -> None:
+        creds = self._credentials
+        old_refresh_token = creds.refresh_token
+        try:
+            creds.refresh(self._request)  # type: ignore[no-untyped-call]
+        except google.auth.exceptions.RefreshError as exc:
+            raise self._translate_refresh_error(exc) from exc
+        except _RetryableStatus as exc:
+            raise RetryLater(f"token endpoint {self._host} answered {exc}; try again later") from exc
+        except google.auth.exceptions.TransportError as exc:
+            cause = exc.__cause__ or exc
+            raise RetryLater(f"cannot reach token endpoint {self._host}: {type(cause).__name__}") from exc
+        # google-auth stamps expiry as naive UTC from the machine's wall clock just after the response;
+        # take only the lifetime from it and anchor that on our clock.
+        wall_now = datetime.now(UTC).replace(tzinfo=None)
+        if creds.expiry is not None:
+            lifetime = timedelta(seconds=max(0, round((creds.expiry - wall_now).total_seconds())))
+        else:
+            lifetime = ASSUMED_LIFETIME
+        self._token = creds.token
+        self._refresh_at = now + lifetime - min(self._margin, lifetime / 2)
+        new_refresh_token = creds.refresh_token
+        if new_refresh_token and new_refresh_token != old_refresh_token and self._on_rotated is not None:
+            # Microsoft rotates refresh tokens on every use: the caller must persist the new one.
+            self._on_rotated(new_refresh_token)
+
+    def _translate_refresh_error(self, exc: google.auth.exceptions.RefreshError) -> Exception:
+        details: Mapping[str, Any] = next((a for a in exc.args[1:] if isinstance(a, Mapping)), {})
+        code = str(details.get("error") or "unknown_error")
+        description = self._scrub(str(details.get("error_description") or "no description"))
+        if exc.retryable:
+            return RetryLater(f"token endpoint {self._host} failed temporarily: {code} ({description})")
+        if code == "invalid_grant":
+            return ReauthRequired(f"refresh token rejected by {self._host}: invalid_grant ({description})")
+        if not details:
+            description = self._scrub(str(exc.args[0]) if exc.args else "")
+        return ReauthRequired(f"token endpoint {self._host} refused the refresh: {code} ({description})")
+
+    def _scrub(self, text: str) -> str:
+        """Error texts come from the server; make sure none of our secrets is echoed in them."""
+        creds = self._credentials
+        for secret in (creds.refresh_token, creds.client_secret, self._token):
+            if secret:
+                text = text.replace(secret, "***")
+        return text[:300]

@@ -1,0 +1,468 @@
+"""Config parsing: defaults, provider presets and overrides; every mistake named by file and key."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from inboxd.config import (
+    AccountPolicy,
+    Config,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_size,
+)
+from inboxd.errors import ConfigError
+
+GMAIL = """
+[providers.gmail]
+client_id = "123.apps.googleusercontent.com"
+client_secret = "gmail-client-secret"
+"""
+
+
+def parse(tmp_path: Path, text: str, **env: str) -> Config:
+    return parse_config(text, path=tmp_path / "inboxd.toml", env=env)
+
+
+def error(tmp_path: Path, text: str, **env: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse(tmp_path, text, **env)
+    return info.value
+
+
+# --- defaults -----------------------------------------------------------------------------------
+
+
+def test_empty_file_gives_defaults_under_state_dir(tmp_path: Path) -> None:
+    config = parse(tmp_path, "")
+    state = tmp_path / "var"
+    assert config.state_dir == state
+    assert config.database.url == f"sqlite:///{state}/inboxd.db"
+    assert config.secrets.key_file == state / "secret.key"
+    assert config.sync.scope == "contacts"
+    assert config.sync.interval == timedelta(minutes=60)
+    assert config.sync.batch_size == 200
+    assert config.sync.max_attachment_bytes == 25 * 1024 * 1024
+    assert config.sync.attachments_dir == state / "attachments"
+    assert config.log_level == "info"
+    assert dict(config.providers) == {}
+    assert config.path == tmp_path / "inboxd.toml"
+
+
+def test_state_directory_from_systemd(tmp_path: Path) -> None:
+    config = parse(tmp_path, "", STATE_DIRECTORY="/var/lib/inboxd:/var/lib/other")
+    assert config.state_dir == Path("/var/lib/inboxd")
+    assert config.secrets.key_file == Path("/var/lib/inboxd/secret.key")
+
+
+def test_explicit_state_dir_wins_over_systemd_and_is_relative_to_the_config(tmp_path: Path) -> None:
+    config = parse(tmp_path, 'state_dir = "data"', STATE_DIRECTORY="/var/lib/inboxd")
+    assert config.state_dir == tmp_path / "data"
+
+
+def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path) -> None:
+    config = parse(
+        tmp_path,
+        """
+        [database]
+        url = "sqlite:///db/inboxd.db"
+        [secrets]
+        key_file = "keys/secret.key"
+        [sync]
+        attachments_dir = "files"
+        """,
+    )
+    assert config.database.url == f"sqlite:///{tmp_path}/db/inboxd.db"
+    assert config.secrets.key_file == tmp_path / "keys" / "secret.key"
+    assert config.sync.attachments_dir == tmp_path / "files"
+
+
+def test_postgres_url_is_kept_and_its_password_hidden_from_repr(tmp_path: Path) -> None:
+    config = parse(tmp_path, '[database]\nurl = "postgresql+psycopg://inboxd:pw123@db:5432/inboxd"')
+    assert config.database.url == "postgresql+psycopg://inboxd:pw123@db:5432/inboxd"
+    assert "pw123" not in repr(config.database)
+    assert "pw123" not in repr(config)
+
+
+def test_key_file_from_systemd_credentials_directory(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "secret.key").write_text("k")
+    config = parse(tmp_path, '[secrets]\nkey_file = "secret.key"', CREDENTIALS_DIRECTORY=str(creds))
+    assert config.secrets.key_file == creds / "secret.key"
+
+
+def test_key_file_not_in_credentials_directory_falls_back_to_config_dir(tmp_path: Path) -> None:
+    config = parse(tmp_path, '[secrets]\nkey_file = "secret.key"', CREDENTIALS_DIRECTORY=str(tmp_path / "x"))
+    assert config.secrets.key_file == tmp_path / "secret.key"
+
+
+def test_sync_settings(tmp_path: Path) -> None:
+    config = parse(
+        tmp_path,
+        """
+        log_level = "DEBUG"
+        [sync]
+        scope = "all"
+        interval = "1h30m"
+        batch_size = 5000
+        max_attachment_bytes = "10MiB"
+        """,
+    )
+    assert config.log_level == "debug"
+    assert config.sync.scope == "all"
+    assert config.sync.interval == timedelta(minutes=90)
+    assert config.sync.batch_size == 5000
+    assert config.sync.max_attachment_bytes == 10 * 1024 * 1024
+
+
+# --- providers ----------------------------------------------------------------------------------
+
+
+def test_gmail_preset(tmp_path: Path) -> None:
+    gmail = parse(tmp_path, GMAIL).providers["gmail"]
+    assert (gmail.kind, gmail.imap_host, gmail.imap_port, gmail.imap_tls) == (
+        "gmail",
+        "imap.gmail.com",
+        993,
+        "tls",
+    )
+    assert (gmail.smtp_host, gmail.smtp_port, gmail.smtp_tls) == ("smtp.gmail.com", 465, "tls")
+    assert gmail.auth == "oauth2"
+    assert gmail.token_uri == "https://oauth2.googleapis.com/token"
+    assert gmail.client_id == "123.apps.googleusercontent.com"
+    assert gmail.client_secret == "gmail-client-secret"
+    assert gmail.timeout == 30.0
+    assert gmail.ca_file is None
+
+
+def test_gmail_every_default_overridable(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("pem")
+    gmail = parse(
+        tmp_path,
+        GMAIL
+        + """
+        imap_host = "127.0.0.1"
+        imap_port = 10993
+        imap_tls = "plain"
+        smtp_host = "localhost"
+        smtp_port = 10587
+        smtp_tls = "starttls"
+        token_uri = "http://127.0.0.1:8080/token"
+        ca_file = "ca.pem"
+        timeout = 5
+        """,
+    ).providers["gmail"]
+    assert (gmail.imap_host, gmail.imap_port, gmail.imap_tls) == ("127.0.0.1", 10993, "plain")
+    assert (gmail.smtp_host, gmail.smtp_port, gmail.smtp_tls) == ("localhost", 10587, "starttls")
+    assert gmail.token_uri == "http://127.0.0.1:8080/token"
+    assert gmail.ca_file == tmp_path / "ca.pem"
+    assert gmail.timeout == 5.0
+
+
+def test_microsoft_preset_and_tenant(tmp_path: Path) -> None:
+    text = """
+    [providers.m365]
+    kind = "microsoft"
+    client_id = "app-id"
+    client_secret = "x"
+    """
+    m365 = parse(tmp_path, text).providers["m365"]
+    assert (m365.imap_host, m365.imap_port, m365.imap_tls) == ("outlook.office365.com", 993, "tls")
+    assert (m365.smtp_host, m365.smtp_port, m365.smtp_tls) == ("smtp.office365.com", 587, "starttls")
+    assert m365.token_uri == "https://login.microsoftonline.com/common/oauth2/v2.0/token"
+    tenant = parse(tmp_path, text + 'tenant = "contoso.onmicrosoft.com"').providers["m365"]
+    assert tenant.token_uri == "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+
+
+def test_generic_imap_provider_defaults(tmp_path: Path) -> None:
+    config = parse(
+        tmp_path,
+        """
+        [providers.office]
+        kind = "imap"
+        imap_host = "mail.example.com"
+        [providers.dev]
+        kind = "imap"
+        imap_host = "::1"
+        imap_tls = "plain"
+        smtp_host = "127.0.0.1"
+        smtp_tls = "plain"
+        """,
+    )
+    office, dev = config.providers["office"], config.providers["dev"]
+    assert (office.imap_port, office.imap_tls, office.auth) == (993, "tls", "password")
+    assert (office.smtp_host, office.smtp_port, office.smtp_tls) == (None, None, None)
+    assert (office.token_uri, office.client_id, office.client_secret) == (None, None, None)
+    assert (dev.imap_port, dev.smtp_port) == (143, 25)
+
+
+def test_client_secret_never_in_repr(tmp_path: Path) -> None:
+    config = parse(tmp_path, GMAIL)
+    assert "gmail-client-secret" not in repr(config.providers["gmail"])
+    assert "gmail-client-secret" not in repr(config)
+
+
+def test_client_secret_file_plain_text(tmp_path: Path) -> None:
+    (tmp_path / "gmail.secret").write_text("  file-secret\n")
+    config = parse(tmp_path, '[providers.gmail]\nclient_id = "cid"\nclient_secret_file = "gmail.secret"')
+    assert config.providers["gmail"].client_secret == "file-secret"
+
+
+@pytest.mark.parametrize("flavour", ["installed", "web"])
+def test_client_secret_file_google_json(tmp_path: Path, flavour: str) -> None:
+    secret = {
+        flavour: {
+            "client_id": "json-cid",
+            "client_secret": "json-secret",
+            "token_uri": "https://t.example/tok",
+        }
+    }
+    (tmp_path / "client_secret.json").write_text(json.dumps(secret))
+    gmail = parse(tmp_path, '[providers.gmail]\nclient_secret_file = "client_secret.json"').providers["gmail"]
+    assert (gmail.client_id, gmail.client_secret) == ("json-cid", "json-secret")
+    assert gmail.token_uri == "https://t.example/tok"
+
+
+def test_client_secret_file_from_credentials_directory(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "gmail.secret").write_text("from-systemd")
+    config = parse(
+        tmp_path,
+        '[providers.gmail]\nclient_id = "cid"\nclient_secret_file = "gmail.secret"',
+        CREDENTIALS_DIRECTORY=str(creds),
+    )
+    assert config.providers["gmail"].client_secret == "from-systemd"
+
+
+# --- accounts -----------------------------------------------------------------------------------
+
+
+def test_account_policy_lowercased_and_defaulting_to_unpaused(tmp_path: Path) -> None:
+    config = parse(
+        tmp_path,
+        """
+        [accounts."Anna.Smith@Example.com"]
+        paused = true
+        reason = "parental leave until March"
+        """,
+    )
+    assert list(config.accounts) == ["anna.smith@example.com"]
+    assert config.policy_for("ANNA.SMITH@example.COM") == AccountPolicy(
+        email="anna.smith@example.com", paused=True, reason="parental leave until March"
+    )
+    assert config.policy_for("Bob@Example.com") == AccountPolicy(email="bob@example.com", paused=False)
+
+
+# --- errors: every one names file and key -------------------------------------------------------
+
+
+def test_bad_port_message_names_file_key_expectation_and_value(tmp_path: Path) -> None:
+    exc = error(tmp_path, GMAIL + 'imap_port = "abc"')
+    assert exc.path == str(tmp_path / "inboxd.toml")
+    assert exc.key == "providers.gmail.imap_port"
+    assert (
+        str(exc)
+        == f'{tmp_path}/inboxd.toml: providers.gmail.imap_port: must be an integer 1-65535, got "abc"'
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ("state_dir = 3", "state_dir", "must be a directory path, got 3"),
+        ('log_level = "loud"', "log_level", "one of debug, info"),
+        ('[database]\nurl = "inboxd.db"', "database.url", "database URL"),
+        ("database = 5", "database", "must be a table"),
+        ('[sync]\nscope = "everything"', "sync.scope", 'one of "all" or "contacts", got "everything"'),
+        ('[sync]\ninterval = "soon"', "sync.interval", 'a duration like "30s"'),
+        ("[sync]\ninterval = 60", "sync.interval", "got 60"),
+        ('[sync]\ninterval = "0s"', "sync.interval", 'got "0s"'),
+        ("[sync]\nbatch_size = 0", "sync.batch_size", "an integer 1-5000, got 0"),
+        ("[sync]\nbatch_size = 5001", "sync.batch_size", "an integer 1-5000, got 5001"),
+        ("[sync]\nbatch_size = true", "sync.batch_size", "got true"),
+        ('[sync]\nmax_attachment_bytes = "lots"', "sync.max_attachment_bytes", 'got "lots"'),
+        ("[sync]\nmax_attachment_bytes = 0", "sync.max_attachment_bytes", "got 0"),
+        ('[providers.corp]\nimap_host = "x"', "providers.corp.kind", "is required"),
+        ('[providers.corp]\nkind = "exchange"', "providers.corp.kind", '"gmail" or "microsoft" or "imap"'),
+        ('[providers.corp]\nkind = "imap"', "providers.corp.imap_host", "is required"),
+        ('[providers.corp]\nkind = "imap"\nimap_host = "a b"', "providers.corp.imap_host", "host name"),
+        (
+            '[providers.corp]\nkind = "imap"\nimap_host = "h"\nsmtp_port = 25',
+            "providers.corp.smtp_port",
+            "smtp_host is not",
+        ),
+        (GMAIL + "imap_port = 70000", "providers.gmail.imap_port", "got 70000"),
+        (GMAIL + 'imap_tls = "ssl"', "providers.gmail.imap_tls", 'got "ssl"'),
+        (GMAIL + 'imap_tls = "plain"', "providers.gmail.imap_tls", 'not "imap.gmail.com"'),
+        (GMAIL + 'smtp_tls = "plain"', "providers.gmail.smtp_tls", 'not "smtp.gmail.com"'),
+        (
+            GMAIL + 'imap_host = "127.0.0.1.evil.com"\nimap_tls = "plain"',
+            "providers.gmail.imap_tls",
+            "loopback",
+        ),
+        (GMAIL + "timeout = 0", "providers.gmail.timeout", "above 0"),
+        (GMAIL + 'ca_file = "missing.pem"', "providers.gmail.ca_file", "file not found"),
+        (GMAIL + 'token_uri = "http://oauth.example.com/token"', "providers.gmail.token_uri", "https://"),
+        (GMAIL + 'tenant = "x"', "providers.gmail.tenant", 'only used with kind = "microsoft"'),
+        (GMAIL + 'client_secret_file = "f"', "providers.gmail.client_secret_file", "not both"),
+        (GMAIL + 'auth = "password"', "providers.gmail.client_id", 'only used with auth = "oauth2"'),
+        ('[providers.gmail]\nclient_secret = "s"', "providers.gmail.client_id", "is required"),
+        ('[providers.gmail]\nclient_id = "c"', "providers.gmail.client_secret_file", "is required"),
+        (
+            '[providers.gmail]\nclient_id = "c"\nclient_secret_file = "nope"',
+            "providers.gmail.client_secret_file",
+            "file not found",
+        ),
+        (
+            '[providers.m365]\nkind = "microsoft"\nclient_id = "c"\nclient_secret = "s"\ntenant = "a/b"',
+            "providers.m365.tenant",
+            "tenant id",
+        ),
+        (
+            '[providers.corp]\nkind = "imap"\nimap_host = "h"\nauth = "oauth2"\n'
+            'client_id = "c"\nclient_secret = "s"',
+            "providers.corp.token_uri",
+            "is required",
+        ),
+        ('[accounts."anna"]\npaused = true', "accounts.anna", "email addresses"),
+        ('[accounts."a@b.c"]\npaused = "yes"', 'accounts."a@b.c".paused', 'true or false, got "yes"'),
+        ('[accounts."a@b.c"]\nreason = ""', 'accounts."a@b.c".reason', "non-empty"),
+        ('accounts."a@b.c" = true', 'accounts."a@b.c"', "email addresses"),
+        ('[accounts."A@b.c"]\n[accounts."a@b.c"]', 'accounts."a@b.c"', "duplicate account"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
+    exc = error(tmp_path, text)
+    assert exc.path == str(tmp_path / "inboxd.toml")
+    assert exc.key == key
+    assert str(exc).startswith(f"{tmp_path}/inboxd.toml: {key}: ")
+    assert fragment in str(exc)
+    assert "gmail-client-secret" not in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "suggestion"),
+    [
+        ("log_levl = 'info'", "log_levl", '"log_level"'),
+        ("[sync]\nbatchsize = 10", "sync.batchsize", '"batch_size"'),
+        (GMAIL + "imap_prot = 993", "providers.gmail.imap_prot", '"imap_port"'),
+        ('[accounts."a@b.c"]\npause = true', 'accounts."a@b.c".pause', '"paused"'),
+    ],
+)
+def test_unknown_key_suggests_the_close_one(tmp_path: Path, text: str, key: str, suggestion: str) -> None:
+    exc = error(tmp_path, text)
+    assert exc.key == key
+    assert f"unknown key; did you mean {suggestion}?" in str(exc)
+
+
+def test_unknown_key_far_from_any_lists_the_known_ones(tmp_path: Path) -> None:
+    exc = error(tmp_path, "[secrets]\nzzz = 1")
+    assert "unknown key; known keys: key_file" in str(exc)
+
+
+def test_toml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
+    exc = error(tmp_path, 'state_dir = "x"\nlog_level = \n')
+    assert exc.path == str(tmp_path / "inboxd.toml")
+    assert "TOML syntax error" in str(exc)
+    assert "line 2, column 13" in str(exc)
+
+
+def test_bad_client_secret_json_is_explained(tmp_path: Path) -> None:
+    (tmp_path / "cs.json").write_text(json.dumps({"other": {}}))
+    exc = error(tmp_path, '[providers.gmail]\nclient_secret_file = "cs.json"')
+    assert exc.key == "providers.gmail.client_secret_file"
+    assert '"installed"' in str(exc)
+
+
+def test_client_id_conflicting_with_json_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "cs.json").write_text(json.dumps({"installed": {"client_id": "a", "client_secret": "s"}}))
+    exc = error(tmp_path, '[providers.gmail]\nclient_id = "b"\nclient_secret_file = "cs.json"')
+    assert exc.key == "providers.gmail.client_id"
+
+
+# --- load_config --------------------------------------------------------------------------------
+
+
+def test_load_config_from_argument_and_from_env(tmp_path: Path) -> None:
+    path = tmp_path / "inboxd.toml"
+    path.write_text('[sync]\nscope = "all"\n')
+    assert load_config(path, env={}).sync.scope == "all"
+    assert load_config(env={"INBOXD_CONFIG": str(path)}).path == path
+
+
+def test_load_config_without_a_path_says_how_to_pass_one() -> None:
+    with pytest.raises(ConfigError, match=r"pass --config .* or set INBOXD_CONFIG"):
+        load_config(env={})
+
+
+def test_load_config_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.toml: config file not found"):
+        load_config(tmp_path / "nope.toml", env={})
+
+
+def test_example_config_in_repository_is_valid(tmp_path: Path) -> None:
+    """config/inboxd.toml documents every key; it must parse as shipped (secret files stubbed)."""
+    example = Path(__file__).parent.parent / "config" / "inboxd.toml"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    for name in ("gmail-client-secret", "microsoft-client-secret"):
+        (creds / name).write_text("stub-secret")
+    config = parse_config(example.read_text(), path=example, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert set(config.providers) >= {"gmail", "microsoft"}
+    assert config.policy_for("anna.smith@example.com").paused
+
+
+# --- parsers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30s", timedelta(seconds=30)),
+        ("60m", timedelta(minutes=60)),
+        ("2h", timedelta(hours=2)),
+        ("1d", timedelta(days=1)),
+        ("1h30m", timedelta(minutes=90)),
+        (" 2H 5M ", timedelta(hours=2, minutes=5)),
+    ],
+)
+def test_parse_duration(text: str, expected: timedelta) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "60", "m", "5x", "1.5h", "-5m", "5m x", "x5m"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="expected a duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1234, 1234),
+        ("1234", 1234),
+        ("512B", 512),
+        ("500KB", 500_000),
+        ("25MB", 25_000_000),
+        ("1GB", 1_000_000_000),
+        ("4KiB", 4096),
+        ("10MiB", 10 * 1024 * 1024),
+        ("1 GiB", 1024**3),
+        ("1.5mib", 1572864),
+    ],
+)
+def test_parse_size(value: str | int, expected: int) -> None:
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "MB", "25 MBs", "-1", "ten", -1, True])
+def test_parse_size_rejects(value: str | int) -> None:
+    with pytest.raises(ValueError, match="expected a size"):
+        parse_size(value)
