@@ -1,0 +1,10 @@
+"""Test harness for inboxd: the loopback mail stack (Dovecot, Postfix, OAuth server) and message builders.
+
+Tests get a running stack through the session fixture ``mailstack`` (tests/conftest.py).
+"""
+
+from harness.mailstack import IMAP_VARIANTS, MailStack
+from harness.messages import make_message
+from harness.waiting import wait_for
+
+__all__ = ["IMAP_VARIANTS", "MailStack", "make_message", "wait_for"]
