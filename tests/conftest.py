@@ -12,6 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import MailStack
 
+# database fixtures (engine/store over SQLite and PostgreSQL) live in tests/dbs.py
+pytest_plugins = ["dbs"]
+
 
 @pytest.fixture(scope="session")
 def mailstack() -> MailStack:

@@ -42,8 +42,10 @@ def create_engine(url: str) -> sa.Engine:
         return engine
     if url.startswith("postgresql"):
         return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
-    raise ConfigError(f"unsupported database url scheme {url.split(':', 1)[0]!r}; "
-                      "use sqlite:///PATH or postgresql+psycopg://...", key="database.url")
+    raise ConfigError(
+        f"unsupported database url scheme {url.split(':', 1)[0]!r}; use sqlite:///PATH or postgresql+psycopg://...",
+        key="database.url",
+    )
 
 
 def _alembic_config(connection: sa.Connection) -> AlembicConfig:

@@ -1,0 +1,261 @@
+"""The `inboxd` command line: secrets, database, accounts, one-shot and looping sync, status.
+
+Exit codes: 0 success, 1 some account failed to sync, 2 bad config, arguments or environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from inboxd import __version__, db, logs
+from inboxd.blobs import BlobStore
+from inboxd.clock import SystemClock
+from inboxd.config import Config, load_config
+from inboxd.crypto import SecretBox, init_key_file
+from inboxd.errors import ConfigError, InboxdError, SecretsError, UsageError
+from inboxd.progress import ProgressDisplay
+from inboxd.runner import AccountResult, Runner
+from inboxd.store import Account, Credential, Store
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inboxd", description="Mailbox sync daemon for HR and recruiting apps.")
+    parser.add_argument("--config", type=Path, help="config file (default: $INBOXD_CONFIG)")
+    parser.add_argument("--version", action="version", version=f"inboxd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    secrets = sub.add_parser("secrets", help="manage the key that encrypts stored credentials")
+    secrets_sub = secrets.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = secrets_sub.add_parser("init", help="create the key file (random key, mode 0600)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing key (stored credentials are lost)")
+
+    database = sub.add_parser("db", help="database schema")
+    db_sub = database.add_subparsers(dest="action", required=True, metavar="ACTION")
+    db_sub.add_parser("upgrade", help="create or migrate the schema to this version (idempotent)")
+
+    accounts = sub.add_parser("accounts", help="connected mailboxes")
+    acc_sub = accounts.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = acc_sub.add_parser("add", help="connect a mailbox (or replace its credentials)")
+    add.add_argument("email")
+    add.add_argument("--provider", required=True, help="a [providers.NAME] of the config")
+    cred = add.add_mutually_exclusive_group(required=True)
+    cred.add_argument("--refresh-token-file", type=Path, help="file holding an OAuth2 refresh token")
+    cred.add_argument("--password-file", type=Path, help="file holding the IMAP password (generic IMAP only)")
+    add.add_argument("--hr-user-ref", help="the HR app's id for this recruiter")
+    lst = acc_sub.add_parser("list", help="list connected mailboxes")
+    lst.add_argument("--json", action="store_true")
+
+    run = sub.add_parser("run", help="sync mailboxes")
+    run.add_argument("--once", action="store_true", help="one cycle of every active account, then exit")
+    run.add_argument("--account", help="only this mailbox")
+
+    status = sub.add_parser("status", help="account states and last sync")
+    status.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, env=os.environ)
+    except ConfigError as exc:
+        print(f"inboxd: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(config.log_level)
+    try:
+        return _dispatch(args, config)
+    except (ConfigError, UsageError, SecretsError, db.DatabaseError) as exc:
+        print(f"inboxd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except InboxdError as exc:
+        print(f"inboxd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "secrets":
+        init_key_file(config.secrets.key_file, overwrite=args.force)
+        print(f"created {config.secrets.key_file} (mode 0600); keep a backup: without it stored credentials are lost")
+        return EXIT_OK
+    engine = db.create_engine(config.database.url)
+    if args.command == "db":
+        db.upgrade(engine)
+        print(f"database at schema {db.current_revision(engine)}")
+        return EXIT_OK
+    db.check_schema(engine)
+    clock = SystemClock()
+    needs_key = args.command == "run" or (args.command == "accounts" and args.action == "add")
+    box = SecretBox.from_key_file(config.secrets.key_file) if needs_key else None
+    store = Store(engine, clock=clock, secret_box=box, blobs=BlobStore(config.sync.attachments_dir))
+    if args.command == "accounts":
+        return _accounts_add(args, config, store) if args.action == "add" else _accounts_list(args, store)
+    if args.command == "status":
+        return _status(args, store, config)
+    if args.command == "run":
+        return _run(args, config, store)
+    raise UsageError(f"unknown command {args.command}")
+
+
+def _read_secret_file(path: Path, what: str) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} file {path}: {exc.strerror}") from exc
+    if not value:
+        raise UsageError(f"{what} file {path} is empty")
+    if any(c in value for c in "\r\n"):
+        raise UsageError(f"{what} file {path} must hold exactly one line")
+    return value
+
+
+def _accounts_add(args: argparse.Namespace, config: Config, store: Store) -> int:
+    email = args.email.strip().lower()
+    if "@" not in email or email.startswith("@") or email.endswith("@") or any(c.isspace() for c in email):
+        raise UsageError(f"{args.email!r} is not an email address")
+    provider = config.providers.get(args.provider)
+    if provider is None:
+        known = ", ".join(sorted(config.providers)) or "none"
+        raise UsageError(f"--provider {args.provider!r} is not in the config (providers: {known})")
+    if args.refresh_token_file is not None:
+        if provider.auth != "oauth2":
+            raise UsageError(f"provider {args.provider!r} uses auth = {provider.auth!r}; pass --password-file")
+        credential = Credential("oauth2_refresh", _read_secret_file(args.refresh_token_file, "refresh token"))
+    else:
+        if provider.auth != "password":
+            raise UsageError(f"provider {args.provider!r} uses auth = {provider.auth!r}; pass --refresh-token-file")
+        credential = Credential("password", _read_secret_file(args.password_file, "password"))
+    account = store.add_account(email, args.provider, credential, hr_user_ref=args.hr_user_ref)
+    print(f"account {account.email} (id {account.id}) connected via {args.provider}")
+    return EXIT_OK
+
+
+def _account_dict(a: Account, config: Config | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": a.id,
+        "email": a.email,
+        "provider": a.provider,
+        "enabled": a.enabled,
+        "state": a.state,
+        "state_reason": a.state_reason,
+        "last_sync_at": _iso(a.last_sync_at),
+        "last_error": a.last_error,
+        "hr_user_ref": a.hr_user_ref,
+    }
+    if config is not None:
+        policy = config.policy_for(a.email)
+        out["paused_in_config"] = policy.paused
+    return out
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _accounts_list(args: argparse.Namespace, store: Store) -> int:
+    accounts = store.accounts()
+    if args.json:
+        print(json.dumps([_account_dict(a) for a in accounts], indent=2))
+        return EXIT_OK
+    _table(
+        ["EMAIL", "PROVIDER", "ENABLED", "STATE"],
+        [[a.email, a.provider, "yes" if a.enabled else "no", a.state] for a in accounts],
+    )
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace, store: Store, config: Config) -> int:
+    rows = [_account_dict(a, config) for a in store.accounts()]
+    counts = store.message_counts()
+    for row in rows:
+        row["messages"] = counts.get(row["id"], 0)
+    if args.json:
+        print(json.dumps({"version": __version__, "accounts": rows}, indent=2))
+        return EXIT_OK
+    _table(
+        ["EMAIL", "STATE", "MESSAGES", "LAST SYNC", "REASON"],
+        [
+            [
+                r["email"],
+                r["state"],
+                str(r["messages"]),
+                r["last_sync_at"] or "never",
+                r["state_reason"] or r["last_error"] or "",
+            ]
+            for r in rows
+        ],
+    )
+    return EXIT_OK
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    for line in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
+    clock = SystemClock()
+    runner = Runner(config, store, clock=clock)
+    if args.account and store.account(args.account) is None:
+        raise UsageError(f"--account {args.account}: no such account (see `inboxd accounts list`)")
+    if args.once:
+        display = ProgressDisplay(clock)
+        results = runner.sync_once(only=args.account, progress=display.update)
+        display.finish()
+        _print_summary(results)
+        return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+    return _loop(runner, config, args.account)
+
+
+def _loop(runner: Runner, config: Config, only: str | None) -> int:
+    """Sync every `sync.interval` until SIGTERM/SIGINT (the push-driven supervisor replaces this loop)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("daemon.started", interval_s=config.sync.interval.total_seconds())
+    while not stop.is_set():
+        results = runner.sync_once(only=only)
+        log.info("daemon.cycle_done", ok=sum(r.ok for r in results), failed=sum(not r.ok for r in results))
+        stop.wait(config.sync.interval.total_seconds())
+    log.info("daemon.stopped")
+    return EXIT_OK
+
+
+def _print_summary(results: list[AccountResult]) -> None:
+    if not results:
+        print("no accounts to sync")
+        return
+    rows = []
+    for r in results:
+        s = r.stats
+        detail = r.reason or ""
+        if not r.skipped and r.ok:
+            detail = (
+                f"{s.new_messages} new, {s.remapped} re-mapped, {s.flag_changes} flag changes, "
+                f"{s.expunged} expunged, {s.quarantined} quarantined"
+            )
+        rows.append([r.email, "ok" if r.ok else "FAILED", r.state, detail])
+    _table(["ACCOUNT", "RESULT", "STATE", "DETAIL"], rows)
+    failed = sum(not r.ok for r in results)
+    print(f"{len(results) - failed} of {len(results)} accounts ok")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

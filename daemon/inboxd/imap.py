@@ -1,0 +1,351 @@
+"""The IMAP session port and its imapclient adapter: connect, authenticate (XOAUTH2 or password), read folders.
+
+Library errors are translated into inboxd.errors here and nowhere else. One connection per thread, never shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import imaplib
+import ssl
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+from imapclient import IMAPClient, imap_utf7
+from imapclient.exceptions import IMAPClientError, LoginError
+from imapclient.imapclient import SocketTimeout
+from imapclient.response_parser import parse_fetch_response
+
+from inboxd.errors import AccountFailed, ReauthRequired, RetryLater
+from inboxd.parse import normalize_msgid
+from inboxd.planner import Capabilities, FolderListing, FolderStatus, sequence_set
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SelectInfo:
+    uidvalidity: int
+    uidnext: int
+    exists: int
+    highest_modseq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderInfo:
+    """What the header-first FETCH tells about one UID, before any body is downloaded."""
+
+    uid: int
+    message_id: str | None
+    size: int | None
+    flags: tuple[str, ...]
+    modseq: int | None
+    internaldate: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class FlagUpdate:
+    uid: int
+    flags: tuple[str, ...]
+    modseq: int | None
+
+
+class ImapSession(Protocol):
+    """What the sync engine needs from an IMAP server (one authenticated connection)."""
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def list_folders(self) -> list[FolderListing]: ...
+
+    def status(self, folder: str) -> FolderStatus: ...
+
+    def select(self, folder: str) -> SelectInfo: ...
+
+    def uids_after(self, last_uid: int) -> list[int]: ...
+
+    def all_uids(self) -> set[int]: ...
+
+    def fetch_headers(self, uids: Iterable[int]) -> dict[int, HeaderInfo]: ...
+
+    def fetch_bodies(self, uids: Iterable[int]) -> dict[int, bytes]: ...
+
+    def changed_flags(
+        self, up_to_uid: int, since_modseq: int, *, vanished: bool
+    ) -> tuple[list[FlagUpdate], set[int]]: ...
+
+    def all_flags(self, up_to_uid: int) -> list[FlagUpdate]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ImapEndpoint:
+    host: str
+    port: int
+    tls: str  # 'tls' | 'starttls' | 'plain'
+    ca_file: Path | None = None
+    timeout: float = 30.0
+
+
+def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    # Certificates are always verified; ca_file only adds a trusted CA (self-signed test or corporate servers).
+    ctx = ssl.create_default_context()
+    if ca_file is not None:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    return ctx
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class ImapClientSession:
+    """imapclient adapter for ImapSession. Create with `connect`."""
+
+    def __init__(self, client: IMAPClient, caps: Capabilities) -> None:
+        self._client = client
+        self._caps = caps
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def list_folders(self) -> list[FolderListing]:
+        rows = self._call(self._client.list_folders)
+        return [FolderListing(name=_text(name), flags=frozenset(_text(f) for f in flags)) for flags, _, name in rows]
+
+    def status(self, folder: str) -> FolderStatus:
+        what = ["UIDVALIDITY", "UIDNEXT", "MESSAGES"] + (["HIGHESTMODSEQ"] if self._caps.condstore else [])
+        raw = self._call(self._client.folder_status, folder, what)
+        values = {_text(k).upper(): v for k, v in raw.items()}
+        return FolderStatus(
+            uidvalidity=int(values["UIDVALIDITY"]),
+            uidnext=int(values["UIDNEXT"]),
+            messages=int(values["MESSAGES"]),
+            highest_modseq=int(values["HIGHESTMODSEQ"]) if "HIGHESTMODSEQ" in values else None,
+        )
+
+    def select(self, folder: str) -> SelectInfo:
+        raw = self._call(self._client.select_folder, folder, readonly=True)
+        modseq = raw.get(b"HIGHESTMODSEQ")
+        return SelectInfo(
+            uidvalidity=int(raw[b"UIDVALIDITY"]),
+            uidnext=int(raw.get(b"UIDNEXT", 0)),
+            exists=int(raw[b"EXISTS"]),
+            highest_modseq=int(modseq) if modseq is not None and self._caps.condstore else None,
+        )
+
+    def uids_after(self, last_uid: int) -> list[int]:
+        found = self._call(self._client.search, ["UID", f"{last_uid + 1}:*"])
+        # "n:*" always matches the highest UID, even when it is below n (RFC 3501 6.4.8): filter.
+        return sorted(uid for uid in found if uid > last_uid)
+
+    def all_uids(self) -> set[int]:
+        return set(self._call(self._client.search, ["ALL"]))
+
+    def fetch_headers(self, uids: Iterable[int]) -> dict[int, HeaderInfo]:
+        items = ["UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]
+        if self._caps.condstore:
+            items.append("MODSEQ")
+        out: dict[int, HeaderInfo] = {}
+        for uid, data in self._fetch(sequence_set(uids), items).items():
+            header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER.FIELDS")), b"")
+            out[uid] = HeaderInfo(
+                uid=uid,
+                message_id=_message_id_from_header(header),
+                size=data.get(b"RFC822.SIZE"),
+                flags=tuple(_text(f) for f in data.get(b"FLAGS", ())),
+                modseq=_modseq(data),
+                internaldate=_aware(data.get(b"INTERNALDATE")),
+            )
+        return out
+
+    def fetch_bodies(self, uids: Iterable[int]) -> dict[int, bytes]:
+        fetched = self._fetch(sequence_set(uids), ["UID", "BODY.PEEK[]"])
+        return {uid: data.get(b"BODY[]") or b"" for uid, data in fetched.items()}
+
+    def changed_flags(self, up_to_uid: int, since_modseq: int, *, vanished: bool) -> tuple[list[FlagUpdate], set[int]]:
+        if up_to_uid < 1:
+            return [], set()
+        modifiers = [f"CHANGEDSINCE {since_modseq}"] + (["VANISHED"] if vanished else [])
+        fetched = self._fetch(f"1:{up_to_uid}", ["UID", "FLAGS"], modifiers)
+        updates = [
+            FlagUpdate(uid, tuple(_text(f) for f in d.get(b"FLAGS", ())), _modseq(d)) for uid, d in fetched.items()
+        ]
+        gone: set[int] = set()
+        if vanished:
+            for line in self._client._imap.untagged_responses.pop("VANISHED", []):
+                gone |= parse_vanished(_text(line))
+        return updates, gone
+
+    def all_flags(self, up_to_uid: int) -> list[FlagUpdate]:
+        if up_to_uid < 1:
+            return []
+        fetched = self._fetch(f"1:{up_to_uid}", ["UID", "FLAGS"])
+        return [FlagUpdate(uid, tuple(_text(f) for f in d.get(b"FLAGS", ())), None) for uid, d in fetched.items()]
+
+    def close(self) -> None:
+        try:
+            self._client.logout()
+        except (IMAPClientError, OSError):
+            with contextlib.suppress(OSError):
+                self._client.shutdown()
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _fetch(self, seqset: str, items: list[str], modifiers: list[str] | None = None) -> dict[int, dict[bytes, Any]]:
+        """UID FETCH over a sequence set we built ourselves.
+
+        imapclient's fetch() runs message sets through int() (so "1:500" raises) and drops replies it did not
+        ask for by number; this keeps its parser but sends the compact set as is.
+        """
+
+        def run() -> dict[int, dict[bytes, Any]]:
+            imap = self._client._imap
+            args: list[Any] = ["FETCH", seqset, "(" + " ".join(items) + ")"]
+            if modifiers:
+                args.append("(" + " ".join(modifiers) + ")")
+            tag = imap._command("UID", *args)
+            typ, data = imap._command_complete("FETCH", tag)
+            if typ != "OK":
+                raise IMAPClientError(f"UID FETCH failed: {_text(data[0]) if data else typ}")
+            typ, data = imap._untagged_response(typ, data, "FETCH")
+            parsed: dict[int, dict[bytes, Any]] = parse_fetch_response(data, True, True)
+            return parsed
+
+        result: dict[int, dict[bytes, Any]] = self._call(run)
+        return result
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except imaplib.IMAP4.abort as exc:
+            raise RetryLater(f"IMAP connection lost: {_safe(exc)}") from exc
+        except TimeoutError as exc:
+            raise RetryLater("IMAP server did not answer in time") from exc
+        except OSError as exc:
+            raise RetryLater(f"IMAP network error: {exc.strerror or exc}") from exc
+        except IMAPClientError as exc:
+            raise RetryLater(f"IMAP command failed: {_safe(exc)}") from exc
+
+
+def _safe(exc: BaseException) -> str:
+    return str(exc)[:300]
+
+
+def _aware(value: Any) -> datetime | None:
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _modseq(data: Mapping[bytes, Any]) -> int | None:
+    value = data.get(b"MODSEQ")
+    if isinstance(value, tuple):  # imapclient returns MODSEQ as a 1-tuple
+        value = value[0] if value else None
+    return int(value) if value is not None else None
+
+
+def _message_id_from_header(header: bytes) -> str | None:
+    text = header.decode("latin-1")
+    unfolded = text.replace("\r\n ", " ").replace("\r\n\t", " ")
+    for line in unfolded.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() == "message-id":
+            return normalize_msgid(value)
+    return None
+
+
+def parse_vanished(line: str) -> set[int]:
+    """`(EARLIER) 1:3,7` (or without EARLIER) -> {1, 2, 3, 7}."""
+    text = line.strip()
+    if text.upper().startswith("(EARLIER)"):
+        text = text[len("(EARLIER)") :].strip()
+    out: set[int] = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition(":")
+        a, b = int(lo), int(hi or lo)
+        out.update(range(min(a, b), max(a, b) + 1))
+    return out
+
+
+def connect(
+    endpoint: ImapEndpoint,
+    *,
+    username: str,
+    access_token: Callable[[], str] | None = None,
+    invalidate_token: Callable[[], None] | None = None,
+    password: str | None = None,
+) -> ImapClientSession:
+    """Open, secure and authenticate one IMAP connection; enable CONDSTORE/QRESYNC when offered."""
+    ctx = _tls_context(endpoint.ca_file)
+    timeout = SocketTimeout(connect=min(endpoint.timeout, 15.0), read=endpoint.timeout)
+    try:
+        client = IMAPClient(
+            endpoint.host, port=endpoint.port, ssl=endpoint.tls == "tls", ssl_context=ctx, timeout=timeout
+        )
+    except ssl.SSLError as exc:
+        raise AccountFailed(f"TLS to {endpoint.host}:{endpoint.port} failed: {exc.reason}") from exc
+    except OSError as exc:
+        raise RetryLater(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc.strerror or exc}") from exc
+    try:
+        if endpoint.tls == "starttls":
+            client.starttls(ctx)
+        _authenticate(client, username, access_token, invalidate_token, password)
+        caps = {_text(c).upper() for c in client.capabilities()}
+        condstore = "CONDSTORE" in caps or "QRESYNC" in caps
+        qresync = "QRESYNC" in caps
+        if qresync:
+            client.enable("QRESYNC")
+        elif condstore:
+            client.enable("CONDSTORE")
+        log.debug("imap.connected", host=endpoint.host, condstore=condstore, qresync=qresync)
+        return ImapClientSession(client, Capabilities(condstore=condstore, qresync=qresync))
+    except ssl.SSLError as exc:
+        _shutdown(client)
+        raise AccountFailed(f"TLS to {endpoint.host}:{endpoint.port} failed: {exc.reason}") from exc
+    except (imaplib.IMAP4.abort, OSError) as exc:
+        _shutdown(client)
+        raise RetryLater(f"IMAP connection to {endpoint.host} lost during login: {_safe(exc)}") from exc
+    except BaseException:
+        _shutdown(client)
+        raise
+
+
+def _authenticate(
+    client: IMAPClient,
+    username: str,
+    access_token: Callable[[], str] | None,
+    invalidate_token: Callable[[], None] | None,
+    password: str | None,
+) -> None:
+    if access_token is None:
+        try:
+            client.login(username, password or "")
+        except LoginError as exc:
+            raise ReauthRequired(f"IMAP server refused the password for {username}") from exc
+        return
+    try:
+        client.oauth2_login(username, access_token())
+    except LoginError:
+        # A cached token may have been revoked or expired early on the server: one fresh token, one retry.
+        if invalidate_token is not None:
+            invalidate_token()
+        try:
+            client.oauth2_login(username, access_token())
+        except LoginError as exc:
+            raise ReauthRequired(f"IMAP server refused a freshly issued access token for {username}") from exc
+
+
+def _shutdown(client: IMAPClient) -> None:
+    with contextlib.suppress(OSError):
+        client.shutdown()
+
+
+def decode_folder_name(raw: bytes | str) -> str:
+    return imap_utf7.decode(raw) if isinstance(raw, bytes) else raw

@@ -1,0 +1,197 @@
+"""One sync cycle over every active account, each isolated from the others' failures.
+
+Decides per account whether it runs (config pause, HR-app `enabled`), wires credentials to an IMAP session, runs
+AccountSync and records the outcome (state, reason, last_error) in mail_accounts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from inboxd.clock import Clock
+from inboxd.config import Config, ProviderConfig
+from inboxd.errors import AccountFailed, InboxdError, ReauthRequired, RetryLater, SecretsError
+from inboxd.imap import ImapEndpoint, ImapSession, connect
+from inboxd.store import Account, Store
+from inboxd.sync import AccountSync, Progress, SyncSettings, SyncStats
+from inboxd.tokens import OAuthRefreshTokenSource, TokenSource
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountDecision:
+    run: bool
+    state: str
+    reason: str | None = None
+
+
+def decide(account: Account, config: Config) -> AccountDecision:
+    """Whether an account syncs this cycle; pure. The HR app's `enabled` wins over the config, then pauses."""
+    if not account.enabled:
+        return AccountDecision(False, "disabled", "disabled by the HR app (mail_accounts.enabled = false)")
+    policy = config.policy_for(account.email)
+    if policy.paused:
+        return AccountDecision(False, "paused", policy.reason or "paused in the config")
+    if account.provider not in config.providers:
+        return AccountDecision(False, "error", f"provider {account.provider!r} is not in the config")
+    if account.state == "needs_reauth":
+        return AccountDecision(False, "needs_reauth", account.state_reason)
+    return AccountDecision(True, "active")
+
+
+@dataclass(slots=True)
+class AccountResult:
+    email: str
+    ok: bool
+    state: str
+    reason: str | None = None
+    stats: SyncStats = field(default_factory=SyncStats)
+    skipped: bool = False
+
+
+SessionFactory = Callable[[Account, ProviderConfig], ImapSession]
+
+
+class Runner:
+    """Runs sync cycles; keeps one token source per account so tokens refresh once per expiry, not per poll."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        clock: Clock,
+        max_workers: int = 4,
+        session_factory: SessionFactory | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._max_workers = max_workers
+        # keyed by account and a digest of its refresh token: reconnecting (new token) gets a new source
+        self._tokens: dict[tuple[int, str], TokenSource] = {}
+        self._tokens_lock = threading.Lock()
+        self._session_factory = session_factory or self._connect
+        self._settings = SyncSettings(
+            batch_size=config.sync.batch_size, max_attachment_bytes=config.sync.max_attachment_bytes
+        )
+
+    def sync_once(
+        self, *, only: str | None = None, progress: Callable[[str, int, int], None] | None = None
+    ) -> list[AccountResult]:
+        accounts = self._store.accounts()
+        if only is not None:
+            accounts = [a for a in accounts if a.email == only.strip().lower()]
+        if not accounts:
+            return []
+        with ThreadPoolExecutor(
+            max_workers=min(self._max_workers, len(accounts)), thread_name_prefix="inboxd-sync"
+        ) as pool:
+            futures = [pool.submit(self.sync_account, a, _bind(progress, a.email)) for a in accounts]
+            return [f.result() for f in futures]
+
+    def sync_account(self, account: Account, progress: Progress | None = None) -> AccountResult:  # noqa: PLR0911 (one return per outcome)
+        decision = decide(account, self._config)
+        if not decision.run:
+            if (account.state, account.state_reason) != (decision.state, decision.reason):
+                self._store.set_state(account.id, decision.state, decision.reason, error=account.last_error)
+            log.info("sync.account_skipped", account=account.email, state=decision.state, reason=decision.reason)
+            return AccountResult(
+                account.email, ok=decision.state != "error", state=decision.state, reason=decision.reason, skipped=True
+            )
+        provider = self._config.providers[account.provider]
+        try:
+            session = self._session_factory(account, provider)
+            try:
+                stats = AccountSync(
+                    self._store, account, session, settings=self._settings, clock=self._clock, progress=progress
+                ).run()
+            finally:
+                session.close()
+        except ReauthRequired as exc:
+            return self._failed(account, "needs_reauth", exc)
+        except (AccountFailed, SecretsError) as exc:
+            return self._failed(account, "error", exc)
+        except RetryLater as exc:
+            # Transient: the account stays active and is tried again next cycle; the error stays visible.
+            return self._failed(account, "active", exc)
+        except InboxdError as exc:
+            return self._failed(account, "error", exc)
+        except Exception as exc:  # a bug must not stop the other accounts
+            log.exception("sync.account_crashed", account=account.email)
+            return self._failed(account, "error", exc, reason=f"internal error ({type(exc).__name__})")
+        self._store.set_state(account.id, "active", None, error=None, synced=True)
+        return AccountResult(account.email, ok=True, state="active", stats=stats)
+
+    def _failed(self, account: Account, state: str, exc: Exception, *, reason: str | None = None) -> AccountResult:
+        message = reason or str(exc)
+        log.warning(
+            "sync.account_failed", account=account.email, state=state, error_kind=type(exc).__name__, error=message
+        )
+        self._store.set_state(account.id, state, None if state == "active" else message, error=message)
+        return AccountResult(account.email, ok=False, state=state, reason=message)
+
+    # -- wiring ----------------------------------------------------------------------------------------------
+
+    def _connect(self, account: Account, provider: ProviderConfig) -> ImapSession:
+        endpoint = ImapEndpoint(
+            host=provider.imap_host,
+            port=provider.imap_port,
+            tls=provider.imap_tls,
+            ca_file=provider.ca_file,
+            timeout=provider.timeout,
+        )
+        credential = self._store.credential(account.id)
+        if credential.kind == "password":
+            return connect(endpoint, username=account.email, password=credential.secret)
+        tokens = self._token_source(account, provider, credential.secret)
+        return connect(
+            endpoint, username=account.email, access_token=tokens.access_token, invalidate_token=tokens.invalidate
+        )
+
+    def _token_source(self, account: Account, provider: ProviderConfig, refresh_token: str) -> TokenSource:
+        with self._tokens_lock:
+            key = (account.id, hashlib.sha256(refresh_token.encode()).hexdigest())
+            source = self._tokens.get(key)
+            if source is None:
+                if not (provider.token_uri and provider.client_id and provider.client_secret):
+                    raise AccountFailed(f"provider {provider.name!r} lacks token_uri/client_id/client_secret")
+                source = OAuthRefreshTokenSource(
+                    refresh_token=refresh_token,
+                    client_id=provider.client_id,
+                    client_secret=provider.client_secret,
+                    token_uri=provider.token_uri,
+                    clock=self._clock,
+                    ca_file=provider.ca_file,
+                    timeout=provider.timeout,
+                    on_rotated_refresh_token=lambda new: self._store.replace_refresh_token(account.id, new),
+                )
+                self._tokens = {k: v for k, v in self._tokens.items() if k[0] != account.id}
+                self._tokens[key] = source
+            return source
+
+
+def _bind(progress: Callable[[str, int, int], None] | None, email: str) -> Progress | None:
+    if progress is None:
+        return None
+
+    def report(done: int, total: int) -> None:
+        progress(email, done, total)
+
+    return report
+
+
+def summarize(results: list[AccountResult]) -> dict[str, Any]:
+    return {
+        "accounts": len(results),
+        "ok": sum(1 for r in results if r.ok),
+        "failed": sum(1 for r in results if not r.ok),
+    }

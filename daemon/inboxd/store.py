@@ -1,0 +1,639 @@
+"""The store: every read and write inboxd makes to the shared database, for SQLite and PostgreSQL alike.
+
+Accounts and credentials, folder cursors, message locations, messages with participants, attachments and threads.
+The sync engine talks to this class only; SQL stays here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from inboxd.blobs import BlobStore
+from inboxd.clock import Clock
+from inboxd.crypto import SecretBox
+from inboxd.errors import UsageError
+from inboxd.models import (
+    MailAccount,
+    MailAttachment,
+    MailCredential,
+    MailFolder,
+    MailLocation,
+    MailMessage,
+    MailParticipant,
+    MailQuarantine,
+    MailThread,
+)
+from inboxd.parse import ParsedMessage
+from inboxd.planner import FolderCursor
+
+accounts_t = MailAccount.__table__  # type: ignore[attr-defined]
+creds_t = MailCredential.__table__  # type: ignore[attr-defined]
+folders_t = MailFolder.__table__  # type: ignore[attr-defined]
+locations_t = MailLocation.__table__  # type: ignore[attr-defined]
+messages_t = MailMessage.__table__  # type: ignore[attr-defined]
+participants_t = MailParticipant.__table__  # type: ignore[attr-defined]
+attachments_t = MailAttachment.__table__  # type: ignore[attr-defined]
+threads_t = MailThread.__table__  # type: ignore[attr-defined]
+quarantine_t = MailQuarantine.__table__  # type: ignore[attr-defined]
+
+# Keep IN (...) lists well under SQLite's bound-parameter limit.
+_CHUNK = 500
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _inserted_id(result: sa.CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    if key is None:
+        raise RuntimeError("INSERT returned no primary key")
+    return int(key[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    email: str
+    provider: str
+    enabled: bool
+    state: str
+    state_reason: str | None
+    last_sync_at: datetime | None
+    last_error: str | None
+    hr_user_ref: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    kind: str  # 'oauth2_refresh' | 'password'
+    secret: str = ""
+
+    def __repr__(self) -> str:  # the secret never reaches a log or a traceback
+        return f"Credential(kind={self.kind!r}, secret=<hidden>)"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFolder:
+    id: int
+    name: str
+    special_use: str | None
+    cursor: FolderCursor
+    synced_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewLocation:
+    uid: int
+    flags: tuple[str, ...]
+    modseq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A parsed message ready to store, with where it was found."""
+
+    identity: str
+    parsed: ParsedMessage
+    folder_name: str
+    direction: str
+    received_at: datetime | None
+    location: NewLocation
+
+
+def _account(row: Any) -> Account:
+    return Account(
+        id=row.id,
+        email=row.email,
+        provider=row.provider,
+        enabled=row.enabled,
+        state=row.state,
+        state_reason=row.state_reason,
+        last_sync_at=row.last_sync_at,
+        last_error=row.last_error,
+        hr_user_ref=row.hr_user_ref,
+    )
+
+
+class Store:
+    def __init__(
+        self, engine: sa.Engine, *, clock: Clock, secret_box: SecretBox | None = None, blobs: BlobStore | None = None
+    ) -> None:
+        self.engine = engine
+        self._clock = clock
+        self._box = secret_box
+        self._blobs = blobs
+
+    # -- accounts -------------------------------------------------------------------------------------------
+
+    def add_account(
+        self, email: str, provider: str, credential: Credential, *, hr_user_ref: str | None = None
+    ) -> Account:
+        """Create the account, or replace the credentials of an existing one (reconnect)."""
+        if self._box is None:
+            raise UsageError("no secrets key loaded: cannot store credentials")
+        email = email.strip().lower()
+        now = self._clock.now()
+        sealed = self._box.encrypt(credential.secret)
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(accounts_t).where(accounts_t.c.email == email)).first()
+            if row is None:
+                account_id = _inserted_id(
+                    conn.execute(
+                        accounts_t.insert().values(
+                            email=email,
+                            provider=provider,
+                            hr_user_ref=hr_user_ref,
+                            enabled=True,
+                            state="active",
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+                )
+            else:
+                account_id = row.id
+                conn.execute(
+                    accounts_t.update()
+                    .where(accounts_t.c.id == account_id)
+                    .values(
+                        provider=provider,
+                        state="active",
+                        state_reason=None,
+                        last_error=None,
+                        updated_at=now,
+                        **({"hr_user_ref": hr_user_ref} if hr_user_ref is not None else {}),
+                    )
+                )
+                conn.execute(creds_t.delete().where(creds_t.c.account_id == account_id))
+            conn.execute(
+                creds_t.insert().values(account_id=account_id, kind=credential.kind, secret=sealed, updated_at=now)
+            )
+            return _account(conn.execute(sa.select(accounts_t).where(accounts_t.c.id == account_id)).one())
+
+    def accounts(self) -> list[Account]:
+        with self.engine.connect() as conn:
+            return [_account(r) for r in conn.execute(sa.select(accounts_t).order_by(accounts_t.c.email))]
+
+    def account(self, email: str) -> Account | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(accounts_t).where(accounts_t.c.email == email.strip().lower())).first()
+            return _account(row) if row else None
+
+    def credential(self, account_id: int) -> Credential:
+        if self._box is None:
+            raise UsageError("no secrets key loaded: cannot read credentials")
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(creds_t).where(creds_t.c.account_id == account_id)).first()
+        if row is None:
+            raise UsageError(f"account {account_id} has no stored credentials; run `inboxd accounts add` again")
+        return Credential(kind=row.kind, secret=self._box.decrypt(bytes(row.secret)))
+
+    def replace_refresh_token(self, account_id: int, refresh_token: str) -> None:
+        """Persist a rotated refresh token (Microsoft rotates them on every use)."""
+        if self._box is None:
+            raise UsageError("no secrets key loaded: cannot store credentials")
+        with self.engine.begin() as conn:
+            conn.execute(
+                creds_t.update()
+                .where(creds_t.c.account_id == account_id)
+                .values(secret=self._box.encrypt(refresh_token), updated_at=self._clock.now())
+            )
+
+    def set_state(
+        self, account_id: int, state: str, reason: str | None = None, *, error: str | None = None, synced: bool = False
+    ) -> None:
+        values: dict[str, Any] = {
+            "state": state,
+            "state_reason": reason,
+            "updated_at": self._clock.now(),
+            "last_error": error,
+        }
+        if synced:
+            values["last_sync_at"] = self._clock.now()
+        with self.engine.begin() as conn:
+            conn.execute(accounts_t.update().where(accounts_t.c.id == account_id).values(**values))
+
+    def message_counts(self) -> dict[int, int]:
+        """Stored (not deleted) messages per account id."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(messages_t.c.account_id, sa.func.count())
+                .where(messages_t.c.deleted_at.is_(None))
+                .group_by(messages_t.c.account_id)
+            )
+            return {r[0]: r[1] for r in rows}
+
+    # -- folders ---------------------------------------------------------------------------------------------
+
+    def folders(self, account_id: int) -> dict[str, StoredFolder]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(folders_t).where(folders_t.c.account_id == account_id)).all()
+        return {
+            r.name: StoredFolder(
+                r.id,
+                r.name,
+                r.special_use,
+                FolderCursor(
+                    uidvalidity=r.uidvalidity,
+                    last_uid=r.last_uid,
+                    uidnext=r.uidnext,
+                    highest_modseq=r.highest_modseq,
+                    message_count=r.message_count,
+                ),
+                r.synced_at,
+            )
+            for r in rows
+        }
+
+    def ensure_folder(self, account_id: int, name: str, special_use: str | None) -> StoredFolder:
+        existing = self.folders(account_id).get(name)
+        if existing is not None:
+            if existing.special_use != special_use:
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        folders_t.update().where(folders_t.c.id == existing.id).values(special_use=special_use)
+                    )
+            return StoredFolder(existing.id, name, special_use, existing.cursor, existing.synced_at)
+        with self.engine.begin() as conn:
+            folder_id = _inserted_id(
+                conn.execute(
+                    folders_t.insert().values(account_id=account_id, name=name, special_use=special_use, last_uid=0)
+                )
+            )
+        return StoredFolder(folder_id, name, special_use, FolderCursor(None, 0, None, None, None))
+
+    def start_full_sync(self, folder_id: int, uidvalidity: int, *, reset_locations: bool) -> list[int]:
+        """Record a new UIDVALIDITY and restart from UID 0; returns the messages whose locations were dropped."""
+        with self.engine.begin() as conn:
+            dropped: list[int] = []
+            if reset_locations:
+                dropped = list(
+                    conn.execute(
+                        sa.select(locations_t.c.message_id).where(locations_t.c.folder_id == folder_id)
+                    ).scalars()
+                )
+                conn.execute(locations_t.delete().where(locations_t.c.folder_id == folder_id))
+            conn.execute(
+                folders_t.update()
+                .where(folders_t.c.id == folder_id)
+                .values(uidvalidity=uidvalidity, last_uid=0, uidnext=None, highest_modseq=None, message_count=None)
+            )
+        return dropped
+
+    def finish_folder(self, folder_id: int, *, uidnext: int, highest_modseq: int | None, message_count: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                folders_t.update()
+                .where(folders_t.c.id == folder_id)
+                .values(
+                    uidnext=uidnext,
+                    highest_modseq=highest_modseq,
+                    message_count=message_count,
+                    synced_at=self._clock.now(),
+                )
+            )
+
+    def forget_folders(self, account_id: int, keep: Iterable[str]) -> list[int]:
+        """Drop folders that no longer exist on the server (or are no longer synced); returns orphaned messages."""
+        keep = set(keep)
+        with self.engine.begin() as conn:
+            gone = [
+                r.id
+                for r in conn.execute(
+                    sa.select(folders_t.c.id, folders_t.c.name).where(folders_t.c.account_id == account_id)
+                )
+                if r.name not in keep
+            ]
+            if not gone:
+                return []
+            touched = list(
+                conn.execute(sa.select(locations_t.c.message_id).where(locations_t.c.folder_id.in_(gone))).scalars()
+            )
+            conn.execute(locations_t.delete().where(locations_t.c.folder_id.in_(gone)))
+            conn.execute(folders_t.delete().where(folders_t.c.id.in_(gone)))
+        return touched
+
+    # -- locations -------------------------------------------------------------------------------------------
+
+    def known_uids(self, folder_id: int) -> set[int]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(sa.select(locations_t.c.uid).where(locations_t.c.folder_id == folder_id)).scalars())
+
+    def remove_locations(self, folder_id: int, uids: Iterable[int]) -> list[int]:
+        """Forget expunged UIDs; returns the affected message ids."""
+        uid_list = sorted(uids)
+        touched: list[int] = []
+        with self.engine.begin() as conn:
+            for chunk in _chunks(uid_list):
+                cond = sa.and_(locations_t.c.folder_id == folder_id, locations_t.c.uid.in_(chunk))
+                touched += conn.execute(sa.select(locations_t.c.message_id).where(cond)).scalars().all()
+                conn.execute(locations_t.delete().where(cond))
+        return touched
+
+    def update_flags(self, folder_id: int, updates: Mapping[int, tuple[tuple[str, ...], int | None]]) -> list[int]:
+        """Apply FLAGS (and MODSEQ) of known UIDs; returns the message ids whose flags really changed."""
+        if not updates:
+            return []
+        touched: list[int] = []
+        with self.engine.begin() as conn:
+            for chunk in _chunks(sorted(updates)):
+                rows = conn.execute(
+                    sa.select(locations_t.c.uid, locations_t.c.message_id, locations_t.c.flags).where(
+                        locations_t.c.folder_id == folder_id, locations_t.c.uid.in_(chunk)
+                    )
+                ).all()
+                for row in rows:
+                    flags, modseq = updates[row.uid]
+                    new_flags = sorted(flags)
+                    if sorted(row.flags or []) != new_flags:
+                        touched.append(row.message_id)
+                    conn.execute(
+                        locations_t.update()
+                        .where(locations_t.c.folder_id == folder_id, locations_t.c.uid == row.uid)
+                        .values(flags=new_flags, modseq=modseq)
+                    )
+        return touched
+
+    def advance_cursor(self, folder_id: int, last_uid: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                folders_t.update()
+                .where(folders_t.c.id == folder_id, folders_t.c.last_uid < last_uid)
+                .values(last_uid=last_uid)
+            )
+
+    # -- messages --------------------------------------------------------------------------------------------
+
+    def message_ids_by_identity(self, account_id: int, identities: Iterable[str]) -> dict[str, int]:
+        wanted = sorted(set(identities))
+        found: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(wanted):
+                for row in conn.execute(
+                    sa.select(messages_t.c.id, messages_t.c.provider_message_id).where(
+                        messages_t.c.account_id == account_id, messages_t.c.provider_message_id.in_(chunk)
+                    )
+                ):
+                    found[row.provider_message_id] = row.id
+        return found
+
+    def add_locations(self, folder_id: int, located: Mapping[int, tuple[int, NewLocation]], *, last_uid: int) -> None:
+        """Record (uid -> message) for messages we already have, and move the cursor, in one transaction."""
+        with self.engine.begin() as conn:
+            self._insert_locations(conn, folder_id, [(mid, loc) for mid, loc in located.values()])
+            conn.execute(
+                folders_t.update()
+                .where(folders_t.c.id == folder_id, folders_t.c.last_uid < last_uid)
+                .values(last_uid=last_uid)
+            )
+
+    def store_batch(
+        self,
+        account_id: int,
+        folder_id: int,
+        messages: Sequence[NewMessage],
+        known: Mapping[int, tuple[int, NewLocation]],
+        *,
+        last_uid: int,
+    ) -> tuple[list[int], list[int]]:
+        """Insert new messages (with participants, attachments, thread) and locations, then move the cursor.
+
+        One transaction per batch: a crash loses at most the batch, and the cursor never runs ahead of the rows.
+        Returns (ids inserted, ids of existing messages that got one more location here).
+        """
+        now = self._clock.now()
+        inserted: list[int] = []
+        relocated: list[int] = []
+        with self.engine.begin() as conn:
+            self._insert_locations(conn, folder_id, [(mid, loc) for mid, loc in known.values()])
+            for msg in messages:
+                existing = conn.execute(
+                    sa.select(messages_t.c.id).where(
+                        messages_t.c.account_id == account_id, messages_t.c.provider_message_id == msg.identity
+                    )
+                ).scalar()
+                if existing is not None:  # the same message twice in one batch, or found by another folder
+                    self._insert_locations(conn, folder_id, [(existing, msg.location)])
+                    relocated.append(existing)
+                    continue
+                message_id = self._insert_message(conn, account_id, msg, now)
+                inserted.append(message_id)
+                self._insert_locations(conn, folder_id, [(message_id, msg.location)])
+            conn.execute(
+                folders_t.update()
+                .where(folders_t.c.id == folder_id, folders_t.c.last_uid < last_uid)
+                .values(last_uid=last_uid)
+            )
+        return inserted, relocated
+
+    def quarantine(
+        self, account_id: int, folder: str, uidvalidity: int | None, uid: int, *, reason: str, raw: bytes | None
+    ) -> None:
+        with self.engine.begin() as conn:
+            exists = conn.execute(
+                sa.select(quarantine_t.c.id).where(
+                    quarantine_t.c.account_id == account_id,
+                    quarantine_t.c.folder == folder,
+                    quarantine_t.c.uidvalidity == uidvalidity,
+                    quarantine_t.c.uid == uid,
+                )
+            ).scalar()
+            if exists is None:
+                conn.execute(
+                    quarantine_t.insert().values(
+                        account_id=account_id,
+                        folder=folder,
+                        uidvalidity=uidvalidity,
+                        uid=uid,
+                        reason=reason[:2000],
+                        size_bytes=len(raw) if raw is not None else None,
+                        raw=raw,
+                        created_at=self._clock.now(),
+                    )
+                )
+
+    def refresh_messages(self, account_id: int, message_ids: Iterable[int]) -> int:
+        """Recompute labels, is_read and deleted_at of messages from their locations; returns how many changed."""
+        ids = sorted(set(message_ids))
+        if not ids:
+            return 0
+        now = self._clock.now()
+        changed = 0
+        with self.engine.begin() as conn:
+            for chunk in _chunks(ids):
+                where: dict[int, list[tuple[str, list[str]]]] = {i: [] for i in chunk}
+                for row in conn.execute(
+                    sa.select(locations_t.c.message_id, folders_t.c.name, locations_t.c.flags)
+                    .join(folders_t, folders_t.c.id == locations_t.c.folder_id)
+                    .where(locations_t.c.message_id.in_(chunk))
+                ):
+                    where[row.message_id].append((row.name, row.flags or []))
+                current = {
+                    r.id: r
+                    for r in conn.execute(
+                        sa.select(
+                            messages_t.c.id, messages_t.c.labels, messages_t.c.is_read, messages_t.c.deleted_at
+                        ).where(messages_t.c.id.in_(chunk), messages_t.c.account_id == account_id)
+                    )
+                }
+                for message_id, places in where.items():
+                    msg = current.get(message_id)
+                    if msg is None:
+                        continue
+                    labels = sorted({name for name, _ in places})
+                    is_read = any("\\Seen" in flags for _, flags in places)
+                    deleted_at = None if places else (msg.deleted_at or now)
+                    if (msg.labels or []) != labels or msg.is_read != is_read or msg.deleted_at != deleted_at:
+                        changed += 1
+                        conn.execute(
+                            messages_t.update()
+                            .where(messages_t.c.id == message_id)
+                            .values(labels=labels, is_read=is_read, deleted_at=deleted_at, updated_at=now)
+                        )
+        return changed
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_locations(conn: sa.Connection, folder_id: int, rows: Sequence[tuple[int, NewLocation]]) -> None:
+        if not rows:
+            return
+        uids = [loc.uid for _, loc in rows]
+        present = set()
+        for chunk in _chunks(uids):
+            present |= set(
+                conn.execute(
+                    sa.select(locations_t.c.uid).where(
+                        locations_t.c.folder_id == folder_id, locations_t.c.uid.in_(chunk)
+                    )
+                ).scalars()
+            )
+        fresh = [
+            {
+                "folder_id": folder_id,
+                "uid": loc.uid,
+                "message_id": mid,
+                "flags": sorted(loc.flags),
+                "modseq": loc.modseq,
+            }
+            for mid, loc in rows
+            if loc.uid not in present
+        ]
+        if fresh:
+            conn.execute(locations_t.insert(), fresh)
+
+    def _insert_message(self, conn: sa.Connection, account_id: int, msg: NewMessage, now: datetime) -> int:
+        p = msg.parsed
+        thread_id = self._thread_for(conn, account_id, p, now)
+        message_id = _inserted_id(
+            conn.execute(
+                messages_t.insert().values(
+                    account_id=account_id,
+                    provider_message_id=msg.identity,
+                    message_id_header=p.message_id_header,
+                    in_reply_to=p.in_reply_to,
+                    references=list(p.references),
+                    thread_id=thread_id,
+                    subject=p.subject,
+                    from_email=p.from_email,
+                    from_name=p.from_name,
+                    sent_at=p.sent_at,
+                    received_at=msg.received_at or p.sent_at,
+                    direction=msg.direction,
+                    snippet=p.snippet,
+                    body_text=p.body_text,
+                    body_html=p.body_html,
+                    is_read="\\Seen" in msg.location.flags,
+                    labels=[msg.folder_name],
+                    size_bytes=p.size_bytes,
+                    has_attachments=p.has_attachments,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        )
+        if p.participants:
+            conn.execute(
+                participants_t.insert(),
+                [{"message_id": message_id, "role": x.role, "email": x.email, "name": x.name} for x in p.participants],
+            )
+        if p.attachments:
+            rows = []
+            for att in p.attachments:
+                stored = bool(att.data) and self._blobs is not None
+                if stored and self._blobs is not None:
+                    self._blobs.put(att.sha256, att.data)
+                rows.append(
+                    {
+                        "message_id": message_id,
+                        "filename": att.filename,
+                        "content_type": att.content_type,
+                        "size_bytes": att.size_bytes,
+                        "content_id": att.content_id,
+                        "is_inline": att.is_inline,
+                        "sha256": att.sha256,
+                        "stored": stored,
+                    }
+                )
+            conn.execute(attachments_t.insert(), rows)
+        return message_id
+
+    @staticmethod
+    def _thread_for(conn: sa.Connection, account_id: int, p: ParsedMessage, now: datetime) -> int:
+        """Thread by the conversation root: the first References id, else In-Reply-To, else the message itself.
+
+        A reply whose root we never saw still joins the thread of any message it references.
+        """
+        root = (p.references[0] if p.references else None) or p.in_reply_to or p.message_id_header
+        refs = [r for r in (*p.references, p.in_reply_to) if r]
+        thread_id = None
+        if root:
+            thread_id = conn.execute(
+                sa.select(threads_t.c.id).where(
+                    threads_t.c.account_id == account_id, threads_t.c.provider_thread_id == root
+                )
+            ).scalar()
+        if thread_id is None and refs:
+            thread_id = conn.execute(
+                sa.select(messages_t.c.thread_id)
+                .where(
+                    messages_t.c.account_id == account_id,
+                    messages_t.c.message_id_header.in_(refs),
+                    messages_t.c.thread_id.is_not(None),
+                )
+                .limit(1)
+            ).scalar()
+        when = p.sent_at or now
+        if thread_id is None:
+            thread_id = _inserted_id(
+                conn.execute(
+                    threads_t.insert().values(
+                        account_id=account_id,
+                        provider_thread_id=root or f"single:{now.timestamp()}:{id(p)}",
+                        subject=p.subject,
+                        first_message_at=when,
+                        last_message_at=when,
+                        message_count=1,
+                    )
+                )
+            )
+            return int(thread_id)
+        row = conn.execute(sa.select(threads_t).where(threads_t.c.id == thread_id)).one()
+        conn.execute(
+            threads_t.update()
+            .where(threads_t.c.id == thread_id)
+            .values(
+                message_count=row.message_count + 1,
+                first_message_at=min(row.first_message_at or when, when),
+                last_message_at=max(row.last_message_at or when, when),
+                subject=row.subject or p.subject,
+            )
+        )
+        return int(thread_id)

@@ -1,0 +1,248 @@
+"""How one mailbox is synced: folder by folder, header first, bodies only for messages not yet stored.
+
+The decisions come from planner.py; this module carries them out against an ImapSession and the Store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import structlog
+
+from inboxd.clock import Clock
+from inboxd.errors import UnparseableMessage
+from inboxd.imap import FlagUpdate, HeaderInfo, ImapSession, SelectInfo
+from inboxd.parse import parse_message
+from inboxd.planner import (
+    ExpungeCheck,
+    FolderSpec,
+    FolderStatus,
+    PlanKind,
+    batches,
+    direction,
+    expunge_possible,
+    expunged_uids,
+    message_identity,
+    plan_folder,
+    select_folders,
+)
+from inboxd.store import Account, NewLocation, NewMessage, Store, StoredFolder
+
+log = structlog.get_logger(__name__)
+
+# progress(done, total): messages processed so far in this account's sync, and the total known so far.
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSettings:
+    batch_size: int = 200
+    max_attachment_bytes: int = 25 * 1024 * 1024
+    # Without CONDSTORE flag changes are invisible to STATUS: re-read all flags at most this often.
+    flag_scan_interval: timedelta = timedelta(minutes=15)
+
+
+@dataclass(slots=True)
+class SyncStats:
+    folders: int = 0
+    folders_unchanged: int = 0
+    new_messages: int = 0
+    remapped: int = 0
+    flag_changes: int = 0
+    expunged: int = 0
+    quarantined: int = 0
+    bytes_downloaded: int = 0
+    total: int = 0
+    done: int = 0
+    changed_messages: set[int] = field(default_factory=set)
+
+
+class AccountSync:
+    """One sync cycle of one account over one authenticated IMAP session."""
+
+    def __init__(
+        self,
+        store: Store,
+        account: Account,
+        session: ImapSession,
+        *,
+        settings: SyncSettings,
+        clock: Clock,
+        progress: Progress | None = None,
+    ) -> None:
+        self._store = store
+        self._account = account
+        self._session = session
+        self._settings = settings
+        self._clock = clock
+        self._progress = progress
+        self.stats = SyncStats()
+        self._log = log.bind(account=account.email)
+
+    def run(self) -> SyncStats:
+        specs = select_folders(self._session.list_folders())
+        touched = set(self._store.forget_folders(self._account.id, keep=[s.name for s in specs]))
+        for spec in specs:
+            touched |= self._sync_folder(spec)
+        self._store.refresh_messages(self._account.id, touched)
+        self._log.info(
+            "sync.account_done",
+            folders=self.stats.folders,
+            unchanged=self.stats.folders_unchanged,
+            new=self.stats.new_messages,
+            remapped=self.stats.remapped,
+            flags=self.stats.flag_changes,
+            expunged=self.stats.expunged,
+            quarantined=self.stats.quarantined,
+            bytes=self.stats.bytes_downloaded,
+        )
+        return self.stats
+
+    # -- one folder --------------------------------------------------------------------------------------------
+
+    def _sync_folder(self, spec: FolderSpec) -> set[int]:
+        folder = self._store.ensure_folder(self._account.id, spec.name, spec.special_use)
+        self.stats.folders += 1
+        status = self._session.status(spec.name)
+        plan = plan_folder(folder.cursor, status, self._session.capabilities, flag_scan_due=self._flag_scan_due(folder))
+        if plan.kind is PlanKind.UNCHANGED:
+            self.stats.folders_unchanged += 1
+            return set()
+        selected = self._session.select(spec.name)
+        # Re-plan from SELECT's numbers: the folder may have changed between STATUS and SELECT.
+        plan = plan_folder(
+            folder.cursor,
+            FolderStatus(selected.uidvalidity, selected.uidnext, selected.exists, selected.highest_modseq),
+            self._session.capabilities,
+            flag_scan_due=self._flag_scan_due(folder),
+        )
+        flog = self._log.bind(folder=spec.name, plan=plan.kind.value, reason=plan.reason)
+        flog.info("sync.folder_start")
+        touched: set[int] = set()
+        last_uid = folder.cursor.last_uid
+        if plan.kind is PlanKind.FULL:
+            touched |= set(
+                self._store.start_full_sync(folder.id, selected.uidvalidity, reset_locations=plan.reset_locations)
+            )
+            last_uid = 0
+        new_uids = self._session.uids_after(last_uid)
+        self._add_total(len(new_uids))
+        for batch in batches(new_uids, self._settings.batch_size):
+            touched |= self._ingest(folder, selected, batch)
+        if plan.kind is PlanKind.INCREMENTAL:
+            touched |= self._apply_changes(
+                folder,
+                selected,
+                plan.flags_changed_since,
+                plan.refresh_all_flags,
+                plan.expunge_check,
+                up_to_uid=folder.cursor.last_uid,
+            )
+        self._store.finish_folder(
+            folder.id, uidnext=selected.uidnext, highest_modseq=selected.highest_modseq, message_count=selected.exists
+        )
+        flog.info("sync.folder_done", new=len(new_uids))
+        return touched
+
+    def _flag_scan_due(self, folder: StoredFolder) -> bool:
+        synced_at = folder.synced_at
+        return synced_at is None or self._clock.now() - synced_at >= self._settings.flag_scan_interval
+
+    def _apply_changes(
+        self,
+        folder: StoredFolder,
+        selected: SelectInfo,
+        since: int | None,
+        all_flags: bool,
+        expunge: ExpungeCheck,
+        *,
+        up_to_uid: int,
+    ) -> set[int]:
+        touched: set[int] = set()
+        vanished: set[int] = set()
+        updates: list[FlagUpdate] = []
+        if since is not None:
+            updates, vanished = self._session.changed_flags(up_to_uid, since, vanished=expunge is ExpungeCheck.VANISHED)
+        elif all_flags:
+            updates = self._session.all_flags(up_to_uid)
+        if updates:
+            changed = self._store.update_flags(folder.id, {u.uid: (u.flags, u.modseq) for u in updates})
+            self.stats.flag_changes += len(changed)
+            touched |= set(changed)
+        gone: set[int] = set()
+        if expunge is ExpungeCheck.VANISHED:
+            gone = vanished
+        elif expunge is ExpungeCheck.UID_DIFF:
+            known = self._store.known_uids(folder.id)
+            if expunge_possible(selected.exists, len(known)):
+                gone = expunged_uids(known, self._session.all_uids())
+        if gone:
+            removed = self._store.remove_locations(folder.id, gone)
+            self.stats.expunged += len(removed)
+            touched |= set(removed)
+        return touched
+
+    # -- new messages -------------------------------------------------------------------------------------------
+
+    def _ingest(self, folder: StoredFolder, selected: SelectInfo, batch: list[int]) -> set[int]:
+        headers = self._session.fetch_headers(batch)
+        identities = {uid: message_identity(h.message_id) for uid, h in headers.items()}
+        known_ids = self._store.message_ids_by_identity(
+            self._account.id, [i for i in identities.values() if i is not None]
+        )
+        known: dict[int, tuple[int, NewLocation]] = {}
+        need_body: list[int] = []
+        for uid, header in headers.items():
+            identity = identities[uid]
+            if identity is not None and identity in known_ids:
+                known[uid] = (known_ids[identity], _location(header))
+            else:
+                need_body.append(uid)
+        bodies = self._session.fetch_bodies(need_body) if need_body else {}
+        new_messages: list[NewMessage] = []
+        for uid in sorted(bodies):
+            raw = bodies[uid]
+            self.stats.bytes_downloaded += len(raw)
+            header = headers[uid]
+            try:
+                parsed = parse_message(raw, max_attachment_bytes=self._settings.max_attachment_bytes)
+            except UnparseableMessage as exc:
+                self._store.quarantine(
+                    self._account.id, folder.name, selected.uidvalidity, uid, reason=exc.message, raw=raw
+                )
+                self.stats.quarantined += 1
+                self._log.warning("sync.message_quarantined", folder=folder.name, uid=uid, reason=exc.message)
+                continue
+            identity = message_identity(parsed.message_id_header or header.message_id, raw)
+            assert identity is not None  # raw is given, so there is always an identity
+            new_messages.append(
+                NewMessage(
+                    identity=identity,
+                    parsed=parsed,
+                    folder_name=folder.name,
+                    direction=direction(parsed.from_email, self._account.email, folder.special_use),
+                    received_at=header.internaldate,
+                    location=_location(header),
+                )
+            )
+        inserted, relocated = self._store.store_batch(
+            self._account.id, folder.id, new_messages, known, last_uid=max(batch)
+        )
+        self.stats.new_messages += len(inserted)
+        self.stats.remapped += len(known)
+        self.stats.done += len(batch)
+        if self._progress is not None:
+            self._progress(self.stats.done, self.stats.total)
+        # New rows are born with their folder as label; only re-located messages need their labels recomputed.
+        return {mid for mid, _ in known.values()} | set(relocated)
+
+    def _add_total(self, count: int) -> None:
+        self.stats.total += count
+        if self._progress is not None and count:
+            self._progress(self.stats.done, self.stats.total)
+
+
+def _location(header: HeaderInfo) -> NewLocation:
+    return NewLocation(uid=header.uid, flags=header.flags, modseq=header.modseq)

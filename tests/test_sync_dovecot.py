@@ -1,0 +1,292 @@
+"""Generic IMAP sync against a real Dovecot over loopback, XOAUTH2 tokens from the local OAuth server, on SQLite and
+PostgreSQL. Each test gets fresh mailboxes; capability variants (QRESYNC / CONDSTORE only / neither) are the same
+Dovecot reached on 127.0.0.1 / .2 / .3."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from harness import MailStack, make_message
+from inboxd.clock import SystemClock
+from inboxd.config import Config, load_config
+from inboxd.models import MailMessage, MailParticipant, MailQuarantine, MailThread
+from inboxd.runner import Runner
+from inboxd.store import Credential, Store
+
+pytestmark = pytest.mark.mailstack
+
+messages_t = MailMessage.__table__  # type: ignore[attr-defined]
+participants_t = MailParticipant.__table__  # type: ignore[attr-defined]
+threads_t = MailThread.__table__  # type: ignore[attr-defined]
+quarantine_t = MailQuarantine.__table__  # type: ignore[attr-defined]
+
+VARIANTS = {"qresync": "full", "condstore": "no_qresync", "plain": "no_condstore"}
+CORPUS = Path(__file__).parent / "corpus"
+
+
+def write_config(tmp_path: Path, db_url: str, stack: MailStack, *, host: str = "127.0.0.1", extra: str = "") -> Config:
+    text = f"""
+state_dir = "{tmp_path / "state"}"
+[database]
+url = "{db_url}"
+[secrets]
+key_file = "{tmp_path / "secret.key"}"
+[sync]
+scope = "all"
+batch_size = 3
+[providers.local]
+kind = "imap"
+imap_host = "{host}"
+imap_port = {stack.imap_port}
+imap_tls = "starttls"
+smtp_host = "127.0.0.1"
+smtp_port = {stack.submission_port}
+smtp_tls = "starttls"
+auth = "oauth2"
+token_uri = "{stack.token_uri}"
+client_id = "{stack.client_id}"
+client_secret = "{stack.client_secret}"
+ca_file = "{stack.ca_cert}"
+timeout = 10
+{extra}
+"""
+    path = tmp_path / "inboxd.toml"
+    path.write_text(text)
+    return load_config(path, env={})
+
+
+def connect_account(store: Store, stack: MailStack, email: str) -> str:
+    token = stack.refresh_token(email)
+    store.add_account(email, "local", Credential("oauth2_refresh", token))
+    return token
+
+
+def rows(store: Store, email: str) -> list[sa.Row]:  # type: ignore[type-arg]
+    account = store.account(email)
+    assert account is not None
+    with store.engine.connect() as conn:
+        return list(
+            conn.execute(sa.select(messages_t).where(messages_t.c.account_id == account.id).order_by(messages_t.c.id))
+        )
+
+
+def sync(config: Config, store: Store, email: str) -> Runner:
+    runner = Runner(config, store, clock=SystemClock())
+    results = runner.sync_once(only=email)
+    assert [r.ok for r in results] == [True], results
+    return runner
+
+
+@pytest.fixture
+def recruiter(mailstack: MailStack) -> str:
+    return mailstack.new_user()
+
+
+def test_first_sync_then_new_mail_flags_and_folders(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """First sync stores every message once with parsed fields; then new mail, a flag change and a copy into a
+    second folder are picked up incrementally."""
+    config = write_config(tmp_path, db_url, mailstack)
+    connect_account(store, mailstack, recruiter)
+    first = make_message(
+        "Ana Candidate <ana@example.org>",
+        recruiter,
+        "Application: Backend role",
+        "Hello, my CV is attached.",
+        message_id="<app-1@example.org>",
+    )
+    mailstack.deliver(recruiter, first)
+    with mailstack.admin_imap(recruiter) as imap:
+        reply = make_message(
+            recruiter,
+            "ana@example.org",
+            "Re: Application: Backend role",
+            "Thanks Ana!",
+            message_id="<reply-1@example.test>",
+            in_reply_to="<app-1@example.org>",
+        )
+        imap.append("Sent", reply, flags=[b"\\Seen"])
+
+    sync(config, store, recruiter)
+    got = rows(store, recruiter)
+    assert [(r.subject, r.direction, r.labels) for r in got] == [
+        ("Application: Backend role", "inbound", ["INBOX"]),
+        ("Re: Application: Backend role", "outbound", ["Sent"]),
+    ]
+    inbound, outbound = got
+    assert inbound.from_email == "ana@example.org"
+    assert inbound.message_id_header == "app-1@example.org"
+    assert inbound.is_read is False and outbound.is_read is True
+    assert inbound.thread_id == outbound.thread_id, "the reply threads with the application"
+    with store.engine.connect() as conn:
+        roles = {
+            (p.role, p.email)
+            for p in conn.execute(sa.select(participants_t).where(participants_t.c.message_id == inbound.id))
+        }
+    assert ("from", "ana@example.org") in roles and ("to", recruiter) in roles
+
+    # new mail + flag change + the same message copied to a second folder
+    mailstack.deliver(
+        recruiter, make_message("Bo <bo@example.org>", recruiter, "Second", "hi", message_id="<second@example.org>")
+    )
+    with mailstack.admin_imap(recruiter) as imap:
+        imap.select_folder("INBOX")
+        uid = imap.search(["HEADER", "Message-ID", "app-1@example.org"])[0]
+        imap.add_flags([uid], [b"\\Seen"])
+        imap.copy([uid], "Archive")
+    sync(config, store, recruiter)
+    got = rows(store, recruiter)
+    assert len(got) == 3, "a message in two folders is one row"
+    by_subject = {r.subject: r for r in got}
+    assert by_subject["Application: Backend role"].is_read is True
+    assert by_subject["Application: Backend role"].labels == ["Archive", "INBOX"]
+    assert by_subject["Second"].deleted_at is None
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_expunge_and_flags_on_every_capability_set(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str, variant: str
+) -> None:
+    """Expunges are found by QRESYNC VANISHED, by UID-set diff with CONDSTORE only, and without CONDSTORE at all;
+    the row is kept with deleted_at set. Flag changes arrive on all three."""
+    config = write_config(tmp_path, db_url, mailstack, host=mailstack.imap_host(VARIANTS[variant]))
+    connect_account(store, mailstack, recruiter)
+    for n in range(5):
+        mailstack.deliver(
+            recruiter, make_message("c@example.org", recruiter, f"msg {n}", "x", message_id=f"<m{n}@example.org>")
+        )
+    sync(config, store, recruiter)
+    assert len(rows(store, recruiter)) == 5
+
+    with mailstack.admin_imap(recruiter) as imap:
+        imap.select_folder("INBOX")
+        uids = sorted(imap.search(["ALL"]))
+        imap.add_flags([uids[0]], [b"\\Seen"])
+        imap.delete_messages([uids[1], uids[2]])
+        imap.expunge()
+    runner = Runner(config, store, clock=SystemClock())
+    if variant == "plain":
+        # without CONDSTORE flags come from the periodic scan: make it due now
+        runner._settings = type(runner._settings)(batch_size=3, flag_scan_interval=__import__("datetime").timedelta(0))
+    [result] = runner.sync_once(only=recruiter)
+    assert result.ok
+    assert result.stats.expunged == 2
+    got = {r.subject: r for r in rows(store, recruiter)}
+    assert len(got) == 5, "expunged rows are kept"
+    assert got["msg 1"].deleted_at is not None and got["msg 2"].deleted_at is not None
+    assert got["msg 0"].is_read is True
+    assert all(got[f"msg {n}"].deleted_at is None for n in (0, 3, 4))
+
+
+def test_uidvalidity_change_remaps_without_duplicates(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    config = write_config(tmp_path, db_url, mailstack)
+    connect_account(store, mailstack, recruiter)
+    for n in range(4):
+        mailstack.deliver(
+            recruiter, make_message("c@example.org", recruiter, f"v {n}", "x", message_id=f"<v{n}@example.org>")
+        )
+    sync(config, store, recruiter)
+    before = {r.id for r in rows(store, recruiter)}
+    mailstack.bump_uidvalidity(recruiter, "INBOX")
+    runner = Runner(config, store, clock=SystemClock())
+    [result] = runner.sync_once(only=recruiter)
+    assert result.ok
+    assert result.stats.new_messages == 0
+    assert result.stats.remapped == 4
+    assert result.stats.bytes_downloaded == 0, "re-mapped by Message-ID, no body downloaded again"
+    after = rows(store, recruiter)
+    assert {r.id for r in after} == before
+    assert all(r.deleted_at is None for r in after)
+
+
+def test_unchanged_mailbox_sync_is_cheap_and_idempotent(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    config = write_config(tmp_path, db_url, mailstack)
+    connect_account(store, mailstack, recruiter)
+    mailstack.deliver(recruiter, make_message("c@example.org", recruiter, "once", "x"))
+    sync(config, store, recruiter)
+    runner = Runner(config, store, clock=SystemClock())
+    [result] = runner.sync_once(only=recruiter)
+    assert result.stats.folders == result.stats.folders_unchanged > 0
+    assert len(rows(store, recruiter)) == 1
+
+
+def test_malformed_corpus_never_stops_a_sync(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """Every file of tests/corpus is appended; the sync succeeds, parseable ones are stored, the rest quarantined,
+    and a good message after them is still stored."""
+    config = write_config(tmp_path, db_url, mailstack)
+    connect_account(store, mailstack, recruiter)
+    files = sorted(CORPUS.glob("*.eml"))
+    assert len(files) >= 10
+    with mailstack.admin_imap(recruiter) as imap:
+        for f in files:
+            imap.append("INBOX", f.read_bytes())
+        imap.append("INBOX", make_message("last@example.org", recruiter, "after the corpus", "fine"))
+    runner = Runner(config, store, clock=SystemClock())
+    [result] = runner.sync_once(only=recruiter)
+    assert result.ok, result.reason
+    got = rows(store, recruiter)
+    with store.engine.connect() as conn:
+        quarantined = conn.execute(sa.select(sa.func.count()).select_from(quarantine_t)).scalar()
+    assert len(got) + quarantined >= len(files) + 1 - _duplicates(files)
+    assert "after the corpus" in {r.subject for r in got}
+
+
+def _duplicates(files: list[Path]) -> int:
+    return len(files) - len({f.read_bytes() for f in files})
+
+
+def test_access_token_expiring_between_cycles_is_refreshed_once(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """A 2-second access token: cached across a cycle, refreshed once after it expires, never per poll."""
+    config = write_config(tmp_path, db_url, mailstack)
+    token = connect_account(store, mailstack, recruiter)
+    mailstack.set_access_ttl(2)
+    try:
+        runner = Runner(config, store, clock=SystemClock())
+        for _ in range(3):
+            [result] = runner.sync_once(only=recruiter)
+            assert result.ok, result.reason
+        assert mailstack.token_calls(token) == 1
+        time.sleep(2.5)
+        mailstack.deliver(recruiter, make_message("late@example.org", recruiter, "after expiry", "x"))
+        [result] = runner.sync_once(only=recruiter)
+        assert result.ok, result.reason
+        assert mailstack.token_calls(token) == 2
+        assert [r.subject for r in rows(store, recruiter)] == ["after expiry"]
+    finally:
+        mailstack.set_access_ttl(3600)
+
+
+def test_revoked_refresh_token_is_isolated_to_its_account(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack
+) -> None:
+    config = write_config(tmp_path, db_url, mailstack)
+    good, bad = mailstack.new_user(), mailstack.new_user()
+    connect_account(store, mailstack, good)
+    bad_token = connect_account(store, mailstack, bad)
+    mailstack.deliver(good, make_message("c@example.org", good, "for good", "x"))
+    mailstack.revoke(bad_token)
+    runner = Runner(config, store, clock=SystemClock())
+    results = {r.email: r for r in runner.sync_once()}
+    assert results[good].ok and not results[bad].ok
+    bad_account = store.account(bad)
+    assert bad_account is not None
+    assert bad_account.state == "needs_reauth"
+    assert "invalid_grant" in (bad_account.state_reason or "")
+    assert bad_token not in (bad_account.state_reason or "")
+    assert [r.subject for r in rows(store, good)] == ["for good"]
+    # Reconnecting (new credentials) puts the account back to active.
+    connect_account(store, mailstack, bad)
+    assert runner.sync_once(only=bad)[0].ok
