@@ -1,0 +1,290 @@
+"""HTML from mail bodies: sanitizing it for the HR app's browser, and deriving readable plain text.
+
+Both functions are pure and bounded in time by the input length; neither raises on malformed markup.
+"""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from typing import Final
+
+import nh3
+
+# Formatting, lists, tables, links and images: what mail needs to read well. Everything that runs code,
+# loads a document, submits data or styles the host page (script, style, iframe, object, embed, form,
+# input, svg, math, base, meta, link, area) is absent, so nh3 drops it.
+_ALLOWED_TAGS: Final = frozenset(
+    {
+        "a", "abbr", "b", "bdi", "bdo", "blockquote", "br", "caption", "center", "cite", "code", "col",
+        "colgroup", "dd", "del", "dfn", "div", "dl", "dt", "em", "font", "h1", "h2", "h3", "h4", "h5", "h6",
+        "hr", "i", "img", "ins", "kbd", "li", "mark", "ol", "p", "pre", "q", "s", "samp", "small", "span",
+        "strike", "strong", "sub", "sup", "table", "tbody", "td", "tfoot", "th", "thead", "tr", "tt", "u",
+        "ul", "var", "wbr",
+    }
+)  # fmt: skip
+
+# Tags whose content is code or metadata, not text a reader should see.
+_DROPPED_WITH_CONTENT: Final = frozenset(
+    {"script", "style", "title", "template", "noscript", "iframe", "object", "embed", "svg", "math",
+     "textarea", "select", "xmp", "noembed", "noframes", "head"}
+)  # fmt: skip
+
+# No ``style`` (CSS can overlay the host page or exfiltrate via url()), no ``class``/``id`` (they can
+# hook the host page's CSS and scripts), no URL-bearing attributes besides a/href and img/src.
+_ALLOWED_ATTRIBUTES: Final = {
+    "a": {"href", "title"},
+    "img": {"src", "alt", "title", "width", "height"},
+    "td": {"colspan", "rowspan", "align", "valign", "width"},
+    "th": {"colspan", "rowspan", "align", "valign", "width"},
+    "table": {"border", "cellpadding", "cellspacing", "width", "align"},
+    "ol": {"start", "type"},
+    "font": {"color", "size"},
+    "bdo": {"dir"},
+    "*": {"dir", "lang"},
+}
+
+# nh3 checks schemes globally; _filter_attribute narrows them per attribute. Relative URLs are denied:
+# a mail has no base URL, and inside the HR app a relative URL would target the app itself.
+_LINK_SCHEMES: Final = ("http:", "https:", "mailto:")
+_IMAGE_SCHEMES: Final = ("http:", "https:", "cid:")
+_URL_ATTRIBUTES: Final = {("a", "href"): _LINK_SCHEMES, ("img", "src"): _IMAGE_SCHEMES}
+
+
+def _filter_attribute(element: str, attribute: str, value: str) -> str | None:
+    schemes = _URL_ATTRIBUTES.get((element, attribute))
+    if schemes is None:
+        return value
+    # nh3 has already parsed and checked the URL; this only narrows the scheme set per attribute.
+    return value if value.strip().lower().startswith(schemes) else None
+
+
+_CLEANER: Final = nh3.Cleaner(
+    tags=set(_ALLOWED_TAGS),
+    clean_content_tags=set(_DROPPED_WITH_CONTENT),
+    attributes={tag: set(attrs) for tag, attrs in _ALLOWED_ATTRIBUTES.items()},
+    attribute_filter=_filter_attribute,
+    strip_comments=True,
+    link_rel="noopener noreferrer nofollow",
+    url_schemes={"http", "https", "mailto", "cid"},
+    url_relative="deny",
+)
+
+
+def sanitize_html(html: str) -> str:
+    """Return ``html`` reduced to markup the HR app can render in a browser without running anything.
+
+    Kept: basic formatting, lists, tables, blockquote, ``a href`` (http, https, mailto) and ``img src``
+    (http, https, cid). Dropped: scripts, styles, frames, plugins, forms, svg/math, ``on*`` and ``style``
+    attributes, and every other URL scheme (javascript:, vbscript:, data:, ...). Links get
+    ``rel="noopener noreferrer nofollow"``.
+    """
+    return _CLEANER.clean(_defuse(html))
+
+
+# html5ever/ammonia (inside nh3) is quadratic in three places a hostile mail can reach: element nesting
+# depth (scope checks walk the open-element stack; 400k nested <div> take minutes), '&' and U+00A0 in
+# one text node (serializer escaping), and runs of '&' that are no character reference. _defuse removes
+# all three before nh3 sees the markup; html.parser never sees raw input (see html_to_text).
+_MAX_DEPTH: Final = 128
+_TEXT_NODE_ESCAPES: Final = 256  # '&'/U+00A0 per text node before a <wbr> splits it
+_BARE_AMPERSAND = re.compile(r"&(?!#[0-9]{1,8};|#[xX][0-9a-fA-F]{1,8};|[A-Za-z][A-Za-z0-9]{0,31};)")
+_ESCAPED_IN_OUTPUT = re.compile("[&\u00a0]")
+_MARKUP = re.compile(r"<(?:(!--)|(/?)([A-Za-z][^\s/>]*))")
+_TAG_STOP = re.compile(r"[>\"']")
+_COMMENT_END = re.compile(r"--!?>")
+_RAWTEXT: Final = frozenset(
+    {"script", "style", "xmp", "iframe", "noembed", "noframes", "textarea", "title", "noscript", "plaintext"}
+)
+_RAWTEXT_END: Final = {name: re.compile(f"</{name}", re.IGNORECASE) for name in _RAWTEXT}
+_VOID: Final = frozenset(
+    {"area", "base", "basefont", "bgsound", "br", "col", "embed", "frame", "hr", "image", "img", "input",
+     "keygen", "link", "meta", "param", "source", "track", "wbr"}
+)  # fmt: skip
+# An end tag never closes an element beyond one of these (the parser's "scope" boundaries).
+_SCOPE_BOUNDARIES: Final = frozenset(
+    {"applet", "caption", "html", "table", "td", "th", "marquee", "object", "template", "button",
+     "foreignobject", "desc", "mi", "mo", "mn", "ms", "mtext", "annotation-xml", "svg", "math"}
+)  # fmt: skip
+# Start tags that close an element of the same kind left open on top of the stack.
+_IMPLIED_END: Final = {
+    "li": {"li"}, "p": {"p"}, "td": {"td", "th"}, "th": {"td", "th"}, "dt": {"dt", "dd"}, "dd": {"dt", "dd"},
+    "option": {"option"}, "tr": {"tr"},
+}  # fmt: skip
+
+
+def _defuse(html: str) -> str:
+    """Rewrite ``html`` so nh3 parses it in linear time; one linear pass, same rendering for sane mail.
+
+    Bare '&' become "&amp;"; long text runs get an invisible <wbr> every few hundred '&'/U+00A0; start
+    tags nested deeper than _MAX_DEPTH are dropped. The depth estimate errs high, never low: an end tag
+    only closes an element it provably matches, and '<' inside attribute values and raw text (script,
+    style, ...) is escaped, so no element can hide there (in attribute values "&lt;" means the same).
+    """
+    html = _BARE_AMPERSAND.sub("&amp;", html)
+    out: list[str] = []
+    stack: list[str] = []
+    pos = 0
+    length = len(html)
+    while (match := _MARKUP.search(html, pos)) is not None:
+        out.append(_split_text_node(html[pos : match.start()]))
+        if match.group(1):  # a comment holds no elements; "<!-->" and "<!--->" close at once
+            close = _COMMENT_END.search(html, match.end() - 2)
+            end = length if close is None else close.end()
+            out.append(html[match.start() : end])
+            pos = end
+            continue
+        is_end, name = bool(match.group(2)), match.group(3).lower()
+        end = _tag_end(html, match.end())
+        tag = html[match.start() : match.end()] + html[match.end() : end].replace("<", "&lt;")
+        pos = end
+        if is_end:
+            _close(stack, name)
+            out.append(tag)
+            continue
+        if name in _VOID:
+            out.append(tag)
+            continue
+        if stack and stack[-1] in _IMPLIED_END.get(name, ()):
+            stack.pop()
+        if len(stack) < _MAX_DEPTH:
+            stack.append(name)
+            out.append(tag)
+        if name in _RAWTEXT:
+            close = _RAWTEXT_END[name].search(html, pos) if name != "plaintext" else None
+            raw_end = length if close is None else close.start()
+            out.append(html[pos:raw_end].replace("<", "&lt;"))
+            pos = raw_end
+    out.append(_split_text_node(html[pos:]))
+    return "".join(out)
+
+
+def _split_text_node(text: str) -> str:
+    escapes = [m.start() for m in _ESCAPED_IN_OUTPUT.finditer(text)]
+    if len(escapes) <= _TEXT_NODE_ESCAPES:
+        return text
+    cuts = escapes[_TEXT_NODE_ESCAPES::_TEXT_NODE_ESCAPES]
+    pieces = [text[start:end] for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    return "<wbr>".join(pieces)
+
+
+def _tag_end(html: str, pos: int) -> int:
+    """Index just past the '>' ending the tag whose attributes start at ``pos`` (quotes respected)."""
+    while (stop := _TAG_STOP.search(html, pos)) is not None:
+        char = html[stop.start()]
+        if char == ">":
+            return stop.end()
+        # A quote delimits a value only right after '=' (spaces allowed); elsewhere it is part of a name.
+        before = html[pos : stop.start()].rstrip()
+        if before.endswith("="):
+            close = html.find(char, stop.end())
+            if close < 0:
+                return len(html)
+            pos = close + 1
+        else:
+            pos = stop.end()
+    return len(html)
+
+
+def _close(stack: list[str], name: str) -> None:
+    for index in range(len(stack) - 1, -1, -1):
+        if stack[index] == name:
+            del stack[index:]
+            return
+        if stack[index] in _SCOPE_BOUNDARIES:
+            return
+
+
+_BLOCK_TAGS: Final = frozenset(
+    {
+        "address", "article", "aside", "blockquote", "caption", "center", "dd", "details", "div", "dl",
+        "dt", "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6",
+        "header", "hr", "legend", "li", "main", "nav", "ol", "p", "pre", "section", "summary", "table",
+        "tbody", "td", "tfoot", "th", "thead", "tr", "ul",
+    }
+)  # fmt: skip
+# Not "head": an unclosed <head> would hide the whole mail; what inside it is invisible is listed here.
+_INVISIBLE_TAGS: Final = frozenset({"script", "style", "title", "template", "noscript"})
+_INLINE_SPACE = re.compile(r"[ \t\r\f\v\u00a0]+")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+
+
+_STRUCTURE_ONLY: Final = nh3.Cleaner(
+    tags=set(_BLOCK_TAGS | {"br"}),
+    clean_content_tags=set(_DROPPED_WITH_CONTENT),
+    attributes={},
+    link_rel=None,
+)
+
+
+_PARAGRAPH_TAGS: Final = frozenset(
+    {"blockquote", "dl", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "ol", "p", "pre", "table", "ul"}
+)
+
+
+class _TextExtractor(HTMLParser):
+    """Collects visible text; block boundaries become line breaks, paragraphs a blank line."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.chunks: list[str] = []
+        self._pending_breaks = 0  # line breaks owed before the next text, merged across adjacent blocks
+        self._invisible_depth = 0
+        self._pre_depth = 0
+
+    def _block_boundary(self, tag: str) -> None:
+        self._pending_breaks = max(self._pending_breaks, 2 if tag in _PARAGRAPH_TAGS else 1)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _INVISIBLE_TAGS:
+            self._invisible_depth += 1
+        elif tag == "br":
+            self.chunks.append("\n" * self._pending_breaks + "\n")
+            self._pending_breaks = 0
+        elif tag in ("td", "th"):
+            self.chunks.append(" ")  # cells of a row share a line; <tr> owes the break
+        elif tag in _BLOCK_TAGS:
+            self._block_boundary(tag)
+            if tag == "li":
+                self._write("- ")
+            elif tag == "pre":
+                self._pre_depth += 1
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "br" or tag in _BLOCK_TAGS:
+            self.handle_starttag(tag, attrs)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _INVISIBLE_TAGS:
+            self._invisible_depth = max(0, self._invisible_depth - 1)
+        elif tag in _BLOCK_TAGS and tag not in ("td", "th"):
+            self._block_boundary(tag)
+            if tag == "pre":
+                self._pre_depth = max(0, self._pre_depth - 1)
+
+    def handle_data(self, data: str) -> None:
+        if self._invisible_depth:
+            return
+        # Outside <pre>, source newlines are just spaces, as a browser renders them.
+        self._write(data.replace("\r\n", "\n") if self._pre_depth else re.sub(r"\s+", " ", data))
+
+    def _write(self, text: str) -> None:
+        if not text.strip(" "):
+            self.chunks.append(text)
+            return
+        self.chunks.append("\n" * self._pending_breaks + text)
+        self._pending_breaks = 0
+
+
+def html_to_text(html: str) -> str:
+    """Return the readable text of ``html``: block elements and ``br`` become line breaks, list items
+    get "- ", script/style/title content is dropped, entities are decoded and whitespace is collapsed
+    (runs of spaces to one, at most one blank line in a row; ``pre`` keeps its line breaks)."""
+    extractor = _TextExtractor()
+    # html.parser is quadratic on some unclosed constructs ("<!--" * n); nh3 first turns any input into
+    # well-formed markup of the structural tags only, which html.parser then reads in linear time.
+    extractor.feed(_STRUCTURE_ONLY.clean(_defuse(html)))
+    extractor.close()
+    text = "".join(extractor.chunks)
+    lines = [_INLINE_SPACE.sub(" ", line).strip() for line in text.split("\n")]
+    return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()

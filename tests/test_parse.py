@@ -1,0 +1,464 @@
+"""parse_message turns any bytes into a ParsedMessage (or UnparseableMessage) in bounded time.
+
+The corpus under tests/corpus holds one small .eml per malformation or normal shape; the pathological
+sizes (1 MB header lines, 1000-deep nesting, thousands of parts) are generated here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from inboxd.errors import UnparseableMessage
+from inboxd.parse import (
+    ParsedMessage,
+    Participant,
+    decode_header_value,
+    normalize_msgid,
+    parse_address_list,
+    parse_message,
+)
+
+CORPUS = Path(__file__).parent / "corpus"
+CORPUS_FILES = sorted(CORPUS.glob("*.eml"))
+
+
+def corpus(name: str) -> ParsedMessage:
+    return parse_message((CORPUS / name).read_bytes())
+
+
+@pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: p.name)
+def test_every_corpus_message_parses_or_is_declared_unparseable(path: Path) -> None:
+    raw = path.read_bytes()
+    try:
+        parsed = parse_message(raw)
+    except UnparseableMessage:
+        assert path.name == "no_headers.eml"
+        return
+    assert parsed.size_bytes == len(raw)
+    assert len(parsed.snippet) <= 200
+    assert all(p.email == p.email.lower() and "@" in p.email for p in parsed.participants)
+    if parsed.body_html is not None:
+        assert "<script" not in parsed.body_html.lower()
+
+
+def test_corpus_is_nonempty() -> None:
+    assert len(CORPUS_FILES) >= 20
+
+
+# --- normal messages ---------------------------------------------------------------------------------
+
+
+def test_plain_message_fields() -> None:
+    parsed = corpus("plain.eml")
+    assert parsed.message_id_header == "plain@example.com"
+    assert parsed.in_reply_to == "prev@example.com"
+    assert parsed.references == ("root@example.com", "prev@example.com")
+    assert parsed.subject == "Interview next week"
+    assert (parsed.from_email, parsed.from_name) == ("alice@example.com", "Alice Example")
+    assert parsed.sent_at == datetime(2025, 2, 4, 9, 30, tzinfo=UTC)
+    assert parsed.participants == (
+        Participant("from", "alice@example.com", "Alice Example"),
+        Participant("to", "bob@example.org", "Bob"),
+        Participant("cc", "carol@example.org", "Carol"),
+        Participant("cc", "dave@example.org", None),
+        Participant("reply_to", "jobs@example.com", None),
+    )
+    assert parsed.body_text == "Hello Bob,\n\nCan we meet on Tuesday?\n\nAlice\n"
+    assert parsed.body_html is None
+    assert parsed.snippet == "Hello Bob, Can we meet on Tuesday? Alice"
+    assert parsed.attachments == ()
+    assert not parsed.has_attachments
+    assert parsed.defects == ()
+
+
+def test_alternative_keeps_plain_text_and_sanitized_html() -> None:
+    parsed = corpus("alternative.eml")
+    assert parsed.body_text == "Plain version"
+    assert parsed.body_html == "<p>HTML <b>version</b></p>"
+    assert parsed.attachments == ()
+
+
+def test_attachments_are_decoded_hashed_and_named() -> None:
+    parsed = corpus("attachment.eml")
+    assert parsed.body_text == "See attached CV."
+    cv, exercise = parsed.attachments
+    assert (cv.filename, cv.content_type, cv.is_inline) == ("cv.pdf", "application/pdf", False)
+    assert cv.data == b"%PDF-1.4 fake pdf bytes\n" * 4
+    assert cv.size_bytes == len(cv.data)
+    assert cv.sha256 == hashlib.sha256(cv.data).hexdigest()
+    assert exercise.filename == "übung.txt"  # RFC 2231 filename*=
+    assert parsed.has_attachments
+
+
+def test_non_ascii_headers_are_decoded() -> None:
+    parsed = corpus("nonascii_headers.eml")
+    assert parsed.subject == "Bewerbung für die Stelle \u2013 Entwickler"
+    assert parsed.from_name == "Jörg Müller"
+    assert [(p.name, p.email) for p in parsed.participants if p.role == "to"] == [
+        ("François", "francois@example.fr"),
+        ("Zoë", "zoe@example.com"),
+    ]
+    assert parsed.body_text == "Grüße aus München\n"
+    assert parsed.sent_at == datetime(2025, 2, 5, 13, 0, tzinfo=UTC)
+
+
+def test_inline_image_referenced_by_cid_is_inline_not_an_attachment() -> None:
+    parsed = corpus("inline_cid.eml")
+    (logo,) = parsed.attachments
+    assert (logo.content_id, logo.is_inline, logo.filename) == ("logo@example.com", True, "logo.png")
+    assert logo.data.startswith(b"\x89PNG")
+    assert not parsed.has_attachments
+    assert parsed.body_html == '<p>Our logo: <img src="cid:logo@example.com"></p>'
+
+
+def test_html_only_message_derives_text_and_drops_script() -> None:
+    parsed = corpus("html_only.eml")
+    assert parsed.body_text == "First paragraph & more\n\n- one\n- two"
+    assert parsed.body_html is not None
+    assert "steal" not in parsed.body_html
+    assert "color" not in parsed.body_html
+
+
+def test_forwarded_message_is_an_attachment_not_the_body() -> None:
+    parsed = corpus("forwarded_rfc822.eml")
+    assert parsed.body_text == "See below."
+    (forwarded,) = parsed.attachments
+    assert forwarded.content_type == "message/rfc822"
+    assert b"Forwarded body" in forwarded.data
+    assert parsed.has_attachments
+
+
+def test_bare_lf_line_endings() -> None:
+    parsed = corpus("lf_only.eml")
+    assert (parsed.subject, parsed.from_email, parsed.body_text) == (
+        "bare LF",
+        "lf@example.com",
+        "line one\nline two\n",
+    )
+
+
+# --- malformed messages ------------------------------------------------------------------------------
+
+
+def test_unknown_charset_falls_back_and_notes_a_defect() -> None:
+    parsed = corpus("unknown_charset.eml")
+    assert parsed.subject == "café"  # the encoded-word bytes are valid UTF-8
+    assert parsed.body_text == "cafÃ© crème\n"  # mixed bytes: not UTF-8, so Latin-1
+    assert any("x-no-such-charset" in defect for defect in parsed.defects)
+
+
+def test_bad_base64_is_decoded_best_effort_with_defects() -> None:
+    parsed = corpus("bad_base64.eml")
+    assert parsed.body_text == "Hello world"
+    assert parsed.defects
+
+
+def test_bad_quoted_printable_keeps_undecodable_escapes() -> None:
+    parsed = corpus("bad_qp.eml")
+    assert parsed.body_text is not None
+    assert parsed.body_text.startswith("broken =ZZ escape and softbreak")
+
+
+def test_unterminated_multipart_keeps_body_and_partial_attachment() -> None:
+    parsed = corpus("unterminated_multipart.eml")
+    assert parsed.body_text == "body before the end"
+    assert [a.filename for a in parsed.attachments] == ["x.zip"]
+    assert "CloseBoundaryNotFoundDefect" in parsed.defects
+
+
+def test_multipart_without_boundary_is_read_as_text() -> None:
+    parsed = corpus("missing_boundary.eml")
+    assert parsed.body_text is not None
+    assert "text of a multipart without boundary" in parsed.body_text
+    assert "NoBoundaryInMultipartDefect" in parsed.defects
+
+
+def test_duplicate_message_id_takes_the_first_and_ids_are_normalized() -> None:
+    parsed = corpus("duplicate_message_id.eml")
+    assert parsed.message_id_header == "first@example.com"
+    assert parsed.in_reply_to == "p1@example.com"
+    assert parsed.references == ("r1@example.com", "r2@example.com")
+
+
+def test_raw_8bit_headers_try_utf8_then_latin1() -> None:
+    parsed = corpus("raw_8bit_headers.eml")
+    assert parsed.subject == "Café \u2013 raw utf-8"
+    assert parsed.from_name == "Jörg Utf8"
+    assert [p.name for p in parsed.participants if p.role == "to"] == ["René Latin1"]
+
+
+def test_rfc2047_garbage_is_kept_readable() -> None:
+    parsed = corpus("rfc2047_garbage.eml")
+    assert parsed.subject is not None
+    assert "Hi" in parsed.subject
+    assert parsed.from_email == "x@example.com"
+    assert "y@example.com" in [p.email for p in parsed.participants]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("date_no_zone.eml", datetime(2025, 2, 4, 10, 30, tzinfo=UTC)),
+        ("date_garbage.eml", None),
+        ("date_year_out_of_range.eml", None),
+    ],
+)
+def test_odd_dates(name: str, expected: datetime | None) -> None:
+    assert corpus(name).sent_at == expected
+
+
+def test_group_syntax_and_entries_without_at_sign() -> None:
+    parsed = corpus("group_syntax.eml")
+    assert [(p.role, p.email, p.name) for p in parsed.participants] == [
+        ("from", "a@example.com", None),
+        ("cc", "one@example.com", None),
+        ("cc", "two@example.com", "Two"),
+        ("bcc", "secret@example.com", None),
+    ]
+
+
+def test_nesting_deeper_than_the_cap_is_skipped_with_a_defect() -> None:
+    parsed = corpus("nested_60_deep.eml")
+    assert any("nesting deeper than 50" in defect for defect in parsed.defects)
+
+
+def test_html_body_is_sanitized() -> None:
+    parsed = corpus("xss_html.eml")
+    assert parsed.body_html == '<a rel="noopener noreferrer nofollow">x</a><p>t</p>\n'
+
+
+@pytest.mark.parametrize("raw", [b"", b"   \r\n\r\n", b"\x00\x01 no header here\r\n"])
+def test_nothing_usable_is_unparseable(raw: bytes) -> None:
+    with pytest.raises(UnparseableMessage):
+        parse_message(raw)
+
+
+def test_empty_message_reason() -> None:
+    with pytest.raises(UnparseableMessage, match="empty message"):
+        parse_message(b"")
+
+
+def test_oversized_attachment_keeps_metadata_but_not_bytes() -> None:
+    parsed = parse_message(CORPUS.joinpath("attachment.eml").read_bytes(), max_attachment_bytes=10)
+    cv = parsed.attachments[0]
+    assert cv.data == b""
+    assert cv.size_bytes == 96
+    assert cv.sha256 == hashlib.sha256(b"%PDF-1.4 fake pdf bytes\n" * 4).hexdigest()
+    assert any("attachment over 10 bytes" in defect for defect in parsed.defects)
+
+
+def test_bodies_are_truncated_to_max_body_chars() -> None:
+    raw = b"From: a@b.c\r\nContent-Type: text/plain\r\n\r\n" + b"x" * 5000
+    parsed = parse_message(raw, max_body_chars=100)
+    assert parsed.body_text == "x" * 100
+    assert any("truncated" in defect for defect in parsed.defects)
+
+
+def test_html_body_truncation_stays_within_limit() -> None:
+    raw = b"From: a@b.c\r\nContent-Type: text/html\r\n\r\n" + b"<p>&amp;</p>" * 2000
+    parsed = parse_message(raw, max_body_chars=10_000)
+    assert parsed.body_html is not None
+    assert len(parsed.body_html) <= 10_000
+
+
+# --- bounded time and memory -------------------------------------------------------------------------
+
+
+def _nested(depth: int) -> bytes:
+    parts = [b"From: a@b.c\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n"]
+    parts += [b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i - 1, i) for i in range(1, depth)]
+    parts.append(b"--b%d\r\nContent-Type: text/plain\r\n\r\nhi\r\n" % (depth - 1))
+    return b"".join(parts)
+
+
+def _many_parts(count: int) -> bytes:
+    head = b"From: a@b.c\r\nContent-Type: multipart/mixed; boundary=m\r\n\r\n"
+    part = b"--m\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=a\r\n\r\nx\r\n"
+    return head + part * count + b"--m--\r\n"
+
+
+PATHOLOGICAL = {
+    "1000-deep multipart": _nested(1000),
+    "1 MB subject line": b"From: a@b.c\r\nSubject: " + b"=?utf-8?q?x?= " * 80_000 + b"\r\n\r\nx",
+    "1 MB To: with 40k addresses": b"To: " + b", ".join(b"u%d@example.com" % i for i in range(40_000)) + b"\r\n\r\nx",
+    "1 MB To: of nested comments": b"To: " + b"(" * 1_000_000 + b"\r\n\r\nx",
+    "1 MB To: of quotes": b"To: " + b'"a' * 500_000 + b"\r\n\r\nx",
+    "1 MB References": b"From: a@b.c\r\nReferences: " + b"<x@y> " * 170_000 + b"\r\n\r\nx",
+    "1 MB Content-Type params": b'From: a@b.c\r\nContent-Type: text/plain; a="' + b";" * 1_000_000 + b'"\r\n\r\nx',
+    "1 MB Date": b"From: a@b.c\r\nDate: " + b"1 " * 500_000 + b"\r\n\r\nx",
+    "5000 parts": _many_parts(5000),
+    "2 MB hostile html body": b"From: a@b.c\r\nContent-Type: text/html\r\n\r\n" + b"<div>" * 400_000,
+}
+
+
+@pytest.mark.parametrize("raw", PATHOLOGICAL.values(), ids=PATHOLOGICAL.keys())
+def test_pathological_messages_parse_in_bounded_time(raw: bytes) -> None:
+    started = time.monotonic()
+    parsed = parse_message(raw)
+    assert time.monotonic() - started < 20
+    assert parsed.size_bytes == len(raw)
+
+
+def test_deep_nesting_is_recorded_as_a_defect() -> None:
+    parsed = parse_message(_nested(1000))
+    assert any("nesting" in defect for defect in parsed.defects)
+
+
+def test_part_count_is_capped() -> None:
+    parsed = parse_message(_many_parts(5000))
+    assert len(parsed.attachments) < 1000
+    assert any("MIME parts" in defect for defect in parsed.defects)
+
+
+def test_references_are_trimmed_to_first_and_most_recent() -> None:
+    raw = b"From: a@b.c\r\nReferences: " + b" ".join(b"<%d@x>" % i for i in range(500)) + b"\r\n\r\nx"
+    references = parse_message(raw).references
+    assert len(references) == 200
+    assert references[0] == "0@x"
+    assert references[-1] == "499@x"
+
+
+@settings(max_examples=300, deadline=3000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=3000))
+def test_any_bytes_parse_or_raise_unparseable(raw: bytes) -> None:
+    try:
+        parsed = parse_message(raw)
+    except UnparseableMessage:
+        return
+    assert parsed.size_bytes == len(raw)
+
+
+HEADER_LINES = st.sampled_from(
+    [
+        b"From: =?utf-8?b?SsO2cmc=?= <J@X.org>",
+        b"From: \xff\xfe <bad@x>",
+        b"To: undisclosed-recipients:;",
+        b'To: a@b, (comment (nested) <c@d>, "q\\"x" <e@f>',
+        b"Cc: <<<@@@>>>, :;:;",
+        b"Subject: =?bogus?q?x?= =?utf-8?b?====?= \x80\x81",
+        b"Date: Mon, 99 Foo 0000 99:99:99 +9999",
+        b"Date: Tue, 04 Feb 2025 10:30:00",
+        b"Message-ID: <a@b> <c@d>",
+        b"Message-ID:",
+        b"References: <a@b> garbage <<c@d>>",
+        b'Content-Type: multipart/mixed; boundary="B"',
+        b"Content-Type: multipart/alternative",
+        b"Content-Type: text/html; charset=x-unknown",
+        b'Content-Type: text/plain; charset="utf-7"',
+        b"Content-Type: image/png; name*=utf-8''%ff%fe",
+        b"Content-Transfer-Encoding: base64",
+        b"Content-Transfer-Encoding: quoted-printable",
+        b"Content-Transfer-Encoding: x-uuencode",
+        b'Content-Disposition: attachment; filename="=?utf-8?q?a=FF?="',
+        b"Content-ID: <img@x>",
+        b"X-Junk: \x00\x01\x02",
+    ]
+)
+BODY_LINES = st.sampled_from(
+    [
+        b"--B",
+        b"--B--",
+        b"",
+        b"SGVsbG8=",
+        b"!!notbase64==",
+        b"=ZZ=\r\n",
+        b"<p>hi <img src=cid:img@x> <script>x</script>",
+        b"\xc3\xa9\xe9",
+        b"begin 644 x\r\n#86)C\r\n`\r\nend",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=3000, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(HEADER_LINES, min_size=1, max_size=12),
+    st.lists(st.one_of(BODY_LINES, st.lists(HEADER_LINES, max_size=4).map(b"\r\n".join)), max_size=30),
+)
+def test_message_shaped_garbage_parses_or_raises_unparseable(headers: list[bytes], body: list[bytes]) -> None:
+    raw = b"\r\n".join(headers) + b"\r\n\r\n" + b"\r\n".join(body)
+    try:
+        parsed = parse_message(raw)
+    except UnparseableMessage:
+        return
+    assert all("@" in p.email and p.email == p.email.lower() for p in parsed.participants)
+    if parsed.body_html is not None:
+        assert "<script" not in parsed.body_html
+
+
+# --- header helpers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("<abc@host>", "abc@host"),
+        ("  < abc@host >  (comment)", "abc@host"),
+        ("<first@x> <second@x>", "first@x"),
+        ("bare@host", "bare@host"),
+        ("<>", None),
+        ("", None),
+        (None, None),
+        ("<" + "x" * 2000 + ">", None),
+    ],
+)
+def test_normalize_msgid(value: str | None, expected: str | None) -> None:
+    assert normalize_msgid(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("plain", "plain"),
+        ("=?utf-8?q?caf=C3=A9?=", "café"),
+        ("=?utf-8?b?Y2Fmw6k=?=", "café"),
+        ("=?utf-8?b?Y2Fmw6k?=", "café"),  # missing padding
+        ("=?utf-8?q?a?= =?utf-8?q?b?=", "ab"),  # whitespace between encoded-words is dropped
+        ("=?utf-8?q?=C3?= =?utf-8?q?=A9?=", "é"),  # a character split across two words
+        ("=?iso-8859-1?q?Fran=E7ois?= Dupont", "François Dupont"),
+        ("=?no-such?q?caf=C3=A9?=", "café"),
+        ("=?no-such?q?caf=E9?=", "café"),
+        ("=?punycode?q?abc?=", "abc"),
+        ("=?utf-8?x?abc?=", "=?utf-8?x?abc?="),
+        ("folded\r\n  line\tand\x00control", "folded line and control"),
+        (b"Caf\xc3\xa9", "Café"),
+        (b"Caf\xe9", "Café"),
+        ("Caf\udcc3\udca9", "Café"),
+    ],
+)
+def test_decode_header_value(value: str | bytes | None, expected: str | None) -> None:
+    assert decode_header_value(value) == expected
+
+
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=300)))
+def test_decode_header_value_never_raises(value: str | bytes) -> None:
+    assert isinstance(decode_header_value(value), str)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, []),
+        ("A <A@X.ORG>", [("A", "a@x.org")]),
+        ("undisclosed-recipients:;", []),
+        ("g: a@x, B <b@y>;, c@z", [(None, "a@x"), ("B", "b@y"), (None, "c@z")]),
+        ("no-at-sign, @, x@", []),
+        ('"=?utf-8?q?Zo=C3=AB?=" <z@x>', [("Zoë", "z@x")]),
+        ("(" * 5000 + "a@b.c", [(None, "a@b.c")]),
+    ],
+)
+def test_parse_address_list(value: str | None, expected: list[tuple[str | None, str]]) -> None:
+    assert parse_address_list(value) == expected
+
+
+@given(st.text(max_size=300))
+def test_parse_address_list_never_raises(value: str) -> None:
+    for _name, email in parse_address_list(value):
+        assert "@" in email
