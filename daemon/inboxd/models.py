@@ -140,7 +140,7 @@ class MailMessage(SQLModel, table=True):
     account_id: int | None = _fk("mail_accounts.id", index=False)
     provider_message_id: str = Field(sa_column=sa.Column(sa.String(1024), nullable=False))
     message_id_header: str | None = Field(default=None, sa_column=sa.Column(sa.String(1024), index=True))
-    in_reply_to: str | None = Field(default=None, sa_column=sa.Column(sa.String(1024)))
+    in_reply_to: str | None = Field(default=None, sa_column=sa.Column(sa.String(1024), index=True))
     references: list[str] | None = Field(default=None, sa_column=sa.Column("references", sa.JSON))
     thread_id: int | None = _fk("mail_threads.id", nullable=True, ondelete="SET NULL")
     subject: str | None = Field(default=None, sa_column=sa.Column(sa.Text))

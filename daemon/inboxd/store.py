@@ -26,10 +26,10 @@ from inboxd.models import (
     MailMessage,
     MailParticipant,
     MailQuarantine,
-    MailThread,
 )
 from inboxd.parse import ParsedMessage
 from inboxd.planner import FolderCursor
+from inboxd.threads import assign_thread
 
 accounts_t = MailAccount.__table__  # type: ignore[attr-defined]
 creds_t = MailCredential.__table__  # type: ignore[attr-defined]
@@ -38,7 +38,6 @@ locations_t = MailLocation.__table__  # type: ignore[attr-defined]
 messages_t = MailMessage.__table__  # type: ignore[attr-defined]
 participants_t = MailParticipant.__table__  # type: ignore[attr-defined]
 attachments_t = MailAttachment.__table__  # type: ignore[attr-defined]
-threads_t = MailThread.__table__  # type: ignore[attr-defined]
 quarantine_t = MailQuarantine.__table__  # type: ignore[attr-defined]
 
 # Keep IN (...) lists well under SQLite's bound-parameter limit.
@@ -531,7 +530,7 @@ class Store:
 
     def _insert_message(self, conn: sa.Connection, account_id: int, msg: NewMessage, now: datetime) -> int:
         p = msg.parsed
-        thread_id = self._thread_for(conn, account_id, p, now)
+        thread_id = assign_thread(conn, account_id, p, msg.identity, now)
         message_id = _inserted_id(
             conn.execute(
                 messages_t.insert().values(
@@ -584,56 +583,3 @@ class Store:
                 )
             conn.execute(attachments_t.insert(), rows)
         return message_id
-
-    @staticmethod
-    def _thread_for(conn: sa.Connection, account_id: int, p: ParsedMessage, now: datetime) -> int:
-        """Thread by the conversation root: the first References id, else In-Reply-To, else the message itself.
-
-        A reply whose root we never saw still joins the thread of any message it references.
-        """
-        root = (p.references[0] if p.references else None) or p.in_reply_to or p.message_id_header
-        refs = [r for r in (*p.references, p.in_reply_to) if r]
-        thread_id = None
-        if root:
-            thread_id = conn.execute(
-                sa.select(threads_t.c.id).where(
-                    threads_t.c.account_id == account_id, threads_t.c.provider_thread_id == root
-                )
-            ).scalar()
-        if thread_id is None and refs:
-            thread_id = conn.execute(
-                sa.select(messages_t.c.thread_id)
-                .where(
-                    messages_t.c.account_id == account_id,
-                    messages_t.c.message_id_header.in_(refs),
-                    messages_t.c.thread_id.is_not(None),
-                )
-                .limit(1)
-            ).scalar()
-        when = p.sent_at or now
-        if thread_id is None:
-            thread_id = _inserted_id(
-                conn.execute(
-                    threads_t.insert().values(
-                        account_id=account_id,
-                        provider_thread_id=root or f"single:{now.timestamp()}:{id(p)}",
-                        subject=p.subject,
-                        first_message_at=when,
-                        last_message_at=when,
-                        message_count=1,
-                    )
-                )
-            )
-            return int(thread_id)
-        row = conn.execute(sa.select(threads_t).where(threads_t.c.id == thread_id)).one()
-        conn.execute(
-            threads_t.update()
-            .where(threads_t.c.id == thread_id)
-            .values(
-                message_count=row.message_count + 1,
-                first_message_at=min(row.first_message_at or when, when),
-                last_message_at=max(row.last_message_at or when, when),
-                subject=row.subject or p.subject,
-            )
-        )
-        return int(thread_id)

@@ -140,6 +140,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('mail_messages', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_mail_messages_from_email'), ['from_email'], unique=False)
+        batch_op.create_index(batch_op.f('ix_mail_messages_in_reply_to'), ['in_reply_to'], unique=False)
         batch_op.create_index(batch_op.f('ix_mail_messages_message_id_header'), ['message_id_header'], unique=False)
         batch_op.create_index(batch_op.f('ix_mail_messages_received_at'), ['received_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_mail_messages_thread_id'), ['thread_id'], unique=False)
@@ -210,6 +211,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_mail_messages_received_at'))
         batch_op.drop_index(batch_op.f('ix_mail_messages_message_id_header'))
         batch_op.drop_index(batch_op.f('ix_mail_messages_from_email'))
+        batch_op.drop_index(batch_op.f('ix_mail_messages_in_reply_to'))
 
     op.drop_table('mail_messages')
     with op.batch_alter_table('mail_threads', schema=None) as batch_op:

@@ -1,0 +1,113 @@
+"""Conversation threads for servers without X-GM-THRID: References / In-Reply-To, merged when replies arrive first.
+
+A thread is keyed by its root Message-ID (first References id, else In-Reply-To, else the message's own id).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from inboxd.models import MailMessage, MailThread
+from inboxd.parse import ParsedMessage
+
+messages_t = MailMessage.__table__  # type: ignore[attr-defined]
+threads_t = MailThread.__table__  # type: ignore[attr-defined]
+
+
+def thread_root(p: ParsedMessage) -> str | None:
+    return (p.references[0] if p.references else None) or p.in_reply_to or p.message_id_header
+
+
+def assign_thread(conn: sa.Connection, account_id: int, p: ParsedMessage, identity: str, now: datetime) -> int:
+    """The thread id for a message about to be inserted; creates, joins or merges threads as needed.
+
+    Order of arrival does not matter: a reply stored before its parent starts a thread, and when the parent
+    arrives, threads whose messages answer it are merged into the parent's.
+    """
+    root = thread_root(p)
+    refs = [r for r in (*p.references, p.in_reply_to) if r]
+    when = p.sent_at or now
+    thread_id = None
+    if root:
+        thread_id = conn.execute(
+            sa.select(threads_t.c.id).where(
+                threads_t.c.account_id == account_id, threads_t.c.provider_thread_id == root
+            )
+        ).scalar()
+    if thread_id is None and refs:
+        thread_id = conn.execute(
+            sa.select(messages_t.c.thread_id)
+            .where(
+                messages_t.c.account_id == account_id,
+                messages_t.c.message_id_header.in_(refs),
+                messages_t.c.thread_id.is_not(None),
+            )
+            .limit(1)
+        ).scalar()
+    if thread_id is None:
+        thread_id = _create(conn, account_id, root or f"single:{identity}", p.subject, when)
+    else:
+        _add(conn, thread_id, p.subject, when, count=1)
+    if p.message_id_header:
+        _merge_answers(conn, account_id, thread_id, p.message_id_header)
+    return int(thread_id)
+
+
+def _create(conn: sa.Connection, account_id: int, key: str, subject: str | None, when: datetime) -> int:
+    result = conn.execute(
+        threads_t.insert().values(
+            account_id=account_id,
+            provider_thread_id=key,
+            subject=subject,
+            first_message_at=when,
+            last_message_at=when,
+            message_count=1,
+        )
+    )
+    key_row = result.inserted_primary_key
+    if key_row is None:
+        raise RuntimeError("INSERT returned no primary key")
+    return int(key_row[0])
+
+
+def _add(
+    conn: sa.Connection,
+    thread_id: int,
+    subject: str | None,
+    when: datetime,
+    *,
+    count: int,
+    last: datetime | None = None,
+) -> None:
+    row = conn.execute(sa.select(threads_t).where(threads_t.c.id == thread_id)).one()
+    conn.execute(
+        threads_t.update()
+        .where(threads_t.c.id == thread_id)
+        .values(
+            message_count=row.message_count + count,
+            first_message_at=min(row.first_message_at or when, when),
+            last_message_at=max(row.last_message_at or when, last or when),
+            subject=row.subject or subject,
+        )
+    )
+
+
+def _merge_answers(conn: sa.Connection, account_id: int, thread_id: int, message_id_header: str) -> None:
+    """Fold into `thread_id` the threads of stored messages that answer this one (they arrived first)."""
+    others = set(
+        conn.execute(
+            sa.select(messages_t.c.thread_id).where(
+                messages_t.c.account_id == account_id,
+                messages_t.c.in_reply_to == message_id_header,
+                messages_t.c.thread_id.is_not(None),
+                messages_t.c.thread_id != thread_id,
+            )
+        ).scalars()
+    )
+    for other in sorted(others):
+        row = conn.execute(sa.select(threads_t).where(threads_t.c.id == other)).one()
+        conn.execute(messages_t.update().where(messages_t.c.thread_id == other).values(thread_id=thread_id))
+        _add(conn, thread_id, row.subject, row.first_message_at, count=row.message_count, last=row.last_message_at)
+        conn.execute(threads_t.delete().where(threads_t.c.id == other))
