@@ -5,12 +5,14 @@ Runs against the loopback stack started by tests/demo (Dovecot + Postfix + local
 
 from __future__ import annotations
 
+import base64
 import smtplib
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,6 +58,7 @@ ca_file = "{stack.ca_cert}"
     inboxd(config, "db", "upgrade")
     inboxd(config, "accounts", "add", recruiter, "--provider", "local", "--refresh-token-file", str(token_file))
 
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
     print(f"\nseeding: {candidate} applies, {recruiter} replies over SMTP (XOAUTH2), the candidate answers")
     application = make_message(
         f"Carl Candidate <{candidate}>",
@@ -63,6 +66,7 @@ ca_file = "{stack.ca_cert}"
         "Application: Senior Backend Engineer",
         "Hi Rita,\n\nplease find my application for the backend role.\n\nCarl",
         message_id=f"<application-{tag}@example.org>",
+        date=start,
         attachments=[("cv.pdf", "application/pdf", b"%PDF-1.4 demo cv")],
     )
     stack.deliver(recruiter, application)
@@ -73,13 +77,12 @@ ca_file = "{stack.ca_cert}"
         "Hi Carl,\n\nthanks! Are you free for a call on Thursday?\n\nRita",
         message_id=f"<reply-{tag}@example.test>",
         in_reply_to=f"<application-{tag}@example.org>",
+        date=start + timedelta(hours=3),
     )
     with smtplib.SMTP("127.0.0.1", stack.submission_port, timeout=10) as smtp:
         smtp.starttls()
         smtp.ehlo()
         access = stack.access_token(recruiter)
-        import base64  # noqa: PLC0415
-
         sasl = base64.b64encode(f"user={recruiter}\x01auth=Bearer {access}\x01\x01".encode()).decode()
         smtp.docmd("AUTH", "XOAUTH2 " + sasl)
         smtp.sendmail(recruiter, [candidate], reply)
@@ -94,6 +97,7 @@ ca_file = "{stack.ca_cert}"
             "Thursday 10:00 works for me.\n\nCarl",
             message_id=f"<answer-{tag}@example.org>",
             in_reply_to=f"<reply-{tag}@example.test>",
+            date=start + timedelta(hours=20),
         ),
     )
     stack.deliver(

@@ -1,4 +1,4 @@
-"""The schema: migrations create exactly what models.py declares, on SQLite and PostgreSQL, and upgrade is idempotent."""
+"""The schema: migrations create exactly what models.py declares (SQLite and PostgreSQL); upgrade is idempotent."""
 
 from __future__ import annotations
 
