@@ -5,17 +5,20 @@ Dovecot reached on 127.0.0.1 / .2 / .3."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from harness import MailStack, make_message
+from harness.config import write_stack_config
 from inboxd.clock import SystemClock
 from inboxd.config import Config, load_config
 from inboxd.models import MailMessage, MailParticipant, MailQuarantine, MailThread
 from inboxd.runner import Runner
 from inboxd.store import Credential, Store
+from inboxd.sync import SyncSettings
 
 pytestmark = pytest.mark.mailstack
 
@@ -28,35 +31,10 @@ VARIANTS = {"qresync": "full", "condstore": "no_qresync", "plain": "no_condstore
 CORPUS = Path(__file__).parent / "corpus"
 
 
-def write_config(tmp_path: Path, db_url: str, stack: MailStack, *, host: str = "127.0.0.1", extra: str = "") -> Config:
-    text = f"""
-state_dir = "{tmp_path / "state"}"
-[database]
-url = "{db_url}"
-[secrets]
-key_file = "{tmp_path / "secret.key"}"
-[sync]
-scope = "all"
-batch_size = 3
-[providers.local]
-kind = "imap"
-imap_host = "{host}"
-imap_port = {stack.imap_port}
-imap_tls = "starttls"
-smtp_host = "127.0.0.1"
-smtp_port = {stack.submission_port}
-smtp_tls = "starttls"
-auth = "oauth2"
-token_uri = "{stack.token_uri}"
-client_id = "{stack.client_id}"
-client_secret = "{stack.client_secret}"
-ca_file = "{stack.ca_cert}"
-timeout = 10
-{extra}
-"""
-    path = tmp_path / "inboxd.toml"
-    path.write_text(text)
-    return load_config(path, env={})
+def write_config(
+    tmp_path: Path, db_url: str, stack: MailStack, *, host: str = "127.0.0.1", scope: str = "all"
+) -> Config:
+    return load_config(write_stack_config(tmp_path, db_url, stack, host=host, scope=scope), env={})
 
 
 def connect_account(store: Store, stack: MailStack, email: str) -> str:
@@ -169,10 +147,9 @@ def test_expunge_and_flags_on_every_capability_set(
         imap.add_flags([uids[0]], [b"\\Seen"])
         imap.delete_messages([uids[1], uids[2]])
         imap.expunge()
-    runner = Runner(config, store, clock=SystemClock())
-    if variant == "plain":
-        # without CONDSTORE flags come from the periodic scan: make it due now
-        runner._settings = type(runner._settings)(batch_size=3, flag_scan_interval=__import__("datetime").timedelta(0))
+    # without CONDSTORE, flags come from the periodic scan: make it due on every sync
+    settings = SyncSettings(batch_size=3, flag_scan_interval=timedelta(0))
+    runner = Runner(config, store, clock=SystemClock(), settings=settings)
     [result] = runner.sync_once(only=recruiter)
     assert result.ok
     assert result.stats.expunged == 2
@@ -290,3 +267,30 @@ def test_revoked_refresh_token_is_isolated_to_its_account(
     # Reconnecting (new credentials) puts the account back to active.
     connect_account(store, mailstack, bad)
     assert runner.sync_once(only=bad)[0].ok
+
+
+def test_contacts_scope_stores_only_candidate_mail(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """scope = "contacts": mail with an HR-app contact (matched case- and Gmail-dot-insensitively) is stored;
+    everything else leaves no trace, and the cursor still moves past it."""
+    config = write_config(tmp_path, db_url, mailstack, scope="contacts")
+    connect_account(store, mailstack, recruiter)
+    with store.engine.begin() as conn:  # the HR app adds a candidate
+        conn.execute(sa.text("INSERT INTO mail_contacts (email, hr_contact_ref) VALUES ('jane.doe@gmail.com', 'c-1')"))
+    mailstack.deliver(recruiter, make_message("Jane <JaneDoe+jobs@googlemail.com>", recruiter, "my CV", "x"))
+    mailstack.deliver(recruiter, make_message("Bank <private@bank.example>", recruiter, "your statement", "secret"))
+    runner = Runner(config, store, clock=SystemClock())
+    [result] = runner.sync_once(only=recruiter)
+    assert result.ok, result.reason
+    assert result.stats.out_of_scope == 1
+    assert [r.subject for r in rows(store, recruiter)] == ["my CV"]
+    with store.engine.connect() as conn:
+        leaked = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(participants_t)
+            .where(participants_t.c.email == "private@bank.example")
+        ).scalar()
+    assert leaked == 0
+    [again] = runner.sync_once(only=recruiter)
+    assert again.stats.out_of_scope == 0, "the skipped message is not fetched again"

@@ -10,7 +10,7 @@ import hashlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -19,6 +19,7 @@ from inboxd.clock import Clock
 from inboxd.config import Config, ProviderConfig
 from inboxd.errors import AccountFailed, InboxdError, ReauthRequired, RetryLater, SecretsError
 from inboxd.imap import ImapEndpoint, ImapSession, connect
+from inboxd.scope import contact_set
 from inboxd.store import Account, Store
 from inboxd.sync import AccountSync, Progress, SyncSettings, SyncStats
 from inboxd.tokens import OAuthRefreshTokenSource, TokenSource
@@ -71,6 +72,7 @@ class Runner:
         clock: Clock,
         max_workers: int = 4,
         session_factory: SessionFactory | None = None,
+        settings: SyncSettings | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -80,9 +82,15 @@ class Runner:
         self._tokens: dict[tuple[int, str], TokenSource] = {}
         self._tokens_lock = threading.Lock()
         self._session_factory = session_factory or self._connect
-        self._settings = SyncSettings(
+        self._settings = settings or SyncSettings(
             batch_size=config.sync.batch_size, max_attachment_bytes=config.sync.max_attachment_bytes
         )
+
+    def cycle_settings(self) -> SyncSettings:
+        """Settings for one cycle: with scope "contacts", the HR app's contacts as they are now."""
+        if self._config.sync.scope == "all":
+            return self._settings
+        return replace(self._settings, contacts=contact_set(self._store.contact_emails()))
 
     def sync_once(
         self, *, only: str | None = None, progress: Callable[[str, int, int], None] | None = None
@@ -92,13 +100,16 @@ class Runner:
             accounts = [a for a in accounts if a.email == only.strip().lower()]
         if not accounts:
             return []
+        settings = self.cycle_settings()
         with ThreadPoolExecutor(
             max_workers=min(self._max_workers, len(accounts)), thread_name_prefix="inboxd-sync"
         ) as pool:
-            futures = [pool.submit(self.sync_account, a, _bind(progress, a.email)) for a in accounts]
+            futures = [pool.submit(self.sync_account, a, _bind(progress, a.email), settings) for a in accounts]
             return [f.result() for f in futures]
 
-    def sync_account(self, account: Account, progress: Progress | None = None) -> AccountResult:  # noqa: PLR0911 (one return per outcome)
+    def sync_account(  # noqa: PLR0911 (one return per outcome)
+        self, account: Account, progress: Progress | None = None, settings: SyncSettings | None = None
+    ) -> AccountResult:
         decision = decide(account, self._config)
         if not decision.run:
             if (account.state, account.state_reason) != (decision.state, decision.reason):
@@ -112,7 +123,12 @@ class Runner:
             session = self._session_factory(account, provider)
             try:
                 stats = AccountSync(
-                    self._store, account, session, settings=self._settings, clock=self._clock, progress=progress
+                    self._store,
+                    account,
+                    session,
+                    settings=settings or self.cycle_settings(),
+                    clock=self._clock,
+                    progress=progress,
                 ).run()
             finally:
                 session.close()

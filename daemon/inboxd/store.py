@@ -20,6 +20,7 @@ from inboxd.errors import UsageError
 from inboxd.models import (
     MailAccount,
     MailAttachment,
+    MailContact,
     MailCredential,
     MailFolder,
     MailLocation,
@@ -39,6 +40,7 @@ messages_t = MailMessage.__table__  # type: ignore[attr-defined]
 participants_t = MailParticipant.__table__  # type: ignore[attr-defined]
 attachments_t = MailAttachment.__table__  # type: ignore[attr-defined]
 quarantine_t = MailQuarantine.__table__  # type: ignore[attr-defined]
+contacts_t = MailContact.__table__  # type: ignore[attr-defined]
 
 # Keep IN (...) lists well under SQLite's bound-parameter limit.
 _CHUNK = 500
@@ -228,6 +230,11 @@ class Store:
                 .group_by(messages_t.c.account_id)
             )
             return {r[0]: r[1] for r in rows}
+
+    def contact_emails(self) -> list[str]:
+        """The addresses of mail_contacts (written by the HR app)."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(contacts_t.c.email)).scalars())
 
     # -- folders ---------------------------------------------------------------------------------------------
 

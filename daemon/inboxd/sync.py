@@ -28,6 +28,7 @@ from inboxd.planner import (
     plan_folder,
     select_folders,
 )
+from inboxd.scope import in_scope
 from inboxd.store import Account, NewLocation, NewMessage, Store, StoredFolder
 
 log = structlog.get_logger(__name__)
@@ -42,6 +43,8 @@ class SyncSettings:
     max_attachment_bytes: int = 25 * 1024 * 1024
     # Without CONDSTORE flag changes are invisible to STATUS: re-read all flags at most this often.
     flag_scan_interval: timedelta = timedelta(minutes=15)
+    # None: store everything (scope "all"); else the normalized addresses of the HR app's contacts.
+    contacts: frozenset[str] | None = None
 
 
 @dataclass(slots=True)
@@ -53,6 +56,7 @@ class SyncStats:
     flag_changes: int = 0
     expunged: int = 0
     quarantined: int = 0
+    out_of_scope: int = 0
     bytes_downloaded: int = 0
     total: int = 0
     done: int = 0
@@ -214,6 +218,9 @@ class AccountSync:
                 )
                 self.stats.quarantined += 1
                 self._log.warning("sync.message_quarantined", folder=folder.name, uid=uid, reason=exc.message)
+                continue
+            if not in_scope((p.email for p in parsed.participants), self._settings.contacts):
+                self.stats.out_of_scope += 1  # no trace in the database; the cursor still moves past it
                 continue
             identity = message_identity(parsed.message_id_header or header.message_id, raw)
             assert identity is not None  # raw is given, so there is always an identity

@@ -1,0 +1,46 @@
+"""Config files for tests that run inboxd against the loopback mail stack.
+
+One writer, so the CLI tests and the sync tests point inboxd at the stack the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.mailstack import MailStack
+
+
+def write_stack_config(
+    directory: Path, db_url: str, stack: MailStack, *, host: str = "127.0.0.1", extra: str = "", scope: str = "all"
+) -> Path:
+    """Write ``directory/inboxd.toml``: provider ``local`` (generic IMAP over STARTTLS, XOAUTH2 against the stack's
+    OAuth server), ``scope`` (default "all"), small batches, key and state under ``directory``; ``extra`` is
+    appended verbatim (e.g. ``[accounts."EMAIL"]`` tables). Returns the path."""
+    text = f"""
+state_dir = "{directory / "state"}"
+[database]
+url = "{db_url}"
+[secrets]
+key_file = "{directory / "secret.key"}"
+[sync]
+scope = "{scope}"
+batch_size = 3
+[providers.local]
+kind = "imap"
+imap_host = "{host}"
+imap_port = {stack.imap_port}
+imap_tls = "starttls"
+smtp_host = "127.0.0.1"
+smtp_port = {stack.submission_port}
+smtp_tls = "starttls"
+auth = "oauth2"
+token_uri = "{stack.token_uri}"
+client_id = "{stack.client_id}"
+client_secret = "{stack.client_secret}"
+ca_file = "{stack.ca_cert}"
+timeout = 10
+{extra}
+"""
+    path = directory / "inboxd.toml"
+    path.write_text(text)
+    return path
