@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 import structlog
 
 from inboxd import __version__, db, logs
@@ -95,6 +96,13 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         print(f"created {config.secrets.key_file} (mode 0600); keep a backup: without it stored credentials are lost")
         return EXIT_OK
     engine = db.create_engine(config.database.url)
+    try:
+        return _dispatch_db(args, config, engine)
+    finally:
+        engine.dispose()  # close pooled connections now, not whenever the GC gets to them
+
+
+def _dispatch_db(args: argparse.Namespace, config: Config, engine: sa.Engine) -> int:
     if args.command == "db":
         db.upgrade(engine)
         print(f"database at schema {db.current_revision(engine)}")

@@ -115,8 +115,10 @@ class Runner:
             if (account.state, account.state_reason) != (decision.state, decision.reason):
                 self._store.set_state(account.id, decision.state, decision.reason, error=account.last_error)
             log.info("sync.account_skipped", account=account.email, state=decision.state, reason=decision.reason)
+            # paused/disabled are decisions, not failures; an account that needs a human still failed this cycle
+            failed = decision.state in ("error", "needs_reauth")
             return AccountResult(
-                account.email, ok=decision.state != "error", state=decision.state, reason=decision.reason, skipped=True
+                account.email, ok=not failed, state=decision.state, reason=decision.reason, skipped=True
             )
         provider = self._config.providers[account.provider]
         try:
