@@ -572,9 +572,7 @@ def _oauth_client(table: _Table, kind: str, default_uri: str | None) -> tuple[st
         file_id, client_secret, file_uri = _read_client_secret_file(table)
         if file_id is not None:
             if client_id is not None and client_id != file_id:
-                raise table.error(
-                    "client_id", "differs from the client_id in client_secret_file; remove one of them"
-                )
+                raise table.error("client_id", "differs from the client_id in client_secret_file; remove one of them")
             client_id = file_id
         if token_uri is None and file_uri is not None and not table.has("tenant"):
             token_uri = file_uri

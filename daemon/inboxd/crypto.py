@@ -72,9 +72,7 @@ class SecretBox:
             raise SecretsError(f"cannot read key file {path}: {exc.strerror}") from None
         if info.st_mode & 0o077:
             mode = stat.S_IMODE(info.st_mode)
-            raise SecretsError(
-                f"key file {path} is accessible to other users (mode {mode:04o}); run: chmod 600 {path}"
-            )
+            raise SecretsError(f"key file {path} is accessible to other users (mode {mode:04o}); run: chmod 600 {path}")
         try:
             lines = path.read_bytes().splitlines()
         except OSError as exc:
@@ -91,18 +89,14 @@ class SecretBox:
         try:
             return self._fernet.decrypt(token).decode("utf-8")
         except InvalidToken:
-            raise SecretsError(
-                f"stored credentials cannot be decrypted with {self._source}; wrong key file?"
-            ) from None
+            raise SecretsError(f"stored credentials cannot be decrypted with {self._source}; wrong key file?") from None
 
     def rotate(self, token: bytes) -> bytes:
         """Re-encrypt ``token`` with the first (newest) key of the file."""
         try:
             return self._fernet.rotate(token)
         except InvalidToken:
-            raise SecretsError(
-                f"stored credentials cannot be decrypted with {self._source}; wrong key file?"
-            ) from None
+            raise SecretsError(f"stored credentials cannot be decrypted with {self._source}; wrong key file?") from None
 
     def __repr__(self) -> str:
         return f"SecretBox({self._source}, keys={self._key_count})"

@@ -48,9 +48,7 @@ def _ts(*, nullable: bool = True, index: bool = False) -> Any:
 def _fk(target: str, *, nullable: bool = False, index: bool = True, ondelete: str = "CASCADE") -> Any:
     return Field(
         default=None,
-        sa_column=sa.Column(
-            BigId, sa.ForeignKey(target, ondelete=ondelete), nullable=nullable, index=index
-        ),
+        sa_column=sa.Column(BigId, sa.ForeignKey(target, ondelete=ondelete), nullable=nullable, index=index),
     )
 
 
@@ -64,9 +62,7 @@ class MailAccount(SQLModel, table=True):
     email: str = Field(sa_column=sa.Column(sa.String(320), nullable=False, unique=True))
     provider: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
     hr_user_ref: str | None = Field(default=None, sa_column=sa.Column(sa.String(255), index=True))
-    enabled: bool = Field(
-        default=True, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.true())
-    )
+    enabled: bool = Field(default=True, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.true()))
     state: str = Field(
         default="active",
         sa_column=sa.Column(sa.String(32), nullable=False, server_default="active"),
@@ -128,9 +124,7 @@ class MailThread(SQLModel, table=True):
     last_message_at: datetime | None = _ts()
     message_count: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
 
-    __table_args__ = (
-        sa.UniqueConstraint("account_id", "provider_thread_id", name="uq_mail_threads_account_thread"),
-    )
+    __table_args__ = (sa.UniqueConstraint("account_id", "provider_thread_id", name="uq_mail_threads_account_thread"),)
 
 
 class MailMessage(SQLModel, table=True):
@@ -152,9 +146,7 @@ class MailMessage(SQLModel, table=True):
     snippet: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     body_text: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     body_html: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
-    is_read: bool = Field(
-        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
-    )
+    is_read: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false()))
     labels: list[str] | None = Field(default=None, sa_column=sa.Column(sa.JSON))
     size_bytes: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger))
     has_attachments: bool = Field(
@@ -208,13 +200,9 @@ class MailAttachment(SQLModel, table=True):
     content_type: str = Field(sa_column=sa.Column(sa.String(255), nullable=False))
     size_bytes: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
     content_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(1024)))
-    is_inline: bool = Field(
-        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
-    )
+    is_inline: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false()))
     sha256: str = Field(sa_column=sa.Column(sa.String(64), nullable=False, index=True))
-    stored: bool = Field(
-        default=True, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.true())
-    )
+    stored: bool = Field(default=True, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.true()))
 
 
 class MailContact(SQLModel, table=True):
