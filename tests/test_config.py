@@ -267,10 +267,7 @@ def test_bad_port_message_names_file_key_expectation_and_value(tmp_path: Path) -
     exc = error(tmp_path, GMAIL + 'imap_port = "abc"')
     assert exc.path == str(tmp_path / "inboxd.toml")
     assert exc.key == "providers.gmail.imap_port"
-    assert (
-        str(exc)
-        == f'{tmp_path}/inboxd.toml: providers.gmail.imap_port: must be an integer 1-65535, got "abc"'
-    )
+    assert str(exc) == f'{tmp_path}/inboxd.toml: providers.gmail.imap_port: must be an integer 1-65535, got "abc"'
 
 
 @pytest.mark.parametrize(
@@ -326,8 +323,7 @@ def test_bad_port_message_names_file_key_expectation_and_value(tmp_path: Path) -
             "tenant id",
         ),
         (
-            '[providers.corp]\nkind = "imap"\nimap_host = "h"\nauth = "oauth2"\n'
-            'client_id = "c"\nclient_secret = "s"',
+            '[providers.corp]\nkind = "imap"\nimap_host = "h"\nauth = "oauth2"\nclient_id = "c"\nclient_secret = "s"',
             "providers.corp.token_uri",
             "is required",
         ),

@@ -84,7 +84,10 @@ def expected_state(mb: FakeMailbox, store_ids: dict[str, str]) -> dict[str, tupl
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(op, max_size=30))
 def test_any_change_sequence_converges_to_the_mailbox(
-    engine: sa.Engine, secret_box: SecretBox, caps_name: str, steps: list[tuple]  # type: ignore[type-arg]
+    engine: sa.Engine,
+    secret_box: SecretBox,
+    caps_name: str,
+    steps: list[tuple],  # type: ignore[type-arg]
 ) -> None:
     caps = CAPS[caps_name]
     clock = FakeClock()

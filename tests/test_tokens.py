@@ -230,9 +230,7 @@ def test_revoked_refresh_token_needs_reauth_without_leaking_secrets(
     with pytest.raises(ReauthRequired) as info:
         source.access_token()
     message = str(info.value)
-    assert message == (
-        "refresh token rejected by 127.0.0.1: invalid_grant (Token has been expired or revoked.)"
-    )
+    assert message == ("refresh token rejected by 127.0.0.1: invalid_grant (Token has been expired or revoked.)")
     for secret in (REFRESH_TOKEN, CLIENT_SECRET):
         assert secret not in message
         assert secret not in repr(info.value)
@@ -319,9 +317,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     cert_file, key_file = tmp_path / "ca.pem", tmp_path / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_file, key_file
 
@@ -342,9 +338,7 @@ def test_ca_file_verifies_a_private_token_endpoint(
     assert make_source(server.url, clock, ca_file=ca_file).access_token() == "ya29.access-1"
 
 
-def test_untrusted_certificate_is_retry_later(
-    tls_token_server: tuple[TokenServer, Path], clock: FakeClock
-) -> None:
+def test_untrusted_certificate_is_retry_later(tls_token_server: tuple[TokenServer, Path], clock: FakeClock) -> None:
     server, _ = tls_token_server
     with pytest.raises(RetryLater, match="cannot reach token endpoint"):
         make_source(server.url, clock).access_token()
