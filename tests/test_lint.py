@@ -18,6 +18,11 @@ def test_ruff_lint_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ruff_format_is_clean() -> None:
+    result = _run("ruff", "format", "--check", "daemon", "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_mypy_strict_is_clean() -> None:
     result = _run("mypy", "daemon/inboxd")
     assert result.returncode == 0, result.stdout + result.stderr
