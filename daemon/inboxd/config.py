@@ -65,6 +65,10 @@ class SyncConfig:
     interval: timedelta = DEFAULT_INTERVAL
     batch_size: int = DEFAULT_BATCH_SIZE
     max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES
+    # servers without CONDSTORE: how often every flag is re-read (flag changes are invisible to STATUS there)
+    flag_scan_interval: timedelta = timedelta(minutes=15)
+    # Gmail [OVERQUOTA] (bandwidth/command limits): how long that account's IMAP is left alone
+    quota_pause: timedelta = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -394,10 +398,21 @@ def _secrets(table: _Table, state_dir: Path) -> SecretsConfig:
 
 
 def _sync(table: _Table, state_dir: Path) -> SyncConfig:
-    table.only({"scope", "interval", "batch_size", "max_attachment_bytes", "attachments_dir"})
-    interval = table.converted(
-        "interval", DEFAULT_INTERVAL, _positive_duration, 'a duration like "30s", "60m", "2h" or "1d"'
+    table.only(
+        {
+            "scope",
+            "interval",
+            "batch_size",
+            "max_attachment_bytes",
+            "attachments_dir",
+            "flag_scan_interval",
+            "quota_pause",
+        }
     )
+    duration = 'a duration like "30s", "60m", "2h" or "1d"'
+    interval = table.converted("interval", DEFAULT_INTERVAL, _positive_duration, duration)
+    flag_scan = table.converted("flag_scan_interval", timedelta(minutes=15), _positive_duration, duration)
+    quota_pause = table.converted("quota_pause", timedelta(hours=1), _positive_duration, duration)
     max_bytes = table.converted(
         "max_attachment_bytes",
         DEFAULT_MAX_ATTACHMENT_BYTES,
@@ -411,6 +426,8 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
         batch_size=table.integer("batch_size", DEFAULT_BATCH_SIZE, 1, MAX_BATCH_SIZE),
         max_attachment_bytes=max_bytes,
         attachments_dir=table.ctx.resolve(attachments) if attachments else state_dir / "attachments",
+        flag_scan_interval=flag_scan,
+        quota_pause=quota_pause,
     )
 
 

@@ -54,3 +54,11 @@ class SkipMessage(InboxdError):
 
 class UnparseableMessage(SkipMessage):
     """The message bytes cannot be parsed at all; it goes to quarantine with this reason."""
+
+
+class SessionExpired(RetryLater):
+    """The server ended a healthy session (Gmail's `BYE Session expired`): reconnect at once, not an account failure."""
+
+
+class QuotaExceeded(RetryLater):
+    """The provider's bandwidth or command quota is used up (Gmail [OVERQUOTA]): leave this account alone a while."""

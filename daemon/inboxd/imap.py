@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import re
 import ssl
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +22,8 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from imapclient.imapclient import SocketTimeout
 from imapclient.response_parser import parse_fetch_response
 
-from inboxd.errors import AccountFailed, ReauthRequired, RetryLater
+from inboxd import __version__
+from inboxd.errors import AccountFailed, QuotaExceeded, ReauthRequired, RetryLater, SessionExpired
 from inboxd.parse import normalize_msgid
 from inboxd.planner import Capabilities, FolderListing, FolderStatus, sequence_set
 
@@ -45,6 +48,10 @@ class HeaderInfo:
     flags: tuple[str, ...]
     modseq: int | None
     internaldate: datetime | None
+    # Gmail (X-GM-EXT-1) only: the stable message id, the conversation id and the raw labels (UTF-7 decoded)
+    gm_msgid: int | None = None
+    gm_thrid: int | None = None
+    gm_labels: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +59,7 @@ class FlagUpdate:
     uid: int
     flags: tuple[str, ...]
     modseq: int | None
+    gm_labels: tuple[str, ...] | None = None
 
 
 class ImapSession(Protocol):
@@ -107,9 +115,12 @@ def _text(value: Any) -> str:
 class ImapClientSession:
     """imapclient adapter for ImapSession. Create with `connect`."""
 
-    def __init__(self, client: IMAPClient, caps: Capabilities) -> None:
+    def __init__(self, client: IMAPClient, caps: Capabilities, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self._client = client
         self._caps = caps
+        self._sleep = sleep
+        self._throttled = 0  # consecutive [THROTTLED] replies: drives the per-command backoff
+        self.throttle_waits = 0.0  # seconds slept because of [THROTTLED], for stats and tests
 
     @property
     def capabilities(self) -> Capabilities:
@@ -152,6 +163,8 @@ class ImapClientSession:
         items = ["UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]
         if self._caps.condstore:
             items.append("MODSEQ")
+        if self._caps.gmail:
+            items += ["X-GM-MSGID", "X-GM-THRID", "X-GM-LABELS"]
         out: dict[int, HeaderInfo] = {}
         for uid, data in self._fetch(sequence_set(uids), items).items():
             header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER.FIELDS")), b"")
@@ -162,6 +175,9 @@ class ImapClientSession:
                 flags=tuple(_text(f) for f in data.get(b"FLAGS", ())),
                 modseq=_modseq(data),
                 internaldate=_aware(data.get(b"INTERNALDATE")),
+                gm_msgid=_int_or_none(data.get(b"X-GM-MSGID")),
+                gm_thrid=_int_or_none(data.get(b"X-GM-THRID")),
+                gm_labels=_labels(data),
             )
         return out
 
@@ -173,10 +189,8 @@ class ImapClientSession:
         if up_to_uid < 1:
             return [], set()
         modifiers = [f"CHANGEDSINCE {since_modseq}"] + (["VANISHED"] if vanished else [])
-        fetched = self._fetch(f"1:{up_to_uid}", ["UID", "FLAGS"], modifiers)
-        updates = [
-            FlagUpdate(uid, tuple(_text(f) for f in d.get(b"FLAGS", ())), _modseq(d)) for uid, d in fetched.items()
-        ]
+        fetched = self._fetch(f"1:{up_to_uid}", self._flag_items(), modifiers)
+        updates = [_flag_update(uid, d) for uid, d in fetched.items()]
         gone: set[int] = set()
         if vanished:
             for line in self._client._imap.untagged_responses.pop("VANISHED", []):
@@ -186,8 +200,11 @@ class ImapClientSession:
     def all_flags(self, up_to_uid: int) -> list[FlagUpdate]:
         if up_to_uid < 1:
             return []
-        fetched = self._fetch(f"1:{up_to_uid}", ["UID", "FLAGS"])
-        return [FlagUpdate(uid, tuple(_text(f) for f in d.get(b"FLAGS", ())), None) for uid, d in fetched.items()]
+        fetched = self._fetch(f"1:{up_to_uid}", self._flag_items())
+        return [_flag_update(uid, d) for uid, d in fetched.items()]
+
+    def _flag_items(self) -> list[str]:
+        return ["UID", "FLAGS"] + (["X-GM-LABELS"] if self._caps.gmail else [])
 
     def close(self) -> None:
         try:
@@ -222,16 +239,34 @@ class ImapClientSession:
         return result
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        untagged = self._client._imap.untagged_responses
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except imaplib.IMAP4.abort as exc:
+            if untagged.pop("BYE", None):
+                raise SessionExpired(f"IMAP server ended the session: {_safe(exc)}") from exc
             raise RetryLater(f"IMAP connection lost: {_safe(exc)}") from exc
         except TimeoutError as exc:
             raise RetryLater("IMAP server did not answer in time") from exc
         except OSError as exc:
             raise RetryLater(f"IMAP network error: {exc.strerror or exc}") from exc
         except IMAPClientError as exc:
+            if untagged.pop("OVERQUOTA", None) is not None:
+                raise QuotaExceeded(f"provider quota exceeded: {_safe(exc)}") from exc
             raise RetryLater(f"IMAP command failed: {_safe(exc)}") from exc
+        self._backoff_if_throttled(untagged.pop("THROTTLED", None) is not None)
+        return result
+
+    def _backoff_if_throttled(self, throttled: bool) -> None:
+        """Gmail appends [THROTTLED] to replies it wants slower: wait before the next command, longer each time."""
+        if not throttled:
+            self._throttled = 0
+            return
+        self._throttled += 1
+        delay = min(0.25 * 2 ** (self._throttled - 1), 30.0)
+        log.info("imap.throttled", consecutive=self._throttled, wait_s=delay)
+        self.throttle_waits += delay
+        self._sleep(delay)
 
 
 def _safe(exc: BaseException) -> str:
@@ -242,6 +277,22 @@ def _aware(value: Any) -> datetime | None:
     if not isinstance(value, datetime):
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if value is not None else None
+
+
+def _labels(data: Mapping[bytes, Any]) -> tuple[str, ...] | None:
+    """X-GM-LABELS as text: modified UTF-7 decoded; system labels keep their backslash (e.g. '\\Inbox')."""
+    raw = data.get(b"X-GM-LABELS")
+    if raw is None:
+        return None
+    return tuple(imap_utf7.decode(v) if isinstance(v, bytes) else str(v) for v in raw)
+
+
+def _flag_update(uid: int, data: Mapping[bytes, Any]) -> FlagUpdate:
+    return FlagUpdate(uid, tuple(_text(f) for f in data.get(b"FLAGS", ())), _modseq(data), _labels(data))
 
 
 def _modseq(data: Mapping[bytes, Any]) -> int | None:
@@ -281,6 +332,7 @@ def connect(
     access_token: Callable[[], str] | None = None,
     invalidate_token: Callable[[], None] | None = None,
     password: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> ImapClientSession:
     """Open, secure and authenticate one IMAP connection; enable CONDSTORE/QRESYNC when offered."""
     ctx = _tls_context(endpoint.ca_file)
@@ -300,12 +352,16 @@ def connect(
         caps = {_text(c).upper() for c in client.capabilities()}
         condstore = "CONDSTORE" in caps or "QRESYNC" in caps
         qresync = "QRESYNC" in caps
+        gmail = "X-GM-EXT-1" in caps
+        if "ID" in caps:  # Gmail asks clients to identify themselves
+            with contextlib.suppress(IMAPClientError):
+                client.id_({"name": "inboxd", "version": __version__})
         if qresync:
             client.enable("QRESYNC")
         elif condstore:
             client.enable("CONDSTORE")
-        log.debug("imap.connected", host=endpoint.host, condstore=condstore, qresync=qresync)
-        return ImapClientSession(client, Capabilities(condstore=condstore, qresync=qresync))
+        log.debug("imap.connected", host=endpoint.host, condstore=condstore, qresync=qresync, gmail=gmail)
+        return ImapClientSession(client, Capabilities(condstore=condstore, qresync=qresync, gmail=gmail), sleep=sleep)
     except ssl.SSLError as exc:
         _shutdown(client)
         raise AccountFailed(f"TLS to {endpoint.host}:{endpoint.port} failed: {exc.reason}") from exc
@@ -328,18 +384,40 @@ def _authenticate(
         try:
             client.login(username, password or "")
         except LoginError as exc:
+            _raise_alert(client, exc)
             raise ReauthRequired(f"IMAP server refused the password for {username}") from exc
         return
     try:
         client.oauth2_login(username, access_token())
-    except LoginError:
+    except LoginError as first:
+        _raise_alert(client, first)
         # A cached token may have been revoked or expired early on the server: one fresh token, one retry.
         if invalidate_token is not None:
             invalidate_token()
         try:
             client.oauth2_login(username, access_token())
         except LoginError as exc:
+            _raise_alert(client, exc)
             raise ReauthRequired(f"IMAP server refused a freshly issued access token for {username}") from exc
+
+
+def _raise_alert(client: IMAPClient, exc: Exception) -> None:
+    """A login refused with [ALERT] is not a credentials problem: the text is for a human (Gmail: IMAP disabled,
+    sign in via the web first, too many connections)."""
+    alerts = client._imap.untagged_responses.pop("ALERT", None)
+    if not alerts:
+        return
+    # imaplib keeps only what is inside the brackets; the human text follows them in the NO reply itself
+    text = _text(alerts[-1]).strip() if alerts[-1] else _reply_text(exc)
+    if "too many simultaneous connections" in text.lower():  # the only retryable alert; it has no finer code
+        raise RetryLater(f"too many simultaneous IMAP connections for this mailbox: {text}") from exc
+    raise AccountFailed(f"the mail server refused the login: {text}") from exc
+
+
+def _reply_text(exc: Exception) -> str:
+    text = str(exc)
+    match = re.search(r"\[[A-Z-]+\]\s*(.*?)['\"]?\]?$", text)
+    return (match.group(1) if match else text).strip()[:300]
 
 
 def _shutdown(client: IMAPClient) -> None:

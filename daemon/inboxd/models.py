@@ -70,6 +70,8 @@ class MailAccount(SQLModel, table=True):
     state_reason: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     last_sync_at: datetime | None = _ts()
     last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    # set while inboxd leaves the account alone (provider quota): no IMAP before this time
+    retry_at: datetime | None = _ts()
     created_at: datetime | None = _ts(nullable=False)
     updated_at: datetime | None = _ts(nullable=False)
 
@@ -175,6 +177,8 @@ class MailLocation(SQLModel, table=True):
     message_id: int | None = _fk("mail_messages.id")
     flags: list[str] | None = Field(default=None, sa_column=sa.Column(sa.JSON))
     modseq: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger))
+    # Gmail: the message's normalized labels (X-GM-LABELS); NULL on other servers, where labels are folder names
+    labels: list[str] | None = Field(default=None, sa_column=sa.Column(sa.JSON))
 
 
 class MailParticipant(SQLModel, table=True):

@@ -35,6 +35,7 @@ class FolderSpec:
 class Capabilities:
     condstore: bool
     qresync: bool
+    gmail: bool = False  # X-GM-EXT-1: X-GM-MSGID / X-GM-THRID / X-GM-LABELS
 
 
 @dataclass(frozen=True, slots=True)

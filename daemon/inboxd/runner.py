@@ -11,13 +11,22 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import structlog
 
 from inboxd.clock import Clock
 from inboxd.config import Config, ProviderConfig
-from inboxd.errors import AccountFailed, InboxdError, ReauthRequired, RetryLater, SecretsError
+from inboxd.errors import (
+    AccountFailed,
+    InboxdError,
+    QuotaExceeded,
+    ReauthRequired,
+    RetryLater,
+    SecretsError,
+    SessionExpired,
+)
 from inboxd.imap import ImapEndpoint, ImapSession, connect
 from inboxd.scope import contact_set
 from inboxd.store import Account, Store
@@ -32,9 +41,12 @@ class AccountDecision:
     run: bool
     state: str
     reason: str | None = None
+    # a skip that still counts as a failed cycle (`run --once` exits 1): the account needs a human or waits out
+    # a provider quota; paused and disabled accounts are decisions, not failures
+    failed: bool = False
 
 
-def decide(account: Account, config: Config) -> AccountDecision:
+def decide(account: Account, config: Config, now: datetime) -> AccountDecision:
     """Whether an account syncs this cycle; pure. The HR app's `enabled` wins over the config, then pauses."""
     if not account.enabled:
         return AccountDecision(False, "disabled", "disabled by the HR app (mail_accounts.enabled = false)")
@@ -42,9 +54,11 @@ def decide(account: Account, config: Config) -> AccountDecision:
     if policy.paused:
         return AccountDecision(False, "paused", policy.reason or "paused in the config")
     if account.provider not in config.providers:
-        return AccountDecision(False, "error", f"provider {account.provider!r} is not in the config")
+        return AccountDecision(False, "error", f"provider {account.provider!r} is not in the config", failed=True)
     if account.state == "needs_reauth":
-        return AccountDecision(False, "needs_reauth", account.state_reason)
+        return AccountDecision(False, "needs_reauth", account.state_reason, failed=True)
+    if account.retry_at is not None and now < account.retry_at:
+        return AccountDecision(False, account.state, account.state_reason, failed=True)
     return AccountDecision(True, "active")
 
 
@@ -83,7 +97,9 @@ class Runner:
         self._tokens_lock = threading.Lock()
         self._session_factory = session_factory or self._connect
         self._settings = settings or SyncSettings(
-            batch_size=config.sync.batch_size, max_attachment_bytes=config.sync.max_attachment_bytes
+            batch_size=config.sync.batch_size,
+            max_attachment_bytes=config.sync.max_attachment_bytes,
+            flag_scan_interval=config.sync.flag_scan_interval,
         )
 
     def cycle_settings(self) -> SyncSettings:
@@ -110,30 +126,22 @@ class Runner:
     def sync_account(  # noqa: PLR0911 (one return per outcome)
         self, account: Account, progress: Progress | None = None, settings: SyncSettings | None = None
     ) -> AccountResult:
-        decision = decide(account, self._config)
+        decision = decide(account, self._config, self._clock.now())
         if not decision.run:
             if (account.state, account.state_reason) != (decision.state, decision.reason):
                 self._store.set_state(account.id, decision.state, decision.reason, error=account.last_error)
             log.info("sync.account_skipped", account=account.email, state=decision.state, reason=decision.reason)
-            # paused/disabled are decisions, not failures; an account that needs a human still failed this cycle
-            failed = decision.state in ("error", "needs_reauth")
             return AccountResult(
-                account.email, ok=not failed, state=decision.state, reason=decision.reason, skipped=True
+                account.email, ok=not decision.failed, state=decision.state, reason=decision.reason, skipped=True
             )
-        provider = self._config.providers[account.provider]
         try:
-            session = self._session_factory(account, provider)
-            try:
-                stats = AccountSync(
-                    self._store,
-                    account,
-                    session,
-                    settings=settings or self.cycle_settings(),
-                    clock=self._clock,
-                    progress=progress,
-                ).run()
-            finally:
-                session.close()
+            stats = self._sync_with_reconnect(account, settings or self.cycle_settings(), progress)
+        except QuotaExceeded as exc:
+            until = self._clock.now() + self._config.sync.quota_pause
+            reason = f"provider quota exceeded, IMAP paused until {until.isoformat(timespec='minutes')}: {exc}"
+            log.warning("sync.account_quota", account=account.email, until=until.isoformat(), error=str(exc))
+            self._store.set_state(account.id, "error", reason, error=str(exc), retry_at=until)
+            return AccountResult(account.email, ok=False, state="error", reason=reason)
         except ReauthRequired as exc:
             return self._failed(account, "needs_reauth", exc)
         except (AccountFailed, SecretsError) as exc:
@@ -148,6 +156,23 @@ class Runner:
             return self._failed(account, "error", exc, reason=f"internal error ({type(exc).__name__})")
         self._store.set_state(account.id, "active", None, error=None, synced=True)
         return AccountResult(account.email, ok=True, state="active", stats=stats)
+
+    def _sync_with_reconnect(self, account: Account, settings: SyncSettings, progress: Progress | None) -> SyncStats:
+        """One sync; a session the server ended (Gmail's `BYE Session expired`) is reopened once, silently."""
+        provider = self._config.providers[account.provider]
+        for attempt in (1, 2):
+            session = self._session_factory(account, provider)
+            try:
+                return AccountSync(
+                    self._store, account, session, settings=settings, clock=self._clock, progress=progress
+                ).run()
+            except SessionExpired:
+                if attempt == 2:
+                    raise
+                log.info("sync.session_expired_reconnect", account=account.email)
+            finally:
+                session.close()
+        raise AssertionError("unreachable")
 
     def _failed(self, account: Account, state: str, exc: Exception, *, reason: str | None = None) -> AccountResult:
         message = reason or str(exc)

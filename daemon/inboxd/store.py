@@ -69,6 +69,7 @@ class Account:
     last_sync_at: datetime | None
     last_error: str | None
     hr_user_ref: str | None
+    retry_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,7 @@ class NewLocation:
     uid: int
     flags: tuple[str, ...]
     modseq: int | None
+    labels: list[str] | None = None  # Gmail: normalized X-GM-LABELS; None elsewhere (the folder is the label)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,7 @@ class NewMessage:
     direction: str
     received_at: datetime | None
     location: NewLocation
+    thread_key: str | None = None  # the server's conversation id (Gmail X-GM-THRID), else References threading
 
 
 def _account(row: Any) -> Account:
@@ -119,6 +122,7 @@ def _account(row: Any) -> Account:
         last_sync_at=row.last_sync_at,
         last_error=row.last_error,
         hr_user_ref=row.hr_user_ref,
+        retry_at=row.retry_at,
     )
 
 
@@ -208,13 +212,21 @@ class Store:
             )
 
     def set_state(
-        self, account_id: int, state: str, reason: str | None = None, *, error: str | None = None, synced: bool = False
+        self,
+        account_id: int,
+        state: str,
+        reason: str | None = None,
+        *,
+        error: str | None = None,
+        synced: bool = False,
+        retry_at: datetime | None = None,
     ) -> None:
         values: dict[str, Any] = {
             "state": state,
             "state_reason": reason,
             "updated_at": self._clock.now(),
             "last_error": error,
+            "retry_at": retry_at,
         }
         if synced:
             values["last_sync_at"] = self._clock.now()
@@ -343,27 +355,32 @@ class Store:
                 conn.execute(locations_t.delete().where(cond))
         return touched
 
-    def update_flags(self, folder_id: int, updates: Mapping[int, tuple[tuple[str, ...], int | None]]) -> list[int]:
-        """Apply FLAGS (and MODSEQ) of known UIDs; returns the message ids whose flags really changed."""
+    def update_flags(
+        self, folder_id: int, updates: Mapping[int, tuple[tuple[str, ...], int | None, list[str] | None]]
+    ) -> list[int]:
+        """Apply FLAGS, MODSEQ and Gmail labels of known UIDs; returns the message ids that really changed."""
         if not updates:
             return []
         touched: list[int] = []
         with self.engine.begin() as conn:
             for chunk in _chunks(sorted(updates)):
                 rows = conn.execute(
-                    sa.select(locations_t.c.uid, locations_t.c.message_id, locations_t.c.flags).where(
-                        locations_t.c.folder_id == folder_id, locations_t.c.uid.in_(chunk)
-                    )
+                    sa.select(
+                        locations_t.c.uid, locations_t.c.message_id, locations_t.c.flags, locations_t.c.labels
+                    ).where(locations_t.c.folder_id == folder_id, locations_t.c.uid.in_(chunk))
                 ).all()
                 for row in rows:
-                    flags, modseq = updates[row.uid]
+                    flags, modseq, labels = updates[row.uid]
                     new_flags = sorted(flags)
-                    if sorted(row.flags or []) != new_flags:
+                    if sorted(row.flags or []) != new_flags or (labels is not None and row.labels != labels):
                         touched.append(row.message_id)
+                    values: dict[str, Any] = {"flags": new_flags, "modseq": modseq}
+                    if labels is not None:
+                        values["labels"] = labels
                     conn.execute(
                         locations_t.update()
                         .where(locations_t.c.folder_id == folder_id, locations_t.c.uid == row.uid)
-                        .values(flags=new_flags, modseq=modseq)
+                        .values(**values)
                     )
         return touched
 
@@ -474,13 +491,15 @@ class Store:
         changed = 0
         with self.engine.begin() as conn:
             for chunk in _chunks(ids):
-                where: dict[int, list[tuple[str, list[str]]]] = {i: [] for i in chunk}
+                where: dict[int, list[tuple[list[str], list[str]]]] = {i: [] for i in chunk}
                 for row in conn.execute(
-                    sa.select(locations_t.c.message_id, folders_t.c.name, locations_t.c.flags)
+                    sa.select(locations_t.c.message_id, folders_t.c.name, locations_t.c.flags, locations_t.c.labels)
                     .join(folders_t, folders_t.c.id == locations_t.c.folder_id)
                     .where(locations_t.c.message_id.in_(chunk))
                 ):
-                    where[row.message_id].append((row.name, row.flags or []))
+                    # Gmail locations carry their labels; elsewhere the folder is the label
+                    labels = row.labels if row.labels is not None else [row.name]
+                    where[row.message_id].append((labels, row.flags or []))
                 current = {
                     r.id: r
                     for r in conn.execute(
@@ -493,7 +512,7 @@ class Store:
                     msg = current.get(message_id)
                     if msg is None:
                         continue
-                    labels = sorted({name for name, _ in places})
+                    labels = sorted({label for names, _ in places for label in names})
                     is_read = any("\\Seen" in flags for _, flags in places)
                     deleted_at = None if places else (msg.deleted_at or now)
                     if (msg.labels or []) != labels or msg.is_read != is_read or msg.deleted_at != deleted_at:
@@ -527,6 +546,7 @@ class Store:
                 "uid": loc.uid,
                 "message_id": mid,
                 "flags": sorted(loc.flags),
+                "labels": loc.labels,
                 "modseq": loc.modseq,
             }
             for mid, loc in rows
@@ -537,7 +557,7 @@ class Store:
 
     def _insert_message(self, conn: sa.Connection, account_id: int, msg: NewMessage, now: datetime) -> int:
         p = msg.parsed
-        thread_id = assign_thread(conn, account_id, p, msg.identity, now)
+        thread_id = assign_thread(conn, account_id, p, msg.identity, now, key=msg.thread_key)
         message_id = _inserted_id(
             conn.execute(
                 messages_t.insert().values(
@@ -557,7 +577,7 @@ class Store:
                     body_text=p.body_text,
                     body_html=p.body_html,
                     is_read="\\Seen" in msg.location.flags,
-                    labels=[msg.folder_name],
+                    labels=msg.location.labels if msg.location.labels is not None else [msg.folder_name],
                     size_bytes=p.size_bytes,
                     has_attachments=p.has_attachments,
                     created_at=now,

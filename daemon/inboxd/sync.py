@@ -6,13 +6,15 @@ The decisions come from planner.py; this module carries them out against an Imap
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import structlog
 
 from inboxd.clock import Clock
+from inboxd.dialect import Dialect, GenericImap
 from inboxd.errors import UnparseableMessage
+from inboxd.gmail import Gmail
 from inboxd.imap import FlagUpdate, HeaderInfo, ImapSession, SelectInfo
 from inboxd.parse import parse_message
 from inboxd.planner import (
@@ -26,7 +28,6 @@ from inboxd.planner import (
     expunged_uids,
     message_identity,
     plan_folder,
-    select_folders,
 )
 from inboxd.scope import in_scope
 from inboxd.store import Account, NewLocation, NewMessage, Store, StoredFolder
@@ -60,7 +61,6 @@ class SyncStats:
     bytes_downloaded: int = 0
     total: int = 0
     done: int = 0
-    changed_messages: set[int] = field(default_factory=set)
 
 
 class AccountSync:
@@ -84,9 +84,10 @@ class AccountSync:
         self._progress = progress
         self.stats = SyncStats()
         self._log = log.bind(account=account.email)
+        self._dialect: Dialect = Gmail() if session.capabilities.gmail else GenericImap()
 
     def run(self) -> SyncStats:
-        specs = select_folders(self._session.list_folders())
+        specs = self._dialect.folders(self._session.list_folders())
         touched = set(self._store.forget_folders(self._account.id, keep=[s.name for s in specs]))
         for spec in specs:
             touched |= self._sync_folder(spec)
@@ -172,7 +173,9 @@ class AccountSync:
         elif all_flags:
             updates = self._session.all_flags(up_to_uid)
         if updates:
-            changed = self._store.update_flags(folder.id, {u.uid: (u.flags, u.modseq) for u in updates})
+            changed = self._store.update_flags(
+                folder.id, {u.uid: (u.flags, u.modseq, self._dialect.labels(u.gm_labels)) for u in updates}
+            )
             self.stats.flag_changes += len(changed)
             touched |= set(changed)
         gone: set[int] = set()
@@ -192,7 +195,7 @@ class AccountSync:
 
     def _ingest(self, folder: StoredFolder, selected: SelectInfo, batch: list[int]) -> set[int]:
         headers = self._session.fetch_headers(batch)
-        identities = {uid: message_identity(h.message_id) for uid, h in headers.items()}
+        identities = {uid: self._dialect.identity(h) for uid, h in headers.items()}
         known_ids = self._store.message_ids_by_identity(
             self._account.id, [i for i in identities.values() if i is not None]
         )
@@ -201,7 +204,7 @@ class AccountSync:
         for uid, header in headers.items():
             identity = identities[uid]
             if identity is not None and identity in known_ids:
-                known[uid] = (known_ids[identity], _location(header))
+                known[uid] = (known_ids[identity], self._location(header))
             else:
                 need_body.append(uid)
         bodies = self._session.fetch_bodies(need_body) if need_body else {}
@@ -222,16 +225,19 @@ class AccountSync:
             if not in_scope((p.email for p in parsed.participants), self._settings.contacts):
                 self.stats.out_of_scope += 1  # no trace in the database; the cursor still moves past it
                 continue
-            identity = message_identity(parsed.message_id_header or header.message_id, raw)
+            identity = identities[uid] or message_identity(parsed.message_id_header or header.message_id, raw)
             assert identity is not None  # raw is given, so there is always an identity
+            location = self._location(header)
+            outbound = self._dialect.is_outbound(location.labels, spec_of(folder))
             new_messages.append(
                 NewMessage(
                     identity=identity,
                     parsed=parsed,
                     folder_name=folder.name,
-                    direction=direction(parsed.from_email, self._account.email, folder.special_use),
+                    direction="outbound" if outbound else direction(parsed.from_email, self._account.email, None),
                     received_at=header.internaldate,
-                    location=_location(header),
+                    location=location,
+                    thread_key=self._dialect.thread_key(header),
                 )
             )
         inserted, relocated = self._store.store_batch(
@@ -245,11 +251,14 @@ class AccountSync:
         # New rows are born with their folder as label; only re-located messages need their labels recomputed.
         return {mid for mid, _ in known.values()} | set(relocated)
 
+    def _location(self, header: HeaderInfo) -> NewLocation:
+        return NewLocation(header.uid, header.flags, header.modseq, self._dialect.labels(header.gm_labels))
+
     def _add_total(self, count: int) -> None:
         self.stats.total += count
         if self._progress is not None and count:
             self._progress(self.stats.done, self.stats.total)
 
 
-def _location(header: HeaderInfo) -> NewLocation:
-    return NewLocation(uid=header.uid, flags=header.flags, modseq=header.modseq)
+def spec_of(folder: StoredFolder) -> FolderSpec:
+    return FolderSpec(folder.name, folder.special_use)

@@ -20,15 +20,26 @@ def thread_root(p: ParsedMessage) -> str | None:
     return (p.references[0] if p.references else None) or p.in_reply_to or p.message_id_header
 
 
-def assign_thread(conn: sa.Connection, account_id: int, p: ParsedMessage, identity: str, now: datetime) -> int:
+def assign_thread(
+    conn: sa.Connection, account_id: int, p: ParsedMessage, identity: str, now: datetime, *, key: str | None = None
+) -> int:
     """The thread id for a message about to be inserted; creates, joins or merges threads as needed.
 
-    Order of arrival does not matter: a reply stored before its parent starts a thread, and when the parent
-    arrives, threads whose messages answer it are merged into the parent's.
+    `key` is the server's own conversation id (Gmail X-GM-THRID): used as is. Without it, order of arrival does
+    not matter: a reply stored before its parent starts a thread, and when the parent arrives, threads whose
+    messages answer it are merged into the parent's.
     """
+    when = p.sent_at or now
+    if key is not None:
+        existing = conn.execute(
+            sa.select(threads_t.c.id).where(threads_t.c.account_id == account_id, threads_t.c.provider_thread_id == key)
+        ).scalar()
+        if existing is None:
+            return _create(conn, account_id, key, p.subject, when)
+        _add(conn, existing, p.subject, when, count=1)
+        return int(existing)
     root = thread_root(p)
     refs = [r for r in (*p.references, p.in_reply_to) if r]
-    when = p.sent_at or now
     thread_id = None
     if root:
         thread_id = conn.execute(

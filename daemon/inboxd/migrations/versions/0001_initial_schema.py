@@ -30,6 +30,7 @@ def upgrade() -> None:
     sa.Column('state_reason', sa.Text(), nullable=True),
     sa.Column('last_sync_at', inboxd.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
+    sa.Column('retry_at', inboxd.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('created_at', inboxd.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('updated_at', inboxd.models.UTCDateTime(timezone=True), nullable=False),
     sa.CheckConstraint("state IN ('active','paused','disabled','needs_reauth','error')", name='ck_mail_accounts_state'),
@@ -151,6 +152,7 @@ def upgrade() -> None:
     sa.Column('message_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('flags', sa.JSON(), nullable=True),
     sa.Column('modseq', sa.BigInteger(), nullable=True),
+    sa.Column('labels', sa.JSON(), nullable=True),
     sa.ForeignKeyConstraint(['folder_id'], ['inboxd_folders.id'], ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['message_id'], ['mail_messages.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('folder_id', 'uid')
