@@ -186,14 +186,45 @@ def test_uidvalidity_change_remaps_without_duplicates(
 def test_unchanged_mailbox_sync_is_cheap_and_idempotent(
     store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
 ) -> None:
-    config = write_config(tmp_path, db_url, mailstack)
+    """With CONDSTORE, a sync where nothing changed sends one STATUS per folder and never SELECTs or FETCHes
+    (read from Dovecot's own log of the commands the client sent)."""
+    config = write_config(tmp_path, db_url, mailstack, host=mailstack.imap_host("no_qresync"))
     connect_account(store, mailstack, recruiter)
     mailstack.deliver(recruiter, make_message("c@example.org", recruiter, "once", "x"))
     sync(config, store, recruiter)
+    before = len(mailstack.imap_commands(recruiter))
     runner = Runner(config, store, clock=SystemClock())
     [result] = runner.sync_once(only=recruiter)
     assert result.stats.folders == result.stats.folders_unchanged > 0
     assert len(rows(store, recruiter)) == 1
+    sent = [c.split(" ", 1)[0].upper() for c in mailstack.imap_commands(recruiter)[before:]]
+    assert sent.count("STATUS") == result.stats.folders
+    assert "LIST" in sent, sent
+    assert not {"SELECT", "EXAMINE", "FETCH", "UID", "SEARCH"} & set(sent), sent
+
+
+def test_no_condstore_server_is_never_sent_condstore_commands(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """Against a server that does not advertise CONDSTORE (like Microsoft 365) inboxd never uses it, even though
+    this Dovecot would still accept it; new mail, flags (periodic scan) and expunges still arrive."""
+    config = write_config(tmp_path, db_url, mailstack, host=mailstack.imap_host("no_condstore"))
+    connect_account(store, mailstack, recruiter)
+    mailstack.deliver(recruiter, make_message("c@example.org", recruiter, "first", "x"))
+    settings = SyncSettings(batch_size=3, flag_scan_interval=timedelta(0))
+    runner = Runner(config, store, clock=SystemClock(), settings=settings)
+    assert runner.sync_once(only=recruiter)[0].ok
+    mailstack.deliver(recruiter, make_message("c@example.org", recruiter, "second", "x"))
+    with mailstack.admin_imap(recruiter) as imap:
+        imap.select_folder("INBOX")
+        imap.add_flags(imap.search(["SUBJECT", "first"]), [b"\\Seen"])
+    assert runner.sync_once(only=recruiter)[0].ok
+    assert {r.subject: r.is_read for r in rows(store, recruiter)} == {"first": True, "second": False}
+    sent = " ".join(mailstack.imap_commands(recruiter)).upper()
+    assert "CONDSTORE" not in sent
+    assert "CHANGEDSINCE" not in sent
+    assert "HIGHESTMODSEQ" not in sent
+    assert "QRESYNC" not in sent
 
 
 def test_malformed_corpus_never_stops_a_sync(
