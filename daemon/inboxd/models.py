@@ -244,3 +244,44 @@ class MailQuarantine(SQLModel, table=True):
 
 
 metadata = SQLModel.metadata
+
+
+OUTBOX_STATUSES = ("queued", "sending", "sent", "failed", "cancelled")
+
+
+class MailOutbox(SQLModel, table=True):
+    """Mail the HR app asks inboxd to send from a recruiter's mailbox. The HR app inserts rows (status 'queued')
+    and may set status 'cancelled' while a row is still queued; inboxd owns every other column."""
+
+    __tablename__ = "mail_outbox"
+
+    id: int | None = _id()
+    account_id: int | None = _fk("mail_accounts.id")
+    to: list[str] | None = Field(default=None, sa_column=sa.Column("to", sa.JSON, nullable=False))
+    cc: list[str] | None = Field(default=None, sa_column=sa.Column(sa.JSON))
+    bcc: list[str] | None = Field(default=None, sa_column=sa.Column(sa.JSON))
+    subject: str = Field(default="", sa_column=sa.Column(sa.Text, nullable=False, server_default=""))
+    body_text: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    body_html: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    reply_to_message_id: int | None = _fk("mail_messages.id", nullable=True, index=False, ondelete="SET NULL")
+    # [{"sha256": ..., "filename": ..., "content_type": ...}], bytes in the attachment store
+    attachments: list[dict[str, str]] | None = Field(default=None, sa_column=sa.Column(sa.JSON))
+    idempotency_key: str = Field(sa_column=sa.Column(sa.String(255), nullable=False, unique=True))
+    status: str = Field(
+        default="queued", sa_column=sa.Column(sa.String(16), nullable=False, server_default="queued", index=True)
+    )
+    attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    next_attempt_at: datetime | None = _ts()
+    message_id_header: str | None = Field(default=None, sa_column=sa.Column(sa.String(1024)))
+    sent_at: datetime | None = _ts()
+    sent_message_id: int | None = _fk("mail_messages.id", nullable=True, index=False, ondelete="SET NULL")
+    claimed_at: datetime | None = _ts()  # inboxd: when the current attempt started (stale 'sending' = crashed)
+    created_at: datetime | None = Field(
+        default=None,
+        sa_column=sa.Column(UTCDateTime(), nullable=False, server_default=sa.func.current_timestamp()),
+    )
+
+    __table_args__ = (
+        sa.CheckConstraint("status IN ('queued','sending','sent','failed','cancelled')", name="ck_mail_outbox_status"),
+    )

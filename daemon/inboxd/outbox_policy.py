@@ -1,0 +1,66 @@
+"""Pure outbox decisions: what happens to an outbox row after an attempt, and when a 'sending' row is stale.
+
+The sender (outbox.py) applies these; they are tested exhaustively without SMTP (tests/test_outbox_policy.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+
+
+class Outcome(Enum):
+    SENT = "sent"
+    TEMPORARY = "temporary"  # 4xx or network before the message was handed over: safe to retry
+    AMBIGUOUS = "ambiguous"  # lost after the message was handed over: check \Sent before any retry
+    REJECTED = "rejected"  # 5xx: the server will not take it
+    DAILY_LIMIT = "daily_limit"  # 5.4.5: the account may not send for a day
+    INVALID = "invalid"  # the row itself is wrong (recipients, headers, attachments): never reaches SMTP
+    AUTH = "auth"  # credentials refused: wait for the recruiter to reconnect
+
+
+@dataclass(frozen=True, slots=True)
+class RowUpdate:
+    status: str
+    next_attempt_at: datetime | None
+    last_error: str | None
+    # set when the whole account must stop sending for a while (daily limit)
+    pause_sending_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    first_delay: timedelta = timedelta(seconds=30)
+    max_delay: timedelta = timedelta(hours=1)
+    max_attempts: int = 8
+    daily_limit_pause: timedelta = timedelta(hours=24)
+    stale_after: timedelta = timedelta(minutes=10)  # a 'sending' row older than this was left by a crash
+
+    def delay(self, attempts: int) -> timedelta:
+        """Backoff before attempt `attempts + 1`: first_delay doubling per attempt, capped."""
+        return min(self.first_delay * (2 ** max(attempts - 1, 0)), self.max_delay)
+
+
+def after_attempt(
+    outcome: Outcome, *, attempts: int, now: datetime, error: str | None, policy: RetryPolicy
+) -> RowUpdate:
+    """The row's next state after an attempt that ended with `outcome` (attempts counts this one)."""
+    if outcome is Outcome.SENT:
+        return RowUpdate("sent", None, None)
+    if outcome in (Outcome.REJECTED, Outcome.INVALID):
+        return RowUpdate("failed", None, error)
+    if outcome is Outcome.DAILY_LIMIT:
+        until = now + policy.daily_limit_pause
+        return RowUpdate("queued", until, error, pause_sending_until=until)
+    if outcome is Outcome.AUTH:
+        # not the row's fault: keep it queued, retried once the account is reconnected (or the backoff expires)
+        return RowUpdate("queued", now + policy.max_delay, error)
+    if attempts >= policy.max_attempts:
+        return RowUpdate("failed", None, f"gave up after {attempts} attempts: {error}")
+    return RowUpdate("queued", now + policy.delay(attempts), error)
+
+
+def is_stale(claimed_at: datetime | None, now: datetime, policy: RetryPolicy) -> bool:
+    """A row in 'sending' whose attempt started long ago was abandoned by a crashed process."""
+    return claimed_at is None or now - claimed_at >= policy.stale_after

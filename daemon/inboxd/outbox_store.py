@@ -1,0 +1,145 @@
+"""The outbox's SQL: claim a row atomically (FOR UPDATE SKIP LOCKED on PostgreSQL, one writer at a time on SQLite),
+fix its Message-ID before the first attempt, and record each attempt's outcome."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from inboxd.clock import Clock
+from inboxd.models import MailOutbox
+from inboxd.outbox_policy import RetryPolicy, RowUpdate
+
+outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    account_id: int
+    to: Any
+    cc: Any
+    bcc: Any
+    subject: str
+    body_text: str | None
+    body_html: str | None
+    reply_to_message_id: int | None
+    attachments: Any
+    idempotency_key: str
+    attempts: int
+    message_id_header: str | None
+    last_error: str | None
+
+
+def _row(r: Any) -> OutboxRow:
+    return OutboxRow(
+        id=r.id,
+        account_id=r.account_id,
+        to=r.to,
+        cc=r.cc,
+        bcc=r.bcc,
+        subject=r.subject,
+        body_text=r.body_text,
+        body_html=r.body_html,
+        reply_to_message_id=r.reply_to_message_id,
+        attachments=r.attachments,
+        idempotency_key=r.idempotency_key,
+        attempts=r.attempts,
+        message_id_header=r.message_id_header,
+        last_error=r.last_error,
+    )
+
+
+class OutboxStore:
+    def __init__(self, engine: sa.Engine, *, clock: Clock, policy: RetryPolicy) -> None:
+        self.engine = engine
+        self._clock = clock
+        self._policy = policy
+
+    def claim_next(self, *, exclude_accounts: frozenset[int] = frozenset()) -> OutboxRow | None:
+        """Take the oldest due row (or a 'sending' row abandoned by a crash) and mark it 'sending', atomically.
+
+        Two workers, on one node or several, never get the same row.
+        """
+        now = self._clock.now()
+        due = sa.or_(
+            sa.and_(
+                outbox_t.c.status == "queued",
+                sa.or_(outbox_t.c.next_attempt_at.is_(None), outbox_t.c.next_attempt_at <= now),
+            ),
+            sa.and_(outbox_t.c.status == "sending", outbox_t.c.claimed_at <= now - self._policy.stale_after),
+        )
+        pick = sa.select(outbox_t.c.id).where(due).order_by(outbox_t.c.id).limit(1)
+        if exclude_accounts:
+            pick = pick.where(outbox_t.c.account_id.not_in(sorted(exclude_accounts)))
+        pick = pick.with_for_update(skip_locked=True)  # PostgreSQL; SQLite serializes writers instead
+        stmt = (
+            outbox_t.update()
+            .where(outbox_t.c.id == pick.scalar_subquery())
+            .values(status="sending", claimed_at=now, attempts=outbox_t.c.attempts + 1)
+            .returning(*outbox_t.c)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).first()
+        return _row(row) if row is not None else None
+
+    def fix_message_id(self, row_id: int, message_id: str) -> str:
+        """Store the Message-ID before the first attempt; a row that already has one keeps it (retries reuse it)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                outbox_t.update()
+                .where(outbox_t.c.id == row_id, outbox_t.c.message_id_header.is_(None))
+                .values(message_id_header=message_id)
+            )
+            stored: str = conn.execute(
+                sa.select(outbox_t.c.message_id_header).where(outbox_t.c.id == row_id)
+            ).scalar_one()
+        return stored
+
+    def record(self, row_id: int, update: RowUpdate, *, sent_message_id: int | None = None) -> None:
+        values: dict[str, Any] = {
+            "status": update.status,
+            "next_attempt_at": update.next_attempt_at,
+            "last_error": update.last_error[:2000] if update.last_error else None,
+        }
+        if update.status == "sent":
+            values["sent_at"] = self._clock.now()
+            values["sent_message_id"] = sent_message_id
+        with self.engine.begin() as conn:
+            conn.execute(outbox_t.update().where(outbox_t.c.id == row_id).values(**values))
+
+    def hold(self, row_id: int, reason: str, until: datetime) -> None:
+        """Put a claimed row back without counting an attempt (account paused, disabled or not sending today)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                outbox_t.update()
+                .where(outbox_t.c.id == row_id)
+                .values(
+                    status="queued",
+                    attempts=sa.func.greatest(outbox_t.c.attempts - 1, 0)
+                    if self.engine.dialect.name == "postgresql"
+                    else sa.func.max(outbox_t.c.attempts - 1, 0),
+                    next_attempt_at=until,
+                    last_error=reason,
+                )
+            )
+
+    def defer_account(self, account_id: int, until: datetime, reason: str) -> None:
+        """Push every queued row of an account (daily sending limit reached)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                outbox_t.update()
+                .where(outbox_t.c.account_id == account_id, outbox_t.c.status == "queued")
+                .values(next_attempt_at=until, last_error=reason)
+            )
+
+    def depth(self) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(outbox_t).where(outbox_t.c.status.in_(("queued", "sending")))
+                ).scalar_one()
+            )
