@@ -39,7 +39,8 @@ class RetryPolicy:
 
     def delay(self, attempts: int) -> timedelta:
         """Backoff before attempt `attempts + 1`: first_delay doubling per attempt, capped."""
-        return min(self.first_delay * (2 ** max(attempts - 1, 0)), self.max_delay)
+        delay: timedelta = self.first_delay * (2 ** max(attempts - 1, 0))
+        return min(delay, self.max_delay)
 
 
 def after_attempt(
