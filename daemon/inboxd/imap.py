@@ -404,7 +404,10 @@ def _authenticate(
 def _raise_alert(client: IMAPClient, exc: Exception) -> None:
     """A login refused with [ALERT] is not a credentials problem: the text is for a human (Gmail: IMAP disabled,
     sign in via the web first, too many connections)."""
-    alerts = client._imap.untagged_responses.pop("ALERT", None)
+    untagged = client._imap.untagged_responses
+    if untagged.pop("OVERQUOTA", None) is not None:
+        raise QuotaExceeded(f"provider quota exceeded at login: {_reply_text(exc)}") from exc
+    alerts = untagged.pop("ALERT", None)
     if not alerts:
         return
     # imaplib keeps only what is inside the brackets; the human text follows them in the NO reply itself

@@ -135,7 +135,8 @@ class Runner:
                 account.email, ok=not decision.failed, state=decision.state, reason=decision.reason, skipped=True
             )
         try:
-            stats = self._sync_with_reconnect(account, settings or self.cycle_settings(), progress)
+            with structlog.contextvars.bound_contextvars(account=account.email):
+                stats = self._sync_with_reconnect(account, settings or self.cycle_settings(), progress)
         except QuotaExceeded as exc:
             until = self._clock.now() + self._config.sync.quota_pause
             reason = f"provider quota exceeded, IMAP paused until {until.isoformat(timespec='minutes')}: {exc}"

@@ -172,6 +172,7 @@ class Store:
                         state="active",
                         state_reason=None,
                         last_error=None,
+                        retry_at=None,
                         updated_at=now,
                         **({"hr_user_ref": hr_user_ref} if hr_user_ref is not None else {}),
                     )
