@@ -323,5 +323,34 @@ def test_contacts_scope_stores_only_candidate_mail(
             .where(participants_t.c.email == "private@bank.example")
         ).scalar()
     assert leaked == 0
+    cv = rows(store, recruiter)[0]
+    assert result.stats.bytes_downloaded == cv.size_bytes, "header first: the private message's body never came"
     [again] = runner.sync_once(only=recruiter)
     assert again.stats.out_of_scope == 0, "the skipped message is not fetched again"
+
+
+def test_contact_added_later_gets_its_history_backfilled(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """A candidate the HR app adds after the first sync: the next `run --once` searches the mailbox (INBOX and
+    Sent) for them and stores their older mail; other private mail stays out; the search runs once."""
+    config = write_config(tmp_path, db_url, mailstack, scope="contacts")
+    connect_account(store, mailstack, recruiter)
+    mailstack.deliver(recruiter, make_message("Late <late.cand@example.org>", recruiter, "old application", "x"))
+    mailstack.deliver(recruiter, make_message("Other <other@example.org>", recruiter, "not a candidate", "x"))
+    with mailstack.admin_imap(recruiter) as imap:
+        imap.append("Sent", make_message(recruiter, "late.cand@example.org", "old answer", "y"), flags=[b"\\Seen"])
+    runner = Runner(config, store, clock=SystemClock())
+    assert runner.sync_once(only=recruiter)[0].ok
+    assert rows(store, recruiter) == []
+    with store.engine.begin() as conn:  # the HR app adds the candidate today
+        conn.execute(sa.text("INSERT INTO mail_contacts (email) VALUES ('late.cand@example.org')"))
+    [result] = runner.sync_once(only=recruiter)
+    assert result.ok, result.reason
+    assert result.stats.backfilled == 2
+    assert sorted((r.subject, r.direction) for r in rows(store, recruiter)) == [
+        ("old answer", "outbound"),
+        ("old application", "inbound"),
+    ]
+    [again] = runner.sync_once(only=recruiter)
+    assert again.stats.backfilled == 0

@@ -24,7 +24,7 @@ from imapclient.response_parser import parse_fetch_response
 
 from inboxd import __version__
 from inboxd.errors import AccountFailed, QuotaExceeded, ReauthRequired, RetryLater, SessionExpired
-from inboxd.parse import normalize_msgid
+from inboxd.parse import normalize_msgid, parse_address_list
 from inboxd.planner import Capabilities, FolderListing, FolderStatus, sequence_set
 
 log = structlog.get_logger(__name__)
@@ -48,6 +48,8 @@ class HeaderInfo:
     flags: tuple[str, ...]
     modseq: int | None
     internaldate: datetime | None
+    # every address of From/To/Cc/Bcc/Reply-To: decides contact scope before the body is downloaded
+    addresses: tuple[str, ...] = ()
     # Gmail (X-GM-EXT-1) only: the stable message id, the conversation id and the raw labels (UTF-7 decoded)
     gm_msgid: int | None = None
     gm_thrid: int | None = None
@@ -81,6 +83,9 @@ class ImapSession(Protocol):
     def fetch_headers(self, uids: Iterable[int]) -> dict[int, HeaderInfo]: ...
 
     def fetch_bodies(self, uids: Iterable[int]) -> dict[int, bytes]: ...
+
+    def search_addresses(self, addresses: Iterable[str]) -> set[int]:
+        """UIDs in the selected folder of messages from, to, cc or bcc any of these addresses."""
 
     def changed_flags(
         self, up_to_uid: int, since_modseq: int, *, vanished: bool
@@ -159,8 +164,20 @@ class ImapClientSession:
     def all_uids(self) -> set[int]:
         return set(self._call(self._client.search, ["ALL"]))
 
+    def search_addresses(self, addresses: Iterable[str]) -> set[int]:
+        found: set[int] = set()
+        for address in addresses:
+            if self._caps.gmail:
+                # Gmail's own search: one query, and it knows that dots in gmail.com addresses do not matter
+                query = f"from:{address} OR to:{address} OR cc:{address} OR bcc:{address}"
+                found |= set(self._call(self._client.gmail_search, query))
+            else:
+                criteria = ["OR", "OR", "FROM", address, "TO", address, "OR", "CC", address, "BCC", address]
+                found |= set(self._call(self._client.search, criteria))
+        return found
+
     def fetch_headers(self, uids: Iterable[int]) -> dict[int, HeaderInfo]:
-        items = ["UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]
+        items = ["UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE", f"BODY.PEEK[HEADER.FIELDS ({' '.join(HEADER_FIELDS)})]"]
         if self._caps.condstore:
             items.append("MODSEQ")
         if self._caps.gmail:
@@ -168,9 +185,11 @@ class ImapClientSession:
         out: dict[int, HeaderInfo] = {}
         for uid, data in self._fetch(sequence_set(uids), items).items():
             header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER.FIELDS")), b"")
+            fields = header_fields(header)
             out[uid] = HeaderInfo(
                 uid=uid,
-                message_id=_message_id_from_header(header),
+                message_id=normalize_msgid(fields.get("message-id")),
+                addresses=tuple(email for name in ADDRESS_FIELDS for _, email in parse_address_list(fields.get(name))),
                 size=data.get(b"RFC822.SIZE"),
                 flags=tuple(_text(f) for f in data.get(b"FLAGS", ())),
                 modseq=_modseq(data),
@@ -302,14 +321,20 @@ def _modseq(data: Mapping[bytes, Any]) -> int | None:
     return int(value) if value is not None else None
 
 
-def _message_id_from_header(header: bytes) -> str | None:
+ADDRESS_FIELDS = ("from", "to", "cc", "bcc", "reply-to")
+HEADER_FIELDS = ("MESSAGE-ID", "FROM", "TO", "CC", "BCC", "REPLY-TO")
+
+
+def header_fields(header: bytes) -> dict[str, str]:
+    """The first value of each header field in a HEADER.FIELDS reply, unfolded (raw 8-bit kept as latin-1)."""
     text = header.decode("latin-1")
-    unfolded = text.replace("\r\n ", " ").replace("\r\n\t", " ")
+    unfolded = re.sub(r"\r?\n[ \t]+", " ", text)
+    fields: dict[str, str] = {}
     for line in unfolded.splitlines():
         name, sep, value = line.partition(":")
-        if sep and name.strip().lower() == "message-id":
-            return normalize_msgid(value)
-    return None
+        if sep:
+            fields.setdefault(name.strip().lower(), value.strip())
+    return fields
 
 
 def parse_vanished(line: str) -> set[int]:

@@ -285,3 +285,16 @@ class MailOutbox(SQLModel, table=True):
     __table_args__ = (
         sa.CheckConstraint("status IN ('queued','sending','sent','failed','cancelled')", name="ck_mail_outbox_status"),
     )
+
+
+class ContactBackfill(SQLModel, table=True):
+    """Private: which contact addresses an account's older mail has been searched for (scope "contacts")."""
+
+    __tablename__ = "inboxd_backfills"
+
+    account_id: int | None = Field(
+        default=None,
+        sa_column=sa.Column(BigId, sa.ForeignKey("mail_accounts.id", ondelete="CASCADE"), primary_key=True),
+    )
+    email: str = Field(sa_column=sa.Column(sa.String(320), primary_key=True))  # normalized (scope.normalize_address)
+    done_at: datetime | None = _ts(nullable=False)

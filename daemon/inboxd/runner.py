@@ -28,7 +28,7 @@ from inboxd.errors import (
     SessionExpired,
 )
 from inboxd.imap import ImapEndpoint, ImapSession, connect
-from inboxd.scope import contact_set
+from inboxd.scope import contact_set, normalize_address
 from inboxd.store import Account, Store
 from inboxd.sync import AccountSync, Progress, SyncSettings, SyncStats
 from inboxd.tokens import OAuthRefreshTokenSource, TokenSource
@@ -106,7 +106,15 @@ class Runner:
         """Settings for one cycle: with scope "contacts", the HR app's contacts as they are now."""
         if self._config.sync.scope == "all":
             return self._settings
-        return replace(self._settings, contacts=contact_set(self._store.contact_emails()))
+        emails = self._store.contact_emails()
+        return replace(self._settings, contacts=contact_set(emails), backfill=frozenset(emails))
+
+    def _account_settings(self, account: Account, cycle: SyncSettings) -> SyncSettings:
+        """Narrow the cycle's backfill candidates to the contacts this account has not been searched for."""
+        if cycle.contacts is None:
+            return cycle
+        done = self._store.backfilled(account.id)
+        return replace(cycle, backfill=frozenset(e for e in cycle.backfill if normalize_address(e) not in done))
 
     def sync_once(
         self, *, only: str | None = None, progress: Callable[[str, int, int], None] | None = None
@@ -135,8 +143,11 @@ class Runner:
                 account.email, ok=not decision.failed, state=decision.state, reason=decision.reason, skipped=True
             )
         try:
+            settings = self._account_settings(account, settings or self.cycle_settings())
             with structlog.contextvars.bound_contextvars(account=account.email):
-                stats = self._sync_with_reconnect(account, settings or self.cycle_settings(), progress)
+                stats = self._sync_with_reconnect(account, settings, progress)
+            # a successful sync covered these contacts: by the backfill search, or by a first sync that saw all
+            self._store.mark_backfilled(account.id, (normalize_address(e) for e in settings.backfill))
         except QuotaExceeded as exc:
             until = self._clock.now() + self._config.sync.quota_pause
             reason = f"provider quota exceeded, IMAP paused until {until.isoformat(timespec='minutes')}: {exc}"

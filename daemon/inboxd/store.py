@@ -18,6 +18,7 @@ from inboxd.clock import Clock
 from inboxd.crypto import SecretBox
 from inboxd.errors import UsageError
 from inboxd.models import (
+    ContactBackfill,
     MailAccount,
     MailAttachment,
     MailContact,
@@ -41,6 +42,7 @@ participants_t = MailParticipant.__table__  # type: ignore[attr-defined]
 attachments_t = MailAttachment.__table__  # type: ignore[attr-defined]
 quarantine_t = MailQuarantine.__table__  # type: ignore[attr-defined]
 contacts_t = MailContact.__table__  # type: ignore[attr-defined]
+backfills_t = ContactBackfill.__table__  # type: ignore[attr-defined]
 
 # Keep IN (...) lists well under SQLite's bound-parameter limit.
 _CHUNK = 500
@@ -243,6 +245,21 @@ class Store:
                 .group_by(messages_t.c.account_id)
             )
             return {r[0]: r[1] for r in rows}
+
+    def backfilled(self, account_id: int) -> set[str]:
+        """Normalized contact addresses this account's older mail was already searched for."""
+        with self.engine.connect() as conn:
+            return set(
+                conn.execute(sa.select(backfills_t.c.email).where(backfills_t.c.account_id == account_id)).scalars()
+            )
+
+    def mark_backfilled(self, account_id: int, emails: Iterable[str]) -> None:
+        fresh = sorted(set(emails) - self.backfilled(account_id))
+        if not fresh:
+            return
+        now = self._clock.now()
+        with self.engine.begin() as conn:
+            conn.execute(backfills_t.insert(), [{"account_id": account_id, "email": e, "done_at": now} for e in fresh])
 
     def contact_emails(self) -> list[str]:
         """The addresses of mail_contacts (written by the HR app)."""

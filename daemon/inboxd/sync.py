@@ -46,6 +46,8 @@ class SyncSettings:
     flag_scan_interval: timedelta = timedelta(minutes=15)
     # None: store everything (scope "all"); else the normalized addresses of the HR app's contacts.
     contacts: frozenset[str] | None = None
+    # contacts (as the HR app wrote them) whose older mail this account has not been searched for yet
+    backfill: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -58,6 +60,7 @@ class SyncStats:
     expunged: int = 0
     quarantined: int = 0
     out_of_scope: int = 0
+    backfilled: int = 0
     bytes_downloaded: int = 0
     total: int = 0
     done: int = 0
@@ -89,8 +92,12 @@ class AccountSync:
     def run(self) -> SyncStats:
         specs = self._dialect.folders(self._session.list_folders())
         touched = set(self._store.forget_folders(self._account.id, keep=[s.name for s in specs]))
+        first_sync = not self._known_folders() & {spec.name for spec in specs}
         for spec in specs:
             touched |= self._sync_folder(spec)
+        if self._settings.backfill and not first_sync:  # a first sync has just seen every message anyway
+            for spec in specs:
+                touched |= self._backfill(spec, self._settings.backfill)
         self._store.refresh_messages(self._account.id, touched)
         self._log.info(
             "sync.account_done",
@@ -151,6 +158,27 @@ class AccountSync:
         flog.info("sync.folder_done", new=len(new_uids))
         return touched
 
+    def _known_folders(self) -> set[str]:
+        return {name for name, f in self._store.folders(self._account.id).items() if f.cursor.uidvalidity is not None}
+
+    def _backfill(self, spec: FolderSpec, addresses: frozenset[str]) -> set[int]:
+        """Fetch the older messages of newly added contacts: a server-side search, then the usual header-first
+        ingest of the UIDs not stored yet (newer ones are the regular sync's)."""
+        folder = self._store.ensure_folder(self._account.id, spec.name, spec.special_use)
+        selected = self._session.select(spec.name)
+        if selected.uidvalidity != folder.cursor.uidvalidity:
+            return set()  # the next regular sync re-maps this folder first
+        found = self._session.search_addresses(sorted(addresses))
+        wanted = sorted(uid for uid in found - self._store.known_uids(folder.id) if uid <= folder.cursor.last_uid)
+        self._add_total(len(wanted))
+        touched: set[int] = set()
+        for batch in batches(wanted, self._settings.batch_size):
+            touched |= self._ingest(folder, selected, batch)
+        if wanted:
+            self._log.info("sync.backfill", folder=spec.name, contacts=len(addresses), found=len(wanted))
+            self.stats.backfilled += len(wanted)
+        return touched
+
     def _flag_scan_due(self, folder: StoredFolder) -> bool:
         synced_at = folder.synced_at
         return synced_at is None or self._clock.now() - synced_at >= self._settings.flag_scan_interval
@@ -205,8 +233,10 @@ class AccountSync:
             identity = identities[uid]
             if identity is not None and identity in known_ids:
                 known[uid] = (known_ids[identity], self._location(header))
-            else:
+            elif in_scope(header.addresses, self._settings.contacts):
                 need_body.append(uid)
+            else:  # header first: nobody in scope, so the body is never downloaded
+                self.stats.out_of_scope += 1
         bodies = self._session.fetch_bodies(need_body) if need_body else {}
         new_messages: list[NewMessage] = []
         for uid in sorted(bodies):

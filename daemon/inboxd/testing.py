@@ -10,8 +10,8 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from inboxd.imap import FlagUpdate, HeaderInfo, SelectInfo
-from inboxd.parse import normalize_msgid
+from inboxd.imap import ADDRESS_FIELDS, FlagUpdate, HeaderInfo, SelectInfo, header_fields
+from inboxd.parse import normalize_msgid, parse_address_list
 from inboxd.planner import Capabilities, FolderListing, FolderStatus
 
 
@@ -143,8 +143,14 @@ class FakeSession:
                     tuple(sorted(msg.flags)),
                     msg.modseq if self._caps.condstore else None,
                     None,
+                    addresses=addresses_of(msg.raw),
                 )
         return out
+
+    def search_addresses(self, addresses: Iterable[str]) -> set[int]:
+        self._cmd("SEARCH")
+        wanted = {a.lower() for a in addresses}
+        return {u for u, m in self._folder().messages.items() if wanted & set(addresses_of(m.raw))}
 
     def fetch_bodies(self, uids: Iterable[int]) -> dict[int, bytes]:
         self._cmd("FETCH bodies")
@@ -170,6 +176,11 @@ class FakeSession:
 
     def close(self) -> None:
         self._cmd("LOGOUT")
+
+
+def addresses_of(raw: bytes) -> tuple[str, ...]:
+    fields = header_fields(raw.split(b"\r\n\r\n", 1)[0])
+    return tuple(email for name in ADDRESS_FIELDS for _, email in parse_address_list(fields.get(name)))
 
 
 def message_id_of(raw: bytes) -> str | None:
