@@ -462,3 +462,18 @@ def test_parse_size(value: str | int, expected: int) -> None:
 def test_parse_size_rejects(value: str | int) -> None:
     with pytest.raises(ValueError, match="expected a size"):
         parse_size(value)
+
+
+def test_sync_exclusions_are_parsed_and_validated(tmp_path: Path) -> None:
+    """[sync] exclude_addresses / exclude_labels: lowercased address and @domain patterns; typos named."""
+    cfg = parse_config(
+        '[sync]\nexclude_addresses = ["HR@Corp.example", "@corp.example"]\nexclude_labels = ["Private"]\n',
+        path=tmp_path / "inboxd.toml",
+        env={},
+    )
+    assert cfg.sync.exclude_addresses == frozenset({"hr@corp.example", "@corp.example"})
+    assert cfg.sync.exclude_labels == frozenset({"Private"})
+    with pytest.raises(ConfigError, match=r"sync\.exclude_addresses"):
+        parse_config('[sync]\nexclude_addresses = ["corp.example"]\n', path=tmp_path / "inboxd.toml", env={})
+    with pytest.raises(ConfigError, match=r"sync\.exclude_labels"):
+        parse_config("[sync]\nexclude_labels = 3\n", path=tmp_path / "inboxd.toml", env={})

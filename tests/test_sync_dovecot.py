@@ -32,9 +32,10 @@ CORPUS = Path(__file__).parent / "corpus"
 
 
 def write_config(
-    tmp_path: Path, db_url: str, stack: MailStack, *, host: str = "127.0.0.1", scope: str = "all"
+    tmp_path: Path, db_url: str, stack: MailStack, *, host: str = "127.0.0.1", scope: str = "all", sync_extra: str = ""
 ) -> Config:
-    return load_config(write_stack_config(tmp_path, db_url, stack, host=host, scope=scope), env={})
+    path = write_stack_config(tmp_path, db_url, stack, host=host, scope=scope, sync_extra=sync_extra)
+    return load_config(path, env={})
 
 
 def connect_account(store: Store, stack: MailStack, email: str) -> str:
@@ -354,3 +355,26 @@ def test_contact_added_later_gets_its_history_backfilled(
     ]
     [again] = runner.sync_once(only=recruiter)
     assert again.stats.backfilled == 0
+
+
+def test_exclusions_hold(store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str) -> None:
+    """Excluded domains never make mail storable (an employee in mail_contacts does not pull internal mail in),
+    and nothing in an excluded folder/label is stored, candidate or not."""
+    config = write_config(
+        tmp_path,
+        db_url,
+        mailstack,
+        scope="contacts",
+        sync_extra='exclude_addresses = ["@corp.example"]\nexclude_labels = ["Private"]',
+    )
+    connect_account(store, mailstack, recruiter)
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO mail_contacts (email) VALUES ('cand@example.org'), ('boss@corp.example')"))
+    mailstack.deliver(recruiter, make_message("Boss <boss@corp.example>", recruiter, "internal salary talk", "x"))
+    mailstack.deliver(recruiter, make_message("Cand <cand@example.org>", recruiter, "application", "x"))
+    with mailstack.admin_imap(recruiter) as imap:
+        imap.create_folder("Private")
+        imap.append("Private", make_message("Cand <cand@example.org>", recruiter, "personal note", "x"))
+    [result] = Runner(config, store, clock=SystemClock()).sync_once(only=recruiter)
+    assert result.ok, result.reason
+    assert [r.subject for r in rows(store, recruiter)] == ["application"]

@@ -69,6 +69,10 @@ class SyncConfig:
     flag_scan_interval: timedelta = timedelta(minutes=15)
     # Gmail [OVERQUOTA] (bandwidth/command limits): how long that account's IMAP is left alone
     quota_pause: timedelta = timedelta(hours=1)
+    # never stored / never a contact match: addresses ("hr@corp.example") and domains ("@corp.example")
+    exclude_addresses: frozenset[str] = frozenset()
+    # messages carrying any of these labels (Gmail labels, or folder names elsewhere) are never stored
+    exclude_labels: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -407,6 +411,8 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
             "attachments_dir",
             "flag_scan_interval",
             "quota_pause",
+            "exclude_addresses",
+            "exclude_labels",
         }
     )
     duration = 'a duration like "30s", "60m", "2h" or "1d"'
@@ -428,7 +434,27 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
         attachments_dir=table.ctx.resolve(attachments) if attachments else state_dir / "attachments",
         flag_scan_interval=flag_scan,
         quota_pause=quota_pause,
+        exclude_addresses=table.converted(
+            "exclude_addresses", frozenset(), _address_patterns, 'a list like ["hr@corp.example", "@corp.example"]'
+        ),
+        exclude_labels=table.converted("exclude_labels", frozenset(), _string_list, 'a list like ["Private"]'),
     )
+
+
+def _string_list(value: Any) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise TypeError(value)
+    return frozenset(v.strip() for v in value)
+
+
+def _address_patterns(value: Any) -> frozenset[str]:
+    """Addresses and "@domain" patterns, lowercased; anything else is a typo worth an error."""
+    items = {v.lower() for v in _string_list(value)}
+    for item in items:
+        _local, at, domain = item.rpartition("@")
+        if not at or not domain or "." not in domain or " " in item:
+            raise ValueError(item)
+    return frozenset(items)
 
 
 def _positive_duration(value: Any) -> timedelta:

@@ -28,7 +28,7 @@ from inboxd.errors import (
     SessionExpired,
 )
 from inboxd.imap import ImapEndpoint, ImapSession, connect
-from inboxd.scope import contact_set, normalize_address
+from inboxd.scope import Exclusions, contact_set, normalize_address
 from inboxd.store import Account, Store
 from inboxd.sync import AccountSync, Progress, SyncSettings, SyncStats
 from inboxd.tokens import OAuthRefreshTokenSource, TokenSource
@@ -100,6 +100,7 @@ class Runner:
             batch_size=config.sync.batch_size,
             max_attachment_bytes=config.sync.max_attachment_bytes,
             flag_scan_interval=config.sync.flag_scan_interval,
+            exclusions=Exclusions(addresses=config.sync.exclude_addresses, labels=config.sync.exclude_labels),
         )
 
     def cycle_settings(self) -> SyncSettings:

@@ -5,7 +5,7 @@ The decisions come from planner.py; this module carries them out against an Imap
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -29,7 +29,7 @@ from inboxd.planner import (
     message_identity,
     plan_folder,
 )
-from inboxd.scope import in_scope
+from inboxd.scope import NO_EXCLUSIONS, Exclusions, in_scope
 from inboxd.store import Account, NewLocation, NewMessage, Store, StoredFolder
 
 log = structlog.get_logger(__name__)
@@ -48,6 +48,7 @@ class SyncSettings:
     contacts: frozenset[str] | None = None
     # contacts (as the HR app wrote them) whose older mail this account has not been searched for yet
     backfill: frozenset[str] = frozenset()
+    exclusions: Exclusions = NO_EXCLUSIONS
 
 
 @dataclass(slots=True)
@@ -233,9 +234,9 @@ class AccountSync:
             identity = identities[uid]
             if identity is not None and identity in known_ids:
                 known[uid] = (known_ids[identity], self._location(header))
-            elif in_scope(header.addresses, self._settings.contacts):
+            elif self._admits(header.addresses, self._location(header), folder):
                 need_body.append(uid)
-            else:  # header first: nobody in scope, so the body is never downloaded
+            else:  # header first: out of scope or excluded, so the body is never downloaded
                 self.stats.out_of_scope += 1
         bodies = self._session.fetch_bodies(need_body) if need_body else {}
         new_messages: list[NewMessage] = []
@@ -252,7 +253,7 @@ class AccountSync:
                 self.stats.quarantined += 1
                 self._log.warning("sync.message_quarantined", folder=folder.name, uid=uid, reason=exc.message)
                 continue
-            if not in_scope((p.email for p in parsed.participants), self._settings.contacts):
+            if not self._admits([p.email for p in parsed.participants], self._location(header), folder):
                 self.stats.out_of_scope += 1  # no trace in the database; the cursor still moves past it
                 continue
             identity = identities[uid] or message_identity(parsed.message_id_header or header.message_id, raw)
@@ -280,6 +281,12 @@ class AccountSync:
             self._progress(self.stats.done, self.stats.total)
         # New rows are born with their folder as label; only re-located messages need their labels recomputed.
         return {mid for mid, _ in known.values()} | set(relocated)
+
+    def _admits(self, addresses: Iterable[str], location: NewLocation, folder: StoredFolder) -> bool:
+        labels = location.labels if location.labels is not None else [folder.name]
+        if self._settings.exclusions.excludes_labels(labels):
+            return False
+        return in_scope(addresses, self._settings.contacts, self._settings.exclusions)
 
     def _location(self, header: HeaderInfo) -> NewLocation:
         return NewLocation(header.uid, header.flags, header.modseq, self._dialect.labels(header.gm_labels))

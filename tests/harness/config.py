@@ -11,7 +11,14 @@ from harness.mailstack import MailStack
 
 
 def write_stack_config(
-    directory: Path, db_url: str, stack: MailStack, *, host: str = "127.0.0.1", extra: str = "", scope: str = "all"
+    directory: Path,
+    db_url: str,
+    stack: MailStack,
+    *,
+    host: str = "127.0.0.1",
+    extra: str = "",
+    scope: str = "all",
+    sync_extra: str = "",
 ) -> Path:
     """Write ``directory/inboxd.toml``: provider ``local`` (generic IMAP over STARTTLS, XOAUTH2 against the stack's
     OAuth server), ``scope`` (default "all"), small batches, key and state under ``directory``; ``extra`` is
@@ -25,6 +32,7 @@ key_file = "{directory / "secret.key"}"
 [sync]
 scope = "{scope}"
 batch_size = 3
+{sync_extra}
 [providers.local]
 kind = "imap"
 imap_host = "{host}"
