@@ -378,3 +378,34 @@ def test_exclusions_hold(store: Store, db_url: str, tmp_path: Path, mailstack: M
     [result] = Runner(config, store, clock=SystemClock()).sync_once(only=recruiter)
     assert result.ok, result.reason
     assert [r.subject for r in rows(store, recruiter)] == ["application"]
+
+
+def test_rest_of_a_candidate_thread_is_kept(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """Once a conversation touches a candidate, a later reply in it is stored even with no contact on it (a
+    colleague answering internally), and lands in the same thread; unrelated internal mail is not stored."""
+    config = write_config(tmp_path, db_url, mailstack, scope="contacts")
+    connect_account(store, mailstack, recruiter)
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO mail_contacts (email) VALUES ('cand@example.org')"))
+    mailstack.deliver(
+        recruiter, make_message("cand@example.org", recruiter, "application", "x", message_id="<app-9@example.org>")
+    )
+    runner = Runner(config, store, clock=SystemClock())
+    assert runner.sync_once(only=recruiter)[0].ok
+    mailstack.deliver(
+        recruiter,
+        make_message(
+            "Colleague <colleague@example.test>",
+            recruiter,
+            "Re: application",
+            "looks good",
+            in_reply_to="<app-9@example.org>",
+        ),
+    )
+    mailstack.deliver(recruiter, make_message("colleague@example.test", recruiter, "lunch?", "x"))
+    assert runner.sync_once(only=recruiter)[0].ok
+    got = rows(store, recruiter)
+    assert [r.subject for r in got] == ["application", "Re: application"]
+    assert got[0].thread_id == got[1].thread_id

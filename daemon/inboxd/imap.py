@@ -50,6 +50,8 @@ class HeaderInfo:
     internaldate: datetime | None
     # every address of From/To/Cc/Bcc/Reply-To: decides contact scope before the body is downloaded
     addresses: tuple[str, ...] = ()
+    # In-Reply-To and References ids: a reply in a stored conversation is kept even without a contact on it
+    references: tuple[str, ...] = ()
     # Gmail (X-GM-EXT-1) only: the stable message id, the conversation id and the raw labels (UTF-7 decoded)
     gm_msgid: int | None = None
     gm_thrid: int | None = None
@@ -190,6 +192,7 @@ class ImapClientSession:
                 uid=uid,
                 message_id=normalize_msgid(fields.get("message-id")),
                 addresses=tuple(email for name in ADDRESS_FIELDS for _, email in parse_address_list(fields.get(name))),
+                references=reference_ids(fields),
                 size=data.get(b"RFC822.SIZE"),
                 flags=tuple(_text(f) for f in data.get(b"FLAGS", ())),
                 modseq=_modseq(data),
@@ -322,7 +325,12 @@ def _modseq(data: Mapping[bytes, Any]) -> int | None:
 
 
 ADDRESS_FIELDS = ("from", "to", "cc", "bcc", "reply-to")
-HEADER_FIELDS = ("MESSAGE-ID", "FROM", "TO", "CC", "BCC", "REPLY-TO")
+HEADER_FIELDS = ("MESSAGE-ID", "FROM", "TO", "CC", "BCC", "REPLY-TO", "IN-REPLY-TO", "REFERENCES")
+
+
+def reference_ids(fields: Mapping[str, str]) -> tuple[str, ...]:
+    ids = re.findall(r"<([^<>\s]+)>", fields.get("in-reply-to", "") + " " + fields.get("references", ""))
+    return tuple(dict.fromkeys(i for i in (normalize_msgid(x) for x in ids) if i))
 
 
 def header_fields(header: bytes) -> dict[str, str]:

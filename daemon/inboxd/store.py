@@ -28,6 +28,7 @@ from inboxd.models import (
     MailMessage,
     MailParticipant,
     MailQuarantine,
+    MailThread,
 )
 from inboxd.parse import ParsedMessage
 from inboxd.planner import FolderCursor
@@ -41,6 +42,7 @@ messages_t = MailMessage.__table__  # type: ignore[attr-defined]
 participants_t = MailParticipant.__table__  # type: ignore[attr-defined]
 attachments_t = MailAttachment.__table__  # type: ignore[attr-defined]
 quarantine_t = MailQuarantine.__table__  # type: ignore[attr-defined]
+threads_t = MailThread.__table__  # type: ignore[attr-defined]
 contacts_t = MailContact.__table__  # type: ignore[attr-defined]
 backfills_t = ContactBackfill.__table__  # type: ignore[attr-defined]
 
@@ -411,6 +413,34 @@ class Store:
             )
 
     # -- messages --------------------------------------------------------------------------------------------
+
+    def existing_thread_keys(self, account_id: int, keys: Iterable[str]) -> set[str]:
+        wanted = sorted(set(keys))
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(wanted):
+                found |= set(
+                    conn.execute(
+                        sa.select(threads_t.c.provider_thread_id).where(
+                            threads_t.c.account_id == account_id, threads_t.c.provider_thread_id.in_(chunk)
+                        )
+                    ).scalars()
+                )
+        return found
+
+    def existing_message_ids(self, account_id: int, message_id_headers: Iterable[str]) -> set[str]:
+        wanted = sorted(set(message_id_headers))
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(wanted):
+                found |= set(
+                    conn.execute(
+                        sa.select(messages_t.c.message_id_header).where(
+                            messages_t.c.account_id == account_id, messages_t.c.message_id_header.in_(chunk)
+                        )
+                    ).scalars()
+                )
+        return found
 
     def message_ids_by_identity(self, account_id: int, identities: Iterable[str]) -> dict[str, int]:
         wanted = sorted(set(identities))

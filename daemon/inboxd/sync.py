@@ -5,7 +5,7 @@ The decisions come from planner.py; this module carries them out against an Imap
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -229,15 +229,16 @@ class AccountSync:
             self._account.id, [i for i in identities.values() if i is not None]
         )
         known: dict[int, tuple[int, NewLocation]] = {}
-        need_body: list[int] = []
+        unknown: list[HeaderInfo] = []
         for uid, header in headers.items():
             identity = identities[uid]
             if identity is not None and identity in known_ids:
                 known[uid] = (known_ids[identity], self._location(header))
-            elif self._admits(header.addresses, self._location(header), folder):
-                need_body.append(uid)
-            else:  # header first: out of scope or excluded, so the body is never downloaded
-                self.stats.out_of_scope += 1
+            else:
+                unknown.append(header)
+        # header first: out of scope or excluded messages are decided here and their bodies never downloaded
+        need_body = self._admitted(unknown, folder)
+        self.stats.out_of_scope += len(unknown) - len(need_body)
         bodies = self._session.fetch_bodies(need_body) if need_body else {}
         new_messages: list[NewMessage] = []
         for uid in sorted(bodies):
@@ -252,9 +253,6 @@ class AccountSync:
                 )
                 self.stats.quarantined += 1
                 self._log.warning("sync.message_quarantined", folder=folder.name, uid=uid, reason=exc.message)
-                continue
-            if not self._admits([p.email for p in parsed.participants], self._location(header), folder):
-                self.stats.out_of_scope += 1  # no trace in the database; the cursor still moves past it
                 continue
             identity = identities[uid] or message_identity(parsed.message_id_header or header.message_id, raw)
             assert identity is not None  # raw is given, so there is always an identity
@@ -282,11 +280,30 @@ class AccountSync:
         # New rows are born with their folder as label; only re-located messages need their labels recomputed.
         return {mid for mid, _ in known.values()} | set(relocated)
 
-    def _admits(self, addresses: Iterable[str], location: NewLocation, folder: StoredFolder) -> bool:
-        labels = location.labels if location.labels is not None else [folder.name]
-        if self._settings.exclusions.excludes_labels(labels):
-            return False
-        return in_scope(addresses, self._settings.contacts, self._settings.exclusions)
+    def _admitted(self, headers: list[HeaderInfo], folder: StoredFolder) -> list[int]:
+        """UIDs that may be stored: not in an excluded label/folder, and in scope by their participants or by
+        their conversation (once a thread touches a candidate, the rest of the thread is kept too)."""
+        exclusions = self._settings.exclusions
+        admitted: list[int] = []
+        undecided: list[HeaderInfo] = []
+        for header in headers:
+            location = self._location(header)
+            if exclusions.excludes_labels(location.labels if location.labels is not None else [folder.name]):
+                continue
+            if in_scope(header.addresses, self._settings.contacts, exclusions):
+                admitted.append(header.uid)
+            else:
+                undecided.append(header)
+        if undecided and self._settings.contacts is not None:
+            keys = {h.uid: self._dialect.thread_key(h) for h in undecided}
+            stored_threads = self._store.existing_thread_keys(self._account.id, [k for k in keys.values() if k])
+            stored_ids = self._store.existing_message_ids(
+                self._account.id, [r for h in undecided for r in h.references]
+            )
+            admitted += [
+                h.uid for h in undecided if keys[h.uid] in stored_threads or not stored_ids.isdisjoint(h.references)
+            ]
+        return sorted(admitted)
 
     def _location(self, header: HeaderInfo) -> NewLocation:
         return NewLocation(header.uid, header.flags, header.modseq, self._dialect.labels(header.gm_labels))

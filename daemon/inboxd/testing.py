@@ -10,7 +10,7 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from inboxd.imap import ADDRESS_FIELDS, FlagUpdate, HeaderInfo, SelectInfo, header_fields
+from inboxd.imap import ADDRESS_FIELDS, FlagUpdate, HeaderInfo, SelectInfo, header_fields, reference_ids
 from inboxd.parse import normalize_msgid, parse_address_list
 from inboxd.planner import Capabilities, FolderListing, FolderStatus
 
@@ -144,6 +144,7 @@ class FakeSession:
                     msg.modseq if self._caps.condstore else None,
                     None,
                     addresses=addresses_of(msg.raw),
+                    references=reference_ids(header_fields(msg.raw.split(b"\r\n\r\n", 1)[0])),
                 )
         return out
 
