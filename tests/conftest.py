@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 # tests/ on sys.path makes the harness package importable as `harness` (pyproject stays untouched)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gmail import GmailServer, IntrospectValidator
 from harness import MailStack
 
 # database fixtures (engine/store over SQLite and PostgreSQL) live in tests/dbs.py
@@ -20,3 +22,14 @@ pytest_plugins = ["dbs"]
 def mailstack() -> MailStack:
     """The running loopback Dovecot/Postfix/OAuth stack; started once per session if it is not up."""
     return MailStack.start()
+
+
+@pytest.fixture
+def gmail_server(mailstack: MailStack) -> Iterator[GmailServer]:
+    """A fresh Gmail-dialect IMAP + SMTP server (tests/gmail/) on free loopback ports: plain IMAP with STARTTLS
+    (``imap_port``), implicit TLS (``imaps_port``) and SMTP (``smtp_port``) with the stack's certificate; XOAUTH2
+    tokens from ``mailstack.access_token(user)`` are checked at the stack's OAuth server, as Dovecot does."""
+    tls = (mailstack.root / "tls" / "cert.pem", mailstack.root / "tls" / "key.pem")
+    validator = IntrospectValidator(f"{mailstack.oauth_url}/introspect")
+    with GmailServer(tls=tls, imaps_port=0, validator=validator) as server:
+        yield server
