@@ -170,9 +170,10 @@ class ImapClientSession:
         found: set[int] = set()
         for address in addresses:
             if self._caps.gmail:
-                # Gmail's own search: one query, and it knows that dots in gmail.com addresses do not matter
-                query = f"from:{address} OR to:{address} OR cc:{address} OR bcc:{address}"
-                found |= set(self._call(self._client.gmail_search, query))
+                # Gmail's own search (it knows dots in gmail.com addresses do not matter); one simple query per
+                # field rather than OR, which keeps to the documented X-GM-RAW subset
+                for field in ("from", "to", "cc", "bcc"):
+                    found |= set(self._call(self._client.gmail_search, f"{field}:{address}"))
             else:
                 criteria = ["OR", "OR", "FROM", address, "TO", address, "OR", "CC", address, "BCC", address]
                 found |= set(self._call(self._client.search, criteria))
@@ -386,15 +387,19 @@ def connect(
         condstore = "CONDSTORE" in caps or "QRESYNC" in caps
         qresync = "QRESYNC" in caps
         gmail = "X-GM-EXT-1" in caps
-        if "ID" in caps:  # Gmail asks clients to identify themselves
-            with contextlib.suppress(IMAPClientError):
-                client.id_({"name": "inboxd", "version": __version__})
+        session = ImapClientSession(
+            client, Capabilities(condstore=condstore, qresync=qresync, gmail=gmail), sleep=sleep
+        )
+        if "ID" in caps:  # Gmail asks clients to identify themselves; a refusal is not worth failing for
+            with contextlib.suppress(RetryLater):
+                session._call(client.id_, {"name": "inboxd", "version": __version__})
+        # through the session: its error translation ([OVERQUOTA], BYE, ...) applies from the first command on
         if qresync:
-            client.enable("QRESYNC")
+            session._call(client.enable, "QRESYNC")
         elif condstore:
-            client.enable("CONDSTORE")
+            session._call(client.enable, "CONDSTORE")
         log.debug("imap.connected", host=endpoint.host, condstore=condstore, qresync=qresync, gmail=gmail)
-        return ImapClientSession(client, Capabilities(condstore=condstore, qresync=qresync, gmail=gmail), sleep=sleep)
+        return session
     except ssl.SSLError as exc:
         _shutdown(client)
         raise AccountFailed(f"TLS to {endpoint.host}:{endpoint.port} failed: {exc.reason}") from exc

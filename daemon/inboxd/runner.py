@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -87,9 +88,11 @@ class Runner:
         max_workers: int = 4,
         session_factory: SessionFactory | None = None,
         settings: SyncSettings | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._config = config
         self._store = store
+        self._sleep = sleep  # per-command backoff ([THROTTLED]); tests record instead of sleeping
         self._clock = clock
         self._max_workers = max_workers
         # keyed by account and a digest of its refresh token: reconnecting (new token) gets a new source
@@ -207,10 +210,14 @@ class Runner:
         )
         credential = self._store.credential(account.id)
         if credential.kind == "password":
-            return connect(endpoint, username=account.email, password=credential.secret)
+            return connect(endpoint, username=account.email, password=credential.secret, sleep=self._sleep)
         tokens = self._token_source(account, provider, credential.secret)
         return connect(
-            endpoint, username=account.email, access_token=tokens.access_token, invalidate_token=tokens.invalidate
+            endpoint,
+            username=account.email,
+            access_token=tokens.access_token,
+            invalidate_token=tokens.invalidate,
+            sleep=self._sleep,
         )
 
     def _token_source(self, account: Account, provider: ProviderConfig, refresh_token: str) -> TokenSource:
