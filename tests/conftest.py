@@ -11,7 +11,7 @@ import pytest
 # tests/ on sys.path makes the harness package importable as `harness` (pyproject stays untouched)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gmail import GmailServer, IntrospectValidator
+from gmail.server import GmailServer, IntrospectValidator
 from harness import MailStack
 
 # database fixtures (engine/store over SQLite and PostgreSQL) live in tests/dbs.py

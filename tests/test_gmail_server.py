@@ -17,7 +17,8 @@ import pytest
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
-from gmail import GOOGLE_MAIL_DE_NAMES, GmailServer, IntrospectValidator
+from gmail.model import GOOGLE_MAIL_DE_NAMES
+from gmail.server import GmailServer, IntrospectValidator
 from harness import MailStack, make_message, wait_for
 
 pytestmark = pytest.mark.mailstack

@@ -62,6 +62,13 @@ class Faults:
                         return True
             return False
 
+    def set_connection_limit(self, limit: int | None, user: str | None) -> None:
+        with self._lock:
+            if limit is None:
+                self.connection_limit.pop(_key(user), None)
+            else:
+                self.connection_limit[_key(user)] = limit
+
     def limit_for(self, user: str) -> int | None:
         with self._lock:
             return self.connection_limit.get(_key(user), self.connection_limit.get(None))
@@ -103,6 +110,10 @@ class Counters:
     def sent_bytes(self, user: str, n: int) -> None:
         with self._lock:
             self.body_bytes[user] += n
+
+    def smtp_message(self, user: str, gm_msgid: int) -> None:
+        with self._lock:
+            self.smtp_sent[user].append(gm_msgid)
 
     def try_connect(self, user: str, limit: int | None) -> bool:
         """Count an authenticated session unless ``limit`` sessions are already open."""

@@ -8,6 +8,7 @@ import email.errors
 import email.header
 import email.message
 import email.utils
+import functools
 import re
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -44,6 +45,12 @@ def parse(raw: bytes) -> Part:
     elif ctype == "message/rfc822":
         part.embedded = parse(body)
     return part
+
+
+@functools.lru_cache(maxsize=256)
+def parse_cached(raw: bytes) -> Part:
+    """``parse`` for stored messages (immutable bytes): FETCH and SEARCH parse each message once."""
+    return parse(raw)
 
 
 def _split_multipart(body: bytes, boundary: bytes) -> list[bytes]:

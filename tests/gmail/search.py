@@ -28,7 +28,7 @@ class Candidate:
 
     @cached_property
     def tree(self) -> mime.Part:
-        return mime.parse(self.msg.raw)
+        return mime.parse_cached(self.msg.raw)
 
     def header(self, name: str) -> str:
         return mime.decoded(self.tree.fields, name)

@@ -11,11 +11,12 @@ import contextlib
 import email.utils
 import json
 import re
+import signal
 import ssl
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -125,7 +126,7 @@ class GmailServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._servers: list[asyncio.Server] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> Self:
@@ -191,11 +192,11 @@ class GmailServer:
     async def _track(self, session: ImapSession | SmtpSession) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         try:
             await session.run()
         finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
     async def _imap_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: bool = False) -> None:
         await self._track(ImapSession(self, reader, writer, tls))
@@ -243,8 +244,7 @@ class GmailServer:
             for rcpt in sorted(rcpts - {user}):
                 if self.store.exists(rcpt) or rcpt.rpartition("@")[2] in self.local_domains:
                     self.store.account(rcpt).add(raw, labels=[INBOX])
-        with self.counters._lock:
-            self.counters.smtp_sent[user].append(msg.gm_msgid)
+        self.counters.smtp_message(user, msg.gm_msgid)
         return msg.gm_msgid
 
     # --- admin API: mail ------------------------------------------------------------------------------------------
@@ -379,11 +379,7 @@ class GmailServer:
 
     def too_many_connections(self, limit: int | None, user: str | None = None) -> None:
         """Logins beyond ``limit`` concurrent authenticated sessions per user get NO [ALERT] Too many..."""
-        with self.faults._lock:
-            if limit is None:
-                self.faults.connection_limit.pop(user.lower() if user else None, None)
-            else:
-                self.faults.connection_limit[user.lower() if user else None] = limit
+        self.faults.set_connection_limit(limit, user)
 
     def imap_disabled(self, user: str, disabled: bool = True) -> None:
         self.faults.set_flag(self.faults.imap_disabled, user, disabled)
@@ -424,10 +420,10 @@ class GmailServer:
         with self.counters._lock:
             return list(self.counters.smtp_sent.get(user.lower(), []))
 
-    def _on_loop(self, coro: object) -> None:
+    def _on_loop(self, coro: Coroutine[object, object, None]) -> None:
         loop = self._loop
         if loop is not None:
-            asyncio.run_coroutine_threadsafe(coro, loop).result(5)  # type: ignore[arg-type]
+            asyncio.run_coroutine_threadsafe(coro, loop).result(5)
 
 
 def _with_sender(raw: bytes, user: str) -> bytes:
@@ -476,8 +472,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"gmail test server: IMAP {args.host}:{server.imap_port} SMTP {args.host}:{server.smtp_port}", flush=True)
         if server.imaps_port:
             print(f"IMAPS {args.host}:{server.imaps_port}", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
+            while not stop.wait(1):
+                pass
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import re
 from datetime import UTC, datetime
+from typing import TypeAlias
 
 # a literal announced at the end of a line: {n} (synchronizing) or {n+} (LITERAL-/LITERAL+)
 LITERAL_AT_END = re.compile(rb"\{(\d+)(\+?)\}\r?\n$")
@@ -20,13 +21,21 @@ class ParseError(ValueError):
     """The client sent something that is not valid IMAP syntax (answered with BAD)."""
 
 
+class CommandError(Exception):
+    """Ends a command with a tagged NO or BAD carrying ``line``."""
+
+    def __init__(self, line: bytes):
+        super().__init__(line.decode(errors="replace"))
+        self.line = line
+
+
 class Atom(str):
     """An unquoted token (command names, flags, search keys, fetch items); strings are ``bytes``."""
 
     __slots__ = ()
 
 
-Token = Atom | bytes | list["Token"] | None  # None is NIL
+Token: TypeAlias = Atom | bytes | list["Token"] | None  # None is NIL
 
 
 def tokenize(raw: bytes) -> list[Token]:
@@ -103,6 +112,13 @@ def text(token: Token) -> str:
     if isinstance(token, str):
         return str(token)
     raise ParseError("expected a string")
+
+
+def as_list(token: Token) -> list[Token]:
+    """A parenthesized list argument."""
+    if not isinstance(token, list):
+        raise ParseError("expected a parenthesized list")
+    return token
 
 
 def parse_sequence_set(spec: str, largest: int) -> list[tuple[int, int]]:
