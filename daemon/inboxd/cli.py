@@ -25,6 +25,7 @@ from inboxd.clock import SystemClock
 from inboxd.config import Config, load_config
 from inboxd.crypto import SecretBox, init_key_file
 from inboxd.errors import ConfigError, InboxdError, SecretsError, UsageError
+from inboxd.forget import ForgetReport, forget_contact
 from inboxd.progress import ProgressDisplay
 from inboxd.runner import AccountResult, Runner
 from inboxd.store import Account, Credential, Store
@@ -67,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="account states and last sync")
     status.add_argument("--json", action="store_true")
+
+    contacts = sub.add_parser("contacts", help="the HR app's contacts (mail_contacts)")
+    contacts_sub = contacts.add_subparsers(dest="action", required=True, metavar="ACTION")
+    forget = contacts_sub.add_parser(
+        "forget", help="erase a contact and their mail (GDPR): messages, participants, attachments and their files"
+    )
+    forget.add_argument("email")
+    forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return parser
 
 
@@ -118,6 +127,8 @@ def _dispatch_db(args: argparse.Namespace, config: Config, engine: sa.Engine) ->
         return _status(args, store, config)
     if args.command == "run":
         return _run(args, config, store)
+    if args.command == "contacts":
+        return _contacts_forget(args, config, store)
     raise UsageError(f"unknown command {args.command}")
 
 
@@ -216,6 +227,39 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     for line in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _contacts_forget(args: argparse.Namespace, config: Config, store: Store) -> int:
+    """Erase one contact's mail; with scope "all" that would not last (the sync stores every message again)."""
+    if config.sync.scope == "all":
+        raise UsageError(
+            'sync.scope is "all": inboxd stores every message whatever mail_contacts holds, so forgotten mail would '
+            'come back; forgetting needs sync.scope = "contacts"'
+        )
+    if "@" not in args.email:
+        raise UsageError(f"{args.email!r} is not an email address")
+    blobs = BlobStore(config.sync.attachments_dir)
+    preview = forget_contact(store.engine, blobs, args.email, dry_run=True)
+    if not preview.found:
+        raise UsageError(f"no contact and no stored mail for {args.email.strip().lower()}: nothing to forget")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("contacts forget deletes mail for good: pass --yes (stdin is not a terminal)")
+        _print_forget(preview)
+        if input("delete all of this? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return EXIT_OK
+    _print_forget(forget_contact(store.engine, blobs, args.email))
+    return EXIT_OK
+
+
+def _print_forget(report: ForgetReport) -> None:
+    verb = "would delete" if report.dry_run else "deleted"
+    print(f"{verb} for {report.address_key} (Gmail dot/+tag variants included):")
+    _table(["WHAT", "COUNT"], [[name, str(count)] for name, count in report.counts().items()])
+    if report.shared_kept:
+        print(f"{report.shared_kept} message(s) kept: another contact is on them too")
+    print("mail_quarantine (unparseable messages) is not linked to contacts and was not searched")
 
 
 def _run(args: argparse.Namespace, config: Config, store: Store) -> int:

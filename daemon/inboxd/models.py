@@ -189,9 +189,13 @@ class MailParticipant(SQLModel, table=True):
     role: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
     email: str = Field(sa_column=sa.Column(sa.String(320), nullable=False, index=True))
     name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    # scope.normalize_address(email): what a contact matches (view mail_contact_messages, forgetting)
+    address_key: str = Field(default="", sa_column=sa.Column(sa.String(320), nullable=False))
 
     __table_args__ = (
         sa.CheckConstraint("role IN ('from','to','cc','bcc','reply_to')", name="ck_mail_participants_role"),
+        # (key, message): a contact's messages straight from the index, one entry per message and key
+        sa.Index("ix_mail_participants_address_key", "address_key", "message_id"),
     )
 
 

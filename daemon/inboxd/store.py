@@ -32,6 +32,7 @@ from inboxd.models import (
 )
 from inboxd.parse import ParsedMessage
 from inboxd.planner import FolderCursor
+from inboxd.scope import normalize_address
 from inboxd.threads import assign_thread
 
 accounts_t = MailAccount.__table__  # type: ignore[attr-defined]
@@ -636,7 +637,16 @@ class Store:
         if p.participants:
             conn.execute(
                 participants_t.insert(),
-                [{"message_id": message_id, "role": x.role, "email": x.email, "name": x.name} for x in p.participants],
+                [
+                    {
+                        "message_id": message_id,
+                        "role": x.role,
+                        "email": x.email,
+                        "name": x.name,
+                        "address_key": normalize_address(x.email),
+                    }
+                    for x in p.participants
+                ],
             )
         if p.attachments:
             rows = []
