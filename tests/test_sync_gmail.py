@@ -1,0 +1,304 @@
+"""Gmail's dialect against the Gmail-dialect server (tests/gmail/) over a real socket with real imapclient and
+XOAUTH2 tokens from the local OAuth server, on SQLite and PostgreSQL: All Mail only, X-GM-MSGID identity,
+X-GM-THRID threads, normalized X-GM-LABELS, CHANGEDSINCE, departures, UIDVALIDITY re-map and the quota/throttle/
+session faults Gmail really produces."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from gmail.server import GmailServer
+from harness import MailStack, make_message
+from inboxd.clock import SystemClock
+from inboxd.config import Config, load_config
+from inboxd.gmail import ALL_MAIL_HIDDEN
+from inboxd.models import MailFolder, MailMessage, MailThread
+from inboxd.runner import AccountResult, Runner
+from inboxd.store import Credential, Store
+
+pytestmark = pytest.mark.mailstack
+
+messages_t = MailMessage.__table__  # type: ignore[attr-defined]
+threads_t = MailThread.__table__  # type: ignore[attr-defined]
+folders_t = MailFolder.__table__  # type: ignore[attr-defined]
+
+
+def gmail_config(
+    tmp_path: Path, db_url: str, stack: MailStack, server: GmailServer, *, sync: str = "", scope: str = "all"
+) -> Config:
+    path = tmp_path / "inboxd.toml"
+    path.write_text(f"""
+state_dir = "{tmp_path / "state"}"
+[database]
+url = "{db_url}"
+[secrets]
+key_file = "{tmp_path / "secret.key"}"
+[sync]
+scope = "{scope}"
+batch_size = 3
+{sync}
+[providers.gmail]
+kind = "gmail"
+imap_host = "127.0.0.1"
+imap_port = {server.imap_port}
+imap_tls = "starttls"
+token_uri = "{stack.token_uri}"
+client_id = "{stack.client_id}"
+client_secret = "{stack.client_secret}"
+ca_file = "{stack.ca_cert}"
+timeout = 10
+""")
+    return load_config(path, env={})
+
+
+@pytest.fixture
+def recruiter(mailstack: MailStack, store: Store) -> str:
+    user = mailstack.new_user("rec")
+    store.add_account(user, "gmail", Credential("oauth2_refresh", mailstack.refresh_token(user)))
+    return user
+
+
+def rows(store: Store, email: str) -> list[sa.Row]:  # type: ignore[type-arg]
+    account = store.account(email)
+    assert account is not None
+    with store.engine.connect() as conn:
+        return list(
+            conn.execute(sa.select(messages_t).where(messages_t.c.account_id == account.id).order_by(messages_t.c.id))
+        )
+
+
+def run(config: Config, store: Store, email: str, **kwargs: object) -> AccountResult:
+    [result] = Runner(config, store, clock=SystemClock(), **kwargs).sync_once(only=email)  # type: ignore[arg-type]
+    return result
+
+
+def application(recruiter: str, n: int = 1) -> bytes:
+    return make_message(
+        "Ana Candidate <ana@example.org>",
+        recruiter,
+        f"Application {n}",
+        "My CV is attached.",
+        message_id=f"<app-{n}-{recruiter}>",
+    )
+
+
+def test_all_mail_identity_labels_threads_and_direction(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """Only All Mail is synced; a message in INBOX and a user label is one row keyed by X-GM-MSGID with normalized
+    labels; the recruiter's Gmail-filed reply is outbound and in the same X-GM-THRID thread."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    msgid = gmail_server.deliver(application(recruiter), labels=["\\Inbox", "\\Important", "Candidates/Backend"])
+    reply = make_message(
+        recruiter, "ana@example.org", "Re: Application 1", "Thanks!", in_reply_to=f"<app-1-{recruiter}>"
+    )
+    reply_id = gmail_server.deliver(reply, labels=["\\Sent"], user=recruiter, flags=["\\Seen"])
+    result = run(config, store, recruiter)
+    assert result.ok, result.reason
+    got = rows(store, recruiter)
+    assert [r.provider_message_id for r in got] == [f"gm:{msgid}", f"gm:{reply_id}"]
+    inbound, outbound = got
+    assert inbound.labels == ["Candidates/Backend", "IMPORTANT", "INBOX"]
+    assert outbound.labels == ["SENT"]
+    assert (inbound.direction, outbound.direction) == ("inbound", "outbound")
+    assert outbound.is_read and not inbound.is_read
+    assert inbound.thread_id == outbound.thread_id
+    with store.engine.connect() as conn:
+        thread_key = conn.execute(sa.select(threads_t.c.provider_thread_id).where(threads_t.c.id == inbound.thread_id))
+        assert thread_key.scalar() == f"gm:{gmail_server.message(msgid).gm_thrid}"
+        folders = conn.execute(sa.select(folders_t.c.name, folders_t.c.special_use)).all()
+    assert [tuple(f) for f in folders] == [("[Gmail]/All Mail", "\\All")]
+
+
+def test_incremental_labels_flags_departures_and_no_change(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """CHANGEDSINCE brings label and flag changes; a trashed message gets deleted_at and comes back when restored;
+    a sync with nothing changed sends one STATUS and nothing else after login."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    first = gmail_server.deliver(application(recruiter, 1))
+    second = gmail_server.deliver(application(recruiter, 2))
+    assert run(config, store, recruiter).ok
+    gmail_server.add_labels(first, "Shortlist")
+    gmail_server.set_flags(first, add=["\\Seen"])
+    gmail_server.trash(second)
+    assert run(config, store, recruiter).ok
+    got = {r.provider_message_id: r for r in rows(store, recruiter)}
+    assert got[f"gm:{first}"].labels == ["INBOX", "Shortlist"]
+    assert got[f"gm:{first}"].is_read
+    assert got[f"gm:{second}"].deleted_at is not None, "trashed: left All Mail"
+    gmail_server.remove_labels(second, "\\Trash")
+    gmail_server.add_labels(second, "\\Inbox")
+    bytes_before = gmail_server.body_bytes_sent(recruiter)
+    assert run(config, store, recruiter).ok
+    restored = {r.provider_message_id: r for r in rows(store, recruiter)}[f"gm:{second}"]
+    assert restored.deleted_at is None
+    fetched = gmail_server.body_bytes_sent(recruiter) - bytes_before
+    assert fetched < len(gmail_server.message(second).raw), "restored by X-GM-MSGID (headers only), not downloaded"
+    assert len(rows(store, recruiter)) == 2
+
+    before = len(gmail_server.commands(recruiter))
+    result = run(config, store, recruiter)
+    assert result.stats.folders_unchanged == 1
+    after_login = [c for c in gmail_server.commands(recruiter)[before:] if c not in {"CAPABILITY", "ID", "ENABLE"}]
+    assert after_login == ["STARTTLS", "AUTHENTICATE", "LIST", "STATUS", "LOGOUT"] or after_login[-3:] == [
+        "LIST",
+        "STATUS",
+        "LOGOUT",
+    ], after_login
+
+
+def test_uidvalidity_change_remaps_by_gm_msgid_without_bodies(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    for n in range(4):
+        gmail_server.deliver(application(recruiter, n))
+    assert run(config, store, recruiter).ok
+    ids = [r.id for r in rows(store, recruiter)]
+    gmail_server.bump_uidvalidity(recruiter, "\\All", first_uid=100)
+    bytes_before = gmail_server.body_bytes_sent(recruiter)
+    result = run(config, store, recruiter)
+    assert result.ok, result.reason
+    assert (result.stats.remapped, result.stats.new_messages) == (4, 0)
+    assert result.stats.bytes_downloaded == 0
+    total = sum(len(gmail_server.message(int(r.provider_message_id[3:])).raw) for r in rows(store, recruiter))
+    assert gmail_server.body_bytes_sent(recruiter) - bytes_before < total / 2, "header fields only, no bodies"
+    assert [r.id for r in rows(store, recruiter)] == ids
+
+
+def test_throttled_replies_slow_down_per_command(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    gmail_server.deliver(application(recruiter))
+    slept: list[float] = []
+    gmail_server.throttle(10, user=recruiter)  # login-time replies count too; the rest hit sync commands
+    result = run(config, store, recruiter, sleep=slept.append)
+    assert result.ok, result.reason
+    assert len(slept) >= 3
+    # a further [THROTTLED] reply doubles the wait; an unthrottled one starts again from 0.25 s
+    assert slept[0] == 0.25
+    assert all(b in (0.25, 2 * a) for a, b in itertools.pairwise(slept))
+    assert max(slept) >= 1.0
+    assert len(rows(store, recruiter)) == 1
+
+
+def test_overquota_pauses_the_account_then_resumes(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """[OVERQUOTA]: state error with the reason and retry_at; no IMAP at all until then; then it syncs again."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server, sync='quota_pause = "2s"')
+    gmail_server.deliver(application(recruiter))
+    gmail_server.overquota(recruiter)
+    result = run(config, store, recruiter)
+    assert not result.ok
+    account = store.account(recruiter)
+    assert account is not None
+    assert account.state == "error"
+    assert account.retry_at is not None
+    assert "quota" in (account.state_reason or "")
+    gmail_server.overquota(recruiter, enabled=False)
+    before = len(gmail_server.commands(recruiter))
+    skipped = run(config, store, recruiter)
+    assert not skipped.ok
+    assert skipped.skipped
+    assert len(gmail_server.commands(recruiter)) == before, "no IMAP while paused"
+    time.sleep(2.1)
+    resumed = run(config, store, recruiter)
+    assert resumed.ok, resumed.reason
+    account = store.account(recruiter)
+    assert account is not None
+    assert (account.state, account.retry_at) == ("active", None)
+    assert len(rows(store, recruiter)) == 1
+
+
+def test_session_expired_bye_reconnects_silently(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    for n in range(5):
+        gmail_server.deliver(application(recruiter, n))
+    gmail_server.bye_after(6, user=recruiter)
+    result = run(config, store, recruiter)
+    assert result.ok, result.reason
+    assert len(rows(store, recruiter)) == 5
+    account = store.account(recruiter)
+    assert account is not None
+    assert account.state == "active"
+
+
+@pytest.mark.parametrize(
+    ("fault", "state", "reason_part"),
+    [
+        ("hidden_all_mail", "error", "Show in IMAP"),
+        ("imap_disabled", "error", "not enabled for IMAP"),
+        ("too_many_connections", "active", "Too many simultaneous connections"),
+    ],
+)
+def test_account_faults_are_reported_and_isolated(
+    store: Store,
+    db_url: str,
+    tmp_path: Path,
+    mailstack: MailStack,
+    gmail_server: GmailServer,
+    recruiter: str,
+    fault: str,
+    state: str,
+    reason_part: str,
+) -> None:
+    """All Mail hidden and IMAP disabled need an admin (state error with an actionable reason); too many connections
+    is transient (stays active, last_error set). Another account on the same server syncs regardless."""
+    other = mailstack.new_user("other")
+    store.add_account(other, "gmail", Credential("oauth2_refresh", mailstack.refresh_token(other)))
+    gmail_server.deliver(application(other))
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    if fault == "hidden_all_mail":
+        gmail_server.hide_all_mail(recruiter)
+    elif fault == "imap_disabled":
+        gmail_server.imap_disabled(recruiter)
+    else:
+        gmail_server.too_many_connections(0, user=recruiter)
+    results = {r.email: r for r in Runner(config, store, clock=SystemClock()).sync_once()}
+    assert not results[recruiter].ok
+    assert results[other].ok
+    account = store.account(recruiter)
+    assert account is not None
+    assert account.state == state
+    assert reason_part.lower() in (account.last_error or "").lower()
+    if fault == "hidden_all_mail":
+        assert account.state_reason == ALL_MAIL_HIDDEN
+
+
+def test_contacts_scope_and_backfill_on_gmail(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """scope = "contacts" on Gmail: header first (private mail's body never downloaded); a contact added later is
+    found with X-GM-RAW and backfilled."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server, scope="contacts")
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO mail_contacts (email) VALUES ('ana@example.org')"))
+    gmail_server.deliver(application(recruiter))
+    private = make_message("bank@example.org", recruiter, "statement", "secret " * 500)
+    gmail_server.deliver(private)
+    late = make_message("Late <late@example.org>", recruiter, "older application", "x")
+    gmail_server.deliver(late)
+    result = run(config, store, recruiter)
+    assert result.ok, result.reason
+    assert [r.subject for r in rows(store, recruiter)] == ["Application 1"]
+    assert gmail_server.body_bytes_sent(recruiter) < len(private), "private bodies never fetched"
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO mail_contacts (email) VALUES ('late@example.org')"))
+    before = len(gmail_server.commands(recruiter))
+    result = run(config, store, recruiter)
+    assert result.ok, result.reason
+    assert result.stats.backfilled == 1
+    assert sorted(r.subject for r in rows(store, recruiter)) == ["Application 1", "older application"]
+    # the mailbox itself did not change (one STATUS): the older message was found by the server-side search
+    assert "UID SEARCH" in gmail_server.commands(recruiter)[before:]
+    assert result.stats.folders_unchanged == 1
