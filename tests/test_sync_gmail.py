@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from gmail.server import GmailServer
+from gmail.model import GOOGLE_MAIL_DE_NAMES
+from gmail.server import GmailServer, IntrospectValidator
 from harness import MailStack, make_message
 from inboxd.clock import SystemClock
 from inboxd.config import Config, load_config
@@ -302,3 +303,22 @@ def test_contacts_scope_and_backfill_on_gmail(
     # the mailbox itself did not change (one STATUS): the older message was found by the server-side search
     assert "UID SEARCH" in gmail_server.commands(recruiter)[before:]
     assert result.stats.folders_unchanged == 1
+
+
+def test_localized_gmail_folders_are_found_by_special_use(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """A German "[Google Mail]/Alle Nachrichten" is All Mail because of its \\All attribute, not its name; the
+    client identifies itself with ID as Gmail asks."""
+    tls = (mailstack.root / "tls" / "cert.pem", mailstack.root / "tls" / "key.pem")
+    validator = IntrospectValidator(f"{mailstack.oauth_url}/introspect")
+    with GmailServer(tls=tls, validator=validator, names=GOOGLE_MAIL_DE_NAMES) as server:
+        config = gmail_config(tmp_path, db_url, mailstack, server)
+        server.deliver(application(recruiter), labels=["\\Inbox", "Bewerbungen/Übersicht"])
+        result = run(config, store, recruiter)
+        assert result.ok, result.reason
+        [row] = rows(store, recruiter)
+        assert row.labels == ["Bewerbungen/Übersicht", "INBOX"], "user labels decoded from modified UTF-7"
+        assert "ID" in server.commands(recruiter)
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(folders_t.c.name)).scalars().all() == ["[Google Mail]/Alle Nachrichten"]
