@@ -322,3 +322,26 @@ def test_localized_gmail_folders_are_found_by_special_use(
         assert "ID" in server.commands(recruiter)
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(folders_t.c.name)).scalars().all() == ["[Google Mail]/Alle Nachrichten"]
+
+
+def test_exclusions_hold_on_gmail(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """A candidate's message under the excluded Gmail label "Private" is never stored, nor internal mail with an
+    employee who is also in mail_contacts; the candidate's other mail is."""
+    config = gmail_config(
+        tmp_path,
+        db_url,
+        mailstack,
+        gmail_server,
+        scope="contacts",
+        sync='exclude_labels = ["Private"]\nexclude_addresses = ["@corp.example"]',
+    )
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO mail_contacts (email) VALUES ('ana@example.org'), ('boss@corp.example')"))
+    gmail_server.deliver(application(recruiter, 1))
+    gmail_server.deliver(application(recruiter, 2), labels=["\\Inbox", "Private"])
+    gmail_server.deliver(make_message("boss@corp.example", recruiter, "salaries", "internal"))
+    result = run(config, store, recruiter)
+    assert result.ok, result.reason
+    assert [r.subject for r in rows(store, recruiter)] == ["Application 1"]

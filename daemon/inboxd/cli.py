@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -273,19 +274,32 @@ def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
         display.finish()
         _print_summary(results)
         return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
-    return _loop(runner, config, args.account)
+    return _loop(runner, config, store, args.account)
 
 
-def _loop(runner: Runner, config: Config, only: str | None) -> int:
-    """Sync every `sync.interval` until SIGTERM/SIGINT (the push-driven supervisor replaces this loop)."""
+CONTACT_POLL_SECONDS = 5.0
+
+
+def _loop(runner: Runner, config: Config, store: Store, only: str | None) -> int:
+    """Sync every `sync.interval` until SIGTERM/SIGINT, and at once when the HR app changes mail_contacts (polled
+    every few seconds) so a new candidate's history is backfilled within seconds. The push-driven supervisor
+    (IDLE) replaces this loop in a later milestone."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     log.info("daemon.started", interval_s=config.sync.interval.total_seconds())
+    scoped = config.sync.scope == "contacts"
     while not stop.is_set():
+        watermark = store.contacts_watermark() if scoped else None
         results = runner.sync_once(only=only)
         log.info("daemon.cycle_done", ok=sum(r.ok for r in results), failed=sum(not r.ok for r in results))
-        stop.wait(config.sync.interval.total_seconds())
+        deadline = time.monotonic() + config.sync.interval.total_seconds()
+        while not stop.wait(min(CONTACT_POLL_SECONDS, max(deadline - time.monotonic(), 0))):
+            if time.monotonic() >= deadline:
+                break
+            if scoped and store.contacts_watermark() != watermark:
+                log.info("daemon.contacts_changed")
+                break
     log.info("daemon.stopped")
     return EXIT_OK
 

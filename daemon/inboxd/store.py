@@ -264,6 +264,17 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(backfills_t.insert(), [{"account_id": account_id, "email": e, "done_at": now} for e in fresh])
 
+    def contacts_watermark(self) -> tuple[int, int | None, int | None]:
+        """A cheap fingerprint of mail_contacts (count, highest id, total address length): it changes when the HR
+        app adds, removes or re-addresses contacts."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(
+                    sa.func.count(), sa.func.max(contacts_t.c.id), sa.func.sum(sa.func.length(contacts_t.c.email))
+                )
+            ).one()
+        return int(row[0]), row[1], None if row[2] is None else int(row[2])
+
     def contact_emails(self) -> list[str]:
         """The addresses of mail_contacts (written by the HR app)."""
         with self.engine.connect() as conn:

@@ -1,0 +1,70 @@
+"""`inboxd run` (the looping daemon) as a real process: a contact the HR app adds is backfilled within seconds,
+not at the next interval, and SIGTERM stops it cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from harness import MailStack, make_message, wait_for
+from harness.config import write_stack_config
+from inboxd import db
+from inboxd.models import MailMessage
+
+pytestmark = pytest.mark.mailstack
+messages_t = MailMessage.__table__  # type: ignore[attr-defined]
+INBOXD = str(Path(sys.executable).with_name("inboxd"))
+
+
+def test_new_contact_is_backfilled_within_seconds_and_sigterm_stops(
+    tmp_path: Path, db_url: str, mailstack: MailStack
+) -> None:
+    recruiter = mailstack.new_user("loop")
+    config = write_stack_config(tmp_path, db_url, mailstack, scope="contacts", sync_extra='interval = "1h"')
+    env = {**os.environ, "INBOXD_CONFIG": str(config)}
+    token = tmp_path / "token"
+    token.write_text(mailstack.refresh_token(recruiter))
+    for args in (
+        ["secrets", "init"],
+        ["accounts", "add", recruiter, "--provider", "local", "--refresh-token-file", str(token)],
+    ):
+        subprocess.run([INBOXD, *args], env=env, check=True, capture_output=True)
+    mailstack.deliver(recruiter, make_message("Cand <new.cand@example.org>", recruiter, "old application", "x"))
+    engine = db.create_engine(db_url)
+    proc = subprocess.Popen([INBOXD, "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: _synced_once(engine, recruiter), timeout=20, what="first cycle")
+        with engine.begin() as conn:  # the HR app adds the candidate
+            conn.execute(sa.text("INSERT INTO mail_contacts (email) VALUES ('new.cand@example.org')"))
+        added = time.monotonic()
+        wait_for(lambda: _count(engine) == 1, timeout=20, what="backfilled message")
+        assert time.monotonic() - added < 15, "noticed within seconds, not at the 1 h interval"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+        engine.dispose()
+
+
+def _synced_once(engine: sa.Engine, email: str) -> bool:
+    with engine.connect() as conn:
+        return (
+            conn.execute(sa.text("SELECT last_sync_at FROM mail_accounts WHERE email = :e"), {"e": email}).scalar()
+            is not None
+        )
+
+
+def _count(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(messages_t)).scalar_one())
