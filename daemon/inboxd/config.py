@@ -98,6 +98,7 @@ class AccountPolicy:
     email: str
     paused: bool = False
     reason: str | None = None
+    display_name: str | None = None  # the From name of mail sent from the HR app ("Rita Recruiter")
 
 
 @dataclass(frozen=True)
@@ -695,10 +696,11 @@ def _accounts(table: _Table) -> Mapping[str, AccountPolicy]:
         if email in accounts:
             raise table.error(name, f"duplicate account (emails are case-insensitive): {email}")
         account = table.table(name)
-        account.only({"paused", "reason"})
+        account.only({"paused", "reason", "display_name"})
         accounts[email] = AccountPolicy(
             email=email,
             paused=account.boolean("paused", False),
             reason=account.string("reason", None, expected="a non-empty string (why the account is paused)"),
+            display_name=account.string("display_name", None, expected="a non-empty string (the sender's name)"),
         )
     return MappingProxyType(accounts)

@@ -6,8 +6,6 @@ AccountSync and records the outcome (state, reason, last_error) in mail_accounts
 
 from __future__ import annotations
 
-import hashlib
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +17,7 @@ import structlog
 
 from inboxd.clock import Clock
 from inboxd.config import Config, ProviderConfig
+from inboxd.connections import Connections
 from inboxd.errors import (
     AccountFailed,
     InboxdError,
@@ -28,11 +27,10 @@ from inboxd.errors import (
     SecretsError,
     SessionExpired,
 )
-from inboxd.imap import ImapEndpoint, ImapSession, connect
+from inboxd.imap import ImapSession
 from inboxd.scope import Exclusions, contact_set, normalize_address
 from inboxd.store import Account, Store
 from inboxd.sync import AccountSync, Progress, SyncSettings, SyncStats
-from inboxd.tokens import OAuthRefreshTokenSource, TokenSource
 
 log = structlog.get_logger(__name__)
 
@@ -89,16 +87,14 @@ class Runner:
         session_factory: SessionFactory | None = None,
         settings: SyncSettings | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        connections: Connections | None = None,
     ) -> None:
         self._config = config
         self._store = store
-        self._sleep = sleep  # per-command backoff ([THROTTLED]); tests record instead of sleeping
         self._clock = clock
         self._max_workers = max_workers
-        # keyed by account and a digest of its refresh token: reconnecting (new token) gets a new source
-        self._tokens: dict[tuple[int, str], TokenSource] = {}
-        self._tokens_lock = threading.Lock()
-        self._session_factory = session_factory or self._connect
+        self.connections = connections or Connections(store, clock=clock, sleep=sleep)
+        self._session_factory = session_factory or self.connections.imap
         self._settings = settings or SyncSettings(
             batch_size=config.sync.batch_size,
             max_attachment_bytes=config.sync.max_attachment_bytes,
@@ -197,49 +193,6 @@ class Runner:
         )
         self._store.set_state(account.id, state, None if state == "active" else message, error=message)
         return AccountResult(account.email, ok=False, state=state, reason=message)
-
-    # -- wiring ----------------------------------------------------------------------------------------------
-
-    def _connect(self, account: Account, provider: ProviderConfig) -> ImapSession:
-        endpoint = ImapEndpoint(
-            host=provider.imap_host,
-            port=provider.imap_port,
-            tls=provider.imap_tls,
-            ca_file=provider.ca_file,
-            timeout=provider.timeout,
-        )
-        credential = self._store.credential(account.id)
-        if credential.kind == "password":
-            return connect(endpoint, username=account.email, password=credential.secret, sleep=self._sleep)
-        tokens = self._token_source(account, provider, credential.secret)
-        return connect(
-            endpoint,
-            username=account.email,
-            access_token=tokens.access_token,
-            invalidate_token=tokens.invalidate,
-            sleep=self._sleep,
-        )
-
-    def _token_source(self, account: Account, provider: ProviderConfig, refresh_token: str) -> TokenSource:
-        with self._tokens_lock:
-            key = (account.id, hashlib.sha256(refresh_token.encode()).hexdigest())
-            source = self._tokens.get(key)
-            if source is None:
-                if not (provider.token_uri and provider.client_id and provider.client_secret):
-                    raise AccountFailed(f"provider {provider.name!r} lacks token_uri/client_id/client_secret")
-                source = OAuthRefreshTokenSource(
-                    refresh_token=refresh_token,
-                    client_id=provider.client_id,
-                    client_secret=provider.client_secret,
-                    token_uri=provider.token_uri,
-                    clock=self._clock,
-                    ca_file=provider.ca_file,
-                    timeout=provider.timeout,
-                    on_rotated_refresh_token=lambda new: self._store.replace_refresh_token(account.id, new),
-                )
-                self._tokens = {k: v for k, v in self._tokens.items() if k[0] != account.id}
-                self._tokens[key] = source
-            return source
 
 
 def _bind(progress: Callable[[str, int, int], None] | None, email: str) -> Progress | None:
