@@ -27,6 +27,10 @@ from inboxd.config import Config, load_config
 from inboxd.crypto import SecretBox, init_key_file
 from inboxd.errors import ConfigError, InboxdError, SecretsError, UsageError
 from inboxd.forget import ForgetReport, forget_contact
+from inboxd.outbox import Outbox
+from inboxd.outbox_policy import RetryPolicy
+from inboxd.outbox_store import OutboxStore
+from inboxd.outbox_wake import OutboxWake
 from inboxd.progress import ProgressDisplay
 from inboxd.runner import AccountResult, Runner
 from inboxd.store import Account, Credential, Store
@@ -266,6 +270,14 @@ def _print_forget(report: ForgetReport) -> None:
 def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
     clock = SystemClock()
     runner = Runner(config, store, clock=clock)
+    outbox = Outbox(
+        config,
+        store,
+        OutboxStore(store.engine, clock=clock, policy=RetryPolicy()),
+        runner.connections,
+        BlobStore(config.sync.attachments_dir),
+        clock=clock,
+    )
     if args.account and store.account(args.account) is None:
         raise UsageError(f"--account {args.account}: no such account (see `inboxd accounts list`)")
     if args.once:
@@ -273,21 +285,28 @@ def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
         results = runner.sync_once(only=args.account, progress=display.update)
         display.finish()
         _print_summary(results)
+        sent = outbox.drain()
+        if sent:
+            counts = {s: sum(r.status == s for r in sent) for s in ("sent", "queued", "held", "failed")}
+            print("outbox: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
         return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
-    return _loop(runner, config, store, args.account)
+    return _loop(runner, outbox, config, store, args.account)
 
 
 CONTACT_POLL_SECONDS = 5.0
 
 
-def _loop(runner: Runner, config: Config, store: Store, only: str | None) -> int:
+def _loop(runner: Runner, outbox: Outbox, config: Config, store: Store, only: str | None) -> int:
     """Sync every `sync.interval` until SIGTERM/SIGINT, and at once when the HR app changes mail_contacts (polled
-    every few seconds) so a new candidate's history is backfilled within seconds. The push-driven supervisor
-    (IDLE) replaces this loop in a later milestone."""
+    every few seconds) so a new candidate's history is backfilled within seconds; the outbox is served by a
+    second thread, woken by PostgreSQL NOTIFY (polling on SQLite). The push-driven supervisor (IDLE) replaces this
+    loop in a later milestone."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     log.info("daemon.started", interval_s=config.sync.interval.total_seconds())
+    sender = threading.Thread(target=_serve_outbox, args=(outbox, store, stop), name="inboxd-outbox", daemon=True)
+    sender.start()
     scoped = config.sync.scope == "contacts"
     while not stop.is_set():
         watermark = store.contacts_watermark() if scoped else None
@@ -300,8 +319,22 @@ def _loop(runner: Runner, config: Config, store: Store, only: str | None) -> int
             if scoped and store.contacts_watermark() != watermark:
                 log.info("daemon.contacts_changed")
                 break
+    sender.join(timeout=10)
     log.info("daemon.stopped")
     return EXIT_OK
+
+
+def _serve_outbox(outbox: Outbox, store: Store, stop: threading.Event) -> None:
+    wake = OutboxWake(store.engine)
+    try:
+        while not stop.is_set():
+            try:
+                outbox.drain()
+            except Exception:  # the database may be briefly away; never let the sender thread die
+                log.exception("outbox.drain_failed")
+            wake.wait(timeout=1.0)
+    finally:
+        wake.close()
 
 
 def _print_summary(results: list[AccountResult]) -> None:

@@ -89,6 +89,12 @@ class ImapSession(Protocol):
     def search_addresses(self, addresses: Iterable[str]) -> set[int]:
         """UIDs in the selected folder of messages from, to, cc or bcc any of these addresses."""
 
+    def find_message_id(self, folder: str, message_id: str) -> bool:
+        """Whether `folder` holds a message with this Message-ID."""
+
+    def append(self, folder: str, raw: bytes, flags: tuple[str, ...] = ("\\Seen",)) -> None:
+        """Store a message in `folder` (the Sent copy on servers that do not file sent mail themselves)."""
+
     def changed_flags(
         self, up_to_uid: int, since_modseq: int, *, vanished: bool
     ) -> tuple[list[FlagUpdate], set[int]]: ...
@@ -203,6 +209,17 @@ class ImapClientSession:
                 gm_labels=_labels(data),
             )
         return out
+
+    def find_message_id(self, folder: str, message_id: str) -> bool:
+        """Whether `folder` holds a message with this Message-ID (Gmail: rfc822msgid: in X-GM-RAW)."""
+        self.select(folder)
+        bare = message_id.strip().strip("<>")
+        if self._caps.gmail:
+            return bool(self._call(self._client.gmail_search, f"rfc822msgid:{bare}"))
+        return bool(self._call(self._client.search, ["HEADER", "Message-ID", bare]))
+
+    def append(self, folder: str, raw: bytes, flags: tuple[str, ...] = ("\\Seen",)) -> None:
+        self._call(self._client.append, folder, raw, flags=flags)
 
     def fetch_bodies(self, uids: Iterable[int]) -> dict[int, bytes]:
         fetched = self._fetch(sequence_set(uids), ["UID", "BODY.PEEK[]"])

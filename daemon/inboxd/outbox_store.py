@@ -99,11 +99,15 @@ class OutboxStore:
             ).scalar_one()
         return stored
 
-    def record(self, row_id: int, update: RowUpdate, *, sent_message_id: int | None = None) -> None:
+    def record(
+        self, row_id: int, update: RowUpdate, *, sent_message_id: int | None = None, note: str | None = None
+    ) -> None:
+        """Store an attempt's outcome; `note` replaces last_error on a sent row (e.g. partially refused)."""
+        error = note if update.status == "sent" else update.last_error
         values: dict[str, Any] = {
             "status": update.status,
             "next_attempt_at": update.next_attempt_at,
-            "last_error": update.last_error[:2000] if update.last_error else None,
+            "last_error": error[:2000] if error else None,
         }
         if update.status == "sent":
             values["sent_at"] = self._clock.now()

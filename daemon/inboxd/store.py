@@ -197,6 +197,11 @@ class Store:
             row = conn.execute(sa.select(accounts_t).where(accounts_t.c.email == email.strip().lower())).first()
             return _account(row) if row else None
 
+    def account_by_id(self, account_id: int) -> Account | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(accounts_t).where(accounts_t.c.id == account_id)).first()
+            return _account(row) if row else None
+
     def credential(self, account_id: int) -> Credential:
         if self._box is None:
             raise UsageError("no secrets key loaded: cannot read credentials")
@@ -515,6 +520,60 @@ class Store:
                 .values(last_uid=last_uid)
             )
         return inserted, relocated
+
+    def store_sent(self, account_id: int, message: NewMessage) -> int:
+        """The message just sent from the outbox, stored at once (outbound, threaded) before any sync sees it;
+        the sync later adds its Sent location (same identity) or adopts it (Gmail, see adopt_identities)."""
+        now = self._clock.now()
+        with self.engine.begin() as conn:
+            existing = conn.execute(
+                sa.select(messages_t.c.id).where(
+                    messages_t.c.account_id == account_id, messages_t.c.provider_message_id == message.identity
+                )
+            ).scalar()
+            if existing is not None:
+                return int(existing)
+            return self._insert_message(conn, account_id, message, now)
+
+    def adopt_identities(self, account_id: int, renames: Mapping[str, str]) -> dict[str, int]:
+        """Give rows stored under a provisional identity (the outbox's "mid:<Message-ID>") the server's identity
+        (Gmail "gm:<X-GM-MSGID>") when the sync meets them; returns {new identity: message id}."""
+        adopted: dict[str, int] = {}
+        with self.engine.begin() as conn:
+            for chunk in _chunks(sorted(renames)):  # one query per chunk: this runs for every new Gmail message
+                found = conn.execute(
+                    sa.select(messages_t.c.id, messages_t.c.provider_message_id).where(
+                        messages_t.c.account_id == account_id, messages_t.c.provider_message_id.in_(chunk)
+                    )
+                ).all()
+                for row in found:
+                    new = renames[row.provider_message_id]
+                    conn.execute(messages_t.update().where(messages_t.c.id == row.id).values(provider_message_id=new))
+                    adopted[new] = int(row.id)
+        return adopted
+        with self.engine.begin() as conn:
+            for old, new in renames.items():
+                row = conn.execute(
+                    sa.select(messages_t.c.id).where(
+                        messages_t.c.account_id == account_id, messages_t.c.provider_message_id == old
+                    )
+                ).first()
+                if row is not None:
+                    conn.execute(messages_t.update().where(messages_t.c.id == row.id).values(provider_message_id=new))
+                    adopted[new] = int(row.id)
+        return adopted
+
+    def reply_context(self, account_id: int, message_id: int) -> tuple[str | None, tuple[str, ...], str | None] | None:
+        """(Message-ID, References, subject) of a stored message of this account, for threading a reply."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(messages_t.c.message_id_header, messages_t.c.references, messages_t.c.subject).where(
+                    messages_t.c.id == message_id, messages_t.c.account_id == account_id
+                )
+            ).first()
+        if row is None:
+            return None
+        return row.message_id_header, tuple(row.references or ()), row.subject
 
     def quarantine(
         self, account_id: int, folder: str, uidvalidity: int | None, uid: int, *, reason: str, raw: bytes | None

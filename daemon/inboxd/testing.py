@@ -153,6 +153,15 @@ class FakeSession:
         wanted = {a.lower() for a in addresses}
         return {u for u, m in self._folder().messages.items() if wanted & set(addresses_of(m.raw))}
 
+    def find_message_id(self, folder: str, message_id: str) -> bool:
+        self._cmd("SEARCH")
+        wanted = message_id.strip().strip("<>")
+        return any(message_id_of(m.raw) == wanted for m in self._mb.folders[folder].messages.values())
+
+    def append(self, folder: str, raw: bytes, flags: tuple[str, ...] = ("\\Seen",)) -> None:
+        self._cmd("APPEND")
+        self._mb.append(folder, raw, flags)
+
     def fetch_bodies(self, uids: Iterable[int]) -> dict[int, bytes]:
         self._cmd("FETCH bodies")
         return {u: self._folder().messages[u].raw for u in uids if u in self._folder().messages}

@@ -1,0 +1,297 @@
+"""Sending the HR app's outbox rows through each recruiter's own mailbox, exactly once.
+
+A row is claimed atomically, checked (account, recipients, headers, attachments) before anything reaches SMTP,
+given its Message-ID before the first attempt, sent, filed in Sent where the server does not do it itself, and
+stored at once as an outbound, threaded message. A retry after an attempt that may have delivered first looks
+for the Message-ID in the account's Sent mail; where that cannot prove anything, it is not retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import structlog
+
+from inboxd.blobs import BlobStore
+from inboxd.clock import Clock
+from inboxd.config import Config, ProviderConfig
+from inboxd.connections import Connections
+from inboxd.errors import AccountFailed, InboxdError, ReauthRequired, RetryLater
+from inboxd.imap import ImapSession
+from inboxd.mime import (
+    Draft,
+    InvalidDraft,
+    OutgoingAttachment,
+    ReplyContext,
+    build_message,
+    envelope_recipients,
+    make_message_id,
+    validate,
+)
+from inboxd.outbox_policy import Outcome, RetryPolicy, after_attempt
+from inboxd.outbox_store import OutboxRow, OutboxStore
+from inboxd.parse import parse_message
+from inboxd.smtp import SendAmbiguous, SendDailyLimit, SendRejected
+from inboxd.store import Account, NewLocation, NewMessage, Store
+
+log = structlog.get_logger(__name__)
+
+HOLD = timedelta(minutes=1)  # how long a row of a paused/disabled account waits before it is looked at again
+# Prefix of last_error after a failure that happened before the message was handed over (safe to send again).
+TEMPORARY = "temporary: "
+# Providers that file SMTP-sent mail in Sent themselves; elsewhere inboxd APPENDs the Sent copy.
+SERVER_FILES_SENT = frozenset({"gmail", "microsoft"})
+
+
+@dataclass(frozen=True, slots=True)
+class SendReport:
+    row_id: int
+    status: str  # what the row became: sent / queued / failed / held
+    detail: str | None = None
+
+
+class Outbox:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        outbox: OutboxStore,
+        connections: Connections,
+        blobs: BlobStore,
+        *,
+        clock: Clock,
+        policy: RetryPolicy | None = None,
+        imap_factory: Callable[[Account, ProviderConfig], ImapSession] | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._outbox = outbox
+        self._connections = connections
+        self._blobs = blobs
+        self._clock = clock
+        self._policy = policy or RetryPolicy()
+        self._imap = imap_factory or connections.imap
+
+    def drain(self) -> list[SendReport]:
+        """Send every row that is due now; returns what happened to each."""
+        reports: list[SendReport] = []
+        while (row := self._outbox.claim_next()) is not None:
+            try:
+                reports.append(self._process(row))
+            except Exception as exc:  # a bug must not wedge the queue: the row fails visibly, others go on
+                log.exception("outbox.row_crashed", row=row.id)
+                self._outbox.record(
+                    row.id,
+                    after_attempt(
+                        Outcome.INVALID,
+                        attempts=row.attempts,
+                        now=self._clock.now(),
+                        error=f"internal error ({type(exc).__name__})",
+                        policy=self._policy,
+                    ),
+                )
+                reports.append(SendReport(row.id, "failed", f"internal error ({type(exc).__name__})"))
+        return reports
+
+    # -- one row ---------------------------------------------------------------------------------------------
+
+    def _process(self, row: OutboxRow) -> SendReport:  # noqa: PLR0911 (one return per outcome)
+        account = self._store.account_by_id(row.account_id)
+        if account is None:
+            return self._finish(row, Outcome.INVALID, f"account {row.account_id} does not exist")
+        held = self._hold_reason(account)
+        if held is not None:
+            self._outbox.hold(row.id, held, self._clock.now() + HOLD)
+            return SendReport(row.id, "held", held)
+        provider = self._config.providers.get(account.provider)
+        if provider is None:
+            return self._finish(row, Outcome.INVALID, f"provider {account.provider!r} is not in the config")
+        domain = account.email.rpartition("@")[2]
+        message_id = self._outbox.fix_message_id(row.id, row.message_id_header or make_message_id(domain))
+        try:
+            draft = self._draft(row, account)
+            validate(draft, max_attachment_bytes=self._config.sync.max_attachment_bytes)
+            raw = build_message(draft, message_id=message_id, date=self._clock.now())
+        except InvalidDraft as exc:
+            return self._finish(row, Outcome.INVALID, str(exc))
+        files_sent_itself = provider.kind in SERVER_FILES_SENT
+        if row.attempts > 1:  # an earlier attempt may have delivered: look before sending again
+            try:
+                if self._in_sent(account, provider, message_id):
+                    return self._sent(row, account, raw, provider, already_filed=True)
+            except RetryLater as exc:
+                return self._finish(row, Outcome.TEMPORARY, f"{TEMPORARY}cannot check Sent: {exc}")
+            if not files_sent_itself and not (row.last_error or "").startswith(TEMPORARY):
+                return self._finish(
+                    row,
+                    Outcome.INVALID,
+                    "delivery uncertain: the connection was lost after the message was handed to the server, and "
+                    "this server keeps no Sent copy to check; not sent again to avoid a duplicate",
+                )
+        return self._send(row, account, provider, draft, raw, files_sent_itself=files_sent_itself)
+
+    def _send(  # noqa: PLR0911 (one return per outcome)
+        self,
+        row: OutboxRow,
+        account: Account,
+        provider: ProviderConfig,
+        draft: Draft,
+        raw: bytes,
+        *,
+        files_sent_itself: bool,
+    ) -> SendReport:
+        try:
+            sender = self._connections.smtp(account, provider)
+            result = asyncio.run(sender.send(sender=account.email, recipients=envelope_recipients(draft), message=raw))
+        except SendAmbiguous as exc:
+            return self._finish(row, Outcome.AMBIGUOUS, f"uncertain: {exc}")
+        except SendDailyLimit as exc:
+            report = self._finish(row, Outcome.DAILY_LIMIT, str(exc))
+            self._outbox.defer_account(account.id, self._clock.now() + self._policy.daily_limit_pause, str(exc))
+            return report
+        except SendRejected as exc:
+            return self._finish(row, Outcome.REJECTED, str(exc))
+        except ReauthRequired as exc:
+            self._store.set_state(account.id, "needs_reauth", str(exc), error=str(exc))
+            return self._finish(row, Outcome.AUTH, str(exc))
+        except AccountFailed as exc:
+            return self._finish(row, Outcome.REJECTED, str(exc))
+        except RetryLater as exc:
+            return self._finish(row, Outcome.TEMPORARY, f"{TEMPORARY}{exc}")
+        note = None
+        if result.refused:
+            note = "refused by the server: " + ", ".join(f"{a} ({c} {t})" for a, (c, t) in result.refused.items())
+        return self._sent(row, account, raw, provider, already_filed=files_sent_itself, note=note)
+
+    def _hold_reason(self, account: Account) -> str | None:
+        if not account.enabled:
+            return "held: the account is disabled by the HR app"
+        policy = self._config.policy_for(account.email)
+        if policy.paused:
+            return f"held: the account is paused ({policy.reason or 'config'})"
+        if account.state == "needs_reauth":
+            return "held: the recruiter must reconnect the mailbox"
+        return None
+
+    def _draft(self, row: OutboxRow, account: Account) -> Draft:
+        reply = None
+        if row.reply_to_message_id is not None:
+            context = self._store.reply_context(account.id, row.reply_to_message_id)
+            if context is None:
+                raise InvalidDraft(
+                    f"reply_to_message_id {row.reply_to_message_id} is not a message of {account.email}",
+                    field="reply_to_message_id",
+                )
+            reply = ReplyContext(*context)
+        return Draft(
+            from_email=account.email,
+            from_name=self._config.policy_for(account.email).display_name,
+            to=_addresses(row.to, "to"),
+            cc=_addresses(row.cc, "cc"),
+            bcc=_addresses(row.bcc, "bcc"),
+            subject=row.subject or "",
+            body_text=row.body_text,
+            body_html=row.body_html,
+            attachments=self._attachments(row.attachments),
+            reply_to_message=reply,
+        )
+
+    def _attachments(self, value: Any) -> tuple[OutgoingAttachment, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise InvalidDraft("attachments must be a JSON list", field="attachments")
+        out = []
+        for i, item in enumerate(value):
+            field = f"attachments[{i}]"
+            if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("sha256", "filename")):
+                raise InvalidDraft(f"{field} needs sha256 and filename strings", field=field)
+            try:
+                data = self._blobs.read(item["sha256"])
+            except (OSError, ValueError):
+                raise InvalidDraft(
+                    f"{field}: no stored bytes for sha256 {item['sha256'][:70]} in the attachment store", field=field
+                ) from None
+            content_type = item.get("content_type") or "application/octet-stream"
+            out.append(OutgoingAttachment(filename=item["filename"], content_type=str(content_type), data=data))
+        return tuple(out)
+
+    def _in_sent(self, account: Account, provider: ProviderConfig, message_id: str) -> bool:
+        session = self._imap(account, provider)
+        try:
+            folder = _sent_folder(session)
+            return folder is not None and session.find_message_id(folder, message_id)
+        finally:
+            session.close()
+
+    def _sent(
+        self,
+        row: OutboxRow,
+        account: Account,
+        raw: bytes,
+        provider: ProviderConfig,
+        *,
+        already_filed: bool,
+        note: str | None = None,
+    ) -> SendReport:
+        if not already_filed:
+            try:
+                self._file_in_sent(account, provider, raw)
+            except InboxdError as exc:  # sent is sent: a missing Sent copy must not cause a second delivery
+                note = f"sent, but the copy in Sent could not be filed: {exc}"
+                log.warning("outbox.sent_copy_failed", row=row.id, error=str(exc))
+        parsed = parse_message(raw, max_attachment_bytes=self._config.sync.max_attachment_bytes)
+        message_id = self._store.store_sent(
+            account.id,
+            NewMessage(
+                identity=f"mid:{parsed.message_id_header}",
+                parsed=parsed,
+                folder_name="Sent",
+                direction="outbound",
+                received_at=self._clock.now(),
+                location=NewLocation(uid=0, flags=("\\Seen",), modseq=None, labels=["SENT"]),
+            ),
+        )
+        update = after_attempt(
+            Outcome.SENT, attempts=row.attempts, now=self._clock.now(), error=None, policy=self._policy
+        )
+        self._outbox.record(row.id, update, sent_message_id=message_id, note=note)
+        log.info("outbox.sent", row=row.id, account=account.email, attempts=row.attempts)
+        return SendReport(row.id, "sent", note)
+
+    def _file_in_sent(self, account: Account, provider: ProviderConfig, raw: bytes) -> None:
+        session = self._imap(account, provider)
+        try:
+            folder = _sent_folder(session)
+            if folder is None:
+                raise AccountFailed("the mailbox has no folder marked \\Sent")
+            parsed_id = parse_message(raw).message_id_header or ""
+            if not session.find_message_id(folder, parsed_id):  # a retry may have filed it already
+                session.append(folder, raw)
+        finally:
+            session.close()
+
+    def _finish(self, row: OutboxRow, outcome: Outcome, error: str) -> SendReport:
+        update = after_attempt(outcome, attempts=row.attempts, now=self._clock.now(), error=error, policy=self._policy)
+        self._outbox.record(row.id, update)
+        log.info("outbox.attempt", row=row.id, outcome=outcome.value, status=update.status, error=error)
+        return SendReport(row.id, update.status, error)
+
+
+def _addresses(value: Any, field: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidDraft(f'{field} must be a JSON list of "addr" or "Name <addr>" strings', field=field)
+    return tuple(value)
+
+
+def _sent_folder(session: ImapSession) -> str | None:
+    """Where sent mail is: Gmail's All Mail (Sent is a label), else the folder marked \\Sent."""
+    folders = session.list_folders()
+    wanted = "\\all" if session.capabilities.gmail else "\\sent"
+    return next((f.name for f in folders if wanted in {x.lower() for x in f.flags}), None)

@@ -1,0 +1,316 @@
+"""The outbox end to end, on SQLite and PostgreSQL: rows the HR app inserts are sent through the recruiter's own
+mailbox (Postfix submission with XOAUTH2 into Dovecot, or the Gmail-dialect server), read back over IMAP, threaded,
+filed in Sent exactly once, stored at once; bad rows fail with a clear error and never reach SMTP; a connection cut
+right after the server accepted the message never leads to a second delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import Iterator
+from email import message_from_bytes
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from harness import MailStack, make_message, wait_for
+from harness.smtp_proxy import SmtpFaultProxy
+from inboxd.blobs import BlobStore
+from inboxd.clock import FakeClock, SystemClock
+from inboxd.config import Config, load_config
+from inboxd.connections import Connections
+from inboxd.models import MailMessage, MailOutbox
+from inboxd.outbox import Outbox
+from inboxd.outbox_policy import RetryPolicy
+from inboxd.outbox_store import OutboxStore
+from inboxd.runner import Runner
+from inboxd.store import Credential, Store
+
+pytestmark = pytest.mark.mailstack
+outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
+messages_t = MailMessage.__table__  # type: ignore[attr-defined]
+
+
+def write_config(
+    tmp_path: Path,
+    db_url: str,
+    stack: MailStack,
+    *,
+    kind: str = "imap",
+    imap_port: int | None = None,
+    smtp_port: int | None = None,
+    smtp_tls: str = "starttls",
+    extra: str = "",
+) -> Config:
+    path = tmp_path / "inboxd.toml"
+    path.write_text(f"""
+state_dir = "{tmp_path / "state"}"
+[database]
+url = "{db_url}"
+[secrets]
+key_file = "{tmp_path / "secret.key"}"
+[sync]
+scope = "all"
+max_attachment_bytes = 1000
+[providers.local]
+kind = "{kind}"
+imap_host = "127.0.0.1"
+imap_port = {imap_port or stack.imap_port}
+imap_tls = "starttls"
+smtp_host = "127.0.0.1"
+smtp_port = {smtp_port or stack.submission_port}
+smtp_tls = "{smtp_tls}"
+auth = "oauth2"
+token_uri = "{stack.token_uri}"
+client_id = "{stack.client_id}"
+client_secret = "{stack.client_secret}"
+ca_file = "{stack.ca_cert}"
+timeout = 5
+{extra}
+""")
+    return load_config(path, env={})
+
+
+def make_outbox(config: Config, store: Store, clock: Any = None) -> Outbox:
+    clock = clock or SystemClock()
+    return Outbox(
+        config,
+        store,
+        OutboxStore(store.engine, clock=clock, policy=RetryPolicy()),
+        Connections(store, clock=SystemClock()),
+        BlobStore(config.sync.attachments_dir),
+        clock=clock,
+    )
+
+
+def queue(store: Store, account_email: str, key: str, **values: Any) -> int:
+    account = store.account(account_email)
+    assert account is not None
+    row = {"account_id": account.id, "to": [], "subject": "", "idempotency_key": key, **values}
+    with store.engine.begin() as conn:
+        return int(conn.execute(outbox_t.insert().values(**row).returning(outbox_t.c.id)).scalar_one())
+
+
+def outbox_row(store: Store, row_id: int) -> sa.Row:  # type: ignore[type-arg]
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(outbox_t).where(outbox_t.c.id == row_id)).one()
+
+
+def inbox(stack: MailStack, user: str, folder: str = "INBOX") -> list[Message]:
+    with stack.admin_imap(user) as imap:
+        imap.select_folder(folder, readonly=True)
+        uids = imap.search(["ALL"])
+        fetched = imap.fetch(uids, ["BODY.PEEK[]"]) if uids else {}
+        return [message_from_bytes(d[b"BODY[]"]) for d in fetched.values()]
+
+
+@pytest.fixture
+def recruiter(mailstack: MailStack, store: Store) -> str:
+    user = mailstack.new_user("rec")
+    store.add_account(user, "local", Credential("oauth2_refresh", mailstack.refresh_token(user)))
+    return user
+
+
+def test_reply_with_attachment_is_delivered_threaded_filed_and_stored(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    config = write_config(
+        tmp_path, db_url, mailstack, extra=f'[accounts."{recruiter}"]\ndisplay_name = "Rita Recruiter"'
+    )
+    candidate = mailstack.new_user("cand")
+    mailstack.deliver(
+        recruiter,
+        make_message(f"Carl <{candidate}>", recruiter, "Application", "hi", message_id="<application@example.test>"),
+    )
+    assert Runner(config, store, clock=SystemClock()).sync_once()[0].ok
+    with store.engine.connect() as conn:
+        application_id = conn.execute(sa.select(messages_t.c.id)).scalar_one()
+    cv = b"%PDF-1.4 the cv"
+    sha = hashlib.sha256(cv).hexdigest()
+    BlobStore(config.sync.attachments_dir).put(sha, cv)
+    row_id = queue(
+        store,
+        recruiter,
+        "k1",
+        to=[f"Carl Candidate <{candidate}>"],
+        subject="",
+        body_html="<p>Dear Carl, <b>thanks</b>! Café on Thursday?</p>",
+        reply_to_message_id=application_id,
+        attachments=[{"sha256": sha, "filename": "offer.pdf", "content_type": "application/pdf"}],
+    )
+    [report] = make_outbox(config, store).drain()
+    assert report.status == "sent", report
+    row = outbox_row(store, row_id)
+    assert (row.status, row.attempts, row.last_error) == ("sent", 1, None)
+    [got] = inbox(mailstack, candidate)
+    assert got["Message-ID"] == row.message_id_header
+    assert got["Subject"] == "Re: Application"
+    assert got["In-Reply-To"] == "<application@example.test>"
+    assert "<application@example.test>" in got["References"]
+    assert recruiter in got["From"] and "Rita Recruiter" in got["From"]
+    parts = {p.get_content_type(): p for p in got.walk()}
+    assert "Café" in parts["text/plain"].get_payload(decode=True).decode()
+    assert parts["application/pdf"].get_payload(decode=True) == cv
+    assert len(inbox(mailstack, recruiter, "Sent")) == 1, "a generic server gets exactly one Sent copy"
+    with store.engine.connect() as conn:
+        sent = conn.execute(sa.select(messages_t).where(messages_t.c.id == row.sent_message_id)).one()
+        thread_of_application = conn.execute(
+            sa.select(messages_t.c.thread_id).where(messages_t.c.id == application_id)
+        ).scalar_one()
+    assert sent.direction == "outbound"
+    assert sent.thread_id == thread_of_application
+    # the next sync finds the Sent copy and merges it into the same row
+    assert Runner(config, store, clock=SystemClock()).sync_once()[0].ok
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(messages_t)).scalar_one() == 2
+        labels = conn.execute(sa.select(messages_t.c.labels).where(messages_t.c.id == sent.id)).scalar_one()
+    assert labels == ["Sent"]
+
+
+@pytest.mark.parametrize(
+    ("values", "error_part"),
+    [
+        ({"to": []}, "recipient"),
+        ({"to": ["not-an-address"]}, "to[0]"),
+        ({"to": ["a@example.test"], "subject": "hi\r\nBcc: victim@example.org"}, "subject"),
+        ({"to": ["Evil\nName <a@example.test>"]}, "to[0]"),
+        ({"to": ["a@example.test"], "attachments": [{"sha256": "0" * 64, "filename": "x.pdf"}]}, "attachments[0]"),
+        ({"to": "a@example.test"}, "to must be a JSON list"),
+    ],
+)
+def test_bad_rows_fail_with_a_clear_error_and_never_reach_smtp(
+    store: Store,
+    db_url: str,
+    tmp_path: Path,
+    mailstack: MailStack,
+    recruiter: str,
+    values: dict[str, Any],
+    error_part: str,
+) -> None:
+    config = write_config(tmp_path, db_url, mailstack, smtp_port=1)  # nothing listens there: SMTP is never used
+    row_id = queue(store, recruiter, "bad", **values)
+    good_id = queue(store, recruiter, "good", to=["a@example.test"], body_text="fine")
+    reports = {r.row_id: r for r in make_outbox(config, store).drain()}
+    bad = outbox_row(store, row_id)
+    assert bad.status == "failed"
+    assert error_part in (bad.last_error or ""), bad.last_error
+    assert reports[good_id].status == "queued", "the good row was attempted (and hit the closed port)"
+    assert "temporary" in (outbox_row(store, good_id).last_error or "")
+
+
+def test_oversize_attachment_and_paused_account(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """Attachments over sync.max_attachment_bytes fail the row; a paused account's rows are held, not attempted."""
+    paused = mailstack.new_user("paused")
+    store.add_account(paused, "local", Credential("oauth2_refresh", mailstack.refresh_token(paused)))
+    config = write_config(
+        tmp_path, db_url, mailstack, extra=f'[accounts."{paused}"]\npaused = true\nreason = "on leave"'
+    )
+    big = b"x" * 5000
+    sha = hashlib.sha256(big).hexdigest()
+    BlobStore(config.sync.attachments_dir).put(sha, big)
+    big_id = queue(
+        store,
+        recruiter,
+        "big",
+        to=["a@example.test"],
+        body_text="x",
+        attachments=[{"sha256": sha, "filename": "big.bin"}],
+    )
+    held_id = queue(store, paused, "held", to=["a@example.test"], body_text="x")
+    make_outbox(config, store).drain()
+    assert outbox_row(store, big_id).status == "failed"
+    assert "attachments[0]" in outbox_row(store, big_id).last_error
+    held = outbox_row(store, held_id)
+    assert (held.status, held.attempts) == ("queued", 0)
+    assert "on leave" in held.last_error
+
+
+class ThreadedProxy:
+    """SmtpFaultProxy on its own event loop thread, so the outbox (which runs asyncio itself) can go through it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.proxy = SmtpFaultProxy(host, port)
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with self.proxy:
+            self._ready.set()
+            await self._stop.wait()
+
+    def __enter__(self) -> SmtpFaultProxy:
+        self._thread.start()
+        assert self._ready.wait(5)
+        return self.proxy
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+
+@pytest.fixture
+def cut_proxy(mailstack: MailStack) -> Iterator[SmtpFaultProxy]:
+    with ThreadedProxy(mailstack.host, mailstack.submission_port) as proxy:
+        yield proxy
+
+
+def test_connection_cut_after_250_is_never_sent_twice_on_a_generic_server(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str, cut_proxy: SmtpFaultProxy
+) -> None:
+    """The server accepted the message but its 250 never arrived: the row is not retried blindly (a generic server
+    keeps no Sent copy that could prove delivery), and the recipient has exactly one copy."""
+    config = write_config(tmp_path, db_url, mailstack, smtp_port=cut_proxy.port, smtp_tls="plain")
+    candidate = mailstack.new_user("cand")
+    row_id = queue(store, recruiter, "once", to=[candidate], subject="Offer", body_text="x")
+    clock = FakeClock(SystemClock().now())
+    cut_proxy.cut_after_data_reply()
+    [first] = make_outbox(config, store, clock).drain()
+    assert first.status == "queued"
+    assert "uncertain" in (outbox_row(store, row_id).last_error or "")
+    clock.advance(3600)
+    [second] = make_outbox(config, store, clock).drain()
+    row = outbox_row(store, row_id)
+    assert row.status == "failed"
+    assert "delivery uncertain" in row.last_error
+    assert second.status == "failed"
+    wait_for(lambda: len(inbox(mailstack, candidate)) >= 1, timeout=10)
+    assert len(inbox(mailstack, candidate)) == 1
+
+
+def test_reply_to_another_accounts_message_fails(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """reply_to_message_id must name a message of the sending account: another recruiter's mail is refused."""
+    config = write_config(tmp_path, db_url, mailstack, smtp_port=1)
+    other = mailstack.new_user("other")
+    store.add_account(other, "local", Credential("password", "x"))
+    other_account = store.account(other)
+    assert other_account is not None
+    with store.engine.begin() as conn:
+        foreign = conn.execute(
+            messages_t.insert()
+            .values(
+                account_id=other_account.id,
+                provider_message_id="mid:x@y",
+                direction="inbound",
+                created_at=SystemClock().now(),
+                updated_at=SystemClock().now(),
+            )
+            .returning(messages_t.c.id)
+        ).scalar_one()
+    row_id = queue(store, recruiter, "foreign", to=["a@example.test"], body_text="x", reply_to_message_id=foreign)
+    make_outbox(config, store).drain()
+    row = outbox_row(store, row_id)
+    assert row.status == "failed"
+    assert "reply_to_message_id" in row.last_error
