@@ -1,0 +1,161 @@
+"""The outbox against the Gmail-dialect server, on SQLite and PostgreSQL: Gmail files sent mail itself (inboxd never
+APPENDs), a connection lost after DATA is resolved by finding the Message-ID in All Mail (no second delivery), the
+daily sending limit pauses the account's rows, and the sent row is adopted by the next sync instead of duplicated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from gmail.server import GmailServer
+from harness import MailStack, make_message
+from inboxd.blobs import BlobStore
+from inboxd.clock import FakeClock, SystemClock
+from inboxd.config import Config, load_config
+from inboxd.connections import Connections
+from inboxd.models import MailMessage, MailOutbox
+from inboxd.outbox import Outbox
+from inboxd.outbox_policy import RetryPolicy
+from inboxd.outbox_store import OutboxStore
+from inboxd.runner import Runner
+from inboxd.store import Credential, Store
+
+pytestmark = pytest.mark.mailstack
+outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
+messages_t = MailMessage.__table__  # type: ignore[attr-defined]
+
+
+def gmail_config(tmp_path: Path, db_url: str, stack: MailStack, server: GmailServer) -> Config:
+    path = tmp_path / "inboxd.toml"
+    path.write_text(f"""
+state_dir = "{tmp_path / "state"}"
+[database]
+url = "{db_url}"
+[secrets]
+key_file = "{tmp_path / "secret.key"}"
+[sync]
+scope = "all"
+[providers.gmail]
+kind = "gmail"
+imap_host = "127.0.0.1"
+imap_port = {server.imap_port}
+imap_tls = "starttls"
+smtp_host = "127.0.0.1"
+smtp_port = {server.smtp_port}
+smtp_tls = "starttls"
+token_uri = "{stack.token_uri}"
+client_id = "{stack.client_id}"
+client_secret = "{stack.client_secret}"
+ca_file = "{stack.ca_cert}"
+timeout = 5
+""")
+    return load_config(path, env={})
+
+
+def make_outbox(config: Config, store: Store, clock: Any = None) -> Outbox:
+    clock = clock or SystemClock()
+    return Outbox(
+        config,
+        store,
+        OutboxStore(store.engine, clock=clock, policy=RetryPolicy()),
+        Connections(store, clock=SystemClock()),
+        BlobStore(config.sync.attachments_dir),
+        clock=clock,
+    )
+
+
+def queue(store: Store, account_email: str, key: str, **values: Any) -> int:
+    account = store.account(account_email)
+    assert account is not None
+    row = {"account_id": account.id, "subject": "Offer", "body_text": "Welcome!", "idempotency_key": key, **values}
+    with store.engine.begin() as conn:
+        return int(conn.execute(outbox_t.insert().values(**row).returning(outbox_t.c.id)).scalar_one())
+
+
+def outbox_row(store: Store, row_id: int) -> sa.Row:  # type: ignore[type-arg]
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(outbox_t).where(outbox_t.c.id == row_id)).one()
+
+
+@pytest.fixture
+def recruiter(mailstack: MailStack, store: Store) -> str:
+    user = mailstack.new_user("rec")
+    store.add_account(user, "gmail", Credential("oauth2_refresh", mailstack.refresh_token(user)))
+    return user
+
+
+def _copies(server: GmailServer, user: str, message_id: str) -> int:
+    with server.store.lock:
+        return len(server.account(user).by_message_id(message_id))
+
+
+def test_gmail_files_sent_mail_itself_and_the_sync_adopts_the_row(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    candidate = mailstack.new_user("cand")
+    application = gmail_server.deliver(
+        make_message(candidate, recruiter, "Application", "cv", message_id="<gm-app@example.test>")
+    )
+    assert Runner(config, store, clock=SystemClock()).sync_once()[0].ok
+    with store.engine.connect() as conn:
+        app_row = conn.execute(sa.select(messages_t.c.id, messages_t.c.thread_id)).one()
+    row_id = queue(store, recruiter, "k1", to=[candidate], reply_to_message_id=app_row.id)
+    [report] = make_outbox(config, store).drain()
+    assert report.status == "sent", report
+    row = outbox_row(store, row_id)
+    assert "APPEND" not in gmail_server.commands(recruiter), "Gmail files sent mail in Sent itself"
+    assert _copies(gmail_server, recruiter, row.message_id_header) == 1
+    assert _copies(gmail_server, candidate, row.message_id_header) == 1
+    sent_info = gmail_server.message(gmail_server.smtp_sent(recruiter)[0])
+    assert sent_info.gm_thrid == gmail_server.message(application).gm_thrid, "Gmail threads our reply"
+    assert Runner(config, store, clock=SystemClock()).sync_once()[0].ok
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(messages_t).order_by(messages_t.c.id)).all()
+    assert len(rows) == 2, "the synced Sent copy merged into the row stored at send time"
+    sent_row = rows[1]
+    assert sent_row.id == row.sent_message_id
+    assert sent_row.provider_message_id == f"gm:{sent_info.gm_msgid}"
+    assert sent_row.direction == "outbound"
+    assert sent_row.thread_id == app_row.thread_id
+    assert "SENT" in sent_row.labels
+
+
+def test_lost_connection_after_data_is_resolved_by_the_sent_copy_not_a_resend(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    candidate = mailstack.new_user("cand")
+    row_id = queue(store, recruiter, "once", to=[candidate])
+    gmail_server.drop_after_data()
+    clock = FakeClock(SystemClock().now())
+    [first] = make_outbox(config, store, clock).drain()
+    assert first.status == "queued"
+    assert "uncertain" in outbox_row(store, row_id).last_error
+    clock.advance(3600)
+    [second] = make_outbox(config, store, clock).drain()
+    assert second.status == "sent"
+    row = outbox_row(store, row_id)
+    assert (row.status, row.attempts) == ("sent", 2)
+    assert len(gmail_server.smtp_sent(recruiter)) == 1, "one SMTP delivery in all"
+    assert _copies(gmail_server, candidate, row.message_id_header) == 1
+
+
+def test_daily_sending_limit_defers_the_accounts_rows_a_day(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    first = queue(store, recruiter, "a", to=["x@example.test"])
+    second = queue(store, recruiter, "b", to=["y@example.test"])
+    gmail_server.daily_limit(recruiter)
+    clock = FakeClock(SystemClock().now())
+    reports = make_outbox(config, store, clock).drain()
+    assert [r.status for r in reports] == ["queued"], "the second row is deferred, not attempted"
+    for row_id in (first, second):
+        row = outbox_row(store, row_id)
+        assert row.status == "queued"
+        assert row.next_attempt_at >= clock.now() + RetryPolicy().daily_limit_pause
+        assert "5.4.5" in row.last_error
