@@ -5,7 +5,8 @@ A thread is keyed by its root Message-ID (first References id, else In-Reply-To,
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
@@ -27,7 +28,8 @@ def assign_thread(
 
     `key` is the server's own conversation id (Gmail X-GM-THRID): used as is. Without it, order of arrival does
     not matter: a reply stored before its parent starts a thread, and when the parent arrives, threads whose
-    messages answer it are merged into the parent's.
+    messages answer it are merged into the parent's. Only a reply with no references at all is grouped by its
+    subject.
     """
     when = p.sent_at or now
     if key is not None:
@@ -57,6 +59,8 @@ def assign_thread(
             )
             .limit(1)
         ).scalar()
+    if thread_id is None and not refs:
+        thread_id = _by_subject(conn, account_id, p.subject, when)
     if thread_id is None:
         thread_id = _create(conn, account_id, root or f"single:{identity}", p.subject, when)
     else:
@@ -64,6 +68,36 @@ def assign_thread(
     if p.message_id_header:
         _merge_answers(conn, account_id, thread_id, p.message_id_header)
     return int(thread_id)
+
+
+REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|aw|wg|sv|vs|tr|antw|rif)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
+SUBJECT_WINDOW = timedelta(days=60)
+
+
+def base_subject(subject: str | None) -> tuple[str, bool]:
+    """("lowercased subject without Re:/Fwd:/AW: prefixes", whether it had one)."""
+    text = " ".join((subject or "").split())
+    stripped = REPLY_PREFIX.sub("", text)
+    return stripped.lower(), stripped != text
+
+
+def _by_subject(conn: sa.Connection, account_id: int, subject: str | None, when: datetime) -> int | None:
+    """Last resort for a reply that carries no References/In-Reply-To (some clients drop them): the most recent
+    thread of the account whose subject is this one without its "Re:" prefix, active within SUBJECT_WINDOW."""
+    base, is_reply = base_subject(subject)
+    if not is_reply or not base:
+        return None
+    found = conn.execute(
+        sa.select(threads_t.c.id)
+        .where(
+            threads_t.c.account_id == account_id,
+            sa.func.lower(threads_t.c.subject) == base,
+            threads_t.c.last_message_at >= when - SUBJECT_WINDOW,
+        )
+        .order_by(threads_t.c.last_message_at.desc())
+        .limit(1)
+    ).scalar()
+    return int(found) if found is not None else None
 
 
 def _create(conn: sa.Connection, account_id: int, key: str, subject: str | None, when: datetime) -> int:
