@@ -1,0 +1,125 @@
+"""Push: one IMAP IDLE connection per account on the folder where new mail appears first (INBOX; All Mail on
+Gmail), telling the daemon "this account changed" within a second of the server's notice.
+
+IDLE is re-issued at most every IDLE_RENEW (Gmail and RFC 2177 drop idle sessions after ~10-29 min); a lost
+connection is reopened with capped exponential backoff. The watcher only signals; the sync engine does the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+from collections.abc import Callable
+
+import structlog
+from imapclient.exceptions import IMAPClientError
+
+from inboxd.clock import Clock
+from inboxd.errors import InboxdError, SessionExpired
+from inboxd.gmail import Gmail
+from inboxd.imap import ImapClientSession, ImapSession
+
+log = structlog.get_logger(__name__)
+
+IDLE_RENEW = 9 * 60.0  # seconds; under the ~10 min after which servers may end an idle session
+CHECK_SLICE = 1.0  # seconds per idle_check, so a stop request is honoured quickly
+CHANGE_RESPONSES = (b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED")
+
+
+def backoff(failures: int, *, base: float = 1.0, cap: float = 300.0, rng: random.Random | None = None) -> float:
+    """Capped exponential backoff with full jitter (pure): the wait before reconnect number `failures`."""
+    ceiling = min(cap, base * 2 ** max(failures - 1, 0))
+    return (rng or random.Random()).uniform(ceiling / 2, ceiling)
+
+
+def is_bye(responses: list[tuple[object, ...]]) -> bool:
+    """The server ended the session while we idled (Gmail: `* BYE Session expired`)."""
+    return any(len(r) > 0 and r[0] == b"BYE" for r in responses)
+
+
+def is_change(responses: list[tuple[object, ...]]) -> bool:
+    """Whether untagged responses seen while idling mean the mailbox changed."""
+    return any(len(r) > 1 and r[1] in CHANGE_RESPONSES for r in responses)
+
+
+class IdleWatcher:
+    """A daemon thread per account: IDLE, and call `on_change()` when the server says the folder changed."""
+
+    def __init__(
+        self,
+        name: str,
+        connect: Callable[[], ImapSession],
+        on_change: Callable[[], None],
+        *,
+        clock: Clock,
+    ) -> None:
+        self._name = name
+        self._connect = connect
+        self._on_change = on_change
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"inboxd-idle-{name}", daemon=True)
+        self.idling = threading.Event()  # set while an IDLE command is active (tests wait on it)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._watch(catch_up=failures > 0)
+                failures = 0
+            except (InboxdError, IMAPClientError, OSError) as exc:
+                failures += 1
+                wait = backoff(failures)
+                log.info("idle.reconnect", account=self._name, error=str(exc)[:200], wait_s=round(wait, 1))
+                self._stop.wait(wait)
+            except Exception:  # never let a watcher die silently: log, back off, try again
+                failures += 1
+                log.exception("idle.crashed", account=self._name)
+                self._stop.wait(backoff(failures))
+
+    def _watch(self, *, catch_up: bool) -> None:
+        session = self._connect()
+        try:
+            if not isinstance(session, ImapClientSession):
+                return
+            folder = self._folder(session)
+            session.select(folder)
+            if catch_up:  # mail may have arrived while the connection was down
+                self._on_change()
+            client = session._client
+            while not self._stop.is_set():
+                started = self._clock.monotonic()
+                client.idle()
+                self.idling.set()
+                changed = False
+                try:
+                    while not self._stop.is_set() and self._clock.monotonic() - started < IDLE_RENEW:
+                        responses = client.idle_check(timeout=CHECK_SLICE)
+                        if is_bye(responses):
+                            raise SessionExpired("the server ended the idle session")
+                        if is_change(responses):
+                            changed = True
+                            break
+                finally:
+                    self.idling.clear()
+                    with contextlib.suppress(IMAPClientError, OSError):
+                        client.idle_done()
+                if changed:
+                    log.debug("idle.changed", account=self._name, folder=folder)
+                    self._on_change()
+        finally:
+            session.close()
+
+    @staticmethod
+    def _folder(session: ImapSession) -> str:
+        if session.capabilities.gmail:
+            return Gmail().folders(session.list_folders())[0].name
+        return "INBOX"

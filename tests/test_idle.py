@@ -1,0 +1,79 @@
+"""Push: the IDLE watcher tells the daemon about new mail within seconds, on Dovecot and the Gmail-dialect server,
+and survives a server that ends the session."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from gmail.server import GmailServer
+from harness import MailStack, make_message
+from inboxd.clock import SystemClock
+from inboxd.idle import IdleWatcher, backoff, is_bye, is_change
+from inboxd.imap import ImapEndpoint, connect
+
+
+def test_backoff_is_capped_exponential_with_jitter() -> None:
+    rng = random.Random(7)
+    waits = [backoff(n, base=1, cap=60, rng=rng) for n in range(1, 10)]
+    assert 0.5 <= waits[0] <= 1
+    assert all(w <= 60 for w in waits)
+    assert waits[-1] >= 30
+
+
+def test_is_change() -> None:
+    assert is_change([(3, b"EXISTS")])
+    assert is_change([(2, b"EXPUNGE")])
+    assert not is_change([(b"OK", b"Still here")])
+    assert not is_change([])
+    assert is_bye([(b"BYE", b"Session expired, please login again.")])
+    assert not is_bye([(3, b"EXISTS")])
+
+
+def _watch(host: str, port: int, user: str, stack: MailStack) -> tuple[IdleWatcher, threading.Event]:
+    changed = threading.Event()
+    endpoint = ImapEndpoint(host=host, port=port, tls="starttls", ca_file=stack.ca_cert, timeout=10)
+
+    def session():  # type: ignore[no-untyped-def]
+        return connect(endpoint, username=user, access_token=lambda: stack.access_token(user))
+
+    watcher = IdleWatcher(user, session, changed.set, clock=SystemClock())
+    watcher.start()
+    assert watcher.idling.wait(10), "IDLE started"
+    return watcher, changed
+
+
+@pytest.mark.mailstack
+def test_dovecot_push_arrives_within_seconds(mailstack: MailStack) -> None:
+    user = mailstack.new_user("idle")
+    mailstack.deliver(user, make_message("c@example.org", user, "first", "x"))  # INBOX exists
+    watcher, changed = _watch(mailstack.host, mailstack.imap_port, user, mailstack)
+    try:
+        started = time.monotonic()
+        mailstack.deliver(user, make_message("c@example.org", user, "pushed", "x"), wait=False)
+        assert changed.wait(10)
+        assert time.monotonic() - started < 5
+    finally:
+        watcher.stop()
+
+
+@pytest.mark.mailstack
+def test_gmail_push_on_all_mail_and_reconnect_after_bye(mailstack: MailStack, gmail_server: GmailServer) -> None:
+    user = mailstack.new_user("idlegm")
+    watcher, changed = _watch("127.0.0.1", gmail_server.imap_port, user, mailstack)
+    try:
+        gmail_server.deliver(make_message("c@example.org", user, "pushed", "x"))
+        assert changed.wait(10), "EXISTS in All Mail while idling"
+        changed.clear()
+        gmail_server.kick(user)  # the server ends the session: the watcher reconnects by itself
+        gmail_server.deliver(make_message("c@example.org", user, "while away", "x"))
+        assert changed.wait(15), "a reconnect catches up with what arrived meanwhile"
+        changed.clear()
+        assert watcher.idling.wait(15)
+        gmail_server.deliver(make_message("c@example.org", user, "again", "x"))
+        assert changed.wait(10), "and pushes again afterwards"
+    finally:
+        watcher.stop()
