@@ -33,6 +33,7 @@ from inboxd.outbox_store import OutboxStore
 from inboxd.outbox_wake import OutboxWake
 from inboxd.progress import ProgressDisplay
 from inboxd.runner import AccountResult, Runner
+from inboxd.sdnotify import Notifier
 from inboxd.store import Account, Credential, Store
 
 log = structlog.get_logger(__name__)
@@ -304,21 +305,46 @@ def _loop(runner: Runner, outbox: Outbox, config: Config, store: Store, only: st
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    # Until hot reload exists, SIGHUP (the unit's ExecReload=) must not kill the daemon, its default action; the
+    # handler only sets a flag: logging or socket I/O inside a signal handler can deadlock on structlog's lock.
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    notifier = Notifier.from_env()
+    outbox_depth = OutboxStore(store.engine, clock=SystemClock(), policy=RetryPolicy()).depth
     log.info("daemon.started", interval_s=config.sync.interval.total_seconds())
     sender = threading.Thread(target=_serve_outbox, args=(outbox, store, stop), name="inboxd-outbox", daemon=True)
     sender.start()
+    notifier.ready("first sync cycle running")
+    # The watchdog is pinged while waiting and after every stored batch, so a long cycle is not mistaken for a hang.
+    wait_slice = min(CONTACT_POLL_SECONDS, (notifier.watchdog_interval or CONTACT_POLL_SECONDS) / 2)
+
+    def on_progress(_email: str, _done: int, _total: int) -> None:
+        notifier.watchdog()
+
     scoped = config.sync.scope == "contacts"
     while not stop.is_set():
         watermark = store.contacts_watermark() if scoped else None
-        results = runner.sync_once(only=only)
-        log.info("daemon.cycle_done", ok=sum(r.ok for r in results), failed=sum(not r.ok for r in results))
+        results = runner.sync_once(only=only, progress=on_progress)
+        ok, failed = sum(r.ok for r in results), sum(not r.ok for r in results)
+        log.info("daemon.cycle_done", ok=ok, failed=failed)
+        try:
+            depth: int | str = outbox_depth()
+        except sa.exc.SQLAlchemyError:  # a status line is not worth stopping the daemon for
+            depth = "unknown"
+        notifier.status(f"{ok} accounts ok, {failed} failed; outbox depth {depth}")
+        notifier.watchdog()
         deadline = time.monotonic() + config.sync.interval.total_seconds()
-        while not stop.wait(min(CONTACT_POLL_SECONDS, max(deadline - time.monotonic(), 0))):
+        while not stop.wait(min(wait_slice, max(deadline - time.monotonic(), 0))):
+            notifier.watchdog()
+            if reload_requested.is_set():
+                reload_requested.clear()
+                log.warning("daemon.reload_not_supported", hint="restart inboxd to apply config changes")
             if time.monotonic() >= deadline:
                 break
             if scoped and store.contacts_watermark() != watermark:
                 log.info("daemon.contacts_changed")
                 break
+    notifier.stopping()
     sender.join(timeout=10)
     log.info("daemon.stopped")
     return EXIT_OK
