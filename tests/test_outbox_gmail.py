@@ -159,3 +159,24 @@ def test_daily_sending_limit_defers_the_accounts_rows_a_day(
         assert row.status == "queued"
         assert row.next_attempt_at >= clock.now() + RetryPolicy().daily_limit_pause
         assert "5.4.5" in row.last_error
+
+
+def test_new_conversation_from_the_outbox_threads_with_the_candidates_reply(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """A first message sent from the HR app (no reply_to) is stored at once; when the sync adopts it, it joins
+    Gmail's X-GM-THRID thread, so the candidate's reply lands in the same thread."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    candidate = mailstack.new_user("cand")
+    row_id = queue(store, recruiter, "first", to=[candidate], subject="Interview invitation")
+    assert [r.status for r in make_outbox(config, store).drain()] == ["sent"]
+    row = outbox_row(store, row_id)
+    gmail_server.deliver(
+        make_message(candidate, recruiter, "Re: Interview invitation", "Yes!", in_reply_to=row.message_id_header),
+        user=recruiter,
+    )
+    assert Runner(config, store, clock=SystemClock()).sync_once()[0].ok
+    with store.engine.connect() as conn:
+        got = conn.execute(sa.select(messages_t.c.id, messages_t.c.thread_id, messages_t.c.direction)).all()
+    assert len(got) == 2
+    assert len({r.thread_id for r in got}) == 1, got

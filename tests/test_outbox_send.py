@@ -46,6 +46,7 @@ def write_config(
     smtp_tls: str = "starttls",
     extra: str = "",
 ) -> Config:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "inboxd.toml"
     path.write_text(f"""
 state_dir = "{tmp_path / "state"}"
@@ -314,3 +315,44 @@ def test_reply_to_another_accounts_message_fails(
     row = outbox_row(store, row_id)
     assert row.status == "failed"
     assert "reply_to_message_id" in row.last_error
+
+
+def test_a_crash_after_handing_over_is_not_resent_blindly(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """The process died after the row was marked "handing to SMTP" (delivery_uncertain): the reclaimed row is not
+    sent again on a server that keeps no Sent copy to check."""
+    config = write_config(tmp_path, db_url, mailstack)
+    candidate = mailstack.new_user("cand")
+    row_id = queue(store, recruiter, "crash", to=[candidate], subject="x", body_text="x")
+    clock = FakeClock(SystemClock().now())
+    crashed = OutboxStore(store.engine, clock=clock, policy=RetryPolicy())
+    claimed = crashed.claim_next()
+    assert claimed is not None
+    crashed.mark_uncertain(claimed.id)  # ... and the process is killed here
+    clock.advance(RetryPolicy().stale_after.total_seconds())
+    [report] = make_outbox(config, store, clock).drain()
+    row = outbox_row(store, row_id)
+    assert (report.status, row.status) == ("failed", "failed")
+    assert "delivery uncertain" in row.last_error
+    assert inbox(mailstack, candidate) == []
+
+
+def test_temporary_failure_then_hold_then_send_delivers_once(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """A failure before the message was handed over leaves no doubt: after a hold (account paused meanwhile) the
+    row is sent normally, once."""
+    candidate = mailstack.new_user("cand")
+    row_id = queue(store, recruiter, "t", to=[candidate], subject="x", body_text="x")
+    clock = FakeClock(SystemClock().now())
+    closed = write_config(tmp_path / "a", db_url, mailstack, smtp_port=1)
+    assert [r.status for r in make_outbox(closed, store, clock).drain()] == ["queued"]
+    clock.advance(3600)
+    paused = write_config(tmp_path / "b", db_url, mailstack, extra=f'[accounts."{recruiter}"]\npaused = true')
+    assert [r.status for r in make_outbox(paused, store, clock).drain()] == ["held"]
+    clock.advance(3600)
+    working = write_config(tmp_path / "c", db_url, mailstack)
+    assert [r.status for r in make_outbox(working, store, clock).drain()] == ["sent"]
+    assert outbox_row(store, row_id).attempts == 2
+    assert len(inbox(mailstack, candidate)) == 1

@@ -281,6 +281,11 @@ class MailOutbox(SQLModel, table=True):
     sent_at: datetime | None = _ts()
     sent_message_id: int | None = _fk("mail_messages.id", nullable=True, index=False, ondelete="SET NULL")
     claimed_at: datetime | None = _ts()  # inboxd: when the current attempt started (stale 'sending' = crashed)
+    # inboxd: set (and committed) right before a message is handed to SMTP, cleared when the server's answer is
+    # known; still set on the next attempt = it may have been delivered (a crash or a connection lost after DATA)
+    delivery_uncertain: bool = Field(
+        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
     created_at: datetime | None = Field(
         default=None,
         sa_column=sa.Column(UTCDateTime(), nullable=False, server_default=sa.func.current_timestamp()),

@@ -41,7 +41,8 @@ from inboxd.store import Account, NewLocation, NewMessage, Store
 log = structlog.get_logger(__name__)
 
 HOLD = timedelta(minutes=1)  # how long a row of a paused/disabled account waits before it is looked at again
-# Prefix of last_error after a failure that happened before the message was handed over (safe to send again).
+# Prefix of last_error after a failure that happened before the message was handed over (safe to send again);
+# for people reading last_error: the decision itself uses mail_outbox.delivery_uncertain.
 TEMPORARY = "temporary: "
 # Providers that file SMTP-sent mail in Sent themselves; elsewhere inboxd APPENDs the Sent copy.
 SERVER_FILES_SENT = frozenset({"gmail", "microsoft"})
@@ -119,13 +120,13 @@ class Outbox:
         except InvalidDraft as exc:
             return self._finish(row, Outcome.INVALID, str(exc))
         files_sent_itself = provider.kind in SERVER_FILES_SENT
-        if row.attempts > 1:  # an earlier attempt may have delivered: look before sending again
+        if row.delivery_uncertain:  # an earlier attempt may have delivered (lost after DATA, or a crash)
             try:
                 if self._in_sent(account, provider, message_id):
                     return self._sent(row, account, raw, provider, already_filed=True)
             except RetryLater as exc:
-                return self._finish(row, Outcome.TEMPORARY, f"{TEMPORARY}cannot check Sent: {exc}")
-            if not files_sent_itself and not (row.last_error or "").startswith(TEMPORARY):
+                return self._finish(row, Outcome.TEMPORARY, f"{TEMPORARY}cannot check Sent: {exc}", uncertain=True)
+            if not files_sent_itself:
                 return self._finish(
                     row,
                     Outcome.INVALID,
@@ -144,11 +145,13 @@ class Outbox:
         *,
         files_sent_itself: bool,
     ) -> SendReport:
+        # write-ahead: if this process dies from here on, the next attempt checks Sent before sending again
+        self._outbox.mark_uncertain(row.id)
         try:
             sender = self._connections.smtp(account, provider)
             result = asyncio.run(sender.send(sender=account.email, recipients=envelope_recipients(draft), message=raw))
         except SendAmbiguous as exc:
-            return self._finish(row, Outcome.AMBIGUOUS, f"uncertain: {exc}")
+            return self._finish(row, Outcome.AMBIGUOUS, f"uncertain: {exc}", uncertain=True)
         except SendDailyLimit as exc:
             report = self._finish(row, Outcome.DAILY_LIMIT, str(exc))
             self._outbox.defer_account(account.id, self._clock.now() + self._policy.daily_limit_pause, str(exc))
@@ -275,9 +278,9 @@ class Outbox:
         finally:
             session.close()
 
-    def _finish(self, row: OutboxRow, outcome: Outcome, error: str) -> SendReport:
+    def _finish(self, row: OutboxRow, outcome: Outcome, error: str, *, uncertain: bool = False) -> SendReport:
         update = after_attempt(outcome, attempts=row.attempts, now=self._clock.now(), error=error, policy=self._policy)
-        self._outbox.record(row.id, update)
+        self._outbox.record(row.id, update, uncertain=uncertain)
         log.info("outbox.attempt", row=row.id, outcome=outcome.value, status=update.status, error=error)
         return SendReport(row.id, update.status, error)
 

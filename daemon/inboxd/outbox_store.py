@@ -32,6 +32,7 @@ class OutboxRow:
     attempts: int
     message_id_header: str | None
     last_error: str | None
+    delivery_uncertain: bool = False
 
 
 def _row(r: Any) -> OutboxRow:
@@ -50,6 +51,7 @@ def _row(r: Any) -> OutboxRow:
         attempts=r.attempts,
         message_id_header=r.message_id_header,
         last_error=r.last_error,
+        delivery_uncertain=r.delivery_uncertain,
     )
 
 
@@ -99,15 +101,28 @@ class OutboxStore:
             ).scalar_one()
         return stored
 
+    def mark_uncertain(self, row_id: int) -> None:
+        """Committed before the message goes to SMTP: a crash from here on leaves the row marked."""
+        with self.engine.begin() as conn:
+            conn.execute(outbox_t.update().where(outbox_t.c.id == row_id).values(delivery_uncertain=True))
+
     def record(
-        self, row_id: int, update: RowUpdate, *, sent_message_id: int | None = None, note: str | None = None
+        self,
+        row_id: int,
+        update: RowUpdate,
+        *,
+        sent_message_id: int | None = None,
+        note: str | None = None,
+        uncertain: bool = False,
     ) -> None:
-        """Store an attempt's outcome; `note` replaces last_error on a sent row (e.g. partially refused)."""
+        """Store an attempt's outcome; `note` replaces last_error on a sent row (e.g. partially refused);
+        `uncertain`: the message may have been delivered although the attempt did not end in a 250."""
         error = note if update.status == "sent" else update.last_error
         values: dict[str, Any] = {
             "status": update.status,
             "next_attempt_at": update.next_attempt_at,
             "last_error": error[:2000] if error else None,
+            "delivery_uncertain": uncertain,
         }
         if update.status == "sent":
             values["sent_at"] = self._clock.now()

@@ -33,7 +33,7 @@ from inboxd.models import (
 from inboxd.parse import ParsedMessage
 from inboxd.planner import FolderCursor
 from inboxd.scope import normalize_address
-from inboxd.threads import assign_thread
+from inboxd.threads import assign_thread, move_to_key
 
 accounts_t = MailAccount.__table__  # type: ignore[attr-defined]
 creds_t = MailCredential.__table__  # type: ignore[attr-defined]
@@ -535,7 +535,9 @@ class Store:
                 return int(existing)
             return self._insert_message(conn, account_id, message, now)
 
-    def adopt_identities(self, account_id: int, renames: Mapping[str, str]) -> dict[str, int]:
+    def adopt_identities(
+        self, account_id: int, renames: Mapping[str, str], thread_keys: Mapping[str, str] | None = None
+    ) -> dict[str, int]:
         """Give rows stored under a provisional identity (the outbox's "mid:<Message-ID>") the server's identity
         (Gmail "gm:<X-GM-MSGID>") when the sync meets them; returns {new identity: message id}."""
         adopted: dict[str, int] = {}
@@ -550,6 +552,9 @@ class Store:
                     new = renames[row.provider_message_id]
                     conn.execute(messages_t.update().where(messages_t.c.id == row.id).values(provider_message_id=new))
                     adopted[new] = int(row.id)
+                    key = (thread_keys or {}).get(new)
+                    if key is not None:
+                        move_to_key(conn, account_id, int(row.id), key)
         return adopted
         with self.engine.begin() as conn:
             for old, new in renames.items():

@@ -231,11 +231,14 @@ class AccountSync:
         # messages sent from the outbox were stored under "mid:<Message-ID>"; a server with its own identities
         # (Gmail) meets them here for the first time: adopt the row instead of storing the message twice
         provisional: dict[str, str] = {}
+        thread_keys: dict[str, str] = {}
         for uid, h in headers.items():
             identity = identities[uid]
             if h.message_id and identity and identity not in known_ids and identity != f"mid:{h.message_id}":
                 provisional[f"mid:{h.message_id}"] = identity
-        known_ids.update(self._store.adopt_identities(self._account.id, provisional))
+                if (key := self._dialect.thread_key(h)) is not None:
+                    thread_keys[identity] = key
+        known_ids.update(self._store.adopt_identities(self._account.id, provisional, thread_keys))
         known: dict[int, tuple[int, NewLocation]] = {}
         unknown: list[HeaderInfo] = []
         for uid, header in headers.items():

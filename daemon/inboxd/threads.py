@@ -6,7 +6,7 @@ A thread is keyed by its root Message-ID (first References id, else In-Reply-To,
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
@@ -156,3 +156,42 @@ def _merge_answers(conn: sa.Connection, account_id: int, thread_id: int, message
         conn.execute(messages_t.update().where(messages_t.c.thread_id == other).values(thread_id=thread_id))
         _add(conn, thread_id, row.subject, row.first_message_at, count=row.message_count, last=row.last_message_at)
         conn.execute(threads_t.delete().where(threads_t.c.id == other))
+
+
+def move_to_key(conn: sa.Connection, account_id: int, message_id: int, key: str) -> None:
+    """Put a stored message into the thread the server names (Gmail X-GM-THRID), e.g. a message sent from the
+    outbox, threaded by References when it was stored, once the sync learns Gmail's conversation id."""
+    row = conn.execute(
+        sa.select(messages_t.c.thread_id, messages_t.c.subject, messages_t.c.sent_at).where(
+            messages_t.c.id == message_id
+        )
+    ).one()
+    target = conn.execute(
+        sa.select(threads_t.c.id).where(threads_t.c.account_id == account_id, threads_t.c.provider_thread_id == key)
+    ).scalar()
+    if target is not None and target == row.thread_id:
+        return
+    current = row.thread_id
+    alone = (
+        current is not None
+        and conn.execute(
+            sa.select(sa.func.count()).select_from(messages_t).where(messages_t.c.thread_id == current)
+        ).scalar_one()
+        == 1
+    )
+    if target is None and alone:  # the message's own thread simply takes the server's name
+        conn.execute(threads_t.update().where(threads_t.c.id == current).values(provider_thread_id=key))
+        return
+    when = row.sent_at or datetime.now(UTC)
+    if target is None:
+        target = _create(conn, account_id, key, row.subject, when)
+    else:
+        _add(conn, target, row.subject, when, count=1)
+    conn.execute(messages_t.update().where(messages_t.c.id == message_id).values(thread_id=target))
+    if current is not None:
+        if alone:
+            conn.execute(threads_t.delete().where(threads_t.c.id == current))
+        else:
+            conn.execute(
+                threads_t.update().where(threads_t.c.id == current).values(message_count=threads_t.c.message_count - 1)
+            )
