@@ -477,3 +477,39 @@ def test_sync_exclusions_are_parsed_and_validated(tmp_path: Path) -> None:
         parse_config('[sync]\nexclude_addresses = ["corp.example"]\n', path=tmp_path / "inboxd.toml", env={})
     with pytest.raises(ConfigError, match=r"sync\.exclude_labels"):
         parse_config("[sync]\nexclude_labels = 3\n", path=tmp_path / "inboxd.toml", env={})
+
+
+# --- [http] ---------------------------------------------------------------------------------------
+
+
+def test_http_listens_on_loopback_9810_by_default(tmp_path: Path) -> None:
+    assert parse(tmp_path, "").http.listen == ("127.0.0.1", 9810)
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ('"127.0.0.1:9100"', ("127.0.0.1", 9100)),
+        ('"localhost:0"', ("localhost", 0)),
+        ('"[::1]:9810"', ("::1", 9810)),
+        ('"off"', None),
+    ],
+)
+def test_http_listen_values(tmp_path: Path, listen: str, expected: tuple[str, int] | None) -> None:
+    assert parse(tmp_path, f"[http]\nlisten = {listen}").http.listen == expected
+
+
+@pytest.mark.parametrize("listen", ['"9810"', '"127.0.0.1"', '"127.0.0.1:70000"', '"[nope]:9810"', "9810", '""'])
+def test_bad_http_listen_names_the_key(tmp_path: Path, listen: str) -> None:
+    err = error(tmp_path, f"[http]\nlisten = {listen}")
+    assert err.key == "http.listen"
+    assert '"host:port"' in str(err)
+
+
+def test_http_beyond_loopback_needs_allow_remote(tmp_path: Path) -> None:
+    err = error(tmp_path, '[http]\nlisten = "0.0.0.0:9810"')
+    assert err.key == "http.listen"
+    assert "allow_remote = true" in str(err)
+    config = parse(tmp_path, '[http]\nlisten = "0.0.0.0:9810"\nallow_remote = true')
+    assert config.http.listen == ("0.0.0.0", 9810)
+    assert config.http.allow_remote is True

@@ -27,6 +27,8 @@ from inboxd.config import Config, load_config
 from inboxd.crypto import SecretBox, init_key_file
 from inboxd.errors import ConfigError, InboxdError, SecretsError, UsageError
 from inboxd.forget import ForgetReport, forget_contact
+from inboxd.http import database_health, start_ops_server
+from inboxd.metrics import Metrics
 from inboxd.outbox import Outbox
 from inboxd.outbox_policy import RetryPolicy
 from inboxd.outbox_store import OutboxStore
@@ -270,14 +272,18 @@ def _print_forget(report: ForgetReport) -> None:
 
 def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
     clock = SystemClock()
-    runner = Runner(config, store, clock=clock)
+    metrics = Metrics()
+    runner = Runner(config, store, clock=clock, metrics=metrics)
+    outbox_store = OutboxStore(store.engine, clock=clock, policy=RetryPolicy())
+    metrics.watch(store.accounts, outbox_store.depth, clock=clock)
     outbox = Outbox(
         config,
         store,
-        OutboxStore(store.engine, clock=clock, policy=RetryPolicy()),
+        outbox_store,
         runner.connections,
         BlobStore(config.sync.attachments_dir),
         clock=clock,
+        metrics=metrics,
     )
     if args.account and store.account(args.account) is None:
         raise UsageError(f"--account {args.account}: no such account (see `inboxd accounts list`)")
@@ -314,6 +320,8 @@ def _loop(runner: Runner, outbox: Outbox, config: Config, store: Store, only: st
     log.info("daemon.started", interval_s=config.sync.interval.total_seconds())
     sender = threading.Thread(target=_serve_outbox, args=(outbox, store, stop), name="inboxd-outbox", daemon=True)
     sender.start()
+    health = database_health(store.engine, threads={"outbox sender": sender})
+    ops = start_ops_server(config.http.listen, metrics=runner.metrics, health=health)
     notifier.ready("first sync cycle running")
     # The watchdog is pinged while waiting and after every stored batch, so a long cycle is not mistaken for a hang.
     wait_slice = min(CONTACT_POLL_SECONDS, (notifier.watchdog_interval or CONTACT_POLL_SECONDS) / 2)
@@ -345,6 +353,8 @@ def _loop(runner: Runner, outbox: Outbox, config: Config, store: Store, only: st
                 log.info("daemon.contacts_changed")
                 break
     notifier.stopping()
+    if ops is not None:
+        ops.close()
     sender.join(timeout=10)
     log.info("daemon.stopped")
     return EXIT_OK

@@ -101,6 +101,17 @@ class AccountPolicy:
     display_name: str | None = None  # the From name of mail sent from the HR app ("Rita Recruiter")
 
 
+DEFAULT_HTTP_LISTEN = "127.0.0.1:9810"
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """Where /metrics and /healthz are served; ``listen`` None means off."""
+
+    listen: tuple[str, int] | None = ("127.0.0.1", 9810)
+    allow_remote: bool = False
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path | None
@@ -111,6 +122,7 @@ class Config:
     providers: Mapping[str, ProviderConfig]
     accounts: Mapping[str, AccountPolicy]
     log_level: str = "info"
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def policy_for(self, email: str) -> AccountPolicy:
         """The admin's policy for this mailbox; accounts not named in the config are synced normally."""
@@ -350,7 +362,7 @@ class _Table:
 
 
 def _build_config(root: _Table, path: Path | None) -> Config:
-    root.only({"state_dir", "log_level", "database", "secrets", "sync", "providers", "accounts"})
+    root.only({"state_dir", "log_level", "database", "secrets", "sync", "providers", "accounts", "http"})
     ctx = root.ctx
     state_default = ctx.env.get("STATE_DIRECTORY", "").split(":")[0].strip() or DEFAULT_STATE_DIR
     state_dir = ctx.resolve(root.string("state_dir", state_default, expected="a directory path"))
@@ -365,6 +377,7 @@ def _build_config(root: _Table, path: Path | None) -> Config:
         providers=_providers(root.table("providers")),
         accounts=_accounts(root.table("accounts")),
         log_level=log_level,
+        http=_http(root.table("http")),
     )
 
 
@@ -372,6 +385,34 @@ def _log_level(value: Any) -> str:
     if not isinstance(value, str) or value.strip().lower() not in LOG_LEVELS:
         raise ValueError(value)
     return value.strip().lower()
+
+
+def _http(table: _Table) -> HttpConfig:
+    table.only({"listen", "allow_remote"})
+    allow_remote: bool = table.boolean("allow_remote", False)
+    expected = '"host:port" like "127.0.0.1:9810" or "[::1]:9810", or "off"'
+    listen = table.converted("listen", _listen_address(DEFAULT_HTTP_LISTEN), _listen_address, expected)
+    if listen is not None and not allow_remote and not is_loopback_host(listen[0]):
+        raise table.error(
+            "listen",
+            f"{_show(table.data['listen'])} is not a loopback address; /metrics and /healthz are unauthenticated, "
+            "so set allow_remote = true to serve them beyond this host (behind a firewall)",
+        )
+    return HttpConfig(listen=listen, allow_remote=allow_remote)
+
+
+def _listen_address(value: Any) -> tuple[str, int] | None:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    if value.strip().lower() == "off":
+        return None
+    match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})", value.strip())
+    if match is None or int(match.group(3)) > 65535:
+        raise ValueError(value)
+    host = match.group(1) or match.group(2)
+    if match.group(1) is not None:
+        ipaddress.IPv6Address(host)  # ValueError when it is not one
+    return host, int(match.group(3))
 
 
 _SQLITE_RE = re.compile(r"^(sqlite(?:\+\w+)?):///(.*)$")

@@ -12,14 +12,23 @@ from inboxd.clock import Clock
 from inboxd.config import ProviderConfig
 from inboxd.errors import AccountFailed
 from inboxd.imap import ImapEndpoint, ImapSession, connect
+from inboxd.metrics import Metrics
 from inboxd.smtp import AioSmtpSender, SmtpEndpoint, SmtpSender
 from inboxd.store import Account, Store
 from inboxd.tokens import OAuthRefreshTokenSource, TokenSource
 
 
 class Connections:
-    def __init__(self, store: Store, *, clock: Clock, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Clock,
+        sleep: Callable[[float], None] = time.sleep,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._store = store
+        self._metrics = metrics or Metrics()
         self._clock = clock
         self._sleep = sleep  # per-command IMAP backoff ([THROTTLED]); tests record instead of sleeping
         # keyed by account and a digest of its refresh token: reconnecting (new token) gets a new source
@@ -36,15 +45,18 @@ class Connections:
         )
         credential = self._store.credential(account.id)
         if credential.kind == "password":
-            return connect(endpoint, username=account.email, password=credential.secret, sleep=self._sleep)
-        tokens = self.token_source(account, provider, credential.secret)
-        return connect(
-            endpoint,
-            username=account.email,
-            access_token=tokens.access_token,
-            invalidate_token=tokens.invalidate,
-            sleep=self._sleep,
-        )
+            session = connect(endpoint, username=account.email, password=credential.secret, sleep=self._sleep)
+        else:
+            tokens = self.token_source(account, provider, credential.secret)
+            session = connect(
+                endpoint,
+                username=account.email,
+                access_token=tokens.access_token,
+                invalidate_token=tokens.invalidate,
+                sleep=self._sleep,
+            )
+        self._metrics.imap_connected()
+        return session
 
     def smtp(self, account: Account, provider: ProviderConfig) -> SmtpSender:
         try:
@@ -75,6 +87,7 @@ class Connections:
                     ca_file=provider.ca_file,
                     timeout=provider.timeout,
                     on_rotated_refresh_token=lambda new: self._store.replace_refresh_token(account.id, new),
+                    on_refresh=self._metrics.token_refreshed,
                 )
                 self._tokens = {k: v for k, v in self._tokens.items() if k[0] != account.id}
                 self._tokens[key] = source

@@ -22,6 +22,7 @@ from inboxd.config import Config, ProviderConfig
 from inboxd.connections import Connections
 from inboxd.errors import AccountFailed, InboxdError, ReauthRequired, RetryLater
 from inboxd.imap import ImapSession
+from inboxd.metrics import Metrics
 from inboxd.mime import (
     Draft,
     InvalidDraft,
@@ -67,6 +68,7 @@ class Outbox:
         clock: Clock,
         policy: RetryPolicy | None = None,
         imap_factory: Callable[[Account, ProviderConfig], ImapSession] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -76,11 +78,13 @@ class Outbox:
         self._clock = clock
         self._policy = policy or RetryPolicy()
         self._imap = imap_factory or connections.imap
+        self._metrics = metrics or Metrics()
 
     def drain(self) -> list[SendReport]:
         """Send every row that is due now; returns what happened to each."""
         reports: list[SendReport] = []
         while (row := self._outbox.claim_next()) is not None:
+            claimed = self._clock.monotonic()
             try:
                 reports.append(self._process(row))
             except Exception as exc:  # a bug must not wedge the queue: the row fails visibly, others go on
@@ -96,6 +100,7 @@ class Outbox:
                     ),
                 )
                 reports.append(SendReport(row.id, "failed", f"internal error ({type(exc).__name__})"))
+            self._metrics.outbox_row_done(reports[-1].status, self._clock.monotonic() - claimed)
         return reports
 
     # -- one row ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from inboxd.errors import (
     SessionExpired,
 )
 from inboxd.imap import ImapSession
+from inboxd.metrics import Metrics
 from inboxd.scope import Exclusions, contact_set, normalize_address
 from inboxd.store import Account, Store
 from inboxd.sync import AccountSync, Progress, SyncSettings, SyncStats
@@ -88,12 +89,14 @@ class Runner:
         settings: SyncSettings | None = None,
         sleep: Callable[[float], None] = time.sleep,
         connections: Connections | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._clock = clock
         self._max_workers = max_workers
-        self.connections = connections or Connections(store, clock=clock, sleep=sleep)
+        self.metrics = metrics or Metrics()
+        self.connections = connections or Connections(store, clock=clock, sleep=sleep, metrics=self.metrics)
         self._session_factory = session_factory or self.connections.imap
         self._settings = settings or SyncSettings(
             batch_size=config.sync.batch_size,
@@ -153,6 +156,7 @@ class Runner:
             reason = f"provider quota exceeded, IMAP paused until {until.isoformat(timespec='minutes')}: {exc}"
             log.warning("sync.account_quota", account=account.email, until=until.isoformat(), error=str(exc))
             self._store.set_state(account.id, "error", reason, error=str(exc), retry_at=until)
+            self.metrics.sync_failed(exc)
             return AccountResult(account.email, ok=False, state="error", reason=reason)
         except ReauthRequired as exc:
             return self._failed(account, "needs_reauth", exc)
@@ -167,6 +171,7 @@ class Runner:
             log.exception("sync.account_crashed", account=account.email)
             return self._failed(account, "error", exc, reason=f"internal error ({type(exc).__name__})")
         self._store.set_state(account.id, "active", None, error=None, synced=True)
+        self.metrics.sync_succeeded(stats)
         return AccountResult(account.email, ok=True, state="active", stats=stats)
 
     def _sync_with_reconnect(self, account: Account, settings: SyncSettings, progress: Progress | None) -> SyncStats:
@@ -192,6 +197,7 @@ class Runner:
             "sync.account_failed", account=account.email, state=state, error_kind=type(exc).__name__, error=message
         )
         self._store.set_state(account.id, state, None if state == "active" else message, error=message)
+        self.metrics.sync_failed(exc)
         return AccountResult(account.email, ok=False, state=state, reason=message)
 
 

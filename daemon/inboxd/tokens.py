@@ -92,6 +92,7 @@ class OAuthRefreshTokenSource:
         margin: timedelta = timedelta(seconds=60),
         on_rotated_refresh_token: Callable[[str], None] | None = None,
         timeout: float = DEFAULT_HTTP_TIMEOUT,
+        on_refresh: Callable[[bool], None] | None = None,
     ) -> None:
         # Built directly: Credentials.from_authorized_user_info() would silently reset token_uri to Google's.
         self._credentials = Credentials(  # type: ignore[no-untyped-call]
@@ -107,6 +108,7 @@ class OAuthRefreshTokenSource:
         self._clock = clock
         self._margin = margin
         self._on_rotated = on_rotated_refresh_token
+        self._on_refresh = on_refresh or (lambda ok: None)  # metrics: each refresh, successful or not
         self._session = requests.Session()
         self._request = _FailFastRequest(self._session, timeout, ca_file)
         self._lock = threading.Lock()
@@ -121,7 +123,12 @@ class OAuthRefreshTokenSource:
         with self._lock:
             now = self._clock.now()
             if self._token is None or self._refresh_at is None or now >= self._refresh_at:
-                self._refresh(now)
+                try:
+                    self._refresh(now)
+                except Exception:
+                    self._on_refresh(False)
+                    raise
+                self._on_refresh(True)
             assert self._token is not None
             return self._token
 
