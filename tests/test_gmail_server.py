@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import socket
 import ssl
 from collections.abc import Iterator
@@ -429,16 +430,30 @@ def _smtp_message(to: str, from_: str = "someone-else@example.org") -> EmailMess
     return msg
 
 
+async def _closed(smtp: aiosmtplib.SMTP, sock: socket.socket) -> None:
+    """Close the client and wait until its socket really is closed: aiosmtplib's close() only starts a TLS
+    shutdown, and asyncio.run would otherwise end the loop first and leak the socket (a ResourceWarning)."""
+    if smtp.is_connected:
+        with contextlib.suppress(aiosmtplib.SMTPException):
+            await smtp.quit()
+    smtp.close()
+    for _ in range(200):
+        if sock.fileno() == -1:
+            return
+        await asyncio.sleep(0.005)
+
+
 async def _send(server: GmailServer, mailstack: MailStack, msg: EmailMessage) -> None:
+    """Submit with aiosmtplib over STARTTLS (the server's certificate is the stack's) and XOAUTH2."""
     context = ssl.create_default_context(cafile=str(mailstack.ca_cert))
     smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.smtp_port, tls_context=context, timeout=5)
     await smtp.connect()
+    sock = smtp.get_transport_info("socket")
     try:
         await smtp.auth_xoauth2(USER, mailstack.access_token(USER))
         await smtp.send_message(msg)
     finally:
-        if smtp.is_connected:
-            await smtp.quit()
+        await _closed(smtp, sock)
 
 
 def test_smtp_send_files_into_sent_with_rewritten_from(gmail_server: GmailServer, mailstack: MailStack) -> None:
@@ -479,12 +494,70 @@ def test_smtp_faults(gmail_server: GmailServer, mailstack: MailStack) -> None:
     async def bad_token() -> None:
         smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=gmail_server.smtp_port, start_tls=False, timeout=5)
         await smtp.connect()
+        sock = smtp.get_transport_info("socket")
         try:
             await smtp.auth_xoauth2(USER, "bogus")
         finally:
-            await smtp.quit()
+            await _closed(smtp, sock)
 
     with pytest.raises(aiosmtplib.SMTPAuthenticationError) as denied:
         asyncio.run(bad_token())
     assert denied.value.code == 535
     assert len(gmail_server.smtp_sent(USER)) == 1
+
+
+def test_append_with_non_synchronizing_literal_and_date_then_close_expunges(
+    gmail_server: GmailServer, mailstack: MailStack, raw: RawImap
+) -> None:
+    """APPEND with LITERAL- ({n+}), flags and INTERNALDATE into a label folder: APPENDUID, the label, the date;
+    CLOSE expunges \\Deleted, which in a label folder only removes the label."""
+    raw.xoauth2(USER, mailstack.access_token(USER))
+    assert raw.command(b"CREATE Candidates")[-1] == b"A2 OK Success"
+    message = _msg("appended")
+    raw.send(b'A3 APPEND Candidates (\\Seen $Phishing) "05-Jan-2026 10:00:00 +0100" {%d+}' % len(message))
+    raw.sock.sendall(message + b"\r\n")
+    reply = raw.readline()
+    folder = gmail_server.folder(USER, "Candidates")
+    assert reply == b"A3 OK [APPENDUID %d 1] (Success)" % folder.uidvalidity
+    all_mail_uid = gmail_server.folder(USER, "\\All").uids[0]
+    raw.n = 3
+    assert raw.command(b'EXAMINE "[Gmail]/All Mail"')[-1].endswith(b"[READ-ONLY] [Gmail]/All Mail selected. (Success)")
+    fetched = raw.command(b"UID FETCH %d (FLAGS INTERNALDATE X-GM-LABELS)" % all_mail_uid)[0]
+    assert fetched == (
+        b'* 1 FETCH (UID 1001 FLAGS ($Phishing \\Seen) INTERNALDATE "05-Jan-2026 10:00:00 +0100" '
+        b"X-GM-LABELS (Candidates))"
+    )
+    raw.command(b"SELECT Candidates")
+    assert raw.command(b"STORE 1 +FLAGS.SILENT (\\Deleted)") == [b"A7 OK Success"]
+    assert raw.command(b"CLOSE") == [b"A8 OK Returned to authenticated state. (Success)"]
+    assert gmail_server.folder(USER, "Candidates").uids == ()
+    assert gmail_server.folder(USER, "\\All").uids == (1001,)
+
+
+def test_spam_and_self_send(gmail_server: GmailServer, mailstack: MailStack) -> None:
+    """spam() moves a message out of INBOX and All Mail into Spam; mail sent to oneself is one message labelled
+    \\Sent and \\Inbox, as in Gmail."""
+    gm = gmail_server.deliver(_msg())
+    gmail_server.spam(gm)
+    assert gmail_server.message(gm).uids == {"[Gmail]/Spam": 1}
+    asyncio.run(_send(gmail_server, mailstack, _smtp_message(USER, from_=USER)))
+    [sent] = gmail_server.smtp_sent(USER)
+    assert gmail_server.message(sent).labels == {"\\Sent", "\\Inbox"}
+    assert set(gmail_server.message(sent).uids) == {"INBOX", "[Gmail]/All Mail", "[Gmail]/Sent Mail"}
+
+
+def test_stop_with_idling_and_unauthenticated_clients_is_clean(mailstack: MailStack) -> None:
+    """stop() ends sessions that are idling or not logged in without errors or warnings, and quickly."""
+    server = GmailServer(passwords={USER: "pw"}).start()
+    idler = IMAPClient("127.0.0.1", server.imap_port, ssl=False, timeout=5)
+    idle_client = IMAPClient("127.0.0.1", server.imap_port, ssl=False, timeout=5)
+    try:
+        idler.login(USER, "pw")
+        idler.select_folder("INBOX")
+        idler.idle()
+        server.stop()
+        assert idler.idle_check(timeout=1) == []
+    finally:
+        idler.shutdown()
+        idle_client.shutdown()
+        server.stop()

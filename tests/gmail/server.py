@@ -195,6 +195,10 @@ class GmailServer:
         self._tasks.add(task)
         try:
             await session.run()
+        except asyncio.CancelledError:
+            # stop() cancels sessions; ending normally keeps 3.11's start_server callback from logging the
+            # cancellation as an error (it calls task.exception() on the handler task)
+            pass
         finally:
             self._tasks.discard(task)
 
