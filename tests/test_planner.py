@@ -15,7 +15,6 @@ from inboxd.planner import (
     FolderStatus,
     PlanKind,
     direction,
-    expunge_possible,
     message_identity,
     plan_folder,
     select_folders,
@@ -130,11 +129,6 @@ def test_identity_prefers_message_id_then_bytes() -> None:
     assert message_identity(None) is None
     assert message_identity(None, b"x") == message_identity("", b"x")
     assert message_identity(None, b"x") != message_identity(None, b"y")
-
-
-def test_expunge_possible() -> None:
-    assert not expunge_possible(5, 5)
-    assert expunge_possible(4, 5)
 
 
 @given(st.sets(st.integers(min_value=1, max_value=5000), min_size=1, max_size=300))

@@ -15,6 +15,7 @@ from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
 from inboxd.models import MailMessage
 from inboxd.planner import Capabilities, message_identity
+from inboxd.scope import contact_set
 from inboxd.store import Credential, Store
 from inboxd.sync import AccountSync, SyncSettings
 from inboxd.testing import FakeMailbox, FakeSession, message_id_of
@@ -151,3 +152,55 @@ def test_uidvalidity_change_remaps_without_downloading_bodies(store: Store) -> N
     assert "FETCH bodies" not in mb.commands
     assert stats.remapped == 7
     assert stats.new_messages == 0
+
+
+class DropsOneBody(FakeSession):
+    """A server that once answers a body FETCH without the body of one message."""
+
+    dropped = False
+
+    def fetch_bodies(self, uids):  # type: ignore[no-untyped-def]
+        bodies = super().fetch_bodies(uids)
+        if not DropsOneBody.dropped and bodies:
+            DropsOneBody.dropped = True
+            bodies.pop(min(bodies))
+        return bodies
+
+
+def test_a_missing_body_is_fetched_again_not_skipped(store: Store) -> None:
+    DropsOneBody.dropped = False
+    account = store.add_account("gaps@example.test", "fake", Credential("password", "x"))
+    mb = FakeMailbox()
+    for n in range(4):
+        mb.append("INBOX", raw_message(n))
+    clock = FakeClock()
+    caps = CAPS["qresync"]
+    AccountSync(store, account, DropsOneBody(mb, caps), settings=SyncSettings(), clock=clock).run()
+    first = AccountSync(store, account, FakeSession(mb, caps), settings=SyncSettings(), clock=clock)
+    first.run()
+    with store.engine.connect() as conn:
+        count = conn.execute(
+            sa.select(sa.func.count()).select_from(messages_t).where(messages_t.c.account_id == account.id)
+        ).scalar_one()
+    assert count == 4, "the cursor stopped before the message whose body did not come"
+
+
+@pytest.mark.parametrize("caps_name", ["condstore", "plain"])
+def test_expunge_found_even_when_some_messages_are_not_stored(store: Store, caps_name: str) -> None:
+    """Out-of-scope messages are never stored, so message counts cannot reveal an expunge: the UID diff asks the
+    server about the UIDs we store."""
+    account = store.add_account(f"partial-{caps_name}@example.test", "fake", Credential("password", "x"))
+    mb = FakeMailbox()
+    cand = mb.append("INBOX", raw_message(0))
+    mb.append("INBOX", raw_message(1))  # a stranger: out of scope
+    clock = FakeClock()
+    settings = SyncSettings(contacts=contact_set(["cand0@example.org"]), flag_scan_interval=timedelta(0))
+    AccountSync(store, account, FakeSession(mb, CAPS[caps_name]), settings=settings, clock=clock).run()
+    mb.expunge("INBOX", cand)
+    mb.append("INBOX", raw_message(2))  # another stranger keeps the count equal
+    clock.advance(1)
+    stats = AccountSync(store, account, FakeSession(mb, CAPS[caps_name]), settings=settings, clock=clock).run()
+    assert stats.expunged == 1
+    with store.engine.connect() as conn:
+        [row] = conn.execute(sa.select(messages_t).where(messages_t.c.account_id == account.id)).all()
+    assert row.deleted_at is not None

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.umask(0o027)  # the database, key and attachment files are never world-readable
     try:
         config = load_config(args.config, env=os.environ)
     except ConfigError as exc:

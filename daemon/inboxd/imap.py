@@ -80,7 +80,8 @@ class ImapSession(Protocol):
 
     def uids_after(self, last_uid: int) -> list[int]: ...
 
-    def all_uids(self) -> set[int]: ...
+    def existing_uids(self, uids: Iterable[int]) -> set[int]:
+        """Which of these UIDs still exist in the selected folder (the UID-set diff for expunges)."""
 
     def fetch_headers(self, uids: Iterable[int]) -> dict[int, HeaderInfo]: ...
 
@@ -169,8 +170,12 @@ class ImapClientSession:
         # "n:*" always matches the highest UID, even when it is below n (RFC 3501 6.4.8): filter.
         return sorted(uid for uid in found if uid > last_uid)
 
-    def all_uids(self) -> set[int]:
-        return set(self._call(self._client.search, ["ALL"]))
+    def existing_uids(self, uids: Iterable[int]) -> set[int]:
+        wanted = set(uids)
+        if not wanted:
+            return set()
+        found = self._call(self._client.search, ["UID", sequence_set(wanted)])
+        return {uid for uid in found if uid in wanted}
 
     def search_addresses(self, addresses: Iterable[str]) -> set[int]:
         found: set[int] = set()
@@ -182,7 +187,8 @@ class ImapClientSession:
                     found |= set(self._call(self._client.gmail_search, f"{field}:{address}"))
             else:
                 criteria = ["OR", "OR", "FROM", address, "TO", address, "OR", "CC", address, "BCC", address]
-                found |= set(self._call(self._client.search, criteria))
+                charset = None if address.isascii() else "UTF-8"  # an internationalized address needs CHARSET
+                found |= set(self._call(self._client.search, criteria, charset))
         return found
 
     def fetch_headers(self, uids: Iterable[int]) -> dict[int, HeaderInfo]:
@@ -223,7 +229,8 @@ class ImapClientSession:
 
     def fetch_bodies(self, uids: Iterable[int]) -> dict[int, bytes]:
         fetched = self._fetch(sequence_set(uids), ["UID", "BODY.PEEK[]"])
-        return {uid: data.get(b"BODY[]") or b"" for uid, data in fetched.items()}
+        # a reply without the body (server hiccup) is left out: the caller must not move its cursor past it
+        return {uid: data[b"BODY[]"] for uid, data in fetched.items() if data.get(b"BODY[]") is not None}
 
     def changed_flags(self, up_to_uid: int, since_modseq: int, *, vanished: bool) -> tuple[list[FlagUpdate], set[int]]:
         if up_to_uid < 1:

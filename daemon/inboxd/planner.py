@@ -142,11 +142,6 @@ def plan_folder(
     )
 
 
-def expunge_possible(exists: int, known_after_new: int) -> bool:
-    """Whether a UID-set diff is needed: the folder holds fewer messages than the UIDs we know of."""
-    return exists != known_after_new
-
-
 def expunged_uids(known: Iterable[int], current: Iterable[int]) -> set[int]:
     return set(known) - set(current)
 

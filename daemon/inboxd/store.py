@@ -342,7 +342,9 @@ class Store:
             )
         return dropped
 
-    def finish_folder(self, folder_id: int, *, uidnext: int, highest_modseq: int | None, message_count: int) -> None:
+    def finish_folder(
+        self, folder_id: int, *, uidnext: int | None, highest_modseq: int | None, message_count: int
+    ) -> None:
         with self.engine.begin() as conn:
             conn.execute(
                 folders_t.update()
@@ -409,8 +411,9 @@ class Store:
                 for row in rows:
                     flags, modseq, labels = updates[row.uid]
                     new_flags = sorted(flags)
-                    if sorted(row.flags or []) != new_flags or (labels is not None and row.labels != labels):
-                        touched.append(row.message_id)
+                    if sorted(row.flags or []) == new_flags and (labels is None or row.labels == labels):
+                        continue  # unchanged: no write (a full flag scan touches every UID)
+                    touched.append(row.message_id)
                     values: dict[str, Any] = {"flags": new_flags, "modseq": modseq}
                     if labels is not None:
                         values["labels"] = labels
@@ -420,16 +423,6 @@ class Store:
                         .values(**values)
                     )
         return touched
-
-    def advance_cursor(self, folder_id: int, last_uid: int) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
-                folders_t.update()
-                .where(folders_t.c.id == folder_id, folders_t.c.last_uid < last_uid)
-                .values(last_uid=last_uid)
-            )
-
-    # -- messages --------------------------------------------------------------------------------------------
 
     def existing_thread_keys(self, account_id: int, keys: Iterable[str]) -> set[str]:
         wanted = sorted(set(keys))
@@ -471,16 +464,6 @@ class Store:
                 ):
                     found[row.provider_message_id] = row.id
         return found
-
-    def add_locations(self, folder_id: int, located: Mapping[int, tuple[int, NewLocation]], *, last_uid: int) -> None:
-        """Record (uid -> message) for messages we already have, and move the cursor, in one transaction."""
-        with self.engine.begin() as conn:
-            self._insert_locations(conn, folder_id, [(mid, loc) for mid, loc in located.values()])
-            conn.execute(
-                folders_t.update()
-                .where(folders_t.c.id == folder_id, folders_t.c.last_uid < last_uid)
-                .values(last_uid=last_uid)
-            )
 
     def store_batch(
         self,
@@ -555,17 +538,6 @@ class Store:
                     key = (thread_keys or {}).get(new)
                     if key is not None:
                         move_to_key(conn, account_id, int(row.id), key)
-        return adopted
-        with self.engine.begin() as conn:
-            for old, new in renames.items():
-                row = conn.execute(
-                    sa.select(messages_t.c.id).where(
-                        messages_t.c.account_id == account_id, messages_t.c.provider_message_id == old
-                    )
-                ).first()
-                if row is not None:
-                    conn.execute(messages_t.update().where(messages_t.c.id == row.id).values(provider_message_id=new))
-                    adopted[new] = int(row.id)
         return adopted
 
     def reply_context(self, account_id: int, message_id: int) -> tuple[str | None, tuple[str, ...], str | None] | None:

@@ -24,7 +24,6 @@ from inboxd.planner import (
     PlanKind,
     batches,
     direction,
-    expunge_possible,
     expunged_uids,
     message_identity,
     plan_folder,
@@ -134,6 +133,7 @@ class AccountSync:
         flog = self._log.bind(folder=spec.name, plan=plan.kind.value, reason=plan.reason)
         flog.info("sync.folder_start")
         touched: set[int] = set()
+        self._incomplete = False
         last_uid = folder.cursor.last_uid
         if plan.kind is PlanKind.FULL:
             touched |= set(
@@ -153,8 +153,12 @@ class AccountSync:
                 plan.expunge_check,
                 up_to_uid=folder.cursor.last_uid,
             )
+        # a folder left incomplete (a body did not come) must not look "unchanged" to the next STATUS check
         self._store.finish_folder(
-            folder.id, uidnext=selected.uidnext, highest_modseq=selected.highest_modseq, message_count=selected.exists
+            folder.id,
+            uidnext=None if self._incomplete else selected.uidnext,
+            highest_modseq=selected.highest_modseq,
+            message_count=selected.exists,
         )
         flog.info("sync.folder_done", new=len(new_uids))
         return touched
@@ -212,8 +216,9 @@ class AccountSync:
             gone = vanished
         elif expunge is ExpungeCheck.UID_DIFF:
             known = self._store.known_uids(folder.id)
-            if expunge_possible(selected.exists, len(known)):
-                gone = expunged_uids(known, self._session.all_uids())
+            # ask about the UIDs we store, not the whole folder: counts cannot tell when some messages are
+            # deliberately not stored (out of scope, excluded, quarantined)
+            gone = expunged_uids(known, self._session.existing_uids(known))
         if gone:
             removed = self._store.remove_locations(folder.id, gone)
             self.stats.expunged += len(removed)
@@ -280,8 +285,14 @@ class AccountSync:
                     thread_key=self._dialect.thread_key(header),
                 )
             )
+        # the cursor never passes a message that should have been stored but whose body did not come
+        missing = [uid for uid in need_body if uid not in bodies]
+        last_uid = min(missing) - 1 if missing else max(batch)
+        if missing:
+            self._log.warning("sync.bodies_missing", folder=folder.name, uids=len(missing))
+            self._incomplete = True
         inserted, relocated = self._store.store_batch(
-            self._account.id, folder.id, new_messages, known, last_uid=max(batch)
+            self._account.id, folder.id, new_messages, known, last_uid=last_uid
         )
         self.stats.new_messages += len(inserted)
         self.stats.remapped += len(known)

@@ -126,9 +126,9 @@ class FakeSession:
         self._cmd("SEARCH")
         return sorted(u for u in self._folder().messages if u > last_uid)
 
-    def all_uids(self) -> set[int]:
+    def existing_uids(self, uids: Iterable[int]) -> set[int]:
         self._cmd("SEARCH")
-        return set(self._folder().messages)
+        return set(uids) & set(self._folder().messages)
 
     def fetch_headers(self, uids: Iterable[int]) -> dict[int, HeaderInfo]:
         self._cmd("FETCH headers")
