@@ -116,7 +116,7 @@ class Mailbox:
             received_at=None,
             location=NewLocation(self.uid, (), None),
         )
-        inserted, _ = self.store.store_batch(self.account.id, self.folder_id, [new], {}, last_uid=self.uid)
+        inserted = self.store.store_batch(self.account.id, self.folder_id, [new], {}, last_uid=self.uid)
         self.ids[name] = inserted[0]
         return inserted[0]
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
+from inboxd.errors import SessionExpired
 from inboxd.models import MailMessage
 from inboxd.planner import Capabilities, message_identity
 from inboxd.scope import contact_set
@@ -204,3 +205,39 @@ def test_expunge_found_even_when_some_messages_are_not_stored(store: Store, caps
     with store.engine.connect() as conn:
         [row] = conn.execute(sa.select(messages_t).where(messages_t.c.account_id == account.id)).all()
     assert row.deleted_at is not None
+
+
+class FailsOnSelect(FakeSession):
+    """A session the server ends when a given folder is selected (Gmail's routine BYE, a network cut...)."""
+
+    def __init__(self, mailbox: FakeMailbox, caps: Capabilities, folder: str) -> None:
+        super().__init__(mailbox, caps)
+        self._fail_on = folder
+
+    def select(self, folder: str):  # type: ignore[no-untyped-def]
+        if folder == self._fail_on:
+            raise SessionExpired("session ended")
+        return super().select(folder)
+
+
+def test_an_interrupted_sync_loses_no_state_change(store: Store) -> None:
+    """An expunge applied in INBOX before the session died in the next folder still ends with deleted_at set:
+    the recompute marks are written with the change, not kept in memory."""
+    account = store.add_account("interrupted@example.test", "fake", Credential("password", "x"))
+    mb = FakeMailbox()
+    mb.add_folder("Archive", "\\Archive")
+    uid = mb.append("INBOX", raw_message(0))
+    mb.append("Archive", raw_message(1))
+    clock = FakeClock()
+    caps = CAPS["qresync"]
+    AccountSync(store, account, FakeSession(mb, caps), settings=SyncSettings(), clock=clock).run()
+    mb.expunge("INBOX", uid)
+    mb.append("Archive", raw_message(2))
+    with pytest.raises(SessionExpired):
+        AccountSync(store, account, FailsOnSelect(mb, caps, "Archive"), settings=SyncSettings(), clock=clock).run()
+    AccountSync(store, account, FakeSession(mb, caps), settings=SyncSettings(), clock=clock).run()
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(messages_t).where(messages_t.c.account_id == account.id)).all()
+    by_subject = {r.subject: r for r in rows}
+    assert by_subject["hello 0"].deleted_at is not None
+    assert by_subject["hello 2"].deleted_at is None

@@ -307,3 +307,15 @@ class ContactBackfill(SQLModel, table=True):
     )
     email: str = Field(sa_column=sa.Column(sa.String(320), primary_key=True))  # normalized (scope.normalize_address)
     done_at: datetime | None = _ts(nullable=False)
+
+
+class DirtyMessage(SQLModel, table=True):
+    """Private: messages whose labels / is_read / deleted_at must be recomputed from their locations. Written in
+    the same transaction as the location change, cleared after the recompute, so an interrupted sync loses nothing."""
+
+    __tablename__ = "inboxd_dirty"
+
+    message_id: int | None = Field(
+        default=None,
+        sa_column=sa.Column(BigId, sa.ForeignKey("mail_messages.id", ondelete="CASCADE"), primary_key=True),
+    )

@@ -19,6 +19,7 @@ from inboxd.crypto import SecretBox
 from inboxd.errors import UsageError
 from inboxd.models import (
     ContactBackfill,
+    DirtyMessage,
     MailAccount,
     MailAttachment,
     MailContact,
@@ -46,6 +47,7 @@ quarantine_t = MailQuarantine.__table__  # type: ignore[attr-defined]
 threads_t = MailThread.__table__  # type: ignore[attr-defined]
 contacts_t = MailContact.__table__  # type: ignore[attr-defined]
 backfills_t = ContactBackfill.__table__  # type: ignore[attr-defined]
+dirty_t = DirtyMessage.__table__  # type: ignore[attr-defined]
 
 # Keep IN (...) lists well under SQLite's bound-parameter limit.
 _CHUNK = 500
@@ -54,6 +56,14 @@ _CHUNK = 500
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _mark_dirty(conn: sa.Connection, message_ids: Iterable[int]) -> None:
+    """Record, in the caller's transaction, that these messages need refresh_dirty (idempotent)."""
+    ids = sorted(set(message_ids))
+    for chunk in _chunks(ids):
+        conn.execute(dirty_t.delete().where(dirty_t.c.message_id.in_(chunk)))
+        conn.execute(dirty_t.insert(), [{"message_id": i} for i in chunk])
 
 
 def _inserted_id(result: sa.CursorResult[Any]) -> int:
@@ -335,6 +345,7 @@ class Store:
                     ).scalars()
                 )
                 conn.execute(locations_t.delete().where(locations_t.c.folder_id == folder_id))
+                _mark_dirty(conn, dropped)
             conn.execute(
                 folders_t.update()
                 .where(folders_t.c.id == folder_id)
@@ -375,6 +386,7 @@ class Store:
             )
             conn.execute(locations_t.delete().where(locations_t.c.folder_id.in_(gone)))
             conn.execute(folders_t.delete().where(folders_t.c.id.in_(gone)))
+            _mark_dirty(conn, touched)
         return touched
 
     # -- locations -------------------------------------------------------------------------------------------
@@ -392,6 +404,7 @@ class Store:
                 cond = sa.and_(locations_t.c.folder_id == folder_id, locations_t.c.uid.in_(chunk))
                 touched += conn.execute(sa.select(locations_t.c.message_id).where(cond)).scalars().all()
                 conn.execute(locations_t.delete().where(cond))
+            _mark_dirty(conn, touched)
         return touched
 
     def update_flags(
@@ -422,6 +435,7 @@ class Store:
                         .where(locations_t.c.folder_id == folder_id, locations_t.c.uid == row.uid)
                         .values(**values)
                     )
+            _mark_dirty(conn, touched)
         return touched
 
     def existing_thread_keys(self, account_id: int, keys: Iterable[str]) -> set[str]:
@@ -473,11 +487,11 @@ class Store:
         known: Mapping[int, tuple[int, NewLocation]],
         *,
         last_uid: int,
-    ) -> tuple[list[int], list[int]]:
+    ) -> list[int]:
         """Insert new messages (with participants, attachments, thread) and locations, then move the cursor.
 
         One transaction per batch: a crash loses at most the batch, and the cursor never runs ahead of the rows.
-        Returns (ids inserted, ids of existing messages that got one more location here).
+        Returns the ids inserted; messages that got one more location here are marked dirty.
         """
         now = self._clock.now()
         inserted: list[int] = []
@@ -502,7 +516,8 @@ class Store:
                 .where(folders_t.c.id == folder_id, folders_t.c.last_uid < last_uid)
                 .values(last_uid=last_uid)
             )
-        return inserted, relocated
+            _mark_dirty(conn, [mid for mid, _ in known.values()] + relocated)
+        return inserted
 
     def store_sent(self, account_id: int, message: NewMessage) -> int:
         """The message just sent from the outbox, stored at once (outbound, threaded) before any sync sees it;
@@ -577,6 +592,23 @@ class Store:
                         created_at=self._clock.now(),
                     )
                 )
+
+    def refresh_dirty(self, account_id: int) -> int:
+        """Recompute every message of the account marked dirty (by this sync or an interrupted one), then clear
+        the marks; returns how many changed."""
+        with self.engine.connect() as conn:
+            ids = list(
+                conn.execute(
+                    sa.select(dirty_t.c.message_id)
+                    .join(messages_t, messages_t.c.id == dirty_t.c.message_id)
+                    .where(messages_t.c.account_id == account_id)
+                ).scalars()
+            )
+        changed = self.refresh_messages(account_id, ids)
+        with self.engine.begin() as conn:
+            for chunk in _chunks(sorted(ids)):
+                conn.execute(dirty_t.delete().where(dirty_t.c.message_id.in_(chunk)))
+        return changed
 
     def refresh_messages(self, account_id: int, message_ids: Iterable[int]) -> int:
         """Recompute labels, is_read and deleted_at of messages from their locations; returns how many changed."""

@@ -91,14 +91,16 @@ class AccountSync:
 
     def run(self) -> SyncStats:
         specs = self._dialect.folders(self._session.list_folders())
-        touched = set(self._store.forget_folders(self._account.id, keep=[s.name for s in specs]))
+        self._store.forget_folders(self._account.id, keep=[s.name for s in specs])
         first_sync = not self._known_folders() & {spec.name for spec in specs}
         for spec in specs:
-            touched |= self._sync_folder(spec)
+            self._sync_folder(spec)
         if self._settings.backfill and not first_sync:  # a first sync has just seen every message anyway
             for spec in specs:
-                touched |= self._backfill(spec, self._settings.backfill)
-        self._store.refresh_messages(self._account.id, touched)
+                self._backfill(spec, self._settings.backfill)
+        # every location change above also marked its message dirty in the same transaction; an interrupted
+        # earlier sync left its marks too, so nothing is lost to an exception between change and recompute
+        self._store.refresh_dirty(self._account.id)
         self._log.info(
             "sync.account_done",
             folders=self.stats.folders,
@@ -114,14 +116,14 @@ class AccountSync:
 
     # -- one folder --------------------------------------------------------------------------------------------
 
-    def _sync_folder(self, spec: FolderSpec) -> set[int]:
+    def _sync_folder(self, spec: FolderSpec) -> None:
         folder = self._store.ensure_folder(self._account.id, spec.name, spec.special_use)
         self.stats.folders += 1
         status = self._session.status(spec.name)
         plan = plan_folder(folder.cursor, status, self._session.capabilities, flag_scan_due=self._flag_scan_due(folder))
         if plan.kind is PlanKind.UNCHANGED:
             self.stats.folders_unchanged += 1
-            return set()
+            return
         selected = self._session.select(spec.name)
         # Re-plan from SELECT's numbers: the folder may have changed between STATUS and SELECT.
         plan = plan_folder(
@@ -132,20 +134,17 @@ class AccountSync:
         )
         flog = self._log.bind(folder=spec.name, plan=plan.kind.value, reason=plan.reason)
         flog.info("sync.folder_start")
-        touched: set[int] = set()
         self._incomplete = False
         last_uid = folder.cursor.last_uid
         if plan.kind is PlanKind.FULL:
-            touched |= set(
-                self._store.start_full_sync(folder.id, selected.uidvalidity, reset_locations=plan.reset_locations)
-            )
+            self._store.start_full_sync(folder.id, selected.uidvalidity, reset_locations=plan.reset_locations)
             last_uid = 0
         new_uids = self._session.uids_after(last_uid)
         self._add_total(len(new_uids))
         for batch in batches(new_uids, self._settings.batch_size):
-            touched |= self._ingest(folder, selected, batch)
+            self._ingest(folder, selected, batch)
         if plan.kind is PlanKind.INCREMENTAL:
-            touched |= self._apply_changes(
+            self._apply_changes(
                 folder,
                 selected,
                 plan.flags_changed_since,
@@ -161,28 +160,25 @@ class AccountSync:
             message_count=selected.exists,
         )
         flog.info("sync.folder_done", new=len(new_uids))
-        return touched
 
     def _known_folders(self) -> set[str]:
         return {name for name, f in self._store.folders(self._account.id).items() if f.cursor.uidvalidity is not None}
 
-    def _backfill(self, spec: FolderSpec, addresses: frozenset[str]) -> set[int]:
+    def _backfill(self, spec: FolderSpec, addresses: frozenset[str]) -> None:
         """Fetch the older messages of newly added contacts: a server-side search, then the usual header-first
         ingest of the UIDs not stored yet (newer ones are the regular sync's)."""
         folder = self._store.ensure_folder(self._account.id, spec.name, spec.special_use)
         selected = self._session.select(spec.name)
         if selected.uidvalidity != folder.cursor.uidvalidity:
-            return set()  # the next regular sync re-maps this folder first
+            return  # the next regular sync re-maps this folder first
         found = self._session.search_addresses(sorted(addresses))
         wanted = sorted(uid for uid in found - self._store.known_uids(folder.id) if uid <= folder.cursor.last_uid)
         self._add_total(len(wanted))
-        touched: set[int] = set()
         for batch in batches(wanted, self._settings.batch_size):
-            touched |= self._ingest(folder, selected, batch)
+            self._ingest(folder, selected, batch)
         if wanted:
             self._log.info("sync.backfill", folder=spec.name, contacts=len(addresses), found=len(wanted))
             self.stats.backfilled += len(wanted)
-        return touched
 
     def _flag_scan_due(self, folder: StoredFolder) -> bool:
         synced_at = folder.synced_at
@@ -197,8 +193,7 @@ class AccountSync:
         expunge: ExpungeCheck,
         *,
         up_to_uid: int,
-    ) -> set[int]:
-        touched: set[int] = set()
+    ) -> None:
         vanished: set[int] = set()
         updates: list[FlagUpdate] = []
         if since is not None:
@@ -210,7 +205,6 @@ class AccountSync:
                 folder.id, {u.uid: (u.flags, u.modseq, self._dialect.labels(u.gm_labels)) for u in updates}
             )
             self.stats.flag_changes += len(changed)
-            touched |= set(changed)
         gone: set[int] = set()
         if expunge is ExpungeCheck.VANISHED:
             gone = vanished
@@ -222,12 +216,10 @@ class AccountSync:
         if gone:
             removed = self._store.remove_locations(folder.id, gone)
             self.stats.expunged += len(removed)
-            touched |= set(removed)
-        return touched
 
     # -- new messages -------------------------------------------------------------------------------------------
 
-    def _ingest(self, folder: StoredFolder, selected: SelectInfo, batch: list[int]) -> set[int]:
+    def _ingest(self, folder: StoredFolder, selected: SelectInfo, batch: list[int]) -> None:
         headers = self._session.fetch_headers(batch)
         identities = {uid: self._dialect.identity(h) for uid, h in headers.items()}
         known_ids = self._store.message_ids_by_identity(
@@ -291,16 +283,12 @@ class AccountSync:
         if missing:
             self._log.warning("sync.bodies_missing", folder=folder.name, uids=len(missing))
             self._incomplete = True
-        inserted, relocated = self._store.store_batch(
-            self._account.id, folder.id, new_messages, known, last_uid=last_uid
-        )
+        inserted = self._store.store_batch(self._account.id, folder.id, new_messages, known, last_uid=last_uid)
         self.stats.new_messages += len(inserted)
         self.stats.remapped += len(known)
         self.stats.done += len(batch)
         if self._progress is not None:
             self._progress(self.stats.done, self.stats.total)
-        # New rows are born with their folder as label; only re-located messages need their labels recomputed.
-        return {mid for mid, _ in known.values()} | set(relocated)
 
     def _admitted(self, headers: list[HeaderInfo], folder: StoredFolder) -> list[int]:
         """UIDs that may be stored: not in an excluded label/folder, and in scope by their participants or by
