@@ -87,19 +87,18 @@ class Outbox:
             claimed = self._clock.monotonic()
             try:
                 reports.append(self._process(row))
-            except Exception as exc:  # a bug must not wedge the queue: the row fails visibly, others go on
+            except Exception as exc:  # a bug or a database hiccup must not wedge the queue: retry with backoff
                 log.exception("outbox.row_crashed", row=row.id)
-                self._outbox.record(
-                    row.id,
-                    after_attempt(
-                        Outcome.INVALID,
-                        attempts=row.attempts,
-                        now=self._clock.now(),
-                        error=f"internal error ({type(exc).__name__})",
-                        policy=self._policy,
-                    ),
+                update = after_attempt(
+                    Outcome.TEMPORARY,
+                    attempts=row.attempts,
+                    now=self._clock.now(),
+                    error=f"{TEMPORARY}internal error ({type(exc).__name__})",
+                    policy=self._policy,
                 )
-                reports.append(SendReport(row.id, "failed", f"internal error ({type(exc).__name__})"))
+                # keep delivery_uncertain as the attempt left it: it may have reached SMTP before the error
+                self._outbox.record(row.id, update, uncertain=None)
+                reports.append(SendReport(row.id, update.status, update.last_error))
             self._metrics.outbox_row_done(reports[-1].status, self._clock.monotonic() - claimed)
         return reports
 
@@ -246,29 +245,36 @@ class Outbox:
         already_filed: bool,
         note: str | None = None,
     ) -> SendReport:
+        # the server took it: record that first, in its own transaction; everything after is best effort and
+        # must never turn a delivered message into a failed (and so resent) row
+        update = after_attempt(
+            Outcome.SENT, attempts=row.attempts, now=self._clock.now(), error=None, policy=self._policy
+        )
+        self._outbox.record(row.id, update, note=note)
+        log.info("outbox.sent", row=row.id, account=account.email, attempts=row.attempts)
         if not already_filed:
             try:
                 self._file_in_sent(account, provider, raw)
             except InboxdError as exc:  # sent is sent: a missing Sent copy must not cause a second delivery
                 note = f"sent, but the copy in Sent could not be filed: {exc}"
                 log.warning("outbox.sent_copy_failed", row=row.id, error=str(exc))
-        parsed = parse_message(raw, max_attachment_bytes=self._config.sync.max_attachment_bytes)
-        message_id = self._store.store_sent(
-            account.id,
-            NewMessage(
-                identity=f"mid:{parsed.message_id_header}",
-                parsed=parsed,
-                folder_name="Sent",
-                direction="outbound",
-                received_at=self._clock.now(),
-                location=NewLocation(uid=0, flags=("\\Seen",), modseq=None, labels=["SENT"]),
-            ),
-        )
-        update = after_attempt(
-            Outcome.SENT, attempts=row.attempts, now=self._clock.now(), error=None, policy=self._policy
-        )
+        try:
+            parsed = parse_message(raw, max_attachment_bytes=self._config.sync.max_attachment_bytes)
+            message_id = self._store.store_sent(
+                account.id,
+                NewMessage(
+                    identity=f"mid:{parsed.message_id_header}",
+                    parsed=parsed,
+                    folder_name="Sent",
+                    direction="outbound",
+                    received_at=self._clock.now(),
+                    location=NewLocation(uid=0, flags=("\\Seen",), modseq=None, labels=["SENT"]),
+                ),
+            )
+        except Exception as exc:  # the next sync stores the Sent copy anyway
+            log.warning("outbox.store_sent_failed", row=row.id, error_kind=type(exc).__name__)
+            message_id = None
         self._outbox.record(row.id, update, sent_message_id=message_id, note=note)
-        log.info("outbox.sent", row=row.id, account=account.email, attempts=row.attempts)
         return SendReport(row.id, "sent", note)
 
     def _file_in_sent(self, account: Account, provider: ProviderConfig, raw: bytes) -> None:

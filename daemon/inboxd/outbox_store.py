@@ -113,17 +113,18 @@ class OutboxStore:
         *,
         sent_message_id: int | None = None,
         note: str | None = None,
-        uncertain: bool = False,
+        uncertain: bool | None = False,
     ) -> None:
         """Store an attempt's outcome; `note` replaces last_error on a sent row (e.g. partially refused);
-        `uncertain`: the message may have been delivered although the attempt did not end in a 250."""
+        `uncertain`: the message may have been delivered although the attempt did not end in a 250 (None: keep)."""
         error = note if update.status == "sent" else update.last_error
         values: dict[str, Any] = {
             "status": update.status,
             "next_attempt_at": update.next_attempt_at,
             "last_error": error[:2000] if error else None,
-            "delivery_uncertain": uncertain,
         }
+        if uncertain is not None:  # None: leave the mark as the interrupted attempt left it
+            values["delivery_uncertain"] = uncertain
         if update.status == "sent":
             values["sent_at"] = self._clock.now()
             values["sent_message_id"] = sent_message_id
