@@ -68,3 +68,47 @@ def _synced_once(engine: sa.Engine, email: str) -> bool:
 def _count(engine: sa.Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(messages_t)).scalar_one())
+
+
+def test_push_new_mail_reaches_the_database_within_seconds_and_disable_stops_it(
+    tmp_path: Path, db_url: str, mailstack: MailStack
+) -> None:
+    """`inboxd run` with a 1 h interval: mail delivered through Postfix is in mail_messages within seconds (IDLE),
+    and the HR app's enabled = false turns the account 'disabled' within seconds too."""
+    recruiter = mailstack.new_user("push")
+    config = write_stack_config(
+        tmp_path, db_url, mailstack, sync_extra='interval = "1h"', extra='[http]\nlisten = "off"'
+    )
+    env = {**os.environ, "INBOXD_CONFIG": str(config)}
+    token = tmp_path / "token"
+    token.write_text(mailstack.refresh_token(recruiter))
+    mailstack.deliver(recruiter, make_message("c@example.org", recruiter, "before", "x"))
+    for args in (
+        ["secrets", "init"],
+        ["accounts", "add", recruiter, "--provider", "local", "--refresh-token-file", str(token)],
+    ):
+        subprocess.run([INBOXD, *args], env=env, check=True, capture_output=True)
+    engine = db.create_engine(db_url)
+    proc = subprocess.Popen([INBOXD, "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _count(engine) == 1, timeout=20, what="first cycle")
+        time.sleep(1.0)  # the IDLE watcher is up shortly after the first cycle
+        sent = time.monotonic()
+        mailstack.deliver(recruiter, make_message("c@example.org", recruiter, "pushed", "x"), wait=False)
+        wait_for(lambda: _count(engine) == 2, timeout=20, what="pushed message stored")
+        assert time.monotonic() - sent < 10, "pushed by IDLE, not the 1 h interval"
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE mail_accounts SET enabled = false WHERE email = :e"), {"e": recruiter})
+        wait_for(lambda: _state(engine, recruiter) == "disabled", timeout=20, what="disabled within seconds")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        engine.dispose()
+
+
+def _state(engine: sa.Engine, email: str) -> str:
+    with engine.connect() as conn:
+        return str(conn.execute(sa.text("SELECT state FROM mail_accounts WHERE email = :e"), {"e": email}).scalar())

@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ from inboxd.blobs import BlobStore
 from inboxd.clock import SystemClock
 from inboxd.config import Config, load_config
 from inboxd.crypto import SecretBox, init_key_file
+from inboxd.daemon import Daemon
 from inboxd.errors import ConfigError, InboxdError, SecretsError, UsageError
 from inboxd.forget import ForgetReport, forget_contact
 from inboxd.http import database_health, start_ops_server
@@ -32,7 +32,6 @@ from inboxd.metrics import Metrics
 from inboxd.outbox import Outbox
 from inboxd.outbox_policy import RetryPolicy
 from inboxd.outbox_store import OutboxStore
-from inboxd.outbox_wake import OutboxWake
 from inboxd.progress import ProgressDisplay
 from inboxd.runner import AccountResult, Runner
 from inboxd.sdnotify import Notifier
@@ -301,14 +300,8 @@ def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
     return _loop(runner, outbox, config, store, args.account)
 
 
-CONTACT_POLL_SECONDS = 5.0
-
-
 def _loop(runner: Runner, outbox: Outbox, config: Config, store: Store, only: str | None) -> int:
-    """Sync every `sync.interval` until SIGTERM/SIGINT, and at once when the HR app changes mail_contacts (polled
-    every few seconds) so a new candidate's history is backfilled within seconds; the outbox is served by a
-    second thread, woken by PostgreSQL NOTIFY (polling on SQLite). The push-driven supervisor (IDLE) replaces this
-    loop in a later milestone."""
+    """`inboxd run` until SIGTERM/SIGINT: see daemon.py."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -316,62 +309,29 @@ def _loop(runner: Runner, outbox: Outbox, config: Config, store: Store, only: st
     # handler only sets a flag: logging or socket I/O inside a signal handler can deadlock on structlog's lock.
     reload_requested = threading.Event()
     signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
-    notifier = Notifier.from_env()
-    outbox_depth = OutboxStore(store.engine, clock=SystemClock(), policy=RetryPolicy()).depth
+    clock = SystemClock()
+    daemon = Daemon(
+        config,
+        store,
+        runner,
+        outbox,
+        clock=clock,
+        notifier=Notifier.from_env(),
+        stop=stop,
+        reload_requested=reload_requested,
+        only=only,
+        outbox_depth=OutboxStore(store.engine, clock=clock, policy=RetryPolicy()).depth,
+    )
     log.info("daemon.started", interval_s=config.sync.interval.total_seconds())
-    sender = threading.Thread(target=_serve_outbox, args=(outbox, store, stop), name="inboxd-outbox", daemon=True)
-    sender.start()
-    health = database_health(store.engine, threads={"outbox sender": sender})
+    health = database_health(store.engine, threads={"outbox sender": daemon.sender})
     ops = start_ops_server(config.http.listen, metrics=runner.metrics, health=health)
-    notifier.ready("first sync cycle running")
-    # The watchdog is pinged while waiting and after every stored batch, so a long cycle is not mistaken for a hang.
-    wait_slice = min(CONTACT_POLL_SECONDS, (notifier.watchdog_interval or CONTACT_POLL_SECONDS) / 2)
-
-    def on_progress(_email: str, _done: int, _total: int) -> None:
-        notifier.watchdog()
-
-    scoped = config.sync.scope == "contacts"
-    while not stop.is_set():
-        watermark = store.contacts_watermark() if scoped else None
-        results = runner.sync_once(only=only, progress=on_progress)
-        ok, failed = sum(r.ok for r in results), sum(not r.ok for r in results)
-        log.info("daemon.cycle_done", ok=ok, failed=failed)
-        try:
-            depth: int | str = outbox_depth()
-        except sa.exc.SQLAlchemyError:  # a status line is not worth stopping the daemon for
-            depth = "unknown"
-        notifier.status(f"{ok} accounts ok, {failed} failed; outbox depth {depth}")
-        notifier.watchdog()
-        deadline = time.monotonic() + config.sync.interval.total_seconds()
-        while not stop.wait(min(wait_slice, max(deadline - time.monotonic(), 0))):
-            notifier.watchdog()
-            if reload_requested.is_set():
-                reload_requested.clear()
-                log.warning("daemon.reload_not_supported", hint="restart inboxd to apply config changes")
-            if time.monotonic() >= deadline:
-                break
-            if scoped and store.contacts_watermark() != watermark:
-                log.info("daemon.contacts_changed")
-                break
-    notifier.stopping()
-    if ops is not None:
-        ops.close()
-    sender.join(timeout=10)
+    try:
+        daemon.run()
+    finally:
+        if ops is not None:
+            ops.close()
     log.info("daemon.stopped")
     return EXIT_OK
-
-
-def _serve_outbox(outbox: Outbox, store: Store, stop: threading.Event) -> None:
-    wake = OutboxWake(store.engine)
-    try:
-        while not stop.is_set():
-            try:
-                outbox.drain()
-            except Exception:  # the database may be briefly away; never let the sender thread die
-                log.exception("outbox.drain_failed")
-            wake.wait(timeout=1.0)
-    finally:
-        wake.close()
 
 
 def _print_summary(results: list[AccountResult]) -> None:

@@ -1,0 +1,183 @@
+"""`inboxd run`: the long-running service. A full cycle every `sync.interval`; between cycles, an account is synced
+at once when its IDLE watcher reports new mail, and everything is re-checked within seconds when the HR app changes
+mail_contacts or mail_accounts.enabled. The outbox is served by its own thread, woken by NOTIFY (polling on SQLite).
+
+Signals are turned into events by the caller; this module never exits the process on an error it can retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import sqlalchemy as sa
+import structlog
+
+from inboxd.clock import Clock
+from inboxd.config import Config
+from inboxd.idle import IdleWatcher
+from inboxd.outbox import Outbox
+from inboxd.outbox_wake import OutboxWake
+from inboxd.runner import AccountResult, Runner, decide
+from inboxd.sdnotify import Notifier
+from inboxd.store import Account, Store
+
+log = structlog.get_logger(__name__)
+
+POLL_SECONDS = 5.0  # how often the HR app's tables are checked for changes between cycles
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        runner: Runner,
+        outbox: Outbox,
+        *,
+        clock: Clock,
+        notifier: Notifier,
+        stop: threading.Event,
+        reload_requested: threading.Event,
+        only: str | None = None,
+        outbox_depth: Callable[[], int] | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._runner = runner
+        self._outbox = outbox
+        self._clock = clock
+        self._notifier = notifier
+        self._stop = stop
+        self._reload = reload_requested
+        self._only = only.strip().lower() if only else None
+        self._outbox_depth = outbox_depth
+        self._wakeups: queue.Queue[str] = queue.Queue()
+        self._watchers: dict[int, IdleWatcher] = {}
+        self.sender = threading.Thread(target=self._serve_outbox, name="inboxd-outbox", daemon=True)
+
+    # -- main loop -----------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.sender.start()
+        self._notifier.ready("first sync cycle running")
+        wait_slice = min(POLL_SECONDS, (self._notifier.watchdog_interval or POLL_SECONDS) / 2)
+        try:
+            while not self._stop.is_set():
+                watermark = self._watermark()
+                self._cycle()
+                deadline = time.monotonic() + self._config.sync.interval.total_seconds()
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    self._notifier.watchdog()
+                    pushed = self._next_wakeups(min(wait_slice, max(deadline - time.monotonic(), 0.01)))
+                    for email in pushed:
+                        self._sync(only=email)
+                    if self._reload.is_set():
+                        self._reload.clear()
+                        log.warning("daemon.reload_not_supported", hint="restart inboxd to apply config changes")
+                    if self._watermark() != watermark:
+                        log.info("daemon.hr_tables_changed")
+                        break
+        finally:
+            self._notifier.stopping()
+            for watcher in self._watchers.values():
+                watcher.stop(timeout=2)
+            self.sender.join(timeout=10)
+
+    def _cycle(self) -> None:
+        results = self._sync(only=self._only)
+        ok, failed = sum(r.ok for r in results), sum(not r.ok for r in results)
+        log.info("daemon.cycle_done", ok=ok, failed=failed)
+        depth: int | str = "unknown"
+        if self._outbox_depth is not None:
+            with contextlib.suppress(sa.exc.SQLAlchemyError):  # a status line is not worth stopping for
+                depth = self._outbox_depth()
+        self._notifier.status(f"{ok} accounts ok, {failed} failed; outbox depth {depth}")
+        self._notifier.watchdog()
+        self._refresh_watchers()
+
+    def _sync(self, *, only: str | None) -> list[AccountResult]:
+        try:
+            return self._runner.sync_once(only=only, progress=self._on_progress)
+        except Exception:  # the database may be away for a moment: log, and the next round tries again
+            log.exception("daemon.cycle_failed")
+            return []
+
+    def _on_progress(self, _email: str, _done: int, _total: int) -> None:
+        self._notifier.watchdog()  # a long first sync is alive as long as batches get stored
+
+    def _next_wakeups(self, timeout: float) -> set[str]:
+        """Accounts whose IDLE watcher reported a change, waiting at most `timeout` for the first."""
+        try:
+            emails = {self._wakeups.get(timeout=timeout)}
+        except queue.Empty:
+            return set()
+        while True:
+            try:
+                emails.add(self._wakeups.get_nowait())
+            except queue.Empty:
+                return emails
+
+    def _watermark(self) -> object:
+        """A cheap fingerprint of what the HR app controls: contacts, and which accounts exist and are enabled."""
+        try:
+            contacts = self._store.contacts_watermark() if self._config.sync.scope == "contacts" else None
+            return contacts, tuple((a.id, a.enabled, a.state) for a in self._store.accounts())
+        except sa.exc.SQLAlchemyError:
+            return None
+
+    # -- push ------------------------------------------------------------------------------------------------
+
+    def _refresh_watchers(self) -> None:
+        """One IDLE watcher per account that syncs; stopped for accounts paused, disabled or gone."""
+        try:
+            accounts = {a.id: a for a in self._store.accounts()}
+        except sa.exc.SQLAlchemyError:
+            return
+        now = self._clock.now()
+        wanted = {
+            a.id
+            for a in accounts.values()
+            if decide(a, self._config, now).run and (self._only is None or a.email == self._only)
+        }
+        for account_id in set(self._watchers) - wanted:
+            self._watchers.pop(account_id).stop(timeout=2)
+        for account_id in wanted - set(self._watchers):
+            self._watchers[account_id] = self._watch(accounts[account_id])
+
+    def _watch(self, account: Account) -> IdleWatcher:
+        provider = self._config.providers[account.provider]
+        watcher = IdleWatcher(
+            account.email,
+            lambda: self._runner.connections.imap(account, provider),
+            lambda: self._wakeups.put(account.email),
+            clock=self._clock,
+        )
+        watcher.start()
+        return watcher
+
+    # -- outbox ------------------------------------------------------------------------------------------------
+
+    def _serve_outbox(self) -> None:
+        """Drain the outbox whenever woken; survives a database restart (falls back to polling meanwhile)."""
+        wake: OutboxWake | None = None
+        while not self._stop.is_set():
+            try:
+                self._outbox.drain()
+            except Exception:
+                log.exception("outbox.drain_failed")
+            try:
+                if wake is None:
+                    wake = OutboxWake(self._store.engine)
+                wake.wait(timeout=1.0)
+            except Exception:  # LISTEN connection lost: poll until it can be reopened
+                log.warning("outbox.listen_lost")
+                if wake is not None:
+                    wake.close()
+                wake = None
+                self._stop.wait(1.0)
+        if wake is not None:
+            wake.close()
