@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,6 +14,7 @@ from inboxd.crypto import SecretBox
 from inboxd.models import MailOutbox
 from inboxd.outbox_policy import Outcome, RetryPolicy, after_attempt, is_stale
 from inboxd.outbox_store import OutboxStore
+from inboxd.outbox_wake import SQLITE_POLL_SECONDS, OutboxWake
 from inboxd.store import Credential, Store
 
 outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
@@ -126,3 +128,19 @@ def test_a_crashed_attempt_is_reclaimed_after_the_stale_timeout(engine: sa.Engin
     row = outbox.claim_next()
     assert row is not None
     assert row.attempts == 2
+
+
+def test_postgresql_notify_wakes_the_sender_at_once(engine: sa.Engine, account_id: int) -> None:
+    """On PostgreSQL an INSERT into mail_outbox wakes OutboxWake through the 0005 trigger; on SQLite it polls."""
+    wake = OutboxWake(engine)
+    try:
+        started = time.monotonic()
+        if engine.dialect.name == "postgresql":
+            threading.Timer(0.2, _queue, args=(engine, account_id, 1)).start()
+            wake.wait(timeout=10)
+            assert time.monotonic() - started < 5, "woken by NOTIFY, not by the timeout"
+        else:
+            wake.wait(timeout=10)
+            assert time.monotonic() - started <= SQLITE_POLL_SECONDS + 0.5
+    finally:
+        wake.close()
