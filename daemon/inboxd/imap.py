@@ -286,11 +286,12 @@ class ImapClientSession:
         return result
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        untagged = self._client._imap.untagged_responses
+        # read imaplib's untagged dict only after the command: SELECT replaces it with a fresh one
+        imap = self._client._imap
         try:
             result = fn(*args, **kwargs)
         except imaplib.IMAP4.abort as exc:
-            if untagged.pop("BYE", None):
+            if imap.untagged_responses.pop("BYE", None):
                 raise SessionExpired(f"IMAP server ended the session: {_safe(exc)}") from exc
             raise RetryLater(f"IMAP connection lost: {_safe(exc)}") from exc
         except TimeoutError as exc:
@@ -298,10 +299,10 @@ class ImapClientSession:
         except OSError as exc:
             raise RetryLater(f"IMAP network error: {exc.strerror or exc}") from exc
         except IMAPClientError as exc:
-            if untagged.pop("OVERQUOTA", None) is not None:
+            if imap.untagged_responses.pop("OVERQUOTA", None) is not None:
                 raise QuotaExceeded(f"provider quota exceeded: {_safe(exc)}") from exc
             raise RetryLater(f"IMAP command failed: {_safe(exc)}") from exc
-        self._backoff_if_throttled(untagged.pop("THROTTLED", None) is not None)
+        self._backoff_if_throttled(imap.untagged_responses.pop("THROTTLED", None) is not None)
         return result
 
     def _backoff_if_throttled(self, throttled: bool) -> None:
