@@ -144,3 +144,27 @@ def test_postgresql_notify_wakes_the_sender_at_once(engine: sa.Engine, account_i
             assert time.monotonic() - started <= SQLITE_POLL_SECONDS + 0.5
     finally:
         wake.close()
+
+
+def test_a_slow_worker_whose_claim_was_taken_over_changes_nothing(engine: sa.Engine, account_id: int) -> None:
+    """If a live but slow attempt's claim looked stale and another worker took the row, the slow one may not mark,
+    send or record: only the current claim's updates apply."""
+    _queue(engine, account_id, 1)
+    clock = FakeClock(NOW)
+    outbox = OutboxStore(engine, clock=clock, policy=POLICY)
+    slow = outbox.claim_next()
+    assert slow is not None
+    clock.advance(POLICY.stale_after.total_seconds())
+    fast = outbox.claim_next()
+    assert fast is not None
+    assert fast.claimed_at != slow.claimed_at
+    assert not outbox.mark_uncertain(slow.id, claimed_at=slow.claimed_at), "the slow worker must not send"
+    outbox.record(
+        slow.id,
+        after_attempt(Outcome.REJECTED, attempts=1, now=NOW, error="late", policy=POLICY),
+        claimed_at=slow.claimed_at,
+    )
+    assert outbox.mark_uncertain(fast.id, claimed_at=fast.claimed_at)
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(outbox_t).where(outbox_t.c.id == fast.id)).one()
+    assert (row.status, row.last_error, row.delivery_uncertain) == ("sending", None, True)

@@ -97,7 +97,7 @@ class Outbox:
                     policy=self._policy,
                 )
                 # keep delivery_uncertain as the attempt left it: it may have reached SMTP before the error
-                self._outbox.record(row.id, update, uncertain=None)
+                self._outbox.record(row.id, update, uncertain=None, claimed_at=row.claimed_at)
                 reports.append(SendReport(row.id, update.status, update.last_error))
             self._metrics.outbox_row_done(reports[-1].status, self._clock.monotonic() - claimed)
         return reports
@@ -110,7 +110,7 @@ class Outbox:
             return self._finish(row, Outcome.INVALID, f"account {row.account_id} does not exist")
         held = self._hold_reason(account)
         if held is not None:
-            self._outbox.hold(row.id, held, self._clock.now() + HOLD)
+            self._outbox.hold(row.id, held, self._clock.now() + HOLD, claimed_at=row.claimed_at)
             return SendReport(row.id, "held", held)
         provider = self._config.providers.get(account.provider)
         if provider is None:
@@ -120,7 +120,9 @@ class Outbox:
         try:
             draft = self._draft(row, account)
             validate(draft, max_attachment_bytes=self._config.sync.max_attachment_bytes)
-            raw = build_message(draft, message_id=message_id, date=self._clock.now())
+            raw = build_message(
+                draft, message_id=message_id, date=row.created_at or self._clock.now()
+            )  # same Date on retries
         except InvalidDraft as exc:
             return self._finish(row, Outcome.INVALID, str(exc))
         files_sent_itself = provider.kind in SERVER_FILES_SENT
@@ -150,7 +152,9 @@ class Outbox:
         files_sent_itself: bool,
     ) -> SendReport:
         # write-ahead: if this process dies from here on, the next attempt checks Sent before sending again
-        self._outbox.mark_uncertain(row.id)
+        if not self._outbox.mark_uncertain(row.id, claimed_at=row.claimed_at):
+            log.warning("outbox.claim_lost", row=row.id)  # another worker took the row over: it sends, not us
+            return SendReport(row.id, "sending", "claim lost to another worker")
         try:
             sender = self._connections.smtp(account, provider)
             result = asyncio.run(sender.send(sender=account.email, recipients=envelope_recipients(draft), message=raw))
@@ -250,7 +254,7 @@ class Outbox:
         update = after_attempt(
             Outcome.SENT, attempts=row.attempts, now=self._clock.now(), error=None, policy=self._policy
         )
-        self._outbox.record(row.id, update, note=note)
+        self._outbox.record(row.id, update, note=note, claimed_at=row.claimed_at)
         log.info("outbox.sent", row=row.id, account=account.email, attempts=row.attempts)
         if not already_filed:
             try:
@@ -274,7 +278,7 @@ class Outbox:
         except Exception as exc:  # the next sync stores the Sent copy anyway
             log.warning("outbox.store_sent_failed", row=row.id, error_kind=type(exc).__name__)
             message_id = None
-        self._outbox.record(row.id, update, sent_message_id=message_id, note=note)
+        self._outbox.record(row.id, update, sent_message_id=message_id, note=note, claimed_at=row.claimed_at)
         return SendReport(row.id, "sent", note)
 
     def _file_in_sent(self, account: Account, provider: ProviderConfig, raw: bytes) -> None:
@@ -291,7 +295,7 @@ class Outbox:
 
     def _finish(self, row: OutboxRow, outcome: Outcome, error: str, *, uncertain: bool = False) -> SendReport:
         update = after_attempt(outcome, attempts=row.attempts, now=self._clock.now(), error=error, policy=self._policy)
-        self._outbox.record(row.id, update, uncertain=uncertain)
+        self._outbox.record(row.id, update, uncertain=uncertain, claimed_at=row.claimed_at)
         log.info("outbox.attempt", row=row.id, outcome=outcome.value, status=update.status, error=error)
         return SendReport(row.id, update.status, error)
 

@@ -33,6 +33,8 @@ class OutboxRow:
     message_id_header: str | None
     last_error: str | None
     delivery_uncertain: bool = False
+    claimed_at: datetime | None = None  # this attempt's claim: updates only apply while it is still ours
+    created_at: datetime | None = None
 
 
 def _row(r: Any) -> OutboxRow:
@@ -52,7 +54,16 @@ def _row(r: Any) -> OutboxRow:
         message_id_header=r.message_id_header,
         last_error=r.last_error,
         delivery_uncertain=r.delivery_uncertain,
+        claimed_at=r.claimed_at,
+        created_at=r.created_at,
     )
+
+
+def _ours(row_id: int, claimed_at: datetime | None) -> Any:
+    """WHERE clause of an attempt's own updates: a row reclaimed by another worker (its claim looked stale) has a
+    newer claimed_at, and the slower worker's late updates then change nothing."""
+    cond = outbox_t.c.id == row_id
+    return cond if claimed_at is None else sa.and_(cond, outbox_t.c.claimed_at == claimed_at)
 
 
 class OutboxStore:
@@ -101,10 +112,12 @@ class OutboxStore:
             ).scalar_one()
         return stored
 
-    def mark_uncertain(self, row_id: int) -> None:
-        """Committed before the message goes to SMTP: a crash from here on leaves the row marked."""
+    def mark_uncertain(self, row_id: int, *, claimed_at: datetime | None = None) -> bool:
+        """Committed before the message goes to SMTP: a crash from here on leaves the row marked. False when the
+        claim was lost to another worker (then this attempt must not send)."""
         with self.engine.begin() as conn:
-            conn.execute(outbox_t.update().where(outbox_t.c.id == row_id).values(delivery_uncertain=True))
+            result = conn.execute(outbox_t.update().where(_ours(row_id, claimed_at)).values(delivery_uncertain=True))
+        return result.rowcount == 1
 
     def record(
         self,
@@ -114,6 +127,7 @@ class OutboxStore:
         sent_message_id: int | None = None,
         note: str | None = None,
         uncertain: bool | None = False,
+        claimed_at: datetime | None = None,
     ) -> None:
         """Store an attempt's outcome; `note` replaces last_error on a sent row (e.g. partially refused);
         `uncertain`: the message may have been delivered although the attempt did not end in a 250 (None: keep)."""
@@ -129,14 +143,14 @@ class OutboxStore:
             values["sent_at"] = self._clock.now()
             values["sent_message_id"] = sent_message_id
         with self.engine.begin() as conn:
-            conn.execute(outbox_t.update().where(outbox_t.c.id == row_id).values(**values))
+            conn.execute(outbox_t.update().where(_ours(row_id, claimed_at)).values(**values))
 
-    def hold(self, row_id: int, reason: str, until: datetime) -> None:
+    def hold(self, row_id: int, reason: str, until: datetime, *, claimed_at: datetime | None = None) -> None:
         """Put a claimed row back without counting an attempt (account paused, disabled or not sending today)."""
         with self.engine.begin() as conn:
             conn.execute(
                 outbox_t.update()
-                .where(outbox_t.c.id == row_id)
+                .where(_ours(row_id, claimed_at))
                 .values(
                     status="queued",
                     attempts=sa.func.greatest(outbox_t.c.attempts - 1, 0)
