@@ -439,44 +439,23 @@ class Store:
         return touched
 
     def existing_thread_keys(self, account_id: int, keys: Iterable[str]) -> set[str]:
-        wanted = sorted(set(keys))
-        found: set[str] = set()
-        with self.engine.connect() as conn:
-            for chunk in _chunks(wanted):
-                found |= set(
-                    conn.execute(
-                        sa.select(threads_t.c.provider_thread_id).where(
-                            threads_t.c.account_id == account_id, threads_t.c.provider_thread_id.in_(chunk)
-                        )
-                    ).scalars()
-                )
-        return found
+        return set(self._lookup(threads_t, threads_t.c.provider_thread_id, threads_t.c.account_id == account_id, keys))
 
     def existing_message_ids(self, account_id: int, message_id_headers: Iterable[str]) -> set[str]:
-        wanted = sorted(set(message_id_headers))
-        found: set[str] = set()
-        with self.engine.connect() as conn:
-            for chunk in _chunks(wanted):
-                found |= set(
-                    conn.execute(
-                        sa.select(messages_t.c.message_id_header).where(
-                            messages_t.c.account_id == account_id, messages_t.c.message_id_header.in_(chunk)
-                        )
-                    ).scalars()
-                )
-        return found
+        where = messages_t.c.account_id == account_id
+        return set(self._lookup(messages_t, messages_t.c.message_id_header, where, message_id_headers))
 
     def message_ids_by_identity(self, account_id: int, identities: Iterable[str]) -> dict[str, int]:
-        wanted = sorted(set(identities))
+        where = messages_t.c.account_id == account_id
+        return self._lookup(messages_t, messages_t.c.provider_message_id, where, identities)
+
+    def _lookup(self, table: sa.Table, column: sa.Column[Any], where: Any, values: Iterable[str]) -> dict[str, int]:
+        """{value: row id} for the values of `column` present among `values` (chunked IN lists)."""
         found: dict[str, int] = {}
         with self.engine.connect() as conn:
-            for chunk in _chunks(wanted):
-                for row in conn.execute(
-                    sa.select(messages_t.c.id, messages_t.c.provider_message_id).where(
-                        messages_t.c.account_id == account_id, messages_t.c.provider_message_id.in_(chunk)
-                    )
-                ):
-                    found[row.provider_message_id] = row.id
+            for chunk in _chunks(sorted(set(values))):
+                for row in conn.execute(sa.select(table.c.id, column).where(where, column.in_(chunk))):
+                    found[row[1]] = row[0]
         return found
 
     def store_batch(
