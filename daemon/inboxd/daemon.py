@@ -83,6 +83,8 @@ class Daemon:
                         break
         finally:
             self._notifier.stopping()
+            for watcher in self._watchers.values():  # ask all first, then wait: stop stays quick
+                watcher.request_stop()
             for watcher in self._watchers.values():
                 watcher.stop(timeout=2)
             self.sender.join(timeout=10)
@@ -125,7 +127,8 @@ class Daemon:
         """A cheap fingerprint of what the HR app controls: contacts, and which accounts exist and are enabled."""
         try:
             contacts = self._store.contacts_watermark() if self._config.sync.scope == "contacts" else None
-            return contacts, tuple((a.id, a.enabled, a.state) for a in self._store.accounts())
+            # only what the HR app writes (not `state`, which inboxd itself changes during a cycle)
+            return contacts, tuple((a.id, a.enabled) for a in self._store.accounts())
         except sa.exc.SQLAlchemyError:
             return None
 
