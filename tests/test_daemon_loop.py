@@ -112,3 +112,45 @@ def test_push_new_mail_reaches_the_database_within_seconds_and_disable_stops_it(
 def _state(engine: sa.Engine, email: str) -> str:
     with engine.connect() as conn:
         return str(conn.execute(sa.text("SELECT state FROM mail_accounts WHERE email = :e"), {"e": email}).scalar())
+
+
+def test_sigterm_during_a_long_first_sync_stops_within_seconds_and_loses_nothing(
+    tmp_path: Path, db_url: str, mailstack: MailStack
+) -> None:
+    """SIGTERM in the middle of a first sync: the batch in flight is committed, the process exits 0 within 10 s,
+    and the next run continues from the cursor to exactly one row per message."""
+    recruiter = mailstack.new_user("term")
+    total = 3000
+    with mailstack.admin_imap(recruiter) as imap:
+        msgs = [make_message(f"c{i}@example.org", recruiter, f"m{i}", "x" * 500) for i in range(total)]
+        for i in range(0, total, 500):
+            imap.multiappend("INBOX", msgs[i : i + 500])
+    config = write_stack_config(
+        tmp_path, db_url, mailstack, sync_extra='interval = "1h"\nbatch_size = 10', extra='[http]\nlisten = "off"'
+    )
+    config.write_text(config.read_text().replace("batch_size = 3\n", ""))
+    env = {**os.environ, "INBOXD_CONFIG": str(config)}
+    token = tmp_path / "token"
+    token.write_text(mailstack.refresh_token(recruiter))
+    for args in (
+        ["secrets", "init"],
+        ["accounts", "add", recruiter, "--provider", "local", "--refresh-token-file", str(token)],
+    ):
+        subprocess.run([INBOXD, *args], env=env, check=True, capture_output=True)
+    engine = db.create_engine(db_url)
+    proc = subprocess.Popen([INBOXD, "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _count(engine) >= 50, timeout=30, what="first batches stored")
+        proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - stopped < 10
+        assert _count(engine) < total, "stopped in the middle, not after the whole first sync"
+        done = subprocess.run([INBOXD, "run", "--once"], env=env, capture_output=True, check=False)
+        assert done.returncode == 0
+        assert _count(engine) == total
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        engine.dispose()

@@ -273,7 +273,8 @@ def _print_forget(report: ForgetReport) -> None:
 def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
     clock = SystemClock()
     metrics = Metrics()
-    runner = Runner(config, store, clock=clock, metrics=metrics)
+    stop = threading.Event()  # SIGTERM/SIGINT in `run`: finish the batch or send in flight, then exit
+    runner = Runner(config, store, clock=clock, metrics=metrics, stop=stop)
     outbox_store = OutboxStore(store.engine, clock=clock, policy=RetryPolicy())
     metrics.watch(store.accounts, outbox_store.depth, clock=clock)
     outbox = Outbox(
@@ -297,12 +298,13 @@ def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
             counts = {s: sum(r.status == s for r in sent) for s in ("sent", "queued", "held", "failed")}
             print("outbox: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
         return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
-    return _loop(runner, outbox, config, store, args.account)
+    return _loop(runner, outbox, config, store, args.account, stop=stop)
 
 
-def _loop(runner: Runner, outbox: Outbox, config: Config, store: Store, only: str | None) -> int:
+def _loop(
+    runner: Runner, outbox: Outbox, config: Config, store: Store, only: str | None, *, stop: threading.Event
+) -> int:
     """`inboxd run` until SIGTERM/SIGINT: see daemon.py."""
-    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     # Until hot reload exists, SIGHUP (the unit's ExecReload=) must not kill the daemon, its default action; the

@@ -169,7 +169,7 @@ class Daemon:
         wake: OutboxWake | None = None
         while not self._stop.is_set():
             try:
-                self._outbox.drain()
+                self._outbox.drain(self._stop)
             except Exception:
                 log.exception("outbox.drain_failed")
             try:

@@ -62,3 +62,7 @@ class SessionExpired(RetryLater):
 
 class QuotaExceeded(RetryLater):
     """The provider's bandwidth or command quota is used up (Gmail [OVERQUOTA]): leave this account alone a while."""
+
+
+class Interrupted(InboxdError):
+    """The daemon is stopping: what was done is committed, the rest waits for the next start."""

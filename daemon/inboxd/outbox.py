@@ -9,6 +9,7 @@ for the Message-ID in the account's Sent mail; where that cannot prove anything,
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -80,10 +81,10 @@ class Outbox:
         self._imap = imap_factory or connections.imap
         self._metrics = metrics or Metrics()
 
-    def drain(self) -> list[SendReport]:
-        """Send every row that is due now; returns what happened to each."""
+    def drain(self, stop: threading.Event | None = None) -> list[SendReport]:
+        """Send every row that is due now (until `stop` is set: the send in flight is finished first)."""
         reports: list[SendReport] = []
-        while (row := self._outbox.claim_next()) is not None:
+        while not (stop is not None and stop.is_set()) and (row := self._outbox.claim_next()) is not None:
             claimed = self._clock.monotonic()
             try:
                 reports.append(self._process(row))

@@ -6,6 +6,7 @@ AccountSync and records the outcome (state, reason, last_error) in mail_accounts
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from inboxd.connections import Connections
 from inboxd.errors import (
     AccountFailed,
     InboxdError,
+    Interrupted,
     QuotaExceeded,
     ReauthRequired,
     RetryLater,
@@ -89,10 +91,12 @@ class Runner:
         settings: SyncSettings | None = None,
         sleep: Callable[[float], None] = time.sleep,
         connections: Connections | None = None,
+        stop: threading.Event | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._config = config
         self._store = store
+        self._stop = stop
         self._clock = clock
         self._max_workers = max_workers
         self.metrics = metrics or Metrics()
@@ -151,6 +155,9 @@ class Runner:
                 stats = self._sync_with_reconnect(account, settings, progress)
             # a successful sync covered these contacts: by the backfill search, or by a first sync that saw all
             self._store.mark_backfilled(account.id, (normalize_address(e) for e in settings.backfill))
+        except Interrupted:
+            log.info("sync.account_interrupted", account=account.email)
+            return AccountResult(account.email, ok=True, state=account.state, reason="interrupted by shutdown")
         except QuotaExceeded as exc:
             until = self._clock.now() + self._config.sync.quota_pause
             reason = f"provider quota exceeded, IMAP paused until {until.isoformat(timespec='minutes')}: {exc}"
@@ -181,7 +188,13 @@ class Runner:
             session = self._session_factory(account, provider)
             try:
                 return AccountSync(
-                    self._store, account, session, settings=settings, clock=self._clock, progress=progress
+                    self._store,
+                    account,
+                    session,
+                    settings=settings,
+                    clock=self._clock,
+                    progress=progress,
+                    stop=self._stop,
                 ).run()
             except SessionExpired:
                 if attempt == 2:

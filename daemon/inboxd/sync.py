@@ -5,6 +5,7 @@ The decisions come from planner.py; this module carries them out against an Imap
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,7 +14,7 @@ import structlog
 
 from inboxd.clock import Clock
 from inboxd.dialect import Dialect, GenericImap
-from inboxd.errors import UnparseableMessage
+from inboxd.errors import Interrupted, UnparseableMessage
 from inboxd.gmail import Gmail
 from inboxd.imap import FlagUpdate, HeaderInfo, ImapSession, SelectInfo
 from inboxd.parse import parse_message
@@ -78,6 +79,7 @@ class AccountSync:
         settings: SyncSettings,
         clock: Clock,
         progress: Progress | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self._store = store
         self._account = account
@@ -85,6 +87,7 @@ class AccountSync:
         self._settings = settings
         self._clock = clock
         self._progress = progress
+        self._stop = stop  # set on SIGTERM: stop between batches (each batch is committed with its cursor)
         self.stats = SyncStats()
         self._log = log.bind(account=account.email)
         self._dialect: Dialect = Gmail() if session.capabilities.gmail else GenericImap()
@@ -94,6 +97,7 @@ class AccountSync:
         self._store.forget_folders(self._account.id, keep=[s.name for s in specs])
         first_sync = not self._known_folders() & {spec.name for spec in specs}
         for spec in specs:
+            self._check_stop()
             self._sync_folder(spec)
         if self._settings.backfill and not first_sync:  # a first sync has just seen every message anyway
             for spec in specs:
@@ -142,6 +146,7 @@ class AccountSync:
         new_uids = self._session.uids_after(last_uid)
         self._add_total(len(new_uids))
         for batch in batches(new_uids, self._settings.batch_size):
+            self._check_stop()
             self._ingest(folder, selected, batch)
         if plan.kind is PlanKind.INCREMENTAL:
             self._apply_changes(
@@ -161,6 +166,10 @@ class AccountSync:
         )
         flog.info("sync.folder_done", new=len(new_uids))
 
+    def _check_stop(self) -> None:
+        if self._stop is not None and self._stop.is_set():
+            raise Interrupted("stopping: the rest of this sync waits for the next start")
+
     def _known_folders(self) -> set[str]:
         return {name for name, f in self._store.folders(self._account.id).items() if f.cursor.uidvalidity is not None}
 
@@ -175,6 +184,7 @@ class AccountSync:
         wanted = sorted(uid for uid in found - self._store.known_uids(folder.id) if uid <= folder.cursor.last_uid)
         self._add_total(len(wanted))
         for batch in batches(wanted, self._settings.batch_size):
+            self._check_stop()
             self._ingest(folder, selected, batch)
         if wanted:
             self._log.info("sync.backfill", folder=spec.name, contacts=len(addresses), found=len(wanted))
