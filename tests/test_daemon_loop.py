@@ -154,3 +154,45 @@ def test_sigterm_during_a_long_first_sync_stops_within_seconds_and_loses_nothing
             proc.kill()
             proc.wait()
         engine.dispose()
+
+
+def test_config_reload_pauses_an_account_and_rejects_an_invalid_config(
+    tmp_path: Path, db_url: str, mailstack: MailStack
+) -> None:
+    """Editing the config pauses a user within seconds (no restart); an invalid edit plus SIGHUP is rejected with
+    a log line naming the key, and the daemon keeps running on the old config."""
+    recruiter = mailstack.new_user("reload")
+    config = write_stack_config(
+        tmp_path, db_url, mailstack, sync_extra='interval = "1h"', extra='[http]\nlisten = "off"'
+    )
+    original = config.read_text()
+    env = {**os.environ, "INBOXD_CONFIG": str(config)}
+    token = tmp_path / "token"
+    token.write_text(mailstack.refresh_token(recruiter))
+    for args in (
+        ["secrets", "init"],
+        ["accounts", "add", recruiter, "--provider", "local", "--refresh-token-file", str(token)],
+    ):
+        subprocess.run([INBOXD, *args], env=env, check=True, capture_output=True)
+    engine = db.create_engine(db_url)
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([INBOXD, "run"], env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_for(lambda: _synced_once(engine, recruiter), timeout=20, what="first cycle")
+        config.write_text(original + f'\n[accounts."{recruiter}"]\npaused = true\nreason = "left the company"\n')
+        wait_for(lambda: _state(engine, recruiter) == "paused", timeout=20, what="paused by the edited config")
+        config.write_text(original.replace('imap_tls = "starttls"', 'imap_tls = "sometimes"'))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "daemon.reload_rejected" in log.read_text(), timeout=20, what="reload rejected")
+        assert "imap_tls" in log.read_text()
+        time.sleep(0.5)
+        assert proc.poll() is None, "still running on the previous config"
+        assert _state(engine, recruiter) == "paused"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        engine.dispose()

@@ -307,8 +307,8 @@ def _loop(
     """`inboxd run` until SIGTERM/SIGINT: see daemon.py."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    # Until hot reload exists, SIGHUP (the unit's ExecReload=) must not kill the daemon, its default action; the
-    # handler only sets a flag: logging or socket I/O inside a signal handler can deadlock on structlog's lock.
+    # SIGHUP (the unit's ExecReload=) reloads the config; the handler only sets a flag: logging or socket I/O
+    # inside a signal handler can deadlock on structlog's lock.
     reload_requested = threading.Event()
     signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
     clock = SystemClock()

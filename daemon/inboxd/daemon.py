@@ -8,16 +8,19 @@ Signals are turned into events by the caller; this module never exits the proces
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import sqlalchemy as sa
 import structlog
 
 from inboxd.clock import Clock
-from inboxd.config import Config
+from inboxd.config import Config, load_config
+from inboxd.errors import ConfigError
 from inboxd.idle import IdleWatcher
 from inboxd.outbox import Outbox
 from inboxd.outbox_wake import OutboxWake
@@ -57,6 +60,7 @@ class Daemon:
         self._outbox_depth = outbox_depth
         self._wakeups: queue.Queue[str] = queue.Queue()
         self._watchers: dict[int, IdleWatcher] = {}
+        self._mtime = self._config_mtime()
         self.sender = threading.Thread(target=self._serve_outbox, name="inboxd-outbox", daemon=True)
 
     # -- main loop -----------------------------------------------------------------------------------------------
@@ -75,9 +79,9 @@ class Daemon:
                     pushed = self._next_wakeups(min(wait_slice, max(deadline - time.monotonic(), 0.01)))
                     for email in pushed:
                         self._sync(only=email)
-                    if self._reload.is_set():
-                        self._reload.clear()
-                        log.warning("daemon.reload_not_supported", hint="restart inboxd to apply config changes")
+                    if self._reload_due():
+                        self._reload_config()
+                        break  # a cycle applies the new config (pauses, scope) at once
                     if self._watermark() != watermark:
                         log.info("daemon.hr_tables_changed")
                         break
@@ -88,6 +92,50 @@ class Daemon:
             for watcher in self._watchers.values():
                 watcher.stop(timeout=2)
             self.sender.join(timeout=10)
+
+    # -- hot reload -----------------------------------------------------------------------------------------
+
+    def _config_mtime(self) -> float | None:
+        try:
+            return self._config.path.stat().st_mtime if self._config.path else None
+        except OSError:
+            return None
+
+    def _reload_due(self) -> bool:
+        """SIGHUP (systemctl reload), or the config file changed on disk."""
+        if self._reload.is_set():
+            self._reload.clear()
+            return True
+        mtime = self._config_mtime()
+        return mtime is not None and mtime != self._mtime
+
+    def _reload_config(self) -> None:
+        """Read the config again; an invalid one is rejected with the reason and the running one stays."""
+        self._mtime = self._config_mtime()
+        self._notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = load_config(self._config.path, env=os.environ)
+        except ConfigError as exc:
+            log.error("daemon.reload_rejected", error=str(exc))
+            self._notifier.ready(f"config reload rejected: {exc}"[:200])
+            return
+        restart_needed = [
+            key
+            for key, old, fresh in (
+                ("database.url", self._config.database.url, new.database.url),
+                ("secrets.key_file", self._config.secrets.key_file, new.secrets.key_file),
+                ("http.listen", self._config.http.listen, new.http.listen),
+            )
+            if old != fresh
+        ]
+        if restart_needed:
+            log.warning("daemon.reload_needs_restart", keys=restart_needed)
+            new = replace(new, database=self._config.database, secrets=self._config.secrets, http=self._config.http)
+        self._config = new
+        self._runner.reconfigure(new)
+        self._outbox.reconfigure(new)
+        log.info("daemon.reloaded", accounts_paused=sum(p.paused for p in new.accounts.values()))
+        self._notifier.ready("config reloaded")
 
     def _cycle(self) -> None:
         results = self._sync(only=self._only)

@@ -81,6 +81,10 @@ class Outbox:
         self._imap = imap_factory or connections.imap
         self._metrics = metrics or Metrics()
 
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config (pauses, display names, providers, limits) from the next row on."""
+        self._config = config
+
     def drain(self, stop: threading.Event | None = None) -> list[SendReport]:
         """Send every row that is due now (until `stop` is set: the send in flight is finished first)."""
         reports: list[SendReport] = []

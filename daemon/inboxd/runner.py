@@ -102,12 +102,14 @@ class Runner:
         self.metrics = metrics or Metrics()
         self.connections = connections or Connections(store, clock=clock, sleep=sleep, metrics=self.metrics)
         self._session_factory = session_factory or self.connections.imap
-        self._settings = settings or SyncSettings(
-            batch_size=config.sync.batch_size,
-            max_attachment_bytes=config.sync.max_attachment_bytes,
-            flag_scan_interval=config.sync.flag_scan_interval,
-            exclusions=Exclusions(addresses=config.sync.exclude_addresses, labels=config.sync.exclude_labels),
-        )
+        self._fixed_settings = settings is not None  # tests pass their own; the config's otherwise
+        self._settings = settings or settings_from(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config (pauses, intervals, scope, providers) from the next account sync on."""
+        self._config = config
+        if not self._fixed_settings:
+            self._settings = settings_from(config)
 
     def cycle_settings(self) -> SyncSettings:
         """Settings for one cycle: with scope "contacts", the HR app's contacts as they are now."""
@@ -212,6 +214,15 @@ class Runner:
         self._store.set_state(account.id, state, None if state == "active" else message, error=message)
         self.metrics.sync_failed(exc)
         return AccountResult(account.email, ok=False, state=state, reason=message)
+
+
+def settings_from(config: Config) -> SyncSettings:
+    return SyncSettings(
+        batch_size=config.sync.batch_size,
+        max_attachment_bytes=config.sync.max_attachment_bytes,
+        flag_scan_interval=config.sync.flag_scan_interval,
+        exclusions=Exclusions(addresses=config.sync.exclude_addresses, labels=config.sync.exclude_labels),
+    )
 
 
 def _bind(progress: Callable[[str, int, int], None] | None, email: str) -> Progress | None:
