@@ -6,12 +6,13 @@ AccountSync and records the outcome (state, reason, last_error) in mail_accounts
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -102,6 +103,7 @@ class Runner:
         self.metrics = metrics or Metrics()
         self.connections = connections or Connections(store, clock=clock, sleep=sleep, metrics=self.metrics)
         self._session_factory = session_factory or self.connections.imap
+        self._failures: dict[int, int] = {}  # consecutive transient failures per account (backoff)
         self._fixed_settings = settings is not None  # tests pass their own; the config's otherwise
         self._settings = settings or settings_from(config)
 
@@ -172,13 +174,18 @@ class Runner:
         except (AccountFailed, SecretsError) as exc:
             return self._failed(account, "error", exc)
         except RetryLater as exc:
-            # Transient: the account stays active and is tried again next cycle; the error stays visible.
-            return self._failed(account, "active", exc)
+            # Transient: the account stays active; it is tried again after a capped, jittered backoff that grows
+            # with consecutive failures (push and HR-table wake-ups included), and the error stays visible.
+            failures = self._failures.get(account.id, 0) + 1
+            self._failures[account.id] = failures
+            retry_at = self._clock.now() + timedelta(seconds=retry_delay(failures))
+            return self._failed(account, "active", exc, retry_at=retry_at)
         except InboxdError as exc:
             return self._failed(account, "error", exc)
         except Exception as exc:  # a bug must not stop the other accounts
             log.exception("sync.account_crashed", account=account.email)
             return self._failed(account, "error", exc, reason=f"internal error ({type(exc).__name__})")
+        self._failures.pop(account.id, None)
         self._store.set_state(account.id, "active", None, error=None, synced=True)
         self.metrics.sync_succeeded(stats)
         return AccountResult(account.email, ok=True, state="active", stats=stats)
@@ -206,14 +213,31 @@ class Runner:
                 session.close()
         raise AssertionError("unreachable")
 
-    def _failed(self, account: Account, state: str, exc: Exception, *, reason: str | None = None) -> AccountResult:
+    def _failed(
+        self,
+        account: Account,
+        state: str,
+        exc: Exception,
+        *,
+        reason: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> AccountResult:
         message = reason or str(exc)
         log.warning(
             "sync.account_failed", account=account.email, state=state, error_kind=type(exc).__name__, error=message
         )
-        self._store.set_state(account.id, state, None if state == "active" else message, error=message)
+        self._store.set_state(
+            account.id, state, None if state == "active" else message, error=message, retry_at=retry_at
+        )
         self.metrics.sync_failed(exc)
         return AccountResult(account.email, ok=False, state=state, reason=message)
+
+
+def retry_delay(failures: int, *, rng: random.Random | None = None) -> float:
+    """Seconds before retrying an account after `failures` consecutive transient failures: 15 s doubling,
+    capped at 30 min, with jitter so that accounts failing together do not retry together (pure)."""
+    ceiling = min(15.0 * 2 ** max(failures - 1, 0), 1800.0)
+    return (rng or random.Random()).uniform(ceiling / 2, ceiling)
 
 
 def settings_from(config: Config) -> SyncSettings:

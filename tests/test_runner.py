@@ -1,0 +1,69 @@
+"""Per-account isolation in the runner: a transient failure backs that account off (capped, jittered) while the
+others sync; success resets the backoff (SQLite and PostgreSQL, fake sessions, injected clock)."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from inboxd.clock import FakeClock
+from inboxd.config import ProviderConfig, parse_config
+from inboxd.crypto import SecretBox
+from inboxd.errors import RetryLater
+from inboxd.imap import ImapSession
+from inboxd.planner import Capabilities
+from inboxd.runner import Runner, retry_delay
+from inboxd.store import Account, Credential, Store
+from inboxd.testing import FakeMailbox, FakeSession
+
+
+def test_retry_delay_grows_caps_and_jitters() -> None:
+    rng = random.Random(1)
+    delays = [retry_delay(n, rng=rng) for n in range(1, 12)]
+    assert 7.5 <= delays[0] <= 15
+    assert all(d <= 1800 for d in delays)
+    assert delays[-1] >= 900
+    assert len({round(retry_delay(3), 3) for _ in range(20)}) > 1, "jittered"
+
+
+def test_a_failing_account_backs_off_while_the_others_sync(
+    engine: sa.Engine, secret_box: SecretBox, tmp_path: Path
+) -> None:
+    config = parse_config(
+        '[sync]\nscope = "all"\n[providers.local]\nkind = "imap"\nimap_host = "127.0.0.1"\nimap_tls = "plain"\n',
+        path=tmp_path / "inboxd.toml",
+        env={},
+    )
+    clock = FakeClock()
+    store = Store(engine, clock=clock, secret_box=secret_box)
+    good = store.add_account("good@example.test", "local", Credential("password", "x"))
+    bad = store.add_account("bad@example.test", "local", Credential("password", "x"))
+    attempts: dict[str, int] = {"good@example.test": 0, "bad@example.test": 0}
+    broken = {"bad@example.test"}
+
+    def sessions(account: Account, _provider: ProviderConfig) -> ImapSession:
+        attempts[account.email] += 1
+        if account.email in broken:
+            raise RetryLater("connection refused")
+        return FakeSession(FakeMailbox(), Capabilities(True, True))
+
+    runner = Runner(config, store, clock=clock, session_factory=sessions)
+    results = {r.email: r for r in runner.sync_once()}
+    assert results[good.email].ok and not results[bad.email].ok
+    failed = store.account(bad.email)
+    assert failed is not None
+    assert failed.state == "active"
+    assert failed.retry_at is not None
+    assert clock.now() < failed.retry_at <= clock.now() + timedelta(seconds=15)
+    runner.sync_once()
+    assert attempts == {"good@example.test": 2, "bad@example.test": 1}, "backed off; the other account synced"
+    clock.advance(16)
+    broken.clear()
+    results = {r.email: r for r in runner.sync_once()}
+    assert results[bad.email].ok
+    recovered = store.account(bad.email)
+    assert recovered is not None
+    assert recovered.retry_at is None
