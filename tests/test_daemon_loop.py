@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from dbs import PG_URL
 from harness import MailStack, make_message, wait_for
 from harness.config import write_stack_config
 from inboxd import db
@@ -196,3 +198,64 @@ def test_config_reload_pauses_an_account_and_rejects_an_invalid_config(
             proc.kill()
             proc.wait()
         engine.dispose()
+
+
+def test_two_nodes_split_the_accounts_and_a_killed_node_hands_them_over(tmp_path: Path, mailstack: MailStack) -> None:
+    """Two `inboxd run` processes on one PostgreSQL: the accounts are split between them, mail is stored for all,
+    and after SIGKILL of one node the other takes its accounts over within two lease periods and stores their mail."""
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    db_url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+    users = [mailstack.new_user(f"node{i}") for i in range(4)]
+    config = write_stack_config(
+        tmp_path, db_url, mailstack, sync_extra='interval = "1h"\nlease = "2s"', extra='[http]\nlisten = "off"'
+    )
+    env = {**os.environ, "INBOXD_CONFIG": str(config)}
+    subprocess.run([INBOXD, "db", "upgrade"], env=env, check=True, capture_output=True)
+    subprocess.run([INBOXD, "secrets", "init"], env=env, check=True, capture_output=True)
+    for user in users:
+        token = tmp_path / f"token-{user}"
+        token.write_text(mailstack.refresh_token(user))
+        subprocess.run(
+            [INBOXD, "accounts", "add", user, "--provider", "local", "--refresh-token-file", str(token)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+    engine = db.create_engine(db_url)
+    nodes = [
+        subprocess.Popen([INBOXD, "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(2)
+    ]
+    try:
+        wait_for(lambda: _lease_split(engine) == [2, 2], timeout=30, what="accounts split 2/2")
+        for user in users:
+            mailstack.deliver(user, make_message("c@example.org", user, f"to {user}", "x"), wait=False)
+        wait_for(lambda: _count(engine) == 4, timeout=30, what="mail stored for every account")
+        nodes[0].kill()  # SIGKILL: no chance to hand anything over
+        nodes[0].wait()
+        wait_for(lambda: _lease_split(engine) == [4], timeout=30, what="the survivor holds every account")
+        for user in users:
+            mailstack.deliver(user, make_message("c@example.org", user, f"again {user}", "x"), wait=False)
+        wait_for(lambda: _count(engine) == 8, timeout=30, what="mail stored after the takeover")
+        nodes[1].send_signal(signal.SIGTERM)
+        assert nodes[1].wait(timeout=15) == 0
+    finally:
+        for proc in nodes:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def _lease_split(engine: sa.Engine) -> list[int]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT count(*) FROM inboxd_leases WHERE expires_at > now() GROUP BY node_id ORDER BY 1")
+        ).scalars()
+        return [int(r) for r in rows]

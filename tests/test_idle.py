@@ -43,6 +43,8 @@ def _watch(host: str, port: int, user: str, stack: MailStack) -> tuple[IdleWatch
     watcher = IdleWatcher(user, session, changed.set, clock=SystemClock())
     watcher.start()
     assert watcher.idling.wait(10), "IDLE started"
+    assert changed.is_set(), "a fresh connection catches up once (mail may have come before IDLE began)"
+    changed.clear()
     return watcher, changed
 
 

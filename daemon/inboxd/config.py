@@ -69,6 +69,8 @@ class SyncConfig:
     flag_scan_interval: timedelta = timedelta(minutes=15)
     # Gmail [OVERQUOTA] (bandwidth/command limits): how long that account's IMAP is left alone
     quota_pause: timedelta = timedelta(hours=1)
+    # several nodes on one database: an account's lease lasts this long and is renewed every third of it
+    lease: timedelta = timedelta(seconds=30)
     # never stored / never a contact match: addresses ("hr@corp.example") and domains ("@corp.example")
     exclude_addresses: frozenset[str] = frozenset()
     # messages carrying any of these labels (Gmail labels, or folder names elsewhere) are never stored
@@ -455,6 +457,7 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
             "quota_pause",
             "exclude_addresses",
             "exclude_labels",
+            "lease",
         }
     )
     duration = 'a duration like "30s", "60m", "2h" or "1d"'
@@ -476,6 +479,7 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
         attachments_dir=table.ctx.resolve(attachments) if attachments else state_dir / "attachments",
         flag_scan_interval=flag_scan,
         quota_pause=quota_pause,
+        lease=table.converted("lease", timedelta(seconds=30), _positive_duration, duration),
         exclude_addresses=table.converted(
             "exclude_addresses", frozenset(), _address_patterns, 'a list like ["hr@corp.example", "@corp.example"]'
         ),

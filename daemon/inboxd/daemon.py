@@ -1,4 +1,5 @@
-"""`inboxd run`: the long-running service. A full cycle every `sync.interval`; between cycles, an account is synced
+"""`inboxd run`: the long-running service. A full cycle every `sync.interval` over the accounts this node leases
+(several nodes share one database, see leases.py); between cycles, an account is synced
 at once when its IDLE watcher reports new mail, and everything is re-checked within seconds when the HR app changes
 mail_contacts or mail_accounts.enabled. The outbox is served by its own thread, woken by NOTIFY (polling on SQLite).
 
@@ -22,6 +23,7 @@ from inboxd.clock import Clock
 from inboxd.config import Config, load_config
 from inboxd.errors import ConfigError
 from inboxd.idle import IdleWatcher
+from inboxd.leases import Leases
 from inboxd.outbox import Outbox
 from inboxd.outbox_wake import OutboxWake
 from inboxd.runner import AccountResult, Runner, decide
@@ -61,17 +63,22 @@ class Daemon:
         self._wakeups: queue.Queue[str] = queue.Queue()
         self._watchers: dict[int, IdleWatcher] = {}
         self._mtime = self._config_mtime()
+        self._leases = Leases(store.engine, clock=clock, lease=config.sync.lease)
+        self._owned: set[int] = set()
+        self._keeper = threading.Thread(target=self._keep_leases, name="inboxd-leases", daemon=True)
         self.sender = threading.Thread(target=self._serve_outbox, name="inboxd-outbox", daemon=True)
 
     # -- main loop -----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
         self.sender.start()
+        self._keeper.start()
         self._notifier.ready("first sync cycle running")
         wait_slice = min(POLL_SECONDS, (self._notifier.watchdog_interval or POLL_SECONDS) / 2)
         try:
             while not self._stop.is_set():
                 watermark = self._watermark()
+                self._owned = self._rebalance()
                 self._cycle()
                 deadline = time.monotonic() + self._config.sync.interval.total_seconds()
                 while not self._stop.is_set() and time.monotonic() < deadline:
@@ -79,6 +86,9 @@ class Daemon:
                     pushed = self._next_wakeups(min(wait_slice, max(deadline - time.monotonic(), 0.01)))
                     for email in pushed:
                         self._sync(only=email)
+                    if self._rebalance() != self._owned:  # a node joined or died: take or hand over accounts
+                        log.info("daemon.leases_changed")
+                        break
                     if self._reload_due():
                         self._reload_config()
                         break  # a cycle applies the new config (pauses, scope) at once
@@ -92,6 +102,9 @@ class Daemon:
             for watcher in self._watchers.values():
                 watcher.stop(timeout=2)
             self.sender.join(timeout=10)
+            self._keeper.join(timeout=5)
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                self._leases.release_all()  # another node takes over at once, not after the lease expires
 
     # -- hot reload -----------------------------------------------------------------------------------------
 
@@ -151,7 +164,7 @@ class Daemon:
 
     def _sync(self, *, only: str | None) -> list[AccountResult]:
         try:
-            return self._runner.sync_once(only=only, progress=self._on_progress)
+            return self._runner.sync_once(only=only, progress=self._on_progress, account_ids=self._owned)
         except Exception:  # the database may be away for a moment: log, and the next round tries again
             log.exception("daemon.cycle_failed")
             return []
@@ -182,6 +195,25 @@ class Daemon:
 
     # -- push ------------------------------------------------------------------------------------------------
 
+    # -- leases ------------------------------------------------------------------------------------------------
+
+    def _rebalance(self) -> set[int]:
+        """The accounts this node syncs now (its fair share of the leases); unchanged if the database is away."""
+        try:
+            return self._leases.rebalance(a.id for a in self._store.accounts())
+        except sa.exc.SQLAlchemyError:
+            log.warning("daemon.leases_unavailable")
+            return self._owned
+
+    def _keep_leases(self) -> None:
+        """Renew held leases every third of a lease period, also while a long sync keeps the main loop busy."""
+        period = self._config.sync.lease.total_seconds() / 3
+        while not self._stop.wait(period):
+            try:
+                self._leases.renew()
+            except sa.exc.SQLAlchemyError:
+                log.warning("daemon.lease_renewal_failed")
+
     def _refresh_watchers(self) -> None:
         """One IDLE watcher per account that syncs; stopped for accounts paused, disabled or gone."""
         try:
@@ -192,7 +224,9 @@ class Daemon:
         wanted = {
             a.id
             for a in accounts.values()
-            if decide(a, self._config, now).run and (self._only is None or a.email == self._only)
+            if decide(a, self._config, now).run
+            and (self._only is None or a.email == self._only)
+            and a.id in self._owned
         }
         for account_id in set(self._watchers) - wanted:
             self._watchers.pop(account_id).stop(timeout=2)

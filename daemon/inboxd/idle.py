@@ -76,7 +76,8 @@ class IdleWatcher:
         failures = 0
         while not self._stop.is_set():
             try:
-                self._watch(catch_up=failures > 0)
+                # always catch up once connected: mail may have arrived since the last sync, before IDLE began
+                self._watch(catch_up=True)
                 failures = 0
             except (InboxdError, IMAPClientError, OSError) as exc:
                 failures += 1

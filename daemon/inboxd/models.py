@@ -319,3 +319,25 @@ class DirtyMessage(SQLModel, table=True):
         default=None,
         sa_column=sa.Column(BigId, sa.ForeignKey("mail_messages.id", ondelete="CASCADE"), primary_key=True),
     )
+
+
+class Node(SQLModel, table=True):
+    """Private: the inboxd processes sharing this database, with their last heartbeat."""
+
+    __tablename__ = "inboxd_nodes"
+
+    node_id: str = Field(sa_column=sa.Column(sa.String(255), primary_key=True))
+    heartbeat_at: datetime | None = _ts(nullable=False)
+
+
+class AccountLease(SQLModel, table=True):
+    """Private: which node syncs an account, until when (renewed well before it expires)."""
+
+    __tablename__ = "inboxd_leases"
+
+    account_id: int | None = Field(
+        default=None,
+        sa_column=sa.Column(BigId, sa.ForeignKey("mail_accounts.id", ondelete="CASCADE"), primary_key=True),
+    )
+    node_id: str = Field(sa_column=sa.Column(sa.String(255), nullable=False, index=True))
+    expires_at: datetime | None = _ts(nullable=False)

@@ -128,11 +128,18 @@ class Runner:
         return replace(cycle, backfill=frozenset(e for e in cycle.backfill if normalize_address(e) not in done))
 
     def sync_once(
-        self, *, only: str | None = None, progress: Callable[[str, int, int], None] | None = None
+        self,
+        *,
+        only: str | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+        account_ids: set[int] | None = None,
     ) -> list[AccountResult]:
+        """One cycle over every account (or `only` one, or those in `account_ids`: the ones this node leases)."""
         accounts = self._store.accounts()
         if only is not None:
             accounts = [a for a in accounts if a.email == only.strip().lower()]
+        if account_ids is not None:
+            accounts = [a for a in accounts if a.id in account_ids]
         if not accounts:
             return []
         settings = self.cycle_settings()

@@ -1,0 +1,131 @@
+"""Several inboxd nodes on one database: each account is synced by one node at a time, through leases in the
+database; accounts are shared out evenly among the live nodes, and a dead node's accounts move within two lease
+periods (its leases expire, another node takes them).
+
+Nodes heartbeat in inboxd_nodes; an account's lease (inboxd_leases) is taken or renewed with one conditional
+UPDATE (or an INSERT that loses to a concurrent one), so the same statement is safe on PostgreSQL and SQLite.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+
+import sqlalchemy as sa
+import structlog
+
+from inboxd.clock import Clock
+from inboxd.models import AccountLease, Node
+
+log = structlog.get_logger(__name__)
+
+leases_t = AccountLease.__table__  # type: ignore[attr-defined]
+nodes_t = Node.__table__  # type: ignore[attr-defined]
+
+LEASE = timedelta(seconds=30)
+
+
+def fair_share(accounts: int, live_nodes: int) -> int:
+    """How many accounts one node should hold (pure): an even split, rounded up so every account has a place."""
+    return math.ceil(accounts / max(live_nodes, 1))
+
+
+def node_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Leases:
+    def __init__(self, engine: sa.Engine, *, clock: Clock, node_id: str | None = None, lease: timedelta = LEASE):
+        self.engine = engine
+        self.node_id = node_id or node_name()
+        self._clock = clock
+        self._lease = lease
+
+    def rebalance(self, account_ids: Iterable[int]) -> set[int]:
+        """Heartbeat, renew what we hold, take free or expired leases up to our fair share, give back the surplus.
+        Returns the accounts this node may sync until the next call (within one lease period)."""
+        wanted = sorted(set(account_ids))
+        now = self._clock.now()
+        expires = now + self._lease
+        with self.engine.begin() as conn:
+            self._heartbeat(conn, now)
+            live = conn.execute(
+                sa.select(sa.func.count()).select_from(nodes_t).where(nodes_t.c.heartbeat_at > now - self._lease)
+            ).scalar_one()
+            share = fair_share(len(wanted), int(live))
+            held = set(
+                conn.execute(
+                    sa.select(leases_t.c.account_id).where(
+                        leases_t.c.node_id == self.node_id, leases_t.c.expires_at > now
+                    )
+                ).scalars()
+            )
+            held &= set(wanted)
+            surplus = sorted(held)[share:]
+            if surplus:
+                conn.execute(
+                    leases_t.delete().where(leases_t.c.node_id == self.node_id, leases_t.c.account_id.in_(surplus))
+                )
+                held -= set(surplus)
+            if held:
+                conn.execute(
+                    leases_t.update()
+                    .where(leases_t.c.node_id == self.node_id, leases_t.c.account_id.in_(sorted(held)))
+                    .values(expires_at=expires)
+                )
+        for account_id in wanted:
+            if len(held) >= share:
+                break
+            if account_id not in held and self._take(account_id, now, expires):
+                held.add(account_id)
+        return held
+
+    def renew(self) -> None:
+        """Heartbeat and extend the leases we hold (from the keeper thread, also while a long sync runs)."""
+        now = self._clock.now()
+        with self.engine.begin() as conn:
+            self._heartbeat(conn, now)
+            conn.execute(
+                leases_t.update()
+                .where(leases_t.c.node_id == self.node_id, leases_t.c.expires_at > now)
+                .values(expires_at=now + self._lease)
+            )
+
+    def release_all(self) -> None:
+        """On a clean stop: hand every lease back at once and leave the node list."""
+        with self.engine.begin() as conn:
+            conn.execute(leases_t.delete().where(leases_t.c.node_id == self.node_id))
+            conn.execute(nodes_t.delete().where(nodes_t.c.node_id == self.node_id))
+
+    def _heartbeat(self, conn: sa.Connection, now: object) -> None:
+        updated = conn.execute(nodes_t.update().where(nodes_t.c.node_id == self.node_id).values(heartbeat_at=now))
+        if updated.rowcount == 0:
+            conn.execute(nodes_t.insert().values(node_id=self.node_id, heartbeat_at=now))
+
+    def _take(self, account_id: int, now: object, expires: object) -> bool:
+        """Take a free or expired lease; False if another live node holds it (or won the race)."""
+        try:
+            with self.engine.begin() as conn:
+                updated = conn.execute(
+                    leases_t.update()
+                    .where(
+                        leases_t.c.account_id == account_id,
+                        sa.or_(leases_t.c.node_id == self.node_id, leases_t.c.expires_at <= now),
+                    )
+                    .values(node_id=self.node_id, expires_at=expires)
+                )
+                if updated.rowcount == 1:
+                    return True
+                exists = conn.execute(
+                    sa.select(leases_t.c.account_id).where(leases_t.c.account_id == account_id)
+                ).first()
+                if exists is not None:
+                    return False
+                conn.execute(leases_t.insert().values(account_id=account_id, node_id=self.node_id, expires_at=expires))
+                return True
+        except sa.exc.IntegrityError:  # another node inserted the same lease first
+            return False

@@ -1,0 +1,58 @@
+"""Several nodes on one database (SQLite and PostgreSQL): leases split the accounts evenly, a live node keeps its
+accounts, a dead node's accounts move once its leases expire, and a clean stop hands them over at once."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from inboxd.clock import FakeClock
+from inboxd.crypto import SecretBox
+from inboxd.leases import Leases, fair_share
+from inboxd.store import Credential, Store
+
+LEASE = timedelta(seconds=30)
+
+
+def test_fair_share() -> None:
+    assert fair_share(4, 2) == 2
+    assert fair_share(5, 2) == 3
+    assert fair_share(3, 0) == 3
+    assert fair_share(0, 3) == 0
+
+
+def _accounts(engine: sa.Engine, box: SecretBox, clock: FakeClock, n: int) -> list[int]:
+    store = Store(engine, clock=clock, secret_box=box)
+    return [store.add_account(f"a{i}@example.test", "local", Credential("password", "x")).id for i in range(n)]
+
+
+def test_two_nodes_split_then_a_dead_nodes_accounts_move(engine: sa.Engine, secret_box: SecretBox) -> None:
+    clock = FakeClock()
+    ids = _accounts(engine, secret_box, clock, 4)
+    a = Leases(engine, clock=clock, node_id="node-a", lease=LEASE)
+    b = Leases(engine, clock=clock, node_id="node-b", lease=LEASE)
+    assert a.rebalance(ids) == set(ids), "alone, node A takes everything"
+    assert b.rebalance(ids) == set(), "nothing is free yet"
+    clock.advance(5)
+    held_a = a.rebalance(ids)  # sees two live nodes: gives back its surplus
+    held_b = b.rebalance(ids)
+    assert len(held_a) == len(held_b) == 2
+    assert held_a.isdisjoint(held_b)
+    for _ in range(3):  # a live node keeps its accounts across renewals
+        clock.advance(10)
+        a.renew()
+        assert b.rebalance(ids) == held_b
+    clock.advance(LEASE.total_seconds() + 1)  # node A died: no heartbeat, no renewal
+    assert b.rebalance(ids) == set(ids), "the dead node's accounts moved within one lease period"
+
+
+def test_a_clean_stop_hands_accounts_over_at_once(engine: sa.Engine, secret_box: SecretBox) -> None:
+    clock = FakeClock()
+    ids = _accounts(engine, secret_box, clock, 2)
+    a = Leases(engine, clock=clock, node_id="node-a", lease=LEASE)
+    b = Leases(engine, clock=clock, node_id="node-b", lease=LEASE)
+    a.rebalance(ids)
+    b.rebalance(ids)
+    a.release_all()
+    assert b.rebalance(ids) == set(ids)
