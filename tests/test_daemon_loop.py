@@ -161,8 +161,8 @@ def test_sigterm_during_a_long_first_sync_stops_within_seconds_and_loses_nothing
 def test_config_reload_pauses_an_account_and_rejects_an_invalid_config(
     tmp_path: Path, db_url: str, mailstack: MailStack
 ) -> None:
-    """Editing the config pauses a user within seconds (no restart); an invalid edit plus SIGHUP is rejected with
-    a log line naming the key, and the daemon keeps running on the old config."""
+    """Editing the config pauses and resumes a user within seconds (no restart); an invalid edit plus SIGHUP is
+    rejected with a log line naming the key, and the daemon keeps running on the old config."""
     recruiter = mailstack.new_user("reload")
     config = write_stack_config(
         tmp_path, db_url, mailstack, sync_extra='interval = "1h"', extra='[http]\nlisten = "off"'
@@ -184,6 +184,10 @@ def test_config_reload_pauses_an_account_and_rejects_an_invalid_config(
         wait_for(lambda: _synced_once(engine, recruiter), timeout=20, what="first cycle")
         config.write_text(original + f'\n[accounts."{recruiter}"]\npaused = true\nreason = "left the company"\n')
         wait_for(lambda: _state(engine, recruiter) == "paused", timeout=20, what="paused by the edited config")
+        config.write_text(original)  # the admin removes the pause again
+        wait_for(lambda: _state(engine, recruiter) == "active", timeout=20, what="resumed by the edited config")
+        config.write_text(original + f'\n[accounts."{recruiter}"]\npaused = true\nreason = "left the company"\n')
+        wait_for(lambda: _state(engine, recruiter) == "paused", timeout=20, what="paused again")
         config.write_text(original.replace('imap_tls = "starttls"', 'imap_tls = "sometimes"'))
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "daemon.reload_rejected" in log.read_text(), timeout=20, what="reload rejected")
