@@ -396,15 +396,20 @@ def test_run_once_syncs_every_account_and_status_shows_counts(
     assert "ok" in bo_line and "1 new" in bo_line
     assert "2 of 2 accounts ok" in result.out
 
-    status = by_email(stack_cli.json("status"))
+    full = stack_cli.json("status")
+    status = by_email(full)
     assert (status[ana]["messages"], status[bo]["messages"]) == (2, 1)
     assert status[ana]["state"] == status[bo]["state"] == "active"
     assert status[ana]["last_sync_at"] and status[bo]["last_sync_at"]
+    assert 0 <= status[ana]["lag_seconds"] < 60, "the same lag /metrics reports"
+    assert status[ana]["node"] is None, "run --once holds no lease"
+    assert (full["outbox_depth"], full["outbox_failed"]) == (0, 0)
 
     table = stack_cli("status")
     assert table.code == 0
-    header, *rows = table.out.splitlines()
-    assert "MESSAGES" in header and "LAST SYNC" in header
+    header, *rows = table.out.splitlines()[:-1]
+    assert "MESSAGES" in header and "LAST SYNC" in header and "LAG" in header
+    assert table.out.splitlines()[-1] == "outbox: 0 queued or sending, 0 failed"
     ana_row = next(r for r in rows if r.startswith(ana)).split()
     assert ana_row[1:4] == ["active", "2", status[ana]["last_sync_at"]]
 

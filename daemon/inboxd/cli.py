@@ -208,26 +208,37 @@ def _accounts_list(args: argparse.Namespace, store: Store) -> int:
 
 
 def _status(args: argparse.Namespace, store: Store, config: Config) -> int:
+    """Accounts with state, messages, last success and lag, who syncs them, and the outbox: what /metrics shows."""
+    now = SystemClock().now()
     rows = [_account_dict(a, config) for a in store.accounts()]
     counts = store.message_counts()
-    for row in rows:
+    leases = store.lease_holders()
+    outbox = OutboxStore(store.engine, clock=SystemClock(), policy=RetryPolicy())
+    for row, account in zip(rows, store.accounts(), strict=True):
         row["messages"] = counts.get(row["id"], 0)
+        row["lag_seconds"] = round((now - account.last_sync_at).total_seconds()) if account.last_sync_at else None
+        row["retry_at"] = _iso(account.retry_at)
+        row["node"] = leases.get(row["id"])
+    summary = {"outbox_depth": outbox.depth(), "outbox_failed": outbox.count("failed")}
     if args.json:
-        print(json.dumps({"version": __version__, "accounts": rows}, indent=2))
+        print(json.dumps({"version": __version__, "accounts": rows, **summary}, indent=2))
         return EXIT_OK
     _table(
-        ["EMAIL", "STATE", "MESSAGES", "LAST SYNC", "REASON"],
+        ["EMAIL", "STATE", "MESSAGES", "LAST SYNC", "LAG", "NODE", "REASON"],
         [
             [
                 r["email"],
                 r["state"],
                 str(r["messages"]),
                 r["last_sync_at"] or "never",
+                f"{r['lag_seconds']}s" if r["lag_seconds"] is not None else "-",
+                r["node"] or "-",
                 r["state_reason"] or r["last_error"] or "",
             ]
             for r in rows
         ],
     )
+    print(f"outbox: {summary['outbox_depth']} queued or sending, {summary['outbox_failed']} failed")
     return EXIT_OK
 
 

@@ -170,6 +170,14 @@ class OutboxStore:
                 .values(next_attempt_at=until, last_error=reason)
             )
 
+    def count(self, status: str) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(outbox_t).where(outbox_t.c.status == status)
+                ).scalar_one()
+            )
+
     def depth(self) -> int:
         with self.engine.connect() as conn:
             return int(

@@ -18,6 +18,7 @@ from inboxd.clock import Clock
 from inboxd.crypto import SecretBox
 from inboxd.errors import UsageError
 from inboxd.models import (
+    AccountLease,
     ContactBackfill,
     DirtyMessage,
     MailAccount,
@@ -48,6 +49,7 @@ threads_t = MailThread.__table__  # type: ignore[attr-defined]
 contacts_t = MailContact.__table__  # type: ignore[attr-defined]
 backfills_t = ContactBackfill.__table__  # type: ignore[attr-defined]
 dirty_t = DirtyMessage.__table__  # type: ignore[attr-defined]
+leases_t = AccountLease.__table__  # type: ignore[attr-defined]
 
 # Keep IN (...) lists well under SQLite's bound-parameter limit.
 _CHUNK = 500
@@ -253,6 +255,14 @@ class Store:
             values["last_sync_at"] = self._clock.now()
         with self.engine.begin() as conn:
             conn.execute(accounts_t.update().where(accounts_t.c.id == account_id).values(**values))
+
+    def lease_holders(self) -> dict[int, str]:
+        """account id -> the node currently syncing it (unexpired lease)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(leases_t.c.account_id, leases_t.c.node_id).where(leases_t.c.expires_at > self._clock.now())
+            )
+            return {r.account_id: r.node_id for r in rows}
 
     def message_counts(self) -> dict[int, int]:
         """Stored (not deleted) messages per account id."""
