@@ -76,7 +76,7 @@ def test_push_new_mail_reaches_the_database_within_seconds_and_disable_stops_it(
     tmp_path: Path, db_url: str, mailstack: MailStack
 ) -> None:
     """`inboxd run` with a 1 h interval: mail delivered through Postfix is in mail_messages within seconds (IDLE),
-    and the HR app's enabled = false turns the account 'disabled' within seconds too."""
+    and the HR app's enabled = false turns the account 'disabled' within seconds too; true again resumes it."""
     recruiter = mailstack.new_user("push")
     config = write_stack_config(
         tmp_path, db_url, mailstack, sync_extra='interval = "1h"', extra='[http]\nlisten = "off"'
@@ -102,6 +102,13 @@ def test_push_new_mail_reaches_the_database_within_seconds_and_disable_stops_it(
         with engine.begin() as conn:
             conn.execute(sa.text("UPDATE mail_accounts SET enabled = false WHERE email = :e"), {"e": recruiter})
         wait_for(lambda: _state(engine, recruiter) == "disabled", timeout=20, what="disabled within seconds")
+        mailstack.deliver(recruiter, make_message("c@example.org", recruiter, "while disabled", "x"))
+        time.sleep(2)
+        assert _count(engine) == 2, "nothing synced while disabled"
+        with engine.begin() as conn:  # access restored: resumes from the saved cursors, no reconnect needed
+            conn.execute(sa.text("UPDATE mail_accounts SET enabled = true WHERE email = :e"), {"e": recruiter})
+        wait_for(lambda: _count(engine) == 3, timeout=20, what="resumed within seconds")
+        wait_for(lambda: _state(engine, recruiter) == "active", timeout=10, what="state active again")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
