@@ -56,3 +56,14 @@ def test_a_clean_stop_hands_accounts_over_at_once(engine: sa.Engine, secret_box:
     b.rebalance(ids)
     a.release_all()
     assert b.rebalance(ids) == set(ids)
+
+
+def test_renew_reports_a_lease_that_another_node_took(engine: sa.Engine, secret_box: SecretBox) -> None:
+    clock = FakeClock()
+    ids = _accounts(engine, secret_box, clock, 1)
+    a = Leases(engine, clock=clock, node_id="node-a", lease=LEASE)
+    b = Leases(engine, clock=clock, node_id="node-b", lease=LEASE)
+    assert a.rebalance(ids) == set(ids)
+    clock.advance(LEASE.total_seconds() + 1)  # node A stalled: its lease expired and B took it
+    assert b.rebalance(ids) == set(ids)
+    assert a.renew() == set(), "A learns that the account is no longer its own"

@@ -67,3 +67,36 @@ def test_a_failing_account_backs_off_while_the_others_sync(
     recovered = store.account(bad.email)
     assert recovered is not None
     assert recovered.retry_at is None
+
+
+def test_interrupt_stops_a_running_sync_between_batches(
+    engine: sa.Engine, secret_box: SecretBox, tmp_path: Path
+) -> None:
+    """What the daemon does when this node loses an account's lease: the sync stops after the batch in flight."""
+    config = parse_config(
+        '[sync]\nscope = "all"\nbatch_size = 2\n[providers.local]\nkind = "imap"\nimap_host = "127.0.0.1"\n'
+        'imap_tls = "plain"\n',
+        path=tmp_path / "inboxd.toml",
+        env={},
+    )
+    clock = FakeClock()
+    store = Store(engine, clock=clock, secret_box=secret_box)
+    store.add_account("long@example.test", "local", Credential("password", "x"))
+    mailbox = FakeMailbox()
+    for n in range(10):
+        mailbox.append("INBOX", f"Message-ID: <l{n}@x>\r\nFrom: a@b.example\r\nSubject: {n}\r\n\r\nx\r\n".encode())
+    runner = Runner(
+        config, store, clock=clock, session_factory=lambda *_: FakeSession(mailbox, Capabilities(True, True))
+    )
+
+    def lose_lease_after_first_batch(_email: str, done: int, _total: int) -> None:
+        if done >= 2:
+            runner.interrupt()
+
+    [result] = runner.sync_once(progress=lose_lease_after_first_batch)
+    assert result.reason and "interrupted" in result.reason
+    with store.engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT count(*) FROM mail_messages")).scalar_one()
+    assert stored == 2, "the first batch was committed, then the sync stopped"
+    [again] = runner.sync_once()
+    assert again.ok and again.stats.new_messages == 8, "the next sync continues from the cursor"

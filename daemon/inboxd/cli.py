@@ -210,11 +210,12 @@ def _accounts_list(args: argparse.Namespace, store: Store) -> int:
 def _status(args: argparse.Namespace, store: Store, config: Config) -> int:
     """Accounts with state, messages, last success and lag, who syncs them, and the outbox: what /metrics shows."""
     now = SystemClock().now()
-    rows = [_account_dict(a, config) for a in store.accounts()]
+    accounts = store.accounts()
+    rows = [_account_dict(a, config) for a in accounts]
     counts = store.message_counts()
     leases = store.lease_holders()
     outbox = OutboxStore(store.engine, clock=SystemClock(), policy=RetryPolicy())
-    for row, account in zip(rows, store.accounts(), strict=True):
+    for row, account in zip(rows, accounts, strict=True):
         row["messages"] = counts.get(row["id"], 0)
         row["lag_seconds"] = round((now - account.last_sync_at).total_seconds()) if account.last_sync_at else None
         row["retry_at"] = _iso(account.retry_at)

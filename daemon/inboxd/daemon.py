@@ -65,6 +65,7 @@ class Daemon:
         self._mtime = self._config_mtime()
         self._leases = Leases(store.engine, clock=clock, lease=config.sync.lease)
         self._owned: set[int] = set()
+        self._keeper_stop = threading.Event()  # the keeper outlives SIGTERM until syncs are done, then stops
         self._keeper = threading.Thread(target=self._keep_leases, name="inboxd-leases", daemon=True)
         self.sender = threading.Thread(target=self._serve_outbox, name="inboxd-outbox", daemon=True)
 
@@ -85,6 +86,8 @@ class Daemon:
                     self._notifier.watchdog()
                     pushed = self._next_wakeups(min(wait_slice, max(deadline - time.monotonic(), 0.01)))
                     for email in pushed:
+                        if self._stop.is_set():
+                            break
                         self._sync(only=email)
                     if self._rebalance() != self._owned:  # a node joined or died: take or hand over accounts
                         log.info("daemon.leases_changed")
@@ -102,6 +105,7 @@ class Daemon:
             for watcher in self._watchers.values():
                 watcher.stop(timeout=2)
             self.sender.join(timeout=10)
+            self._keeper_stop.set()
             self._keeper.join(timeout=5)
             with contextlib.suppress(sa.exc.SQLAlchemyError):
                 self._leases.release_all()  # another node takes over at once, not after the lease expires
@@ -160,7 +164,8 @@ class Daemon:
                 depth = self._outbox_depth()
         self._notifier.status(f"{ok} accounts ok, {failed} failed; outbox depth {depth}")
         self._notifier.watchdog()
-        self._refresh_watchers()
+        if not self._stop.is_set():  # no new IDLE connections while shutting down
+            self._refresh_watchers()
 
     def _sync(self, *, only: str | None) -> list[AccountResult]:
         try:
@@ -198,21 +203,33 @@ class Daemon:
     # -- leases ------------------------------------------------------------------------------------------------
 
     def _rebalance(self) -> set[int]:
-        """The accounts this node syncs now (its fair share of the leases); unchanged if the database is away."""
+        """The accounts this node syncs now (its fair share of the leases); none while the database is away, since
+        a lease that cannot be renewed may already be another node's."""
         try:
-            return self._leases.rebalance(a.id for a in self._store.accounts())
+            accounts = self._store.accounts()
+            ids = [a.id for a in accounts if self._only is None or a.email == self._only]
+            return self._leases.rebalance(ids)
         except sa.exc.SQLAlchemyError:
             log.warning("daemon.leases_unavailable")
-            return self._owned
+            return set()
 
     def _keep_leases(self) -> None:
-        """Renew held leases every third of a lease period, also while a long sync keeps the main loop busy."""
-        period = self._config.sync.lease.total_seconds() / 3
-        while not self._stop.wait(period):
+        """Renew held leases every third of a lease period, also while a long sync keeps the main loop busy. A
+        lease found lost (or not renewable for 2/3 of a period) interrupts the running syncs between batches, so
+        an account is never written by two nodes for longer than one batch."""
+        lease = self._config.sync.lease.total_seconds()
+        last_ok = time.monotonic()
+        while not self._keeper_stop.wait(lease / 3):
             try:
-                self._leases.renew()
+                still_ours = self._leases.renew()
+                last_ok = time.monotonic()
+                if self._owned - still_ours:
+                    log.warning("daemon.lease_lost", accounts=len(self._owned - still_ours))
+                    self._runner.interrupt()
             except sa.exc.SQLAlchemyError:
                 log.warning("daemon.lease_renewal_failed")
+                if time.monotonic() - last_ok > lease * 2 / 3:
+                    self._runner.interrupt()
 
     def _refresh_watchers(self) -> None:
         """One IDLE watcher per account that syncs; stopped for accounts paused, disabled or gone."""

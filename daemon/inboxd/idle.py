@@ -29,7 +29,7 @@ CHANGE_RESPONSES = (b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED")
 
 def backoff(failures: int, *, base: float = 1.0, cap: float = 300.0, rng: random.Random | None = None) -> float:
     """Capped exponential backoff with full jitter (pure): the wait before reconnect number `failures`."""
-    ceiling = min(cap, base * 2 ** max(failures - 1, 0))
+    ceiling = min(cap, base * 2 ** min(max(failures - 1, 0), 30))  # exponent capped: no overflow
     return (rng or random.Random()).uniform(ceiling / 2, ceiling)
 
 

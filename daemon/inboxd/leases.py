@@ -84,8 +84,9 @@ class Leases:
                 held.add(account_id)
         return held
 
-    def renew(self) -> None:
-        """Heartbeat and extend the leases we hold (from the keeper thread, also while a long sync runs)."""
+    def renew(self) -> set[int]:
+        """Heartbeat and extend the leases we hold (from the keeper thread, also while a long sync runs);
+        returns the accounts still ours (an expired lease may already belong to another node)."""
         now = self._clock.now()
         with self.engine.begin() as conn:
             self._heartbeat(conn, now)
@@ -93,6 +94,13 @@ class Leases:
                 leases_t.update()
                 .where(leases_t.c.node_id == self.node_id, leases_t.c.expires_at > now)
                 .values(expires_at=now + self._lease)
+            )
+            return set(
+                conn.execute(
+                    sa.select(leases_t.c.account_id).where(
+                        leases_t.c.node_id == self.node_id, leases_t.c.expires_at > now
+                    )
+                ).scalars()
             )
 
     def release_all(self) -> None:

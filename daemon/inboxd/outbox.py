@@ -264,9 +264,10 @@ class Outbox:
         if not already_filed:
             try:
                 self._file_in_sent(account, provider, raw)
-            except InboxdError as exc:  # sent is sent: a missing Sent copy must not cause a second delivery
-                note = f"sent, but the copy in Sent could not be filed: {exc}"
-                log.warning("outbox.sent_copy_failed", row=row.id, error=str(exc))
+            except Exception as exc:  # sent is sent: a missing Sent copy must not cause a second delivery
+                reason = str(exc) if isinstance(exc, InboxdError) else type(exc).__name__
+                note = f"sent, but the copy in Sent could not be filed: {reason}"
+                log.warning("outbox.sent_copy_failed", row=row.id, error=reason)
         try:
             parsed = parse_message(raw, max_attachment_bytes=self._config.sync.max_attachment_bytes)
             message_id = self._store.store_sent(
@@ -283,7 +284,10 @@ class Outbox:
         except Exception as exc:  # the next sync stores the Sent copy anyway
             log.warning("outbox.store_sent_failed", row=row.id, error_kind=type(exc).__name__)
             message_id = None
-        self._outbox.record(row.id, update, sent_message_id=message_id, note=note, claimed_at=row.claimed_at)
+        try:
+            self._outbox.record(row.id, update, sent_message_id=message_id, note=note, claimed_at=row.claimed_at)
+        except Exception as exc:  # the row is already 'sent'; only the link to the stored copy is missing
+            log.warning("outbox.sent_link_failed", row=row.id, error_kind=type(exc).__name__)
         return SendReport(row.id, "sent", note)
 
     def _file_in_sent(self, account: Account, provider: ProviderConfig, raw: bytes) -> None:

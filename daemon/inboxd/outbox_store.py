@@ -143,7 +143,15 @@ class OutboxStore:
             values["sent_at"] = self._clock.now()
             values["sent_message_id"] = sent_message_id
         with self.engine.begin() as conn:
-            conn.execute(outbox_t.update().where(_ours(row_id, claimed_at)).values(**values))
+            conn.execute(
+                outbox_t.update()
+                .where(
+                    _ours(row_id, claimed_at),
+                    # an attempt's outcome lands only on a row still being sent: a 'sent' row is never downgraded
+                    outbox_t.c.status.in_(("sending", "sent") if update.status == "sent" else ("sending",)),
+                )
+                .values(**values)
+            )
 
     def hold(self, row_id: int, reason: str, until: datetime, *, claimed_at: datetime | None = None) -> None:
         """Put a claimed row back without counting an attempt (account paused, disabled or not sending today)."""

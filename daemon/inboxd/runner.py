@@ -98,6 +98,9 @@ class Runner:
         self._config = config
         self._store = store
         self._stop = stop
+        # set by the daemon when this node lost an account's lease: the running syncs stop between batches
+        self._interrupt = threading.Event()
+        self._halt = _AnyEvent(*(e for e in (stop, self._interrupt) if e is not None))
         self._clock = clock
         self._max_workers = max_workers
         self.metrics = metrics or Metrics()
@@ -135,6 +138,7 @@ class Runner:
         account_ids: set[int] | None = None,
     ) -> list[AccountResult]:
         """One cycle over every account (or `only` one, or those in `account_ids`: the ones this node leases)."""
+        self._interrupt.clear()
         accounts = self._store.accounts()
         if only is not None:
             accounts = [a for a in accounts if a.email == only.strip().lower()]
@@ -149,9 +153,15 @@ class Runner:
             futures = [pool.submit(self.sync_account, a, _bind(progress, a.email), settings) for a in accounts]
             return [f.result() for f in futures]
 
+    def interrupt(self) -> None:
+        """Stop the running syncs between batches (this node lost a lease); cleared by the next sync_once."""
+        self._interrupt.set()
+
     def sync_account(  # noqa: PLR0911 (one return per outcome)
         self, account: Account, progress: Progress | None = None, settings: SyncSettings | None = None
     ) -> AccountResult:
+        if self._halt.is_set():  # stopping: do not even connect
+            return AccountResult(account.email, ok=True, state=account.state, reason="interrupted", skipped=True)
         decision = decide(account, self._config, self._clock.now())
         if not decision.run:
             if (account.state, account.state_reason) != (decision.state, decision.reason):
@@ -210,7 +220,7 @@ class Runner:
                     settings=settings,
                     clock=self._clock,
                     progress=progress,
-                    stop=self._stop,
+                    stop=self._halt,
                 ).run()
             except SessionExpired:
                 if attempt == 2:
@@ -240,10 +250,20 @@ class Runner:
         return AccountResult(account.email, ok=False, state=state, reason=message)
 
 
+class _AnyEvent:
+    """Set when any of the events is set (what AccountSync polls between batches)."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self._events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
+
+
 def retry_delay(failures: int, *, rng: random.Random | None = None) -> float:
     """Seconds before retrying an account after `failures` consecutive transient failures: 15 s doubling,
     capped at 30 min, with jitter so that accounts failing together do not retry together (pure)."""
-    ceiling = min(15.0 * 2 ** max(failures - 1, 0), 1800.0)
+    ceiling = min(15.0 * 2 ** min(max(failures - 1, 0), 30), 1800.0)  # exponent capped: no overflow
     return (rng or random.Random()).uniform(ceiling / 2, ceiling)
 
 

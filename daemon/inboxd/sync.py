@@ -5,10 +5,10 @@ The decisions come from planner.py; this module carries them out against an Imap
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 import structlog
 
@@ -33,6 +33,13 @@ from inboxd.scope import NO_EXCLUSIONS, Exclusions, in_scope
 from inboxd.store import Account, NewLocation, NewMessage, Store, StoredFolder
 
 log = structlog.get_logger(__name__)
+
+
+class StopFlag(Protocol):
+    """Anything with is_set(): a threading.Event, or several combined (shutdown, lost lease)."""
+
+    def is_set(self) -> bool: ...
+
 
 # progress(done, total): messages processed so far in this account's sync, and the total known so far.
 Progress = Callable[[int, int], None]
@@ -79,7 +86,7 @@ class AccountSync:
         settings: SyncSettings,
         clock: Clock,
         progress: Progress | None = None,
-        stop: threading.Event | None = None,
+        stop: StopFlag | None = None,
     ) -> None:
         self._store = store
         self._account = account
