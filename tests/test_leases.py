@@ -67,3 +67,17 @@ def test_renew_reports_a_lease_that_another_node_took(engine: sa.Engine, secret_
     clock.advance(LEASE.total_seconds() + 1)  # node A stalled: its lease expired and B took it
     assert b.rebalance(ids) == set(ids)
     assert a.renew() == set(), "A learns that the account is no longer its own"
+
+
+def test_a_one_off_run_takes_only_free_accounts_and_gives_them_back(engine: sa.Engine, secret_box: SecretBox) -> None:
+    """`run --once` next to a daemon: it syncs only accounts no live node holds, and releases them afterwards."""
+    clock = FakeClock()
+    ids = _accounts(engine, secret_box, clock, 3)
+    daemon = Leases(engine, clock=clock, node_id="daemon", lease=LEASE)
+    held = daemon.rebalance(ids[:2])
+    once = Leases(engine, clock=clock, node_id="once", lease=LEASE)
+    taken = once.take(ids)
+    assert taken == {ids[2]}
+    assert held == set(ids[:2])
+    once.release(taken)
+    assert daemon.rebalance(ids) == set(ids), "released at once"

@@ -28,6 +28,7 @@ from inboxd.daemon import Daemon
 from inboxd.errors import ConfigError, InboxdError, SecretsError, UsageError
 from inboxd.forget import ForgetReport, forget_contact
 from inboxd.http import database_health, start_ops_server
+from inboxd.leases import Leases
 from inboxd.metrics import Metrics
 from inboxd.outbox import Outbox
 from inboxd.outbox_policy import RetryPolicy
@@ -301,9 +302,28 @@ def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
     if args.account and store.account(args.account) is None:
         raise UsageError(f"--account {args.account}: no such account (see `inboxd accounts list`)")
     if args.once:
+        # leases as a node would take them, so that a one-off run never syncs an account a daemon is syncing
+        leases = Leases(store.engine, clock=clock, lease=config.sync.lease)
+        ids = {a.id for a in store.accounts() if args.account is None or a.email == args.account.strip().lower()}
+        owned = leases.take(ids)
         display = ProgressDisplay(clock)
-        results = runner.sync_once(only=args.account, progress=display.update)
+        try:
+            results = runner.sync_once(only=args.account, progress=display.update, account_ids=owned)
+        finally:
+            leases.release(owned)
         display.finish()
+        held = store.lease_holders()
+        for account in store.accounts():
+            if account.id in ids - owned:
+                results.append(
+                    AccountResult(
+                        account.email,
+                        ok=True,
+                        state=account.state,
+                        skipped=True,
+                        reason=f"synced by node {held.get(account.id, 'another node')}",
+                    )
+                )
         _print_summary(results)
         sent = outbox.drain()
         if sent:

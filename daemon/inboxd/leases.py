@@ -103,6 +103,19 @@ class Leases:
                 ).scalars()
             )
 
+    def take(self, account_ids: Iterable[int]) -> set[int]:
+        """For `run --once`: every one of these accounts that no live node holds (no fair share, no heartbeat)."""
+        now = self._clock.now()
+        return {a for a in sorted(set(account_ids)) if self._take(a, now, now + self._lease)}
+
+    def release(self, account_ids: Iterable[int]) -> None:
+        ids = sorted(set(account_ids))
+        if ids:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    leases_t.delete().where(leases_t.c.node_id == self.node_id, leases_t.c.account_id.in_(ids))
+                )
+
     def release_all(self) -> None:
         """On a clean stop: hand every lease back at once and leave the node list."""
         with self.engine.begin() as conn:
