@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,42 @@ def _lease_split(engine: sa.Engine) -> list[int]:
             sa.text("SELECT count(*) FROM inboxd_leases WHERE expires_at > now() GROUP BY node_id ORDER BY 1")
         ).scalars()
         return [int(r) for r in rows]
+
+
+def test_run_once_skips_an_account_a_live_node_is_syncing(tmp_path: Path, db_url: str, mailstack: MailStack) -> None:
+    """`inboxd run --once` next to a daemon: the account another node holds a lease on is reported and left alone,
+    the free one is synced, and the one-off run gives its lease back."""
+    busy, free = mailstack.new_user("busy"), mailstack.new_user("free")
+    config = write_stack_config(tmp_path, db_url, mailstack, extra='[http]\nlisten = "off"')
+    env = {**os.environ, "INBOXD_CONFIG": str(config)}
+    subprocess.run([INBOXD, "secrets", "init"], env=env, check=True, capture_output=True)
+    for user in (busy, free):
+        token = tmp_path / f"token-{user}"
+        token.write_text(mailstack.refresh_token(user))
+        subprocess.run(
+            [INBOXD, "accounts", "add", user, "--provider", "local", "--refresh-token-file", str(token)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        mailstack.deliver(user, make_message("c@example.org", user, "hello", "x"))
+    engine = db.create_engine(db_url)
+    try:
+        with engine.begin() as conn:  # a daemon on another host holds `busy`
+            conn.execute(
+                sa.text(
+                    "INSERT INTO inboxd_leases (account_id, node_id, expires_at) "
+                    "SELECT id, 'other-host:1:abc', :until FROM mail_accounts WHERE email = :e"
+                ),
+                {"e": busy, "until": datetime.now(UTC) + timedelta(minutes=5)},
+            )
+        done = subprocess.run([INBOXD, "run", "--once"], env=env, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        busy_line = next(line for line in done.stdout.splitlines() if line.startswith(busy))
+        assert "synced by node other-host:1:abc" in busy_line
+        assert _count(engine) == 1, "only the free account was synced"
+        with engine.connect() as conn:
+            holders = conn.execute(sa.text("SELECT node_id FROM inboxd_leases")).scalars().all()
+        assert holders == ["other-host:1:abc"], "the one-off run released its own lease"
+    finally:
+        engine.dispose()
