@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 import structlog
@@ -26,6 +25,7 @@ from inboxd.models import (
     MailThread,
 )
 from inboxd.scope import normalize_address
+from inboxd.store import chunks
 
 log = structlog.get_logger(__name__)
 
@@ -37,15 +37,6 @@ messages_t = MailMessage.__table__  # type: ignore[attr-defined]
 outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
 participants_t = MailParticipant.__table__  # type: ignore[attr-defined]
 threads_t = MailThread.__table__  # type: ignore[attr-defined]
-
-# Keep IN (...) lists well under SQLite's bound-parameter limit.
-_CHUNK = 500
-
-
-def _chunks(items: Iterable[Any], size: int = _CHUNK) -> Iterable[list[Any]]:
-    ordered = sorted(items)
-    for i in range(0, len(ordered), size):
-        yield ordered[i : i + size]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,12 +141,12 @@ def _erase(conn: sa.Connection, key: str, report: ForgetReport) -> None:
         ).scalars()
     )
     threads: dict[int, int | None] = {}  # message id -> thread id, for the linked messages and their thread-mates
-    for chunk in _chunks(linked):
+    for chunk in chunks(sorted(linked)):
         threads |= {
             r.id: r.thread_id
             for r in conn.execute(sa.select(messages_t.c.id, messages_t.c.thread_id).where(messages_t.c.id.in_(chunk)))
         }
-    for chunk in _chunks({t for t in threads.values() if t is not None}):
+    for chunk in chunks(sorted({t for t in threads.values() if t is not None})):
         threads |= {
             r.id: r.thread_id
             for r in conn.execute(
@@ -163,7 +154,7 @@ def _erase(conn: sa.Connection, key: str, report: ForgetReport) -> None:
             )
         }
     keys: dict[int, set[str]] = {m: set() for m in threads}
-    for chunk in _chunks(threads):
+    for chunk in chunks(sorted(threads)):
         for row in conn.execute(
             sa.select(participants_t.c.message_id, participants_t.c.address_key).where(
                 participants_t.c.message_id.in_(chunk)
@@ -177,7 +168,7 @@ def _erase(conn: sa.Connection, key: str, report: ForgetReport) -> None:
     _delete_messages(conn, erasure.delete, report)
     _refresh_threads(conn, {t for m in erasure.delete if (t := threads[m]) is not None}, report)
     report.backfills = _delete(conn, backfills_t, backfills_t.c.email == key)
-    for chunk in _chunks(forgotten):
+    for chunk in chunks(sorted(forgotten)):
         report.contacts += _delete(conn, contacts_t, contacts_t.c.id.in_(chunk))
 
 
@@ -187,7 +178,7 @@ def _delete(conn: sa.Connection, table: sa.Table, where: sa.ColumnElement[bool])
 
 def _delete_messages(conn: sa.Connection, message_ids: Iterable[int], report: ForgetReport) -> None:
     # Children are deleted explicitly (not left to ON DELETE CASCADE) so that the report counts them.
-    for chunk in _chunks(message_ids):
+    for chunk in chunks(sorted(message_ids)):
         report.attachment_shas |= set(
             conn.execute(
                 sa.select(attachments_t.c.sha256).where(
@@ -247,7 +238,7 @@ def _delete_blobs(engine: sa.Engine, blobs: BlobStore | None, report: ForgetRepo
 
 def _shas_in_use(conn: sa.Connection, shas: Sequence[str] | set[str]) -> set[str]:
     used: set[str] = set()
-    for chunk in _chunks(shas):
+    for chunk in chunks(sorted(shas)):
         used |= set(conn.execute(sa.select(attachments_t.c.sha256).where(attachments_t.c.sha256.in_(chunk))).scalars())
     # mail_outbox rows (the HR app's) name attachment bytes by sha256 in a JSON list
     for sha256 in set(shas) - used:

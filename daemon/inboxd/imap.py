@@ -26,6 +26,7 @@ from inboxd import __version__
 from inboxd.errors import AccountFailed, QuotaExceeded, ReauthRequired, RetryLater, SessionExpired
 from inboxd.parse import normalize_msgid, parse_address_list
 from inboxd.planner import Capabilities, FolderListing, FolderStatus, sequence_set
+from inboxd.tls import verified_context
 
 log = structlog.get_logger(__name__)
 
@@ -112,14 +113,6 @@ class ImapEndpoint:
     tls: str  # 'tls' | 'starttls' | 'plain'
     ca_file: Path | None = None
     timeout: float = 30.0
-
-
-def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    # Certificates are always verified; ca_file only adds a trusted CA (self-signed test or corporate servers).
-    ctx = ssl.create_default_context()
-    if ca_file is not None:
-        ctx.load_verify_locations(cafile=str(ca_file))
-    return ctx
 
 
 def _text(value: Any) -> str:
@@ -394,7 +387,7 @@ def connect(
     sleep: Callable[[float], None] = time.sleep,
 ) -> ImapClientSession:
     """Open, secure and authenticate one IMAP connection; enable CONDSTORE/QRESYNC when offered."""
-    ctx = _tls_context(endpoint.ca_file)
+    ctx = verified_context(endpoint.ca_file)
     timeout = SocketTimeout(connect=min(endpoint.timeout, 15.0), read=endpoint.timeout)
     try:
         client = IMAPClient(

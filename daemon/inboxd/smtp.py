@@ -39,6 +39,7 @@ import structlog
 
 from inboxd.config import ProviderConfig, is_loopback_host
 from inboxd.errors import AccountFailed, InboxdError, ReauthRequired, RetryLater
+from inboxd.tls import verified_context
 
 log = structlog.get_logger(__name__)
 
@@ -177,14 +178,6 @@ def classify_auth_failure(code: int, text: str) -> AuthVerdict:
 # --- the aiosmtplib adapter -------------------------------------------------------------------------
 
 
-def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    # Certificates are always verified; ca_file only adds a trusted CA (self-signed test or corporate servers).
-    context = ssl.create_default_context()
-    if ca_file is not None:
-        context.load_verify_locations(cafile=str(ca_file))
-    return context
-
-
 def _dot_stuffed(message: bytes) -> bytes:
     """The DATA payload: CRLF line endings, leading dots doubled, ending in ``CRLF.CRLF``."""
     message = _LINE_ENDINGS.sub(b"\r\n", message)
@@ -271,7 +264,7 @@ class AioSmtpSender:
     async def _connect(self) -> aiosmtplib.SMTP:
         endpoint = self._endpoint
         if endpoint.tls != "plain" and self._tls is None:
-            self._tls = await asyncio.to_thread(_tls_context, endpoint.ca_file)
+            self._tls = await asyncio.to_thread(verified_context, endpoint.ca_file)
         client = aiosmtplib.SMTP(
             hostname=endpoint.host,
             port=endpoint.port,

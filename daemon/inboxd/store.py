@@ -55,7 +55,7 @@ leases_t = AccountLease.__table__  # type: ignore[attr-defined]
 _CHUNK = 500
 
 
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+def chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
@@ -63,7 +63,7 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]
 def _mark_dirty(conn: sa.Connection, message_ids: Iterable[int]) -> None:
     """Record, in the caller's transaction, that these messages need refresh_dirty (idempotent)."""
     ids = sorted(set(message_ids))
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         conn.execute(dirty_t.delete().where(dirty_t.c.message_id.in_(chunk)))
         conn.execute(dirty_t.insert(), [{"message_id": i} for i in chunk])
 
@@ -410,7 +410,7 @@ class Store:
         uid_list = sorted(uids)
         touched: list[int] = []
         with self.engine.begin() as conn:
-            for chunk in _chunks(uid_list):
+            for chunk in chunks(uid_list):
                 cond = sa.and_(locations_t.c.folder_id == folder_id, locations_t.c.uid.in_(chunk))
                 touched += conn.execute(sa.select(locations_t.c.message_id).where(cond)).scalars().all()
                 conn.execute(locations_t.delete().where(cond))
@@ -425,7 +425,7 @@ class Store:
             return []
         touched: list[int] = []
         with self.engine.begin() as conn:
-            for chunk in _chunks(sorted(updates)):
+            for chunk in chunks(sorted(updates)):
                 rows = conn.execute(
                     sa.select(
                         locations_t.c.uid, locations_t.c.message_id, locations_t.c.flags, locations_t.c.labels
@@ -463,7 +463,7 @@ class Store:
         """{value: row id} for the values of `column` present among `values` (chunked IN lists)."""
         found: dict[str, int] = {}
         with self.engine.connect() as conn:
-            for chunk in _chunks(sorted(set(values))):
+            for chunk in chunks(sorted(set(values))):
                 for row in conn.execute(sa.select(table.c.id, column).where(where, column.in_(chunk))):
                     found[row[1]] = row[0]
         return found
@@ -529,7 +529,7 @@ class Store:
         (Gmail "gm:<X-GM-MSGID>") when the sync meets them; returns {new identity: message id}."""
         adopted: dict[str, int] = {}
         with self.engine.begin() as conn:
-            for chunk in _chunks(sorted(renames)):  # one query per chunk: this runs for every new Gmail message
+            for chunk in chunks(sorted(renames)):  # one query per chunk: this runs for every new Gmail message
                 found = conn.execute(
                     sa.select(messages_t.c.id, messages_t.c.provider_message_id).where(
                         messages_t.c.account_id == account_id, messages_t.c.provider_message_id.in_(chunk)
@@ -595,7 +595,7 @@ class Store:
             )
         changed = self.refresh_messages(account_id, ids)
         with self.engine.begin() as conn:
-            for chunk in _chunks(sorted(ids)):
+            for chunk in chunks(sorted(ids)):
                 conn.execute(dirty_t.delete().where(dirty_t.c.message_id.in_(chunk)))
         return changed
 
@@ -607,7 +607,7 @@ class Store:
         now = self._clock.now()
         changed = 0
         with self.engine.begin() as conn:
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids):
                 where: dict[int, list[tuple[list[str], list[str]]]] = {i: [] for i in chunk}
                 for row in conn.execute(
                     sa.select(locations_t.c.message_id, folders_t.c.name, locations_t.c.flags, locations_t.c.labels)
@@ -649,7 +649,7 @@ class Store:
             return
         uids = [loc.uid for _, loc in rows]
         present = set()
-        for chunk in _chunks(uids):
+        for chunk in chunks(uids):
             present |= set(
                 conn.execute(
                     sa.select(locations_t.c.uid).where(
