@@ -3,7 +3,6 @@ not at the next interval, and SIGTERM stops it cleanly."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import sqlalchemy as sa
 
 from dbs import PG_URL
 from harness import MailStack, make_message, wait_for
-from harness.config import write_stack_config
+from harness.config import connect_accounts, write_stack_config
 from inboxd import db
 from inboxd.models import MailMessage
 
@@ -31,14 +30,7 @@ def test_new_contact_is_backfilled_within_seconds_and_sigterm_stops(
 ) -> None:
     recruiter = mailstack.new_user("loop")
     config = write_stack_config(tmp_path, db_url, mailstack, scope="contacts", sync_extra='interval = "1h"')
-    env = {**os.environ, "INBOXD_CONFIG": str(config)}
-    token = tmp_path / "token"
-    token.write_text(mailstack.refresh_token(recruiter))
-    for args in (
-        ["secrets", "init"],
-        ["accounts", "add", recruiter, "--provider", "local", "--refresh-token-file", str(token)],
-    ):
-        subprocess.run([INBOXD, *args], env=env, check=True, capture_output=True)
+    env = connect_accounts(config, mailstack, [recruiter], INBOXD)
     mailstack.deliver(recruiter, make_message("Cand <new.cand@example.org>", recruiter, "old application", "x"))
     engine = db.create_engine(db_url)
     proc = subprocess.Popen([INBOXD, "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -82,15 +74,8 @@ def test_push_new_mail_reaches_the_database_within_seconds_and_disable_stops_it(
     config = write_stack_config(
         tmp_path, db_url, mailstack, sync_extra='interval = "1h"', extra='[http]\nlisten = "off"'
     )
-    env = {**os.environ, "INBOXD_CONFIG": str(config)}
-    token = tmp_path / "token"
-    token.write_text(mailstack.refresh_token(recruiter))
     mailstack.deliver(recruiter, make_message("c@example.org", recruiter, "before", "x"))
-    for args in (
-        ["secrets", "init"],
-        ["accounts", "add", recruiter, "--provider", "local", "--refresh-token-file", str(token)],
-    ):
-        subprocess.run([INBOXD, *args], env=env, check=True, capture_output=True)
+    env = connect_accounts(config, mailstack, [recruiter], INBOXD)
     engine = db.create_engine(db_url)
     proc = subprocess.Popen([INBOXD, "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -139,14 +124,7 @@ def test_sigterm_during_a_long_first_sync_stops_within_seconds_and_loses_nothing
         tmp_path, db_url, mailstack, sync_extra='interval = "1h"\nbatch_size = 10', extra='[http]\nlisten = "off"'
     )
     config.write_text(config.read_text().replace("batch_size = 3\n", ""))
-    env = {**os.environ, "INBOXD_CONFIG": str(config)}
-    token = tmp_path / "token"
-    token.write_text(mailstack.refresh_token(recruiter))
-    for args in (
-        ["secrets", "init"],
-        ["accounts", "add", recruiter, "--provider", "local", "--refresh-token-file", str(token)],
-    ):
-        subprocess.run([INBOXD, *args], env=env, check=True, capture_output=True)
+    env = connect_accounts(config, mailstack, [recruiter], INBOXD)
     engine = db.create_engine(db_url)
     proc = subprocess.Popen([INBOXD, "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -176,14 +154,7 @@ def test_config_reload_pauses_an_account_and_rejects_an_invalid_config(
         tmp_path, db_url, mailstack, sync_extra='interval = "1h"', extra='[http]\nlisten = "off"'
     )
     original = config.read_text()
-    env = {**os.environ, "INBOXD_CONFIG": str(config)}
-    token = tmp_path / "token"
-    token.write_text(mailstack.refresh_token(recruiter))
-    for args in (
-        ["secrets", "init"],
-        ["accounts", "add", recruiter, "--provider", "local", "--refresh-token-file", str(token)],
-    ):
-        subprocess.run([INBOXD, *args], env=env, check=True, capture_output=True)
+    env = connect_accounts(config, mailstack, [recruiter], INBOXD)
     engine = db.create_engine(db_url)
     log = tmp_path / "stderr.log"
     with log.open("w") as err:
@@ -224,18 +195,7 @@ def test_two_nodes_split_the_accounts_and_a_killed_node_hands_them_over(tmp_path
     config = write_stack_config(
         tmp_path, db_url, mailstack, sync_extra='interval = "1h"\nlease = "2s"', extra='[http]\nlisten = "off"'
     )
-    env = {**os.environ, "INBOXD_CONFIG": str(config)}
-    subprocess.run([INBOXD, "db", "upgrade"], env=env, check=True, capture_output=True)
-    subprocess.run([INBOXD, "secrets", "init"], env=env, check=True, capture_output=True)
-    for user in users:
-        token = tmp_path / f"token-{user}"
-        token.write_text(mailstack.refresh_token(user))
-        subprocess.run(
-            [INBOXD, "accounts", "add", user, "--provider", "local", "--refresh-token-file", str(token)],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+    env = connect_accounts(config, mailstack, users, INBOXD, upgrade=True)
     engine = db.create_engine(db_url)
     nodes = [
         subprocess.Popen([INBOXD, "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -278,17 +238,8 @@ def test_run_once_skips_an_account_a_live_node_is_syncing(tmp_path: Path, db_url
     the free one is synced, and the one-off run gives its lease back."""
     busy, free = mailstack.new_user("busy"), mailstack.new_user("free")
     config = write_stack_config(tmp_path, db_url, mailstack, extra='[http]\nlisten = "off"')
-    env = {**os.environ, "INBOXD_CONFIG": str(config)}
-    subprocess.run([INBOXD, "secrets", "init"], env=env, check=True, capture_output=True)
+    env = connect_accounts(config, mailstack, [busy, free], INBOXD)
     for user in (busy, free):
-        token = tmp_path / f"token-{user}"
-        token.write_text(mailstack.refresh_token(user))
-        subprocess.run(
-            [INBOXD, "accounts", "add", user, "--provider", "local", "--refresh-token-file", str(token)],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
         mailstack.deliver(user, make_message("c@example.org", user, "hello", "x"))
     engine = db.create_engine(db_url)
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
 import socket
@@ -22,7 +21,7 @@ import sqlalchemy as sa
 import structlog
 
 from harness import MailStack, wait_for
-from harness.config import write_stack_config
+from harness.config import connect_accounts, write_stack_config
 from inboxd import db
 from inboxd.blobs import BlobStore
 from inboxd.clock import FakeClock
@@ -366,14 +365,7 @@ def test_inboxd_run_serves_metrics_and_healthz_until_sigterm(tmp_path: Path, db_
     config = write_stack_config(
         tmp_path, db_url, mailstack, sync_extra='interval = "1h"', extra=f'[http]\nlisten = "127.0.0.1:{port}"\n'
     )
-    env = {**os.environ, "INBOXD_CONFIG": str(config)}
-    token = tmp_path / "token"
-    token.write_text(mailstack.refresh_token(recruiter))
-    for args in (
-        ["secrets", "init"],
-        ["accounts", "add", recruiter, "--provider", "local", "--refresh-token-file", str(token)],
-    ):
-        subprocess.run([inboxd, *args], env=env, check=True, capture_output=True)
+    env = connect_accounts(config, mailstack, [recruiter], inboxd)
     proc = subprocess.Popen([inboxd, "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         health = wait_for(lambda: _try_get(port, "/healthz"), timeout=20, what="/healthz")

@@ -5,6 +5,9 @@ One writer, so the CLI tests and the sync tests point inboxd at the stack the sa
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 from harness.mailstack import MailStack
@@ -52,3 +55,19 @@ timeout = 10
     path = directory / "inboxd.toml"
     path.write_text(text)
     return path
+
+
+def connect_accounts(
+    config: Path, stack: MailStack, users: Iterable[str], inboxd: str, *, upgrade: bool = False
+) -> dict[str, str]:
+    """What an admin does before `inboxd run`: (`db upgrade`,) `secrets init` and `accounts add` of each user with
+    provider ``local`` and a fresh refresh token. Returns the environment that points inboxd at ``config``."""
+    env = {**os.environ, "INBOXD_CONFIG": str(config)}
+    for args in ([["db", "upgrade"]] if upgrade else []) + [["secrets", "init"]]:
+        subprocess.run([inboxd, *args], env=env, check=True, capture_output=True)
+    for user in users:
+        token = config.parent / f"token-{user}"
+        token.write_text(stack.refresh_token(user))
+        add = ["accounts", "add", user, "--provider", "local", "--refresh-token-file", str(token)]
+        subprocess.run([inboxd, *add], env=env, check=True, capture_output=True)
+    return env
