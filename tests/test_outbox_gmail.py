@@ -12,14 +12,12 @@ import sqlalchemy as sa
 
 from gmail.server import GmailServer
 from harness import MailStack, make_message
-from inboxd.blobs import BlobStore
+from harness.config import write_gmail_config
+from harness.outbox import make_outbox, outbox_row
 from inboxd.clock import FakeClock, SystemClock
 from inboxd.config import Config, load_config
-from inboxd.connections import Connections
 from inboxd.models import MailMessage, MailOutbox
-from inboxd.outbox import Outbox
 from inboxd.outbox_policy import RetryPolicy
-from inboxd.outbox_store import OutboxStore
 from inboxd.runner import Runner
 from inboxd.store import Credential, Store
 
@@ -29,42 +27,7 @@ messages_t = MailMessage.__table__  # type: ignore[attr-defined]
 
 
 def gmail_config(tmp_path: Path, db_url: str, stack: MailStack, server: GmailServer) -> Config:
-    path = tmp_path / "inboxd.toml"
-    path.write_text(f"""
-state_dir = "{tmp_path / "state"}"
-[database]
-url = "{db_url}"
-[secrets]
-key_file = "{tmp_path / "secret.key"}"
-[sync]
-scope = "all"
-[providers.gmail]
-kind = "gmail"
-imap_host = "127.0.0.1"
-imap_port = {server.imap_port}
-imap_tls = "starttls"
-smtp_host = "127.0.0.1"
-smtp_port = {server.smtp_port}
-smtp_tls = "starttls"
-token_uri = "{stack.token_uri}"
-client_id = "{stack.client_id}"
-client_secret = "{stack.client_secret}"
-ca_file = "{stack.ca_cert}"
-timeout = 5
-""")
-    return load_config(path, env={})
-
-
-def make_outbox(config: Config, store: Store, clock: Any = None) -> Outbox:
-    clock = clock or SystemClock()
-    return Outbox(
-        config,
-        store,
-        OutboxStore(store.engine, clock=clock, policy=RetryPolicy()),
-        Connections(store, clock=SystemClock()),
-        BlobStore(config.sync.attachments_dir),
-        clock=clock,
-    )
+    return load_config(write_gmail_config(tmp_path, db_url, stack, server), env={})
 
 
 def queue(store: Store, account_email: str, key: str, **values: Any) -> int:
@@ -73,11 +36,6 @@ def queue(store: Store, account_email: str, key: str, **values: Any) -> int:
     row = {"account_id": account.id, "subject": "Offer", "body_text": "Welcome!", "idempotency_key": key, **values}
     with store.engine.begin() as conn:
         return int(conn.execute(outbox_t.insert().values(**row).returning(outbox_t.c.id)).scalar_one())
-
-
-def outbox_row(store: Store, row_id: int) -> sa.Row:  # type: ignore[type-arg]
-    with store.engine.connect() as conn:
-        return conn.execute(sa.select(outbox_t).where(outbox_t.c.id == row_id)).one()
 
 
 @pytest.fixture

@@ -18,13 +18,12 @@ import pytest
 import sqlalchemy as sa
 
 from harness import MailStack, make_message, wait_for
+from harness.outbox import make_outbox, outbox_row
 from harness.smtp_proxy import SmtpFaultProxy
 from inboxd.blobs import BlobStore
 from inboxd.clock import FakeClock, SystemClock
 from inboxd.config import Config, load_config
-from inboxd.connections import Connections
 from inboxd.models import MailMessage, MailOutbox
-from inboxd.outbox import Outbox
 from inboxd.outbox_policy import RetryPolicy
 from inboxd.outbox_store import OutboxStore
 from inboxd.runner import Runner
@@ -76,29 +75,12 @@ timeout = 5
     return load_config(path, env={})
 
 
-def make_outbox(config: Config, store: Store, clock: Any = None) -> Outbox:
-    clock = clock or SystemClock()
-    return Outbox(
-        config,
-        store,
-        OutboxStore(store.engine, clock=clock, policy=RetryPolicy()),
-        Connections(store, clock=SystemClock()),
-        BlobStore(config.sync.attachments_dir),
-        clock=clock,
-    )
-
-
 def queue(store: Store, account_email: str, key: str, **values: Any) -> int:
     account = store.account(account_email)
     assert account is not None
     row = {"account_id": account.id, "to": [], "subject": "", "idempotency_key": key, **values}
     with store.engine.begin() as conn:
         return int(conn.execute(outbox_t.insert().values(**row).returning(outbox_t.c.id)).scalar_one())
-
-
-def outbox_row(store: Store, row_id: int) -> sa.Row:  # type: ignore[type-arg]
-    with store.engine.connect() as conn:
-        return conn.execute(sa.select(outbox_t).where(outbox_t.c.id == row_id)).one()
 
 
 def inbox(stack: MailStack, user: str, folder: str = "INBOX") -> list[Message]:

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from gmail.model import GOOGLE_MAIL_DE_NAMES
 from gmail.server import GmailServer, IntrospectValidator
 from harness import MailStack, make_message
+from harness.config import write_gmail_config
 from inboxd.clock import SystemClock
 from inboxd.config import Config, load_config
 from inboxd.gmail import ALL_MAIL_HIDDEN
@@ -32,29 +33,7 @@ folders_t = MailFolder.__table__  # type: ignore[attr-defined]
 def gmail_config(
     tmp_path: Path, db_url: str, stack: MailStack, server: GmailServer, *, sync: str = "", scope: str = "all"
 ) -> Config:
-    path = tmp_path / "inboxd.toml"
-    path.write_text(f"""
-state_dir = "{tmp_path / "state"}"
-[database]
-url = "{db_url}"
-[secrets]
-key_file = "{tmp_path / "secret.key"}"
-[sync]
-scope = "{scope}"
-batch_size = 3
-{sync}
-[providers.gmail]
-kind = "gmail"
-imap_host = "127.0.0.1"
-imap_port = {server.imap_port}
-imap_tls = "starttls"
-token_uri = "{stack.token_uri}"
-client_id = "{stack.client_id}"
-client_secret = "{stack.client_secret}"
-ca_file = "{stack.ca_cert}"
-timeout = 10
-""")
-    return load_config(path, env={})
+    return load_config(write_gmail_config(tmp_path, db_url, stack, server, scope=scope, sync_extra=sync), env={})
 
 
 @pytest.fixture

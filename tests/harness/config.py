@@ -9,8 +9,12 @@ import os
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.mailstack import MailStack
+
+if TYPE_CHECKING:
+    from gmail.server import GmailServer
 
 
 def write_stack_config(
@@ -71,3 +75,36 @@ def connect_accounts(
         add = ["accounts", "add", user, "--provider", "local", "--refresh-token-file", str(token)]
         subprocess.run([inboxd, *add], env=env, check=True, capture_output=True)
     return env
+
+
+def write_gmail_config(
+    directory: Path, db_url: str, stack: MailStack, server: GmailServer, *, scope: str = "all", sync_extra: str = ""
+) -> Path:
+    """Write ``directory/inboxd.toml`` with provider ``gmail`` pointed at a Gmail-dialect test server (IMAP and
+    SMTP over STARTTLS, XOAUTH2 against the stack's OAuth server). Returns the path."""
+    path = directory / "inboxd.toml"
+    path.write_text(f"""
+state_dir = "{directory / "state"}"
+[database]
+url = "{db_url}"
+[secrets]
+key_file = "{directory / "secret.key"}"
+[sync]
+scope = "{scope}"
+batch_size = 3
+{sync_extra}
+[providers.gmail]
+kind = "gmail"
+imap_host = "127.0.0.1"
+imap_port = {server.imap_port}
+imap_tls = "starttls"
+smtp_host = "127.0.0.1"
+smtp_port = {server.smtp_port}
+smtp_tls = "starttls"
+token_uri = "{stack.token_uri}"
+client_id = "{stack.client_id}"
+client_secret = "{stack.client_secret}"
+ca_file = "{stack.ca_cert}"
+timeout = 10
+""")
+    return path
