@@ -34,7 +34,7 @@ class TokenSource(Protocol):
         """The server rejected the last token: the next access_token() fetches a new one."""
 
 
-class _FailFastRequest(google.auth.transport.requests.Request):
+class FailFastRequest(google.auth.transport.requests.Request):
     """google-auth's transport, but a 5xx/429 answer raises at once instead of google-auth retrying it.
 
     Also applies our timeout (google-auth's default is 120 s) and the CA bundle for a private token endpoint.
@@ -67,11 +67,11 @@ class _FailFastRequest(google.auth.transport.requests.Request):
             **kwargs,
         )
         if response.status in transport.DEFAULT_RETRYABLE_STATUS_CODES:
-            raise _RetryableStatus(response.status)
+            raise RetryableStatus(response.status)
         return response
 
 
-class _RetryableStatus(Exception):
+class RetryableStatus(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(f"HTTP {status}")
         self.status = status
@@ -110,7 +110,7 @@ class OAuthRefreshTokenSource:
         self._on_rotated = on_rotated_refresh_token
         self._on_refresh = on_refresh or (lambda ok: None)  # metrics: each refresh, successful or not
         self._session = requests.Session()
-        self._request = _FailFastRequest(self._session, timeout, ca_file)
+        self._request = FailFastRequest(self._session, timeout, ca_file)
         self._lock = threading.Lock()
         self._token: str | None = None
         self._refresh_at: datetime | None = None
@@ -147,7 +147,7 @@ class OAuthRefreshTokenSource:
             creds.refresh(self._request)  # type: ignore[no-untyped-call]
         except google.auth.exceptions.RefreshError as exc:
             raise self._translate_refresh_error(exc) from exc
-        except _RetryableStatus as exc:
+        except RetryableStatus as exc:
             raise RetryLater(f"token endpoint {self._host} answered {exc}; try again later") from exc
         except google.auth.exceptions.TransportError as exc:
             cause = exc.__cause__ or exc
