@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gmail.server import GmailServer, IntrospectValidator
 from harness import MailStack
+from harness.browser import browser  # noqa: F401 (a fixture: importing it here offers it to every test)
 
 # database fixtures (engine/store over SQLite and PostgreSQL) live in tests/dbs.py
 pytest_plugins = ["dbs"]

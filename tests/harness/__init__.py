@@ -3,8 +3,9 @@
 Tests get a running stack through the session fixture ``mailstack`` (tests/conftest.py).
 """
 
+from harness.browser import Browser
 from harness.mailstack import IMAP_VARIANTS, MailStack
 from harness.messages import make_message
 from harness.waiting import wait_for
 
-__all__ = ["IMAP_VARIANTS", "MailStack", "make_message", "wait_for"]
+__all__ = ["IMAP_VARIANTS", "Browser", "MailStack", "make_message", "wait_for"]
