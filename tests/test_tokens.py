@@ -230,7 +230,10 @@ def test_revoked_refresh_token_needs_reauth_without_leaking_secrets(
     with pytest.raises(ReauthRequired) as info:
         source.access_token()
     message = str(info.value)
-    assert message == ("refresh token rejected by 127.0.0.1: invalid_grant (Token has been expired or revoked.)")
+    assert message == (
+        "access to the mailbox was revoked or has expired; connect it again "
+        "(127.0.0.1: invalid_grant: Token has been expired or revoked.)"
+    )
     for secret in (REFRESH_TOKEN, CLIENT_SECRET):
         assert secret not in message
         assert secret not in repr(info.value)

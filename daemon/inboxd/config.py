@@ -41,7 +41,19 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_STATE_DIR = "./var"
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL, not a secret)
+GOOGLE_AUTH_URI = "https://accounts.google.com/o/oauth2/v2/auth"
+GOOGLE_REVOKE_URI = "https://oauth2.googleapis.com/revoke"
 MICROSOFT_TOKEN_URI = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"  # noqa: S105
+MICROSOFT_AUTH_URI = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize"
+# What a recruiter consents to: mail over IMAP/SMTP, and who they are (the id_token's email) to check the address.
+GMAIL_SCOPES = ("https://mail.google.com/", "openid", "email")
+MICROSOFT_SCOPES = (
+    "https://outlook.office.com/IMAP.AccessAsUser.All",
+    "https://outlook.office.com/SMTP.Send",
+    "offline_access",
+    "openid",
+    "email",
+)
 
 
 @dataclass(frozen=True, repr=False)
@@ -93,6 +105,22 @@ class ProviderConfig:
     client_secret: str | None = field(repr=False)
     ca_file: Path | None
     timeout: float = DEFAULT_TIMEOUT
+    # the consent flow (`inboxd connect`, /connect/start): authorization endpoint and scopes asked for
+    auth_uri: str | None = None
+    scopes: tuple[str, ...] = ()
+    # where `inboxd disconnect` revokes a refresh token (RFC 7009); None: the provider has no such endpoint
+    revoke_uri: str | None = None
+    # accounts added with --delegated: Google Workspace domain-wide delegation (a service-account key file) ...
+    service_account_file: Path | None = None
+    # ... or Microsoft 365 app-only access (client credentials of this provider's client_id/client_secret)
+    app_only: bool = False
+
+    @property
+    def delegation(self) -> str | None:
+        """How accounts of this provider connect without consent: "service_account", "app_only" or None."""
+        if self.service_account_file is not None:
+            return "service_account"
+        return "app_only" if self.app_only else None
 
 
 @dataclass(frozen=True)
@@ -112,6 +140,26 @@ class HttpConfig:
 
     listen: tuple[str, int] | None = ("127.0.0.1", 9810)
     allow_remote: bool = False
+    # the address browsers reach this listener at (behind a proxy: "https://inboxd.example.com"); the OAuth
+    # redirect URI is public_url + "/oauth/callback". None: http://<listen>.
+    public_url: str | None = None
+    # where /connect/start may send the browser back to: origins like "https://hr.example.com"
+    return_to_origins: frozenset[str] = frozenset()
+    # the HR app's shared secret: signs /connect/start links and authenticates POST /accounts/disconnect
+    api_token: str | None = field(default=None, repr=False)
+
+    @property
+    def base_url(self) -> str | None:
+        if self.public_url is not None:
+            return self.public_url
+        if self.listen is None:
+            return None
+        host, port = self.listen
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def redirect_uri(self) -> str | None:
+        return None if self.base_url is None else self.base_url + "/oauth/callback"
 
 
 @dataclass(frozen=True)
@@ -390,7 +438,7 @@ def _log_level(value: Any) -> str:
 
 
 def _http(table: _Table) -> HttpConfig:
-    table.only({"listen", "allow_remote"})
+    table.only({"listen", "allow_remote", "public_url", "return_to_origins", "api_token_file"})
     allow_remote: bool = table.boolean("allow_remote", False)
     expected = '"host:port" like "127.0.0.1:9810" or "[::1]:9810", or "off"'
     listen = table.converted("listen", _listen_address(DEFAULT_HTTP_LISTEN), _listen_address, expected)
@@ -400,7 +448,57 @@ def _http(table: _Table) -> HttpConfig:
             f"{_show(table.data['listen'])} is not a loopback address; /metrics and /healthz are unauthenticated, "
             "so set allow_remote = true to serve them beyond this host (behind a firewall)",
         )
-    return HttpConfig(listen=listen, allow_remote=allow_remote)
+    public_url = table.converted(
+        "public_url",
+        None,
+        _public_url,
+        'an http(s) URL without path, query or fragment, like "https://inboxd.example.com"',
+    )
+    origins = table.converted(
+        "return_to_origins", frozenset(), _origins, 'a list of origins like ["https://hr.example.com"]'
+    )
+    api_token = None
+    if table.has("api_token_file"):
+        api_token = _read_token_file(table, "api_token_file")
+    return HttpConfig(
+        listen=listen, allow_remote=allow_remote, public_url=public_url, return_to_origins=origins, api_token=api_token
+    )
+
+
+def _public_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return _origin(value.strip().rstrip("/"))
+
+
+def _origin(value: str) -> str:
+    """``scheme://host[:port]`` lowercased; anything else (a path, a query, another scheme) is a ValueError."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(value)
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(value)
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError(value)  # an OAuth code or a signed link must not cross the network in clear text
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def _origins(value: Any) -> frozenset[str]:
+    return frozenset(_origin(v.rstrip("/")) for v in _string_list(value))
+
+
+def _read_token_file(table: _Table, key: str) -> str:
+    file = table.ctx.credential(table.string(key, expected="a file path"))
+    try:
+        text = file.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise table.error(key, f"file not found: {file}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise table.error(key, f"cannot read {file}: {reason}") from None
+    if len(text) < 32 or any(c.isspace() for c in text):
+        raise table.error(key, f"{file} must hold one secret of at least 32 characters (e.g. `openssl rand -hex 32`)")
+    return text
 
 
 def _listen_address(value: Any) -> tuple[str, int] | None:
@@ -542,6 +640,11 @@ _PROVIDER_KEYS = {
     "client_secret_file",
     "ca_file",
     "timeout",
+    "auth_uri",
+    "scopes",
+    "revoke_uri",
+    "service_account_file",
+    "app_only",
 }
 
 # Per kind: imap host/port/tls, smtp host/port/tls, auth, token_uri.
@@ -555,6 +658,9 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
         "smtp_tls": "tls",
         "auth": "oauth2",
         "token_uri": GOOGLE_TOKEN_URI,
+        "auth_uri": GOOGLE_AUTH_URI,
+        "revoke_uri": GOOGLE_REVOKE_URI,
+        "scopes": GMAIL_SCOPES,
     },
     "microsoft": {
         "imap_host": "outlook.office365.com",
@@ -565,6 +671,8 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
         "smtp_tls": "starttls",
         "auth": "oauth2",
         "token_uri": MICROSOFT_TOKEN_URI.format(tenant="common"),
+        "auth_uri": MICROSOFT_AUTH_URI.format(tenant="common"),
+        "scopes": MICROSOFT_SCOPES,
     },
     "imap": {"auth": "password"},
 }
@@ -608,10 +716,13 @@ def _provider(table: _Table, name: str) -> ProviderConfig:
     timeout = table.number("timeout", DEFAULT_TIMEOUT, expected="a number of seconds above 0, like 30")
 
     token_uri = client_id = client_secret = None
+    consent = _Consent()
     if auth == "oauth2":
         token_uri, client_id, client_secret = _oauth_client(table, kind, defaults.get("token_uri"))
+        consent = _consent(table, kind, defaults)
     else:
-        for key in ("token_uri", "tenant", "client_id", "client_secret", "client_secret_file"):
+        oauth_only = ("token_uri", "tenant", "client_id", "client_secret", "client_secret_file", *_CONSENT_KEYS)
+        for key in oauth_only:
             if table.has(key):
                 raise table.error(key, f'is only used with auth = "oauth2" (this provider has "{auth}")')
 
@@ -630,7 +741,67 @@ def _provider(table: _Table, name: str) -> ProviderConfig:
         client_secret=client_secret,
         ca_file=ca_file,
         timeout=timeout,
+        auth_uri=consent.auth_uri,
+        scopes=consent.scopes,
+        revoke_uri=consent.revoke_uri,
+        service_account_file=consent.service_account_file,
+        app_only=consent.app_only,
     )
+
+
+_CONSENT_KEYS = ("auth_uri", "scopes", "revoke_uri", "service_account_file", "app_only")
+
+
+@dataclass(frozen=True)
+class _Consent:
+    auth_uri: str | None = None
+    scopes: tuple[str, ...] = ()
+    revoke_uri: str | None = None
+    service_account_file: Path | None = None
+    app_only: bool = False
+
+
+def _consent(table: _Table, kind: str, defaults: Mapping[str, Any]) -> _Consent:
+    """The consent-flow and delegation keys of an OAuth provider."""
+    auth_uri = defaults.get("auth_uri")
+    if table.has("tenant") and kind == "microsoft":
+        auth_uri = MICROSOFT_AUTH_URI.format(tenant=table.data["tenant"])
+    expected_url = 'an https:// URL (http:// only on loopback), like "https://accounts.example.com/authorize"'
+    auth_uri = table.converted("auth_uri", auth_uri, _endpoint_url, expected_url)
+    revoke_uri = table.converted("revoke_uri", defaults.get("revoke_uri"), _endpoint_url, expected_url)
+    scopes = table.converted(
+        "scopes", tuple(defaults.get("scopes", ())), _scope_list, 'a list of scopes like ["https://mail.google.com/"]'
+    )
+    service_account = None
+    if table.has("service_account_file"):
+        if kind != "gmail":
+            raise table.error("service_account_file", f'is only used with kind = "gmail" (this provider is "{kind}")')
+        service_account = table.ctx.credential(table.string("service_account_file", expected="a file path"))
+        if not service_account.is_file():
+            raise table.error("service_account_file", f"file not found: {service_account}")
+    app_only: bool = table.boolean("app_only", False)
+    if app_only and kind != "microsoft":
+        raise table.error("app_only", f'is only used with kind = "microsoft" (this provider is "{kind}")')
+    return _Consent(auth_uri, scopes, revoke_uri, service_account, app_only)
+
+
+def _endpoint_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    parts = urlsplit(value.strip())
+    if not parts.hostname or not (
+        parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname))
+    ):
+        raise ValueError(value)
+    return value.strip()
+
+
+def _scope_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise TypeError(value)
+    if not all(isinstance(v, str) and v.strip() and not any(c.isspace() for c in v.strip()) for v in value):
+        raise ValueError(value)
+    return tuple(dict.fromkeys(v.strip() for v in value))
 
 
 def _check_plain(table: _Table, key: str, mode: str, host: str) -> None:

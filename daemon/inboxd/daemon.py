@@ -69,6 +69,11 @@ class Daemon:
         self._keeper = threading.Thread(target=self._keep_leases, name="inboxd-leases", daemon=True)
         self.sender = threading.Thread(target=self._serve_outbox, name="inboxd-outbox", daemon=True)
 
+    @property
+    def config(self) -> Config:
+        """The config in force (reloads included)."""
+        return self._config
+
     # -- main loop -----------------------------------------------------------------------------------------------
 
     def run(self) -> None:

@@ -66,3 +66,12 @@ class QuotaExceeded(RetryLater):
 
 class Interrupted(InboxdError):
     """The daemon is stopping: what was done is committed, the rest waits for the next start."""
+
+
+class ConnectFailed(InboxdError):
+    """The consent flow gave no usable grant (denied, another account signed in, link expired): the person must
+    start again. ``code`` is a stable word the HR app can map to its own text."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -125,7 +125,7 @@ def forget_contact(engine: sa.Engine, blobs: BlobStore | None, email: str, *, dr
         if dry_run:
             tx.rollback()
     if not dry_run:
-        _delete_blobs(engine, blobs, report)
+        delete_unused_blobs(engine, blobs, report)
         log.info("contacts.forgotten", **report.counts())  # counts only: the erased address stays out of the logs
     return report
 
@@ -165,7 +165,7 @@ def _erase(conn: sa.Connection, key: str, report: ForgetReport) -> None:
         key, {m: StoredMessage(threads[m], frozenset(keys[m])) for m in threads}, other_contacts=others
     )
     report.shared_kept = len(erasure.shared)
-    _delete_messages(conn, erasure.delete, report)
+    delete_messages(conn, erasure.delete, report)
     _refresh_threads(conn, {t for m in erasure.delete if (t := threads[m]) is not None}, report)
     report.backfills = _delete(conn, backfills_t, backfills_t.c.email == key)
     for chunk in chunks(sorted(forgotten)):
@@ -176,7 +176,7 @@ def _delete(conn: sa.Connection, table: sa.Table, where: sa.ColumnElement[bool])
     return conn.execute(table.delete().where(where)).rowcount
 
 
-def _delete_messages(conn: sa.Connection, message_ids: Iterable[int], report: ForgetReport) -> None:
+def delete_messages(conn: sa.Connection, message_ids: Iterable[int], report: ForgetReport) -> None:
     # Children are deleted explicitly (not left to ON DELETE CASCADE) so that the report counts them.
     for chunk in chunks(sorted(message_ids)):
         report.attachment_shas |= set(
@@ -221,7 +221,7 @@ def _refresh_threads(conn: sa.Connection, thread_ids: Iterable[int], report: For
         report.threads_updated += 1
 
 
-def _delete_blobs(engine: sa.Engine, blobs: BlobStore | None, report: ForgetReport) -> None:
+def delete_unused_blobs(engine: sa.Engine, blobs: BlobStore | None, report: ForgetReport) -> None:
     if blobs is None or not report.attachment_shas:
         return
     with engine.connect() as conn:

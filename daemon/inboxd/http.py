@@ -1,10 +1,13 @@
-"""The ops HTTP listener: GET /metrics (Prometheus text format) and GET /healthz (JSON, 200 or 503).
+"""The daemon's HTTP listener: GET /metrics (Prometheus text format), GET /healthz (JSON, 200 or 503), and for the
+HR app GET /connect/start, GET /oauth/callback (the consent flow, connect.py) and POST /accounts/disconnect.
 
 Served by a stdlib ThreadingHTTPServer on a daemon thread; `start` binds (port 0 picks a free port), `close` stops it.
 """
 
 from __future__ import annotations
 
+import hmac
+import html
 import json
 import socket
 import threading
@@ -13,12 +16,16 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import sqlalchemy as sa
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from inboxd import __version__
+from inboxd.connect import ConnectEndpoints
+from inboxd.disconnect import DisconnectReport
+from inboxd.errors import ConnectFailed, InboxdError, UsageError
 from inboxd.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -51,11 +58,25 @@ def database_health(engine: sa.Engine, *, threads: dict[str, threading.Thread] |
     return check
 
 
-class OpsServer:
-    """/metrics and /healthz on one address; `port` is the bound one (useful with port 0)."""
+Disconnect = Callable[[str, bool], DisconnectReport]  # (email, purge) -> report
 
-    def __init__(self, host: str, port: int, *, metrics: Metrics, health: HealthCheck) -> None:
-        handler = type("_BoundHandler", (_Handler,), {"metrics": metrics, "health": staticmethod(health)})
+
+@dataclass(frozen=True)
+class HrEndpoints:
+    """What the HR app's endpoints need; the api token is read per request so a config reload applies."""
+
+    connect: ConnectEndpoints
+    disconnect: Disconnect
+    api_token: Callable[[], str | None]
+
+
+class OpsServer:
+    """The listener on one address; `port` is the bound one (useful with port 0)."""
+
+    def __init__(
+        self, host: str, port: int, *, metrics: Metrics, health: HealthCheck, hr: HrEndpoints | None = None
+    ) -> None:
+        handler = type("_BoundHandler", (_Handler,), {"metrics": metrics, "health": staticmethod(health), "hr": hr})
         # IPv6 literals need an AF_INET6 socket; ThreadingHTTPServer picks the family from this class attribute
         server_class = _Server6 if ":" in host else _Server
         self._server = server_class((host, port), handler)
@@ -92,11 +113,15 @@ class _Server6(_Server):
 class _Handler(BaseHTTPRequestHandler):
     metrics: Metrics
     health: HealthCheck
+    hr: HrEndpoints | None
     server_version = f"inboxd/{__version__}"
 
     def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
+        url = urlsplit(self.path)
+        path = url.path
+        if path in ("/connect/start", "/oauth/callback"):
+            self._connect_step(path, dict(parse_qsl(url.query, keep_blank_values=True)))
+        elif path == "/metrics":
             self._reply(HTTPStatus.OK, self.metrics.exposition(), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             result = self.health()
@@ -108,10 +133,86 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._reply(HTTPStatus.NOT_FOUND, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8")
 
-    def _reply(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+    def do_POST(self) -> None:
+        if urlsplit(self.path).path != "/accounts/disconnect":
+            self._reply(HTTPStatus.NOT_FOUND, b'{"error": "not found"}\n', "application/json")
+            return
+        self._disconnect()
+
+    # -- the HR app's endpoints ----------------------------------------------------------------------------------
+
+    def _connect_step(self, path: str, params: dict[str, str]) -> None:
+        if self.hr is None:
+            self._page(HTTPStatus.NOT_FOUND, "Not available", "This inboxd does not serve the connect flow.")
+            return
+        try:
+            step = self.hr.connect.start if path == "/connect/start" else self.hr.connect.callback
+            redirect = step(params)
+        except (UsageError, ConnectFailed) as exc:
+            self._page(HTTPStatus.BAD_REQUEST, "Cannot connect the mailbox", str(exc))
+            return
+        except InboxdError as exc:  # the provider's endpoint unreachable and the like
+            self._page(HTTPStatus.SERVICE_UNAVAILABLE, "Cannot connect the mailbox now", str(exc))
+            return
+        self.send_response(HTTPStatus.FOUND)
+        self.send_header("Location", redirect.location)
+        self.send_header("Content-Length", "0")
+        self._private_headers()
+        self.end_headers()
+
+    def _disconnect(self) -> None:
+        token = self.hr.api_token() if self.hr is not None else None
+        if self.hr is None or token is None:
+            self._json(HTTPStatus.FORBIDDEN, {"error": "disabled: set http.api_token_file to allow the HR app this"})
+            return
+        presented = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
+            self._json(HTTPStatus.UNAUTHORIZED, {"error": "Authorization: Bearer <http.api_token_file> required"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(min(length, 65536)) or b"null")
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("email"), str):
+            self._json(HTTPStatus.BAD_REQUEST, {"error": 'expected a JSON object {"email": ..., "purge": false}'})
+            return
+        purge = body.get("purge", False)
+        if not isinstance(purge, bool):
+            self._json(HTTPStatus.BAD_REQUEST, {"error": "purge must be true or false"})
+            return
+        try:
+            report = self.hr.disconnect(body["email"], purge)
+        except UsageError as exc:
+            self._json(HTTPStatus.NOT_FOUND, {"error": str(exc)})
+            return
+        except InboxdError as exc:
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
+            return
+        self._json(HTTPStatus.OK, report.as_dict())
+
+    def _page(self, status: HTTPStatus, title: str, message: str) -> None:
+        body = (
+            f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>\n"
+        ).encode()
+        self._reply(status, body, "text/html; charset=utf-8", private=True)
+
+    def _json(self, status: HTTPStatus, obj: dict[str, Any]) -> None:
+        self._reply(status, json.dumps(obj).encode() + b"\n", "application/json", private=True)
+
+    def _private_headers(self) -> None:
+        # the callback URL carries an authorization code: never cached, never sent on as a Referer
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("X-Content-Type-Options", "nosniff")
+
+    def _reply(self, status: HTTPStatus, body: bytes, content_type: str, *, private: bool = False) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        if private:
+            self._private_headers()
         self.end_headers()
         self.wfile.write(body)
 
@@ -122,13 +223,15 @@ class _Handler(BaseHTTPRequestHandler):
         log.warning("http.request_failed", detail=format % args)
 
 
-def start_ops_server(listen: tuple[str, int] | None, *, metrics: Metrics, health: HealthCheck) -> OpsServer | None:
+def start_ops_server(
+    listen: tuple[str, int] | None, *, metrics: Metrics, health: HealthCheck, hr: HrEndpoints | None = None
+) -> OpsServer | None:
     """Serve /metrics and /healthz unless ``listen`` is off; a port in use is logged, not fatal: mail keeps
     syncing and the scraper sees the target down."""
     if listen is None:
         return None
     try:
-        return OpsServer(*listen, metrics=metrics, health=health).start()
+        return OpsServer(*listen, metrics=metrics, health=health, hr=hr).start()
     except OSError as exc:
         log.error("http.listen_failed", host=listen[0], port=listen[1], error=exc.strerror or type(exc).__name__)
         return None

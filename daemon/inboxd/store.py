@@ -6,7 +6,9 @@ The sync engine talks to this class only; SQL stays here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,7 +18,7 @@ import sqlalchemy as sa
 from inboxd.blobs import BlobStore
 from inboxd.clock import Clock
 from inboxd.crypto import SecretBox
-from inboxd.errors import UsageError
+from inboxd.errors import ReauthRequired, UsageError
 from inboxd.models import (
     AccountLease,
     ContactBackfill,
@@ -28,6 +30,7 @@ from inboxd.models import (
     MailFolder,
     MailLocation,
     MailMessage,
+    MailOutbox,
     MailParticipant,
     MailQuarantine,
     MailThread,
@@ -50,6 +53,7 @@ contacts_t = MailContact.__table__  # type: ignore[attr-defined]
 backfills_t = ContactBackfill.__table__  # type: ignore[attr-defined]
 dirty_t = DirtyMessage.__table__  # type: ignore[attr-defined]
 leases_t = AccountLease.__table__  # type: ignore[attr-defined]
+outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
 
 # Keep IN (...) lists well under SQLite's bound-parameter limit.
 _CHUNK = 500
@@ -89,13 +93,31 @@ class Account:
     retry_at: datetime | None = None
 
 
+OAUTH2_REFRESH, PASSWORD, DELEGATED = "oauth2_refresh", "password", "delegated"
+
+
 @dataclass(frozen=True, slots=True)
 class Credential:
-    kind: str  # 'oauth2_refresh' | 'password'
+    kind: str  # OAUTH2_REFRESH | PASSWORD | DELEGATED (no secret: the provider's service account or app grant)
     secret: str = ""
 
     def __repr__(self) -> str:  # the secret never reaches a log or a traceback
         return f"Credential(kind={self.kind!r}, secret=<hidden>)"
+
+
+@dataclass(slots=True)
+class RefreshSlot:
+    """One refresh's view of the stored refresh token; set ``rotated`` to store the provider's new one."""
+
+    token: str
+    rotated: str | None = None
+
+    def __repr__(self) -> str:
+        return "RefreshSlot(<hidden>)"
+
+
+_REFRESH_LOCKS: dict[tuple[int, int], threading.Lock] = {}
+_REFRESH_LOCKS_GUARD = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +174,12 @@ class Store:
         self._box = secret_box
         self._blobs = blobs
 
+    @property
+    def secret_box(self) -> SecretBox:
+        if self._box is None:
+            raise UsageError("no secrets key loaded")
+        return self._box
+
     # -- accounts -------------------------------------------------------------------------------------------
 
     def add_account(
@@ -186,6 +214,7 @@ class Store:
                     .where(accounts_t.c.id == account_id)
                     .values(
                         provider=provider,
+                        enabled=True,  # connecting again after a disconnect resumes the account
                         state="active",
                         state_reason=None,
                         last_error=None,
@@ -222,6 +251,56 @@ class Store:
         if row is None:
             raise UsageError(f"account {account_id} has no stored credentials; run `inboxd accounts add` again")
         return Credential(kind=row.kind, secret=self._box.decrypt(bytes(row.secret)))
+
+    def has_credential(self, account_id: int) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(creds_t.c.kind).where(creds_t.c.account_id == account_id)).first() is not None
+
+    @contextlib.contextmanager
+    def refresh_slot(self, account_id: int) -> Iterator[RefreshSlot]:
+        """The stored refresh token, held for one refresh: on PostgreSQL the credentials row is locked (FOR UPDATE),
+        so nodes and processes refresh one account one at a time and each sees the token the last one stored; a
+        rotated token set on the slot is written in the same transaction. SQLite (one node) serializes in-process.
+        """
+        if self._box is None:
+            raise UsageError("no secrets key loaded: cannot read credentials")
+        with self._refresh_lock(account_id), self.engine.begin() as conn:
+            query = sa.select(creds_t).where(creds_t.c.account_id == account_id)
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            row = conn.execute(query).first()
+            if row is None:
+                raise ReauthRequired("the mailbox was disconnected: its credentials are gone; connect it again")
+            slot = RefreshSlot(self._box.decrypt(bytes(row.secret)))
+            yield slot
+            if slot.rotated is not None and slot.rotated != slot.token:
+                conn.execute(
+                    creds_t.update()
+                    .where(creds_t.c.account_id == account_id)
+                    .values(secret=self._box.encrypt(slot.rotated), updated_at=self._clock.now())
+                )
+
+    def _refresh_lock(self, account_id: int) -> threading.Lock:
+        with _REFRESH_LOCKS_GUARD:
+            return _REFRESH_LOCKS.setdefault((id(self.engine), account_id), threading.Lock())
+
+    def disconnect_account(self, account_id: int, reason: str) -> int:
+        """Forget the credentials and stop the account (kept, with its mail, until purged); queued outbox rows fail
+        with ``reason`` since nothing can send them now. Returns how many outbox rows failed."""
+        now = self._clock.now()
+        with self.engine.begin() as conn:
+            conn.execute(creds_t.delete().where(creds_t.c.account_id == account_id))
+            conn.execute(
+                accounts_t.update()
+                .where(accounts_t.c.id == account_id)
+                .values(enabled=False, state="disabled", state_reason=reason, retry_at=None, updated_at=now)
+            )
+            failed: int = conn.execute(
+                outbox_t.update()
+                .where(outbox_t.c.account_id == account_id, outbox_t.c.status == "queued")
+                .values(status="failed", last_error=reason, next_attempt_at=None)
+            ).rowcount
+            return failed
 
     def replace_refresh_token(self, account_id: int, refresh_token: str) -> None:
         """Persist a rotated refresh token (Microsoft rotates them on every use)."""

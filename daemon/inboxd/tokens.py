@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +33,14 @@ class TokenSource(Protocol):
 
     def invalidate(self) -> None:
         """The server rejected the last token: the next access_token() fetches a new one."""
+
+
+class RefreshVault(Protocol):
+    """Where the refresh token lives between refreshes (the credentials table): ``token`` is the stored one when the
+    slot opens; a ``rotated`` one set on the slot is stored before it closes."""
+
+    token: str
+    rotated: str | None
 
 
 class FailFastRequest(google.auth.transport.requests.Request):
@@ -93,17 +102,15 @@ class OAuthRefreshTokenSource:
         on_rotated_refresh_token: Callable[[str], None] | None = None,
         timeout: float = DEFAULT_HTTP_TIMEOUT,
         on_refresh: Callable[[bool], None] | None = None,
+        vault: Callable[[], AbstractContextManager[RefreshVault]] | None = None,
     ) -> None:
-        # Built directly: Credentials.from_authorized_user_info() would silently reset token_uri to Google's.
-        self._credentials = Credentials(  # type: ignore[no-untyped-call]
-            token=None,
-            refresh_token=refresh_token,
-            client_id=client_id,
-            client_secret=client_secret,
-            token_uri=token_uri,
-            scopes=None,
-        )
+        self._client = (client_id, client_secret)
         self._token_uri = token_uri
+        self._credentials = self._credentials_for(refresh_token)
+        # With a vault, each refresh holds the stored token (one refresh per account at a time, across processes on
+        # PostgreSQL), starts from what is stored (another process may have rotated it) and stores a rotated one
+        # in the same transaction.
+        self._vault = vault
         self._host = urlsplit(token_uri).hostname or token_uri
         self._clock = clock
         self._margin = margin
@@ -140,7 +147,29 @@ class OAuthRefreshTokenSource:
     def close(self) -> None:
         self._session.close()
 
+    def _credentials_for(self, refresh_token: str) -> Credentials:
+        # Built directly: Credentials.from_authorized_user_info() would silently reset token_uri to Google's.
+        return Credentials(  # type: ignore[no-untyped-call]
+            token=None,
+            refresh_token=refresh_token,
+            client_id=self._client[0],
+            client_secret=self._client[1],
+            token_uri=self._token_uri,
+            scopes=None,
+        )
+
     def _refresh(self, now: datetime) -> None:
+        if self._vault is None:
+            self._refresh_with(now)
+            return
+        with self._vault() as slot:
+            if slot.token != self._credentials.refresh_token:
+                self._credentials = self._credentials_for(slot.token)
+            self._refresh_with(now)
+            if self._credentials.refresh_token != slot.token:
+                slot.rotated = self._credentials.refresh_token
+
+    def _refresh_with(self, now: datetime) -> None:
         creds = self._credentials
         old_refresh_token = creds.refresh_token
         try:
@@ -173,7 +202,10 @@ class OAuthRefreshTokenSource:
         if exc.retryable:
             return RetryLater(f"token endpoint {self._host} failed temporarily: {code} ({description})")
         if code == "invalid_grant":
-            return ReauthRequired(f"refresh token rejected by {self._host}: invalid_grant ({description})")
+            return ReauthRequired(
+                f"access to the mailbox was revoked or has expired; connect it again "
+                f"({self._host}: invalid_grant: {description})"
+            )
         if not details:
             description = self._scrub(str(exc.args[0]) if exc.args else "")
         return ReauthRequired(f"token endpoint {self._host} refused the refresh: {code} ({description})")
