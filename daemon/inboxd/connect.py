@@ -266,7 +266,7 @@ def sign_start(params: Mapping[str, str], api_token: str) -> str:
 
 def check_signature(params: Mapping[str, str], api_token: str, *, now: float) -> None:
     expires = params.get("expires", "")
-    if not expires.isdigit():
+    if not expires.isdigit() or not params.get("sig"):
         raise UsageError("this connect link is not signed (expires and sig are required: http.api_token_file is set)")
     if not hmac.compare_digest(sign_start(params, api_token), params.get("sig", "")):
         raise UsageError("this connect link's signature is wrong")
