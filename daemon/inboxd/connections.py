@@ -10,11 +10,13 @@ from collections.abc import Callable
 
 from inboxd.clock import Clock
 from inboxd.config import ProviderConfig
+from inboxd.delegation import ClientCredentialsTokenSource, ServiceAccountTokenSource
 from inboxd.errors import AccountFailed
 from inboxd.imap import ImapEndpoint, ImapSession, connect
 from inboxd.metrics import Metrics
+from inboxd.oauth_flow import IDENTITY_SCOPES
 from inboxd.smtp import AioSmtpSender, SmtpEndpoint, SmtpSender
-from inboxd.store import Account, Store
+from inboxd.store import DELEGATED, Account, Credential, Store
 from inboxd.tokens import OAuthRefreshTokenSource, TokenSource
 
 
@@ -32,7 +34,7 @@ class Connections:
         self._clock = clock
         self._sleep = sleep  # per-command IMAP backoff ([THROTTLED]); tests record instead of sleeping
         # keyed by account and a digest of its refresh token: reconnecting (new token) gets a new source
-        self._tokens: dict[tuple[int, str], TokenSource] = {}
+        self._tokens: dict[tuple[int, str, str], TokenSource] = {}
         self._lock = threading.Lock()
 
     def imap(self, account: Account, provider: ProviderConfig) -> ImapSession:
@@ -47,7 +49,7 @@ class Connections:
         if credential.kind == "password":
             session = connect(endpoint, username=account.email, password=credential.secret, sleep=self._sleep)
         else:
-            tokens = self.token_source(account, provider, credential.secret)
+            tokens = self.token_source(account, provider, credential)
             session = connect(
                 endpoint,
                 username=account.email,
@@ -66,29 +68,70 @@ class Connections:
         credential = self._store.credential(account.id)
         if credential.kind == "password":
             return AioSmtpSender(endpoint, username=account.email, password=credential.secret)
-        tokens = self.token_source(account, provider, credential.secret)
+        tokens = self.token_source(account, provider, credential)
         return AioSmtpSender(
             endpoint, username=account.email, access_token=tokens.access_token, invalidate_token=tokens.invalidate
         )
 
-    def token_source(self, account: Account, provider: ProviderConfig, refresh_token: str) -> TokenSource:
+    def token_source(self, account: Account, provider: ProviderConfig, credential: Credential) -> TokenSource:
+        """The account's one token source (so one refresh at a time), replaced when its credentials change."""
         with self._lock:
-            key = (account.id, hashlib.sha256(refresh_token.encode()).hexdigest())
+            key = (account.id, credential.kind, hashlib.sha256(credential.secret.encode()).hexdigest())
             source = self._tokens.get(key)
             if source is None:
-                if not (provider.token_uri and provider.client_id and provider.client_secret):
-                    raise AccountFailed(f"provider {provider.name!r} lacks token_uri/client_id/client_secret")
-                source = OAuthRefreshTokenSource(
-                    refresh_token=refresh_token,
-                    client_id=provider.client_id,
-                    client_secret=provider.client_secret,
-                    token_uri=provider.token_uri,
-                    clock=self._clock,
-                    ca_file=provider.ca_file,
-                    timeout=provider.timeout,
-                    on_rotated_refresh_token=lambda new: self._store.replace_refresh_token(account.id, new),
-                    on_refresh=self._metrics.token_refreshed,
-                )
+                source = self._new_source(account, provider, credential)
                 self._tokens = {k: v for k, v in self._tokens.items() if k[0] != account.id}
                 self._tokens[key] = source
             return source
+
+    def _new_source(self, account: Account, provider: ProviderConfig, credential: Credential) -> TokenSource:
+        if credential.kind == DELEGATED:
+            return delegated_token_source(
+                account.email, provider, clock=self._clock, on_refresh=self._metrics.token_refreshed
+            )
+        if not (provider.token_uri and provider.client_id and provider.client_secret):
+            raise AccountFailed(f"provider {provider.name!r} lacks token_uri/client_id/client_secret")
+        return OAuthRefreshTokenSource(
+            refresh_token=credential.secret,
+            client_id=provider.client_id,
+            client_secret=provider.client_secret,
+            token_uri=provider.token_uri,
+            clock=self._clock,
+            ca_file=provider.ca_file,
+            timeout=provider.timeout,
+            on_refresh=self._metrics.token_refreshed,
+            vault=lambda: self._store.refresh_slot(account.id),
+        )
+
+
+def delegated_token_source(
+    email: str, provider: ProviderConfig, *, clock: Clock, on_refresh: Callable[[bool], None] | None = None
+) -> TokenSource:
+    """A token for ``email`` without its consent: Workspace domain-wide delegation or Microsoft 365 app-only."""
+    if provider.service_account_file is not None:
+        return ServiceAccountTokenSource(
+            key_file=provider.service_account_file,
+            subject=email,
+            scopes=[s for s in provider.scopes if s not in IDENTITY_SCOPES] or ["https://mail.google.com/"],
+            clock=clock,
+            ca_file=provider.ca_file,
+            timeout=provider.timeout,
+            on_refresh=on_refresh,
+        )
+    if provider.app_only:
+        assert provider.token_uri is not None
+        assert provider.client_id is not None
+        assert provider.client_secret is not None
+        return ClientCredentialsTokenSource(
+            token_uri=provider.token_uri,
+            client_id=provider.client_id,
+            client_secret=provider.client_secret,
+            clock=clock,
+            ca_file=provider.ca_file,
+            timeout=provider.timeout,
+            on_refresh=on_refresh,
+        )
+    raise AccountFailed(
+        f"{email} was added with --delegated but provider {provider.name!r} has neither service_account_file "
+        "(Google Workspace) nor app_only = true (Microsoft 365)"
+    )
