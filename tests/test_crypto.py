@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
 
-from inboxd.crypto import SecretBox, init_key_file
+from inboxd.crypto import SecretBox, add_key, init_key_file, prune_keys
 from inboxd.errors import SecretsError
 
 
@@ -126,3 +127,176 @@ def test_second_key_line_still_decrypts_after_rotation(tmp_path: Path) -> None:
     assert box.decrypt(old_token) == "old secret"
     rotated = box.rotate(old_token)
     assert SecretBox([new_key]).decrypt(rotated) == "old secret"
+
+
+# --- rotation: add_key, prune_keys, and a running process picking up a rotated file -------------------------------
+
+
+def _keys_in(path: Path) -> list[bytes]:
+    return [line for line in path.read_bytes().splitlines() if line and not line.startswith(b"#")]
+
+
+def test_add_key_prepends_a_new_key_and_keeps_the_old_ones_in_a_0600_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "secret.key"
+    init_key_file(key_file)
+    old = key_file.read_bytes()
+    old_token = SecretBox.from_key_file(key_file).encrypt("old secret")
+    add_key(key_file)
+    assert _mode(key_file) == 0o600
+    assert key_file.read_bytes().endswith(old)  # the old key, untouched, below the new one
+    assert key_file.read_bytes().startswith(b"# added ")
+    new_key, old_key = _keys_in(key_file)
+    assert old_key == old.strip()
+    box = SecretBox.from_key_file(key_file)
+    assert box.decrypt(old_token) == "old secret"
+    assert SecretBox([new_key]).decrypt(box.encrypt("new secret")) == "new secret"  # the new key encrypts
+    assert [p.name for p in tmp_path.iterdir()] == ["secret.key"]  # no temp file left behind
+
+
+def test_add_key_keeps_a_read_only_0400_mode(tmp_path: Path) -> None:
+    key_file = tmp_path / "secret.key"
+    init_key_file(key_file)
+    os.chmod(key_file, 0o400)
+    add_key(key_file)
+    assert _mode(key_file) == 0o400
+    assert len(_keys_in(key_file)) == 2
+
+
+def test_add_key_rewrites_the_target_of_a_symlinked_key_file(tmp_path: Path) -> None:
+    """A key file shared through a symlink stays shared: the link is kept, the file it points to gets the key."""
+    shared = tmp_path / "shared" / "secret.key"
+    init_key_file(shared)
+    link = tmp_path / "secret.key"
+    link.symlink_to(shared)
+    add_key(link)
+    assert link.is_symlink()
+    assert len(_keys_in(shared)) == 2
+    assert _mode(shared) == 0o600
+
+
+def test_concurrent_add_key_calls_lose_no_key(tmp_path: Path) -> None:
+    key_file = tmp_path / "secret.key"
+    init_key_file(key_file)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda _: add_key(key_file), range(8)))
+    assert len(set(_keys_in(key_file))) == 9
+
+
+def test_add_key_refuses_a_file_that_holds_no_valid_key(tmp_path: Path) -> None:
+    key_file = tmp_path / "secret.key"
+    key_file.write_text("not-a-fernet-key-but-secret-looking\n")
+    os.chmod(key_file, 0o600)
+    with pytest.raises(SecretsError, match="does not hold a valid Fernet key") as info:
+        add_key(key_file)
+    assert "secret-looking" not in str(info.value)
+    assert key_file.read_text() == "not-a-fernet-key-but-secret-looking\n"
+
+
+def test_add_key_on_a_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(SecretsError, match=r"key file .*nope\.key not found"):
+        add_key(tmp_path / "nope.key")
+
+
+def test_prune_keys_keeps_only_the_first_key(tmp_path: Path) -> None:
+    key_file = tmp_path / "secret.key"
+    init_key_file(key_file)
+    add_key(key_file)
+    add_key(key_file)
+    first = _keys_in(key_file)[0]
+    assert prune_keys(key_file) == 2
+    assert _keys_in(key_file) == [first]
+    assert _mode(key_file) == 0o600
+    assert prune_keys(key_file) == 0  # nothing left to prune
+    assert _keys_in(key_file) == [first]
+
+
+def test_prune_keys_refuses_a_file_changed_since_it_was_checked(tmp_path: Path) -> None:
+    """prune after a check against the first key: a rotation in between would make it drop the key rows need."""
+    key_file = tmp_path / "secret.key"
+    init_key_file(key_file)
+    add_key(key_file)
+    checked = SecretBox.from_key_file(key_file).file_id
+    add_key(key_file)  # another admin rotates meanwhile
+    before = key_file.read_bytes()
+    with pytest.raises(SecretsError, match="changed while the stored credentials were checked"):
+        prune_keys(key_file, unchanged_since=checked)
+    assert key_file.read_bytes() == before
+
+
+def test_a_box_loaded_before_a_rotation_reloads_the_file_once_to_decrypt(tmp_path: Path) -> None:
+    """A running daemon (or another node sharing the key file) reads rows re-encrypted under the new key."""
+    key_file = tmp_path / "secret.key"
+    init_key_file(key_file)
+    running = SecretBox.from_key_file(key_file)
+    add_key(key_file)
+    rotated = SecretBox.from_key_file(key_file).encrypt("refresh token")
+    assert running.decrypt(rotated) == "refresh token"
+    assert "keys=2" in repr(running)
+
+
+def test_a_box_loaded_before_a_rotation_encrypts_with_the_new_key(tmp_path: Path) -> None:
+    """Rows a running daemon writes after the rotation (a provider's rotated refresh token) need no old key."""
+    key_file = tmp_path / "secret.key"
+    init_key_file(key_file)
+    running = SecretBox.from_key_file(key_file)
+    add_key(key_file)
+    new_only = SecretBox.from_key_file(key_file).primary_only()
+    assert new_only.decrypt(running.encrypt("rotated by the provider")) == "rotated by the provider"
+
+
+def test_an_unchanged_key_file_is_not_reloaded_and_the_error_stays_the_same(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.key", tmp_path / "b.key"
+    init_key_file(first)
+    init_key_file(second)
+    token = SecretBox.from_key_file(first).encrypt("secret")
+    box = SecretBox.from_key_file(second)
+    with pytest.raises(SecretsError) as info:
+        box.decrypt(token)
+    assert str(info.value) == f"stored credentials cannot be decrypted with {second}; wrong key file?"
+    with pytest.raises(SecretsError, match="cannot be decrypted"):
+        box.rotate(token)
+
+
+def test_a_reloaded_file_that_still_lacks_the_key_raises_secrets_error(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.key", tmp_path / "b.key"
+    init_key_file(first)
+    init_key_file(second)
+    token = SecretBox.from_key_file(first).encrypt("secret")
+    box = SecretBox.from_key_file(second)
+    add_key(second)  # changed on disk, but holds no key for the token
+    with pytest.raises(SecretsError, match=r"cannot be decrypted with .*b\.key; wrong key file\?"):
+        box.decrypt(token)
+    assert "keys=2" in repr(box)  # it did reload
+
+
+def test_a_key_file_made_unreadable_keeps_encrypting_with_the_loaded_keys(tmp_path: Path) -> None:
+    key_file = tmp_path / "secret.key"
+    init_key_file(key_file)
+    box = SecretBox.from_key_file(key_file)
+    add_key(key_file)
+    os.chmod(key_file, 0o644)  # a botched edit: from_key_file would refuse this file
+    assert SecretBox([_keys_in(key_file)[1]]).decrypt(box.encrypt("x")) == "x"
+
+
+def test_no_rotation_error_shows_key_material(tmp_path: Path) -> None:
+    key_file = tmp_path / "secret.key"
+    init_key_file(key_file)
+    add_key(key_file)
+    keys = [k.decode() for k in _keys_in(key_file)]
+    messages: list[str] = []
+    other = tmp_path / "other.key"
+    init_key_file(other)
+    foreign_token = SecretBox.from_key_file(other).encrypt("x")
+    for attempt in (
+        lambda: SecretBox.from_key_file(key_file).decrypt(foreign_token),
+        lambda: SecretBox.from_key_file(key_file).primary_only().rotate(foreign_token),
+        lambda: prune_keys(key_file, unchanged_since=(0, 0, 0, 0)),
+        lambda: SecretBox([keys[0].encode()[:40]]),  # a truncated key line
+    ):
+        with pytest.raises(SecretsError) as info:
+            attempt()
+        messages.append(str(info.value))
+        assert info.value.__cause__ is None
+    for message in messages:
+        assert not any(key in message or key[:20] in message for key in keys), message
+    assert repr(SecretBox.from_key_file(key_file).primary_only()).count("keys=1") == 1
