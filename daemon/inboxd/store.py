@@ -116,7 +116,7 @@ class RefreshSlot:
         return "RefreshSlot(<hidden>)"
 
 
-_REFRESH_LOCKS: dict[tuple[int, int], threading.Lock] = {}
+_REFRESH_LOCKS: dict[tuple[str, int], threading.Lock] = {}  # SQLite: per database file and account
 _REFRESH_LOCKS_GUARD = threading.Lock()
 
 
@@ -264,9 +264,10 @@ class Store:
         """
         if self._box is None:
             raise UsageError("no secrets key loaded: cannot read credentials")
-        with self._refresh_lock(account_id), self.engine.begin() as conn:
+        postgres = self.engine.dialect.name == "postgresql"
+        with contextlib.nullcontext() if postgres else self._refresh_lock(account_id), self.engine.begin() as conn:
             query = sa.select(creds_t).where(creds_t.c.account_id == account_id)
-            if conn.dialect.name == "postgresql":
+            if postgres:
                 query = query.with_for_update()
             row = conn.execute(query).first()
             if row is None:
@@ -282,7 +283,7 @@ class Store:
 
     def _refresh_lock(self, account_id: int) -> threading.Lock:
         with _REFRESH_LOCKS_GUARD:
-            return _REFRESH_LOCKS.setdefault((id(self.engine), account_id), threading.Lock())
+            return _REFRESH_LOCKS.setdefault((str(self.engine.url), account_id), threading.Lock())
 
     def disconnect_account(self, account_id: int, reason: str) -> int:
         """Forget the credentials and stop the account (kept, with its mail, until purged); queued outbox rows fail
