@@ -23,20 +23,25 @@ from inboxd import __version__, db, logs
 from inboxd.blobs import BlobStore
 from inboxd.clock import SystemClock
 from inboxd.config import Config, load_config
+from inboxd.connect import ConnectEndpoints, connect_interactive, consent_provider, normalize_email
+from inboxd.connect_state import StateCodec
+from inboxd.connections import delegated_token_source
 from inboxd.crypto import SecretBox, init_key_file
 from inboxd.daemon import Daemon
+from inboxd.disconnect import disconnect
 from inboxd.errors import ConfigError, InboxdError, SecretsError, UsageError
 from inboxd.forget import ForgetReport, forget_contact
-from inboxd.http import database_health, start_ops_server
+from inboxd.http import HrEndpoints, database_health, start_ops_server
 from inboxd.leases import Leases
 from inboxd.metrics import Metrics
 from inboxd.outbox import Outbox
 from inboxd.outbox_policy import RetryPolicy
 from inboxd.outbox_store import OutboxStore
 from inboxd.progress import ProgressDisplay
+from inboxd.rekey import prune_command, rotate_command
 from inboxd.runner import AccountResult, Runner
 from inboxd.sdnotify import Notifier
-from inboxd.store import Account, Credential, Store
+from inboxd.store import DELEGATED, Account, Credential, Store
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     secrets_sub = secrets.add_subparsers(dest="action", required=True, metavar="ACTION")
     init = secrets_sub.add_parser("init", help="create the key file (random key, mode 0600)")
     init.add_argument("--force", action="store_true", help="overwrite an existing key (stored credentials are lost)")
+    secrets_sub.add_parser(
+        "rotate", help="add a new key on top of the key file and re-encrypt every stored credential with it"
+    )
+    secrets_sub.add_parser("prune", help="remove the old keys once every credential uses the newest one")
 
     database = sub.add_parser("db", help="database schema")
     db_sub = database.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -66,9 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
     cred = add.add_mutually_exclusive_group(required=True)
     cred.add_argument("--refresh-token-file", type=Path, help="file holding an OAuth2 refresh token")
     cred.add_argument("--password-file", type=Path, help="file holding the IMAP password (generic IMAP only)")
+    cred.add_argument(
+        "--delegated",
+        action="store_true",
+        help="no consent: the provider's Workspace service account or Microsoft 365 app-only grant",
+    )
     add.add_argument("--hr-user-ref", help="the HR app's id for this recruiter")
+    add.add_argument("--no-verify", action="store_true", help="--delegated: store without fetching a token first")
     lst = acc_sub.add_parser("list", help="list connected mailboxes")
     lst.add_argument("--json", action="store_true")
+
+    connect = sub.add_parser("connect", help="connect a mailbox with the owner's consent (OAuth, loopback redirect)")
+    connect.add_argument("email")
+    connect.add_argument("--provider", help="a [providers.NAME] of the config (default: the only OAuth one)")
+    connect.add_argument("--hr-user-ref", help="the HR app's id for this recruiter")
+    connect.add_argument("--timeout", type=_seconds, default=300.0, help="seconds to wait for consent (300)")
+    connect.add_argument("--port", type=int, default=0, help="loopback port for the redirect (default: any free)")
+
+    disconnect = sub.add_parser(
+        "disconnect", help="revoke and delete a mailbox's credentials and stop syncing it (mail is kept)"
+    )
+    disconnect.add_argument("email")
+    disconnect.add_argument(
+        "--purge", action="store_true", help="also delete the account and all its mail, threads and attachments"
+    )
+    disconnect.add_argument("--yes", action="store_true", help="--purge: do not ask for confirmation")
 
     run = sub.add_parser("run", help="sync mailboxes")
     run.add_argument("--once", action="store_true", help="one cycle of every active account, then exit")
@@ -85,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("email")
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return parser
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"expected 1 to 3600 seconds, got {value!r}")
+    return seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, config: Config) -> int:
-    if args.command == "secrets":
+    if args.command == "secrets" and args.action == "init":
         init_key_file(config.secrets.key_file, overwrite=args.force)
         print(f"created {config.secrets.key_file} (mode 0600); keep a backup: without it stored credentials are lost")
         return EXIT_OK
@@ -126,19 +167,27 @@ def _dispatch_db(args: argparse.Namespace, config: Config, engine: sa.Engine) ->
         print(f"database at schema {db.current_revision(engine)}")
         return EXIT_OK
     db.check_schema(engine)
+    if args.command == "secrets":
+        print(rotate_command(config, engine) if args.action == "rotate" else prune_command(config, engine))
+        return EXIT_OK
     clock = SystemClock()
-    needs_key = args.command == "run" or (args.command == "accounts" and args.action == "add")
+    needs_key = args.command in ("run", "connect", "disconnect") or (
+        args.command == "accounts" and args.action == "add"
+    )
     box = SecretBox.from_key_file(config.secrets.key_file) if needs_key else None
     store = Store(engine, clock=clock, secret_box=box, blobs=BlobStore(config.sync.attachments_dir))
     if args.command == "accounts":
         return _accounts_add(args, config, store) if args.action == "add" else _accounts_list(args, store)
-    if args.command == "status":
-        return _status(args, store, config)
-    if args.command == "run":
-        return _run(args, config, store)
-    if args.command == "contacts":
-        return _contacts_forget(args, config, store)
-    raise UsageError(f"unknown command {args.command}")
+    handlers = {
+        "status": _status,
+        "run": _run,
+        "contacts": _contacts_forget,
+        "connect": _connect,
+        "disconnect": _disconnect,
+    }
+    if args.command not in handlers:
+        raise UsageError(f"unknown command {args.command}")
+    return handlers[args.command](args, config, store)
 
 
 def _read_secret_file(path: Path, what: str) -> str:
@@ -154,14 +203,22 @@ def _read_secret_file(path: Path, what: str) -> str:
 
 
 def _accounts_add(args: argparse.Namespace, config: Config, store: Store) -> int:
-    email = args.email.strip().lower()
-    if "@" not in email or email.startswith("@") or email.endswith("@") or any(c.isspace() for c in email):
-        raise UsageError(f"{args.email!r} is not an email address")
+    email = normalize_email(args.email)
     provider = config.providers.get(args.provider)
     if provider is None:
         known = ", ".join(sorted(config.providers)) or "none"
         raise UsageError(f"--provider {args.provider!r} is not in the config (providers: {known})")
-    if args.refresh_token_file is not None:
+    if args.delegated:
+        if provider.delegation is None:
+            raise UsageError(
+                f"provider {args.provider!r} cannot connect mailboxes without consent: give it service_account_file "
+                "(Google Workspace domain-wide delegation) or app_only = true (Microsoft 365)"
+            )
+        if not args.no_verify:
+            # fail now, with the provider's reason, rather than at the first sync
+            delegated_token_source(email, provider, clock=SystemClock()).access_token()
+        credential = Credential(DELEGATED)
+    elif args.refresh_token_file is not None:
         if provider.auth != "oauth2":
             raise UsageError(f"provider {args.provider!r} uses auth = {provider.auth!r}; pass --password-file")
         credential = Credential("oauth2_refresh", _read_secret_file(args.refresh_token_file, "refresh token"))
@@ -171,6 +228,49 @@ def _accounts_add(args: argparse.Namespace, config: Config, store: Store) -> int
         credential = Credential("password", _read_secret_file(args.password_file, "password"))
     account = store.add_account(email, args.provider, credential, hr_user_ref=args.hr_user_ref)
     print(f"account {account.email} (id {account.id}) connected via {args.provider}")
+    return EXIT_OK
+
+
+def _connect(args: argparse.Namespace, config: Config, store: Store) -> int:
+    email = normalize_email(args.email)
+    provider = consent_provider(config, args.provider)
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: expected 0 (any free port) to 65535")
+    try:
+        account = connect_interactive(
+            config,
+            store,
+            email,
+            provider,
+            out=sys.stdout,
+            timeout=args.timeout,
+            port=args.port,
+            hr_user_ref=args.hr_user_ref,
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot listen on 127.0.0.1:{args.port} for the redirect: {exc.strerror}") from None
+    print(f"account {account.email} (id {account.id}) connected via {provider.name}")
+    return EXIT_OK
+
+
+def _disconnect(args: argparse.Namespace, config: Config, store: Store) -> int:
+    email = normalize_email(args.email)
+    if store.account(email) is None:
+        raise UsageError(f"no account {email} (see `inboxd accounts list`)")
+    if args.purge and not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("--purge deletes the account's mail for good: pass --yes (stdin is not a terminal)")
+        if input(f"delete {email} and all its mail? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing changed")
+            return EXIT_OK
+    report = disconnect(config, store, BlobStore(config.sync.attachments_dir), email, purge=args.purge)
+    print(f"{report.email}: credentials deleted, syncing stopped; provider revocation: {report.revocation}")
+    if report.outbox_failed:
+        print(f"{report.outbox_failed} queued outbox message(s) failed: the account can no longer send")
+    if report.purged:
+        print("purged: " + ", ".join(f"{n} {what}" for what, n in report.purged.items()))
+    else:
+        print("its synced mail is kept; `inboxd disconnect --purge` deletes it")
     return EXIT_OK
 
 
@@ -208,7 +308,7 @@ def _accounts_list(args: argparse.Namespace, store: Store) -> int:
     return EXIT_OK
 
 
-def _status(args: argparse.Namespace, store: Store, config: Config) -> int:
+def _status(args: argparse.Namespace, config: Config, store: Store) -> int:
     """Accounts with state, messages, last success and lag, who syncs them, and the outbox: what /metrics shows."""
     now = SystemClock().now()
     accounts = store.accounts()
@@ -358,7 +458,7 @@ def _loop(
     )
     log.info("daemon.started", interval_s=config.sync.interval.total_seconds())
     health = database_health(store.engine, threads={"outbox sender": daemon.sender})
-    ops = start_ops_server(config.http.listen, metrics=runner.metrics, health=health)
+    ops = start_ops_server(config.http.listen, metrics=runner.metrics, health=health, hr=_hr_endpoints(daemon, store))
     try:
         daemon.run()
     finally:
@@ -366,6 +466,18 @@ def _loop(
             ops.close()
     log.info("daemon.stopped")
     return EXIT_OK
+
+
+def _hr_endpoints(daemon: Daemon, store: Store) -> HrEndpoints:
+    """The HR app's connect/disconnect endpoints, on the daemon's config (reloads included)."""
+    clock = SystemClock()
+    codec = StateCodec(store.secret_box.derived("inboxd connect state"), clock=clock)
+    blobs = BlobStore(daemon.config.sync.attachments_dir)
+    return HrEndpoints(
+        connect=ConnectEndpoints(lambda: daemon.config, store, codec, clock=clock),
+        disconnect=lambda email, purge: disconnect(daemon.config, store, blobs, email, purge=purge),
+        api_token=lambda: daemon.config.http.api_token,
+    )
 
 
 def _print_summary(results: list[AccountResult]) -> None:

@@ -11,7 +11,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from inboxd.clock import Clock
 from inboxd.errors import ConnectFailed
@@ -33,7 +33,7 @@ class ConnectState:
 
 
 class StateCodec:
-    def __init__(self, fernet: Fernet, *, clock: Clock, lifetime: timedelta = STATE_LIFETIME) -> None:
+    def __init__(self, fernet: Fernet | MultiFernet, *, clock: Clock, lifetime: timedelta = STATE_LIFETIME) -> None:
         self._fernet = fernet
         self._clock = clock
         self._lifetime = lifetime

@@ -6,6 +6,7 @@ The key file holds one Fernet key per line; the first encrypts, all decrypt (Mul
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import os
@@ -18,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from inboxd.errors import SecretsError
 
@@ -89,6 +92,7 @@ def prune_keys(path: Path, *, unchanged_since: FileId | None = None) -> int:
 class _Keys:
     fernet: MultiFernet
     primary: bytes
+    all: tuple[bytes, ...]
     count: int
     file_id: FileId | None
 
@@ -127,6 +131,13 @@ class SecretBox:
     def primary_only(self) -> SecretBox:
         """A box holding only the first (encrypting) key: what is left after `prune_keys`."""
         return SecretBox([self._keys.primary], source=f"the first key of {self._source}")
+
+    def derived(self, purpose: str) -> MultiFernet:
+        """A key for something other than credentials (the connect flow's state), derived from each key of the file
+        (HKDF-SHA256, ``purpose`` as info): never the credentials' own key, and it rotates with the file."""
+        with contextlib.suppress(SecretsError):
+            self._reload_if_changed()
+        return MultiFernet([Fernet(_derive(key, purpose)) for key in self._keys.all])
 
     def encrypt(self, plaintext: str) -> bytes:
         # Encrypt with the newest key once the file has rotated, so the rows this process writes do not hold up
@@ -176,6 +187,12 @@ class SecretBox:
     __str__ = __repr__
 
 
+def _derive(key: bytes, purpose: str) -> bytes:
+    raw = base64.urlsafe_b64decode(key)
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose.encode()).derive(raw)
+    return base64.urlsafe_b64encode(derived)
+
+
 def _make_keys(keys: Sequence[bytes], source: str, file_id: FileId | None) -> _Keys:
     if not keys:
         raise SecretsError(f"{source} holds no key")
@@ -184,7 +201,9 @@ def _make_keys(keys: Sequence[bytes], source: str, file_id: FileId | None) -> _K
     except ValueError:
         # `from None`: the chained exception's frame would carry the key bytes.
         raise SecretsError(f"{source} does not hold a valid Fernet key") from None
-    return _Keys(fernet=fernet, primary=bytes(keys[0]), count=len(keys), file_id=file_id)
+    return _Keys(
+        fernet=fernet, primary=bytes(keys[0]), all=tuple(bytes(k) for k in keys), count=len(keys), file_id=file_id
+    )
 
 
 def _file_id(info: os.stat_result) -> FileId:
