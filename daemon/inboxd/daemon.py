@@ -252,6 +252,8 @@ class Daemon:
         }
         for account_id in set(self._watchers) - wanted:
             self._watchers.pop(account_id).stop(timeout=2)
+            gone = accounts.get(account_id)
+            log.info("idle.stopped", account=gone.email if gone else account_id, state=gone.state if gone else "gone")
         for account_id in wanted - set(self._watchers):
             self._watchers[account_id] = self._watch(accounts[account_id])
 
