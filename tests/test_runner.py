@@ -15,8 +15,8 @@ from inboxd.crypto import SecretBox
 from inboxd.errors import RetryLater
 from inboxd.imap import ImapSession
 from inboxd.planner import Capabilities
-from inboxd.runner import Runner, retry_delay
-from inboxd.store import Account, Credential, Store
+from inboxd.runner import Runner, decide, retry_delay
+from inboxd.store import DISCONNECTED_REASON, Account, Credential, Store
 from inboxd.testing import FakeMailbox, FakeSession
 
 
@@ -100,3 +100,16 @@ def test_interrupt_stops_a_running_sync_between_batches(
     assert stored == 2, "the first batch was committed, then the sync stopped"
     [again] = runner.sync_once()
     assert again.ok and again.stats.new_messages == 8, "the next sync continues from the cursor"
+
+
+def test_decide_keeps_the_disconnected_reason_apart_from_the_hr_apps_switch(tmp_path: Path) -> None:
+    config = parse_config("", path=tmp_path / "inboxd.toml", env={})
+    now = FakeClock().now()
+
+    def account(state: str, reason: str | None) -> Account:
+        return Account(1, "a@x.test", "gmail", False, state, reason, None, None, None)
+
+    assert decide(account("disabled", DISCONNECTED_REASON), config, now).reason == DISCONNECTED_REASON
+    switched_off = decide(account("active", None), config, now)
+    assert (switched_off.run, switched_off.state) == (False, "disabled")
+    assert switched_off.reason == "disabled by the HR app (mail_accounts.enabled = false)"

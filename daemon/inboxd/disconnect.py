@@ -19,7 +19,7 @@ from inboxd.errors import RetryLater, SecretsError, UsageError
 from inboxd.forget import ForgetReport, delete_messages, delete_unused_blobs
 from inboxd.models import MailAccount, MailMessage, MailThread
 from inboxd.oauth_flow import revoke
-from inboxd.store import OAUTH2_REFRESH, Store
+from inboxd.store import DISCONNECTED_REASON, OAUTH2_REFRESH, Store
 
 log = structlog.get_logger(__name__)
 
@@ -62,8 +62,7 @@ def disconnect(config: Config, store: Store, blobs: BlobStore | None, email: str
             except RetryLater as exc:
                 # the token is deleted here anyway; the person can also remove the app in their account settings
                 report.revocation = f"failed: {exc}"
-    reason = "disconnected: connect the mailbox again to resume syncing"
-    report.outbox_failed = store.disconnect_account(account.id, reason)
+    report.outbox_failed = store.disconnect_account(account.id, DISCONNECTED_REASON)
     if purge:
         report.purged = purge_account(store.engine, blobs, account.id)
     log.info(

@@ -33,7 +33,7 @@ from inboxd.errors import (
 from inboxd.imap import ImapSession
 from inboxd.metrics import Metrics
 from inboxd.scope import Exclusions, contact_set, normalize_address
-from inboxd.store import Account, Store
+from inboxd.store import DISCONNECTED_REASON, Account, Store
 from inboxd.sync import AccountSync, Progress, SyncSettings, SyncStats
 
 log = structlog.get_logger(__name__)
@@ -52,7 +52,10 @@ class AccountDecision:
 def decide(account: Account, config: Config, now: datetime) -> AccountDecision:
     """Whether an account syncs this cycle; pure. The HR app's `enabled` wins over the config, then pauses."""
     if not account.enabled:
-        return AccountDecision(False, "disabled", "disabled by the HR app (mail_accounts.enabled = false)")
+        # a disconnected mailbox keeps saying so; otherwise the HR app switched it off
+        disconnected = account.state_reason == DISCONNECTED_REASON
+        reason = DISCONNECTED_REASON if disconnected else "disabled by the HR app (mail_accounts.enabled = false)"
+        return AccountDecision(False, "disabled", reason)
     policy = config.policy_for(account.email)
     if policy.paused:
         return AccountDecision(False, "paused", policy.reason or "paused in the config")

@@ -94,6 +94,8 @@ class Account:
 
 
 OAUTH2_REFRESH, PASSWORD, DELEGATED = "oauth2_refresh", "password", "delegated"
+# state_reason of a disabled account whose mailbox was disconnected (credentials deleted)
+DISCONNECTED_REASON = "disconnected: connect the mailbox again to resume syncing"
 
 
 @dataclass(frozen=True, slots=True)
