@@ -257,3 +257,13 @@ def test_delegation_keys(tmp_path: Path) -> None:
     m365: ProviderConfig = parse(tmp_path, M365 + "app_only = true").providers["m365"]
     assert m365.delegation == "app_only"
     assert parse(tmp_path, GMAIL).providers["gmail"].delegation is None
+
+
+def test_a_delegation_only_gmail_provider_needs_no_oauth_client(tmp_path: Path) -> None:
+    (tmp_path / "sa.json").write_text("{}")
+    provider = parse(tmp_path, '[providers.ws]\nkind = "gmail"\nservice_account_file = "sa.json"\n').providers["ws"]
+    assert (provider.client_id, provider.client_secret, provider.delegation) == (None, None, "service_account")
+    with pytest.raises(UsageError, match="only connect mailboxes with --delegated"):
+        authorization_url(provider, redirect_uri="http://127.0.0.1:1/", state="s", pkce=new_pkce(), login_hint="a@b.c")
+    with pytest.raises(ConfigError, match="client_id"):
+        parse(tmp_path, '[providers.ws]\nkind = "gmail"\n')

@@ -813,7 +813,7 @@ def _check_plain(table: _Table, key: str, mode: str, host: str) -> None:
         )
 
 
-def _oauth_client(table: _Table, kind: str, default_uri: str | None) -> tuple[str, str, str]:
+def _oauth_client(table: _Table, kind: str, default_uri: str | None) -> tuple[str, str | None, str | None]:
     token_uri: str | None = table.string("token_uri", None, expected='a URL like "https://host/token"')
     if table.has("tenant"):
         if kind != "microsoft":
@@ -841,6 +841,8 @@ def _oauth_client(table: _Table, kind: str, default_uri: str | None) -> tuple[st
     if token_uri is None:
         raise table.error("token_uri", 'is required with auth = "oauth2": the OAuth token endpoint URL')
     _check_token_uri(table, token_uri)
+    if client_id is None and client_secret is None and table.has("service_account_file"):
+        return token_uri, None, None  # domain-wide delegation only: the service account is the client
     if client_id is None:
         raise table.error("client_id", 'is required with auth = "oauth2": the OAuth client (application) id')
     if client_secret is None:

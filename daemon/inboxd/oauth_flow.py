@@ -64,6 +64,11 @@ def check_consent_provider(provider: ProviderConfig) -> None:
             f"provider {provider.name!r} uses password authentication: add the account with "
             "`inboxd accounts add EMAIL --provider NAME --password-file FILE`"
         )
+    if provider.client_id is None or provider.client_secret is None:
+        raise UsageError(
+            f"provider {provider.name!r} has no OAuth client (client_id, client_secret_file): it can only connect "
+            "mailboxes with --delegated"
+        )
     if provider.auth_uri is None or not provider.scopes:
         raise UsageError(
             f"provider {provider.name!r} has no auth_uri/scopes: set them in [providers.{provider.name}] "
