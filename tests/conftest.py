@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gmail.server import GmailServer, IntrospectValidator
 from harness import MailStack
 from harness.browser import browser  # noqa: F401 (a fixture: importing it here offers it to every test)
+from harness.oauth import oauth_server  # noqa: F401 (a fixture, as above)
 
 # database fixtures (engine/store over SQLite and PostgreSQL) live in tests/dbs.py
 pytest_plugins = ["dbs"]
