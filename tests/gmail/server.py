@@ -45,7 +45,13 @@ DEFAULT_INTROSPECT_URL = "http://127.0.0.1:11080/introspect"
 
 
 class IntrospectValidator:
-    """Checks an access token at an RFC 7662 endpoint (the mail stack's OAuth server, as Dovecot does)."""
+    """Checks an access token at an RFC 7662 endpoint (the mail stack's OAuth server, as Dovecot does).
+
+    A user token must be active and name ``user``. An app-only token (introspection says active and
+    ``"app_only": true``, no email: the OAuth server's client_credentials grant) opens any mailbox, as Exchange Online
+    lets an app holding the full_access_as_app / IMAP.AccessAsApp application permission log in to every mailbox it
+    has been granted; that is how the tests use this server as a Microsoft 365 stand-in.
+    """
 
     def __init__(
         self, url: str = DEFAULT_INTROSPECT_URL, client: tuple[str, str] = ("dovecot", "introspect-secret")
@@ -61,7 +67,9 @@ class IntrospectValidator:
         )
         with urllib.request.urlopen(request, timeout=10) as resp:
             info = json.load(resp)
-        return bool(info.get("active")) and str(info.get("email", "")).lower() == user.strip().lower()
+        if not info.get("active"):
+            return False
+        return info.get("app_only") is True or str(info.get("email", "")).lower() == user.strip().lower()
 
 
 @dataclass(frozen=True)
