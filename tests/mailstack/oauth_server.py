@@ -42,6 +42,7 @@ Endpoints
                                 require_pkce=0|1 (1)   consent=auto|manual (auto)   consent_user=<email> (one-shot)
                                 redirect_uri=<uri> (repeatable, appends)   rotate_refresh=0|1 (0)
                                 app_only=0|1 (1)   code_ttl=N (60)
+  GET  /admin/issued            -> {"secrets": [...]}: every token and code minted (the run checks its logs for them)
   GET  /admin/stats[?refresh_token=<rt>] -> {"stats": {...}, "token_calls": {rt: n}, ...} or {"token_calls": n}
   GET  /healthz               -> {"ok": true, "stats": {...}}
 
@@ -86,6 +87,8 @@ CODES = {}  # authorization code -> {"client_id", "redirect_uri", "challenge", "
 SERVICE_ACCOUNTS = {}  # client_email -> {"n", "e", "domains": set, "scopes": set}
 REDIRECT_URIS = []  # non-loopback redirect URIs registered via /admin/config
 CONFIG = {}
+ISSUED = set()  # every token and code ever minted: the test run checks that none of them reached a log
+ISSUED_LOCK = threading.Lock()  # its own lock: tokens are minted while LOCK is held
 STATS = {"introspect": 0, "token": 0, "userinfo": 0, "authorize": 0, "consent": 0, "revoke": 0}
 
 GRANT_STAT = {
@@ -217,6 +220,8 @@ def _ttl_for(user):
 
 def _mint_access(user, client_id, ttl, scope, refresh_token=None, app_only=False):
     tok = "ya29." + secrets.token_urlsafe(32)
+    with ISSUED_LOCK:
+        ISSUED.add(tok)
     with LOCK:
         ACCESS[tok] = {
             "user": user,
@@ -230,7 +235,10 @@ def _mint_access(user, client_id, ttl, scope, refresh_token=None, app_only=False
 
 
 def _new_refresh_token():
-    return "1//" + secrets.token_urlsafe(36)
+    token = "1//" + secrets.token_urlsafe(36)
+    with ISSUED_LOCK:
+        ISSUED.add(token)
+    return token
 
 
 def _revoke_refresh_locked(rt):
@@ -575,6 +583,7 @@ class Handler(BaseHTTPRequestHandler):
         route = {
             "/healthz": self._get_healthz,
             "/admin/stats": self._get_stats,
+            "/admin/issued": self._get_issued,
             "/userinfo": self._get_userinfo,
             "/authorize": self._get_authorize,
         }.get(urlsplit(self.path).path)
@@ -602,6 +611,11 @@ class Handler(BaseHTTPRequestHandler):
     def _get_healthz(self):
         with LOCK:
             return self._send(200, {"ok": True, "stats": dict(STATS)})
+
+    def _get_issued(self):
+        with ISSUED_LOCK:
+            issued = sorted(ISSUED)
+        return self._send(200, {"secrets": issued})
 
     def _get_stats(self):
         query = self._query()
@@ -669,6 +683,8 @@ class Handler(BaseHTTPRequestHandler):
         if form["decision"] == "deny":
             return self._redirect(_with_query(form["redirect_uri"], {"error": "access_denied", **state}))
         code = "4/0" + secrets.token_urlsafe(32)
+        with ISSUED_LOCK:
+            ISSUED.add(code)
         with LOCK:
             CODES[code] = {
                 "client_id": form["client_id"],
@@ -754,6 +770,8 @@ class Handler(BaseHTTPRequestHandler):
         if not user:
             return self._send(400, {"error": "user required"})
         rt = form.get("refresh_token") or _new_refresh_token()
+        with ISSUED_LOCK:
+            ISSUED.add(rt)
         with LOCK:
             REFRESH[rt] = {"user": user}
             REVOKED.discard(rt)
