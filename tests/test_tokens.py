@@ -38,7 +38,7 @@ class TokenServer:
     """State of the fake authorization server; tests flip `mode` and read `calls`."""
 
     url: str = ""
-    mode: str = "ok"  # ok | unavailable | invalid_client
+    mode: str = "ok"  # ok | unavailable | bad_gateway | invalid_client
     expires_in: int | None = 3600
     rotate: bool = False
     delay: float = 0.0
@@ -54,8 +54,9 @@ class TokenServer:
             self.seen_refresh_tokens.append(form.get("refresh_token", ""))
         if self.delay:
             time.sleep(self.delay)
-        if self.mode == "unavailable":
-            return 503, {"error": "temporarily_unavailable"}
+        failing = {"unavailable": (503, {"error": "temporarily_unavailable"}), "bad_gateway": (502, {})}
+        if self.mode in failing:
+            return failing[self.mode]
         if form.get("client_id") != CLIENT_ID or form.get("client_secret") != CLIENT_SECRET:
             return 401, {"error": "invalid_client", "error_description": "Unauthorized"}
         if self.mode == "invalid_client":
@@ -256,6 +257,13 @@ def test_503_is_retry_later_at_once(token_server: TokenServer, clock: FakeClock)
     assert token_server.calls == 1
     token_server.mode = "ok"
     assert source.access_token() == "ya29.access-1"
+
+
+def test_502_from_a_proxy_is_retry_later(token_server: TokenServer, clock: FakeClock) -> None:
+    """Not in google-auth's retryable list: without our own rule a load balancer's 502 would park the account."""
+    token_server.mode = "bad_gateway"
+    with pytest.raises(RetryLater, match="502"):
+        make_source(token_server.url, clock).access_token()
 
 
 def test_connection_refused_is_retry_later(clock: FakeClock) -> None:

@@ -251,7 +251,8 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(creds_t).where(creds_t.c.account_id == account_id)).first()
         if row is None:
-            raise UsageError(f"account {account_id} has no stored credentials; run `inboxd accounts add` again")
+            # disconnected (or never connected) and switched on again by hand: a person must connect it
+            raise ReauthRequired("no stored credentials (the mailbox was disconnected): connect it again")
         return Credential(kind=row.kind, secret=self._box.decrypt(bytes(row.secret)))
 
     def has_credential(self, account_id: int) -> bool:

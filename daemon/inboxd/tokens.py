@@ -75,7 +75,8 @@ class FailFastRequest(google.auth.transport.requests.Request):
             **self._verify,
             **kwargs,
         )
-        if response.status in transport.DEFAULT_RETRYABLE_STATUS_CODES:
+        # every 5xx (a 502 from a load balancer in front of the endpoint too), 429 and 408: try again later
+        if response.status >= 500 or response.status in transport.DEFAULT_RETRYABLE_STATUS_CODES:
             raise RetryableStatus(response.status)
         return response
 
