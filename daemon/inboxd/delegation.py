@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import google.auth.exceptions
-import requests
 from google.oauth2 import service_account
 
 from inboxd.clock import Clock
 from inboxd.errors import AccountFailed, ReauthRequired, RetryLater
-from inboxd.tokens import ASSUMED_LIFETIME, DEFAULT_HTTP_TIMEOUT, FailFastRequest, RetryableStatus
+from inboxd.tokens import (
+    ASSUMED_LIFETIME,
+    DEFAULT_HTTP_TIMEOUT,
+    CachedTokenSource,
+    lifetime_until,
+    transport_errors_retry_later,
+)
 
 OUTLOOK_APP_ONLY_SCOPE = "https://outlook.office365.com/.default"
 
@@ -41,77 +43,7 @@ APP_ONLY_GRANTS = (
 _JWT = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]*")
 
 
-class _FailFastAny5xxRequest(FailFastRequest):
-    """FailFastRequest, and every 5xx is transient: google-auth's retryable list lacks 502 (a load balancer in front
-    of a restarting token endpoint), which would otherwise surface as a definitive refusal."""
-
-    def __call__(
-        self,
-        url: str,
-        method: str = "GET",
-        body: Any = None,
-        headers: Any = None,
-        timeout: Any = None,
-        **kwargs: Any,
-    ) -> Any:
-        response = super().__call__(url, method=method, body=body, headers=headers, timeout=timeout, **kwargs)
-        if response.status >= 500:
-            raise RetryableStatus(response.status)
-        return response
-
-
-class _CachedTokenSource(ABC):
-    """The cache, lock and metrics callback of a TokenSource; a subclass only fetches a token and its lifetime."""
-
-    def __init__(
-        self,
-        *,
-        clock: Clock,
-        margin: timedelta,
-        timeout: float,
-        ca_file: Path | None,
-        on_refresh: Callable[[bool], None] | None,
-    ) -> None:
-        self._clock = clock
-        self._margin = margin
-        self._on_refresh = on_refresh or (lambda ok: None)  # metrics: each refresh, successful or not
-        self._session = requests.Session()
-        self._request = _FailFastAny5xxRequest(self._session, timeout, ca_file)
-        self._lock = threading.Lock()
-        self._token: str | None = None
-        self._refresh_at: datetime | None = None
-
-    def access_token(self) -> str:
-        # One lock around check-and-refresh: concurrent callers wait for one refresh and share its token.
-        with self._lock:
-            now = self._clock.now()
-            if self._token is not None and self._refresh_at is not None and now < self._refresh_at:
-                return self._token
-            try:
-                token, lifetime = self._fetch()
-            except Exception:
-                self._on_refresh(False)
-                raise
-            self._on_refresh(True)
-            self._token = token
-            # Half the lifetime at most: a token shorter-lived than the margin is still reused for a while.
-            self._refresh_at = now + lifetime - min(self._margin, lifetime / 2)
-            return token
-
-    def invalidate(self) -> None:
-        with self._lock:
-            self._token = None
-            self._refresh_at = None
-
-    def close(self) -> None:
-        self._session.close()
-
-    @abstractmethod
-    def _fetch(self) -> tuple[str, timedelta]:
-        """A new access token and its lifetime; raises RetryLater, ReauthRequired or AccountFailed."""
-
-
-class ServiceAccountTokenSource(_CachedTokenSource):
+class ServiceAccountTokenSource(CachedTokenSource):
     """Tokens for ``subject``'s mailbox through Google Workspace domain-wide delegation.
 
     The key file is read at every refresh, so a key replaced on disk is used from the next refresh on without a
@@ -141,7 +73,7 @@ class ServiceAccountTokenSource(_CachedTokenSource):
 
     def _fetch(self) -> tuple[str, timedelta]:
         key = self._read_key()
-        with _transport_errors_retry_later(key.host):
+        with transport_errors_retry_later(key.host):
             try:
                 key.credentials.refresh(self._request)  # type: ignore[no-untyped-call]
             except google.auth.exceptions.RefreshError as exc:
@@ -149,7 +81,7 @@ class ServiceAccountTokenSource(_CachedTokenSource):
         token = key.credentials.token
         if not isinstance(token, str) or not token:
             raise AccountFailed(f"token endpoint {key.host} answered without an access token")
-        return token, _lifetime_until(key.credentials.expiry)
+        return token, lifetime_until(key.credentials.expiry)
 
     def _read_key(self) -> _ServiceAccountKey:
         # A key file that cannot be used is an ops problem shared by every delegated mailbox: not RetryLater (it will
@@ -241,7 +173,7 @@ class _ServiceAccountKey:
     host: str
 
 
-class ClientCredentialsTokenSource(_CachedTokenSource):
+class ClientCredentialsTokenSource(CachedTokenSource):
     """App-only tokens (Microsoft 365) for an app registration: one token serves every mailbox the app may open."""
 
     def __init__(
@@ -274,7 +206,7 @@ class ClientCredentialsTokenSource(_CachedTokenSource):
             "client_secret": self._client_secret,
             "scope": self._scope,
         }
-        with _transport_errors_retry_later(self._host):
+        with transport_errors_retry_later(self._host):
             response = self._request(
                 url=self._token_uri,
                 method="POST",
@@ -311,27 +243,6 @@ class ClientCredentialsTokenSource(_CachedTokenSource):
 
     def _scrub(self, text: object) -> str:
         return _scrub(str(text or "no description"), [self._client_secret, self._token])
-
-
-@contextmanager
-def _transport_errors_retry_later(host: str) -> Iterator[None]:
-    """Network failures and 5xx/429/408 answers: the scheduler tries again later (same texts as tokens.py)."""
-    try:
-        yield
-    except RetryableStatus as exc:
-        raise RetryLater(f"token endpoint {host} answered {exc}; try again later") from exc
-    except google.auth.exceptions.TransportError as exc:
-        cause = exc.__cause__ or exc
-        raise RetryLater(f"cannot reach token endpoint {host}: {type(cause).__name__}") from exc
-
-
-def _lifetime_until(expiry: datetime | None) -> timedelta:
-    # google-auth stamps expiry as naive UTC from the machine's wall clock just after the response;
-    # take only the lifetime from it and anchor that on our clock.
-    if expiry is None:
-        return ASSUMED_LIFETIME
-    wall_now = datetime.now(UTC).replace(tzinfo=None)
-    return timedelta(seconds=max(0, round((expiry - wall_now).total_seconds())))
 
 
 def _lifetime_from_expires_in(expires_in: Any) -> timedelta:

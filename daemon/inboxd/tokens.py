@@ -1,4 +1,6 @@
-"""Access tokens for XOAUTH2: the TokenSource port and its google-auth adapter over a refresh token.
+"""Access tokens for XOAUTH2: the TokenSource port, CachedTokenSource (cache, lock, metrics and error translation
+shared by every grant) and its google-auth adapter over a refresh token. The consent-free grants are in
+delegation.py.
 
 A token is fetched once per lifetime (minus a margin) on the injected clock; library errors become ours.
 """
@@ -6,8 +8,9 @@ A token is fetched once per lifetime (minus a margin) on the injected clock; lib
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -87,7 +90,79 @@ class RetryableStatus(Exception):
         self.status = status
 
 
-class OAuthRefreshTokenSource:
+class CachedTokenSource(ABC):
+    """The cache, lock and metrics callback of a TokenSource; a subclass only fetches a token and its lifetime."""
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        margin: timedelta,
+        timeout: float,
+        ca_file: Path | None,
+        on_refresh: Callable[[bool], None] | None,
+    ) -> None:
+        self._clock = clock
+        self._margin = margin
+        self._on_refresh = on_refresh or (lambda ok: None)  # metrics: each refresh, successful or not
+        self._session = requests.Session()
+        self._request = FailFastRequest(self._session, timeout, ca_file)
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._refresh_at: datetime | None = None
+
+    def access_token(self) -> str:
+        # One lock around check-and-refresh: concurrent callers wait for one refresh and share its token.
+        with self._lock:
+            now = self._clock.now()
+            if self._token is not None and self._refresh_at is not None and now < self._refresh_at:
+                return self._token
+            try:
+                token, lifetime = self._fetch()
+            except Exception:
+                self._on_refresh(False)
+                raise
+            self._on_refresh(True)
+            self._token = token
+            # Half the lifetime at most: a token shorter-lived than the margin is still reused for a while.
+            self._refresh_at = now + lifetime - min(self._margin, lifetime / 2)
+            return token
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._token = None
+            self._refresh_at = None
+
+    def close(self) -> None:
+        self._session.close()
+
+    @abstractmethod
+    def _fetch(self) -> tuple[str, timedelta]:
+        """A new access token and its lifetime; raises RetryLater, ReauthRequired or AccountFailed."""
+
+
+@contextmanager
+def transport_errors_retry_later(host: str) -> Iterator[None]:
+    """Network failures and 5xx/429/408 answers: the scheduler tries again later."""
+    try:
+        yield
+    except RetryableStatus as exc:
+        raise RetryLater(f"token endpoint {host} answered {exc}; try again later") from exc
+    except google.auth.exceptions.TransportError as exc:
+        cause = exc.__cause__ or exc
+        raise RetryLater(f"cannot reach token endpoint {host}: {type(cause).__name__}") from exc
+
+
+def lifetime_until(expiry: datetime | None) -> timedelta:
+    # google-auth stamps expiry as naive UTC from the machine's wall clock just after the response;
+    # take only the lifetime from it and anchor that on our clock.
+    if expiry is None:
+        return ASSUMED_LIFETIME
+    wall_now = datetime.now(UTC).replace(tzinfo=None)
+    return timedelta(seconds=max(0, round((expiry - wall_now).total_seconds())))
+
+
+class OAuthRefreshTokenSource(CachedTokenSource):
     """Trades a refresh token for access tokens at ``token_uri`` (Google, Microsoft, any RFC 6749 server)."""
 
     def __init__(
@@ -113,40 +188,11 @@ class OAuthRefreshTokenSource:
         # in the same transaction.
         self._vault = vault
         self._host = urlsplit(token_uri).hostname or token_uri
-        self._clock = clock
-        self._margin = margin
         self._on_rotated = on_rotated_refresh_token
-        self._on_refresh = on_refresh or (lambda ok: None)  # metrics: each refresh, successful or not
-        self._session = requests.Session()
-        self._request = FailFastRequest(self._session, timeout, ca_file)
-        self._lock = threading.Lock()
-        self._token: str | None = None
-        self._refresh_at: datetime | None = None
+        super().__init__(clock=clock, margin=margin, timeout=timeout, ca_file=ca_file, on_refresh=on_refresh)
 
     def __repr__(self) -> str:
         return f"OAuthRefreshTokenSource(token_uri={self._token_uri!r})"
-
-    def access_token(self) -> str:
-        # One lock around check-and-refresh: concurrent callers wait for one refresh and share its token.
-        with self._lock:
-            now = self._clock.now()
-            if self._token is None or self._refresh_at is None or now >= self._refresh_at:
-                try:
-                    self._refresh(now)
-                except Exception:
-                    self._on_refresh(False)
-                    raise
-                self._on_refresh(True)
-            assert self._token is not None
-            return self._token
-
-    def invalidate(self) -> None:
-        with self._lock:
-            self._token = None
-            self._refresh_at = None
-
-    def close(self) -> None:
-        self._session.close()
 
     def _credentials_for(self, refresh_token: str) -> Credentials:
         # Built directly: Credentials.from_authorized_user_info() would silently reset token_uri to Google's.
@@ -159,42 +205,32 @@ class OAuthRefreshTokenSource:
             scopes=None,
         )
 
-    def _refresh(self, now: datetime) -> None:
+    def _fetch(self) -> tuple[str, timedelta]:
         if self._vault is None:
-            self._refresh_with(now)
-            return
+            return self._refresh()
         with self._vault() as slot:
             if slot.token != self._credentials.refresh_token:
                 self._credentials = self._credentials_for(slot.token)
-            self._refresh_with(now)
+            fetched = self._refresh()
             if self._credentials.refresh_token != slot.token:
                 slot.rotated = self._credentials.refresh_token
+            return fetched
 
-    def _refresh_with(self, now: datetime) -> None:
+    def _refresh(self) -> tuple[str, timedelta]:
         creds = self._credentials
         old_refresh_token = creds.refresh_token
-        try:
-            creds.refresh(self._request)  # type: ignore[no-untyped-call]
-        except google.auth.exceptions.RefreshError as exc:
-            raise self._translate_refresh_error(exc) from exc
-        except RetryableStatus as exc:
-            raise RetryLater(f"token endpoint {self._host} answered {exc}; try again later") from exc
-        except google.auth.exceptions.TransportError as exc:
-            cause = exc.__cause__ or exc
-            raise RetryLater(f"cannot reach token endpoint {self._host}: {type(cause).__name__}") from exc
-        # google-auth stamps expiry as naive UTC from the machine's wall clock just after the response;
-        # take only the lifetime from it and anchor that on our clock.
-        wall_now = datetime.now(UTC).replace(tzinfo=None)
-        if creds.expiry is not None:
-            lifetime = timedelta(seconds=max(0, round((creds.expiry - wall_now).total_seconds())))
-        else:
-            lifetime = ASSUMED_LIFETIME
-        self._token = creds.token
-        self._refresh_at = now + lifetime - min(self._margin, lifetime / 2)
+        with transport_errors_retry_later(self._host):
+            try:
+                creds.refresh(self._request)  # type: ignore[no-untyped-call]
+            except google.auth.exceptions.RefreshError as exc:
+                raise self._translate_refresh_error(exc) from exc
         new_refresh_token = creds.refresh_token
         if new_refresh_token and new_refresh_token != old_refresh_token and self._on_rotated is not None:
             # Microsoft rotates refresh tokens on every use: the caller must persist the new one.
             self._on_rotated(new_refresh_token)
+        token: str | None = creds.token
+        assert token is not None  # google-auth raises RefreshError for an answer without access_token
+        return token, lifetime_until(creds.expiry)
 
     def _translate_refresh_error(self, exc: google.auth.exceptions.RefreshError) -> Exception:
         details: Mapping[str, Any] = next((a for a in exc.args[1:] if isinstance(a, Mapping)), {})
