@@ -6,7 +6,6 @@ service-account key, JWT-bearer grant at the shared OAuth server, the Gmail-dial
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -16,12 +15,12 @@ from typing import Any
 import pytest
 import requests
 import sqlalchemy as sa
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from imapclient import IMAPClient
 
 from gmail.server import GmailServer
 from harness import MailStack, make_message, wait_for
+from harness.config import gmail_provider
+from harness.oauth import make_service_account
 from inboxd import db
 from inboxd.delegation import APP_ONLY_GRANTS
 from test_cli import (
@@ -55,27 +54,6 @@ batch_size = 50
 {providers}
 """)
     return path
-
-
-def oauth_provider(name: str, kind: str, stack: MailStack, server: GmailServer, extra: str = "") -> str:
-    """A provider table pointed at the Gmail-dialect server (IMAP and SMTP over STARTTLS) and the shared OAuth
-    server's token endpoint, as harness.config.write_gmail_config writes it."""
-    return f"""
-[providers.{name}]
-kind = "{kind}"
-imap_host = "127.0.0.1"
-imap_port = {server.imap_port}
-imap_tls = "starttls"
-smtp_host = "127.0.0.1"
-smtp_port = {server.smtp_port}
-smtp_tls = "starttls"
-token_uri = "{stack.token_uri}"
-client_id = "{stack.client_id}"
-client_secret = "{stack.client_secret}"
-ca_file = "{stack.ca_cert}"
-timeout = 10
-{extra}
-"""
 
 
 def rows(db_url: str, sql: str, **params: Any) -> list[Any]:
@@ -203,36 +181,11 @@ timeout = 10
 
 
 def shared_service_account(stack: MailStack, path: Path, *, domains: str) -> tuple[Path, str]:
-    """What harness.oauth.make_service_account does, against the SHARED OAuth server (OAuthServer only starts
-    private ones): a fresh RSA key registered under a unique client_email for ``domains``, saved as a Google
-    service-account JSON key (mode 0600). Returns the path and the PEM private key."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    numbers = key.public_key().public_numbers()
+    """A service account registered at the SHARED OAuth server (the Gmail-dialect server checks tokens there) under
+    a unique client_email; returns the key file and its PEM private key."""
     client_email = f"inboxd-{uuid.uuid4().hex[:8]}@hr-project.iam.gserviceaccount.com"
-    with requests.Session() as http:
-        http.trust_env = False  # loopback: no proxy from the environment
-        answer = http.post(
-            f"{stack.oauth_url}/admin/service_account",
-            data={"client_email": client_email, "n": str(numbers.n), "e": str(numbers.e), "domains": domains},
-            timeout=10,
-        )
-    answer.raise_for_status()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    info = {
-        "type": "service_account",
-        "project_id": "inboxd-test",
-        "private_key_id": uuid.uuid4().hex,
-        "private_key": pem,
-        "client_email": client_email,
-        "client_id": "1234567890",
-        "token_uri": stack.token_uri,
-    }
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
-    return path, pem
+    key_file = make_service_account(stack, client_email=client_email, domains=domains, path=path)
+    return key_file, str(json.loads(key_file.read_text())["private_key"])
 
 
 def test_workspace_delegation_connects_and_syncs_without_consent(
@@ -247,8 +200,8 @@ def test_workspace_delegation_connects_and_syncs_without_consent(
     cli.config = write_config(
         tmp_path,
         db_url,
-        oauth_provider("gmail", "gmail", mailstack, gmail_server, f'service_account_file = "{key_file}"')
-        + oauth_provider("gmail_consent", "gmail", mailstack, gmail_server),
+        gmail_provider("gmail", "gmail", mailstack, gmail_server, f'service_account_file = "{key_file}"')
+        + gmail_provider("gmail_consent", "gmail", mailstack, gmail_server),
     )
     assert cli("secrets", "init").code == 0
     user = f"dwd-{uuid.uuid4().hex[:12]}@example.test"
@@ -305,7 +258,7 @@ def test_microsoft_app_only_connects_and_syncs_without_consent(
     tenant has no service principal for the app (AADSTS7000229), `accounts add --delegated` fails with the grants a
     Microsoft 365 admin must make, stores nothing, and never shows the client secret."""
     cli.config = write_config(
-        tmp_path, db_url, oauth_provider("m365", "microsoft", mailstack, gmail_server, "app_only = true")
+        tmp_path, db_url, gmail_provider("m365", "microsoft", mailstack, gmail_server, "app_only = true")
     )
     assert cli("secrets", "init").code == 0
     user = f"app-{uuid.uuid4().hex[:12]}@example.test"

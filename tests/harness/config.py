@@ -93,8 +93,16 @@ key_file = "{directory / "secret.key"}"
 scope = "{scope}"
 batch_size = 3
 {sync_extra}
-[providers.gmail]
-kind = "gmail"
+{gmail_provider("gmail", "gmail", stack, server)}""")
+    return path
+
+
+def gmail_provider(name: str, kind: str, stack: MailStack, server: GmailServer, extra: str = "") -> str:
+    """A ``[providers.NAME]`` table pointed at a Gmail-dialect test server (IMAP and SMTP over STARTTLS) and the
+    stack's OAuth server; ``extra`` lines go inside the table."""
+    return f"""
+[providers.{name}]
+kind = "{kind}"
 imap_host = "127.0.0.1"
 imap_port = {server.imap_port}
 imap_tls = "starttls"
@@ -106,5 +114,5 @@ client_id = "{stack.client_id}"
 client_secret = "{stack.client_secret}"
 ca_file = "{stack.ca_cert}"
 timeout = 10
-""")
-    return path
+{extra}
+"""

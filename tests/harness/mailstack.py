@@ -124,6 +124,10 @@ class MailStack:
         with urllib.request.urlopen(f"{self.oauth_url}/admin/stats?{query}", timeout=10) as resp:
             return int(json.load(resp)["token_calls"])
 
+    def admin(self, path: str, **form: str) -> dict[str, Any]:
+        """POST ``form`` to the shared OAuth server's /admin/<path> (like OAuthServer.admin for private ones)."""
+        return self._admin_post(f"/admin/{path.lstrip('/')}", **form)
+
     def _admin_post(self, path: str, **form: str) -> dict[str, Any]:
         data = urllib.parse.urlencode(form).encode()
         with urllib.request.urlopen(f"{self.oauth_url}{path}", data, timeout=10) as resp:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import pytest
@@ -232,8 +232,17 @@ def approve(authorize_url: str, *, decision: str = "allow") -> str:
     return str(answer.headers["Location"])
 
 
+class AdminServer(Protocol):
+    """An OAuth server of the tests: a private OAuthServer, or the shared one through MailStack."""
+
+    @property
+    def token_uri(self) -> str: ...
+
+    def admin(self, path: str, **form: str) -> dict[str, Any]: ...
+
+
 def make_service_account(
-    server: OAuthServer,
+    server: AdminServer,
     *,
     client_email: str,
     domains: list[str] | tuple[str, ...] | str,
