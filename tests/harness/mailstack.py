@@ -14,7 +14,7 @@ import subprocess
 import urllib.parse
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ class MailStack:
     smtp_port: int = 11025
     oauth_port: int = 11080
     client_id: str = "inboxd-test-client"
-    client_secret: str = "inboxd-test-secret"
+    client_secret: str = field(default="inboxd-test-secret", repr=False)  # never in a failure report
 
     @classmethod
     def start(cls) -> MailStack:
