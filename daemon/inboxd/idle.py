@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import select
+import socket
 import threading
 from collections.abc import Callable
 
@@ -16,7 +18,7 @@ import structlog
 from imapclient.exceptions import IMAPClientError
 
 from inboxd.clock import Clock
-from inboxd.errors import InboxdError, SessionExpired
+from inboxd.errors import InboxdError, RetryLater, SessionExpired
 from inboxd.gmail import Gmail
 from inboxd.imap import ImapClientSession, ImapSession
 
@@ -25,6 +27,8 @@ log = structlog.get_logger(__name__)
 IDLE_RENEW = 9 * 60.0  # seconds; under the ~10 min after which servers may end an idle session
 CHECK_SLICE = 1.0  # seconds per idle_check, so a stop request is honoured quickly
 CHANGE_RESPONSES = (b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED")
+# the peer closed or reset the connection (POLLRDHUP: it shut down its side, Linux)
+HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 
 def backoff(failures: int, *, base: float = 1.0, cap: float = 300.0, rng: random.Random | None = None) -> float:
@@ -36,6 +40,14 @@ def backoff(failures: int, *, base: float = 1.0, cap: float = 300.0, rng: random
 def is_bye(responses: list[tuple[object, ...]]) -> bool:
     """The server ended the session while we idled (Gmail: `* BYE Session expired`)."""
     return any(len(r) > 0 and r[0] == b"BYE" for r in responses)
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether the server closed or reset the connection. imapclient's idle_check() returns [] for a closed
+    socket, as for a quiet one: without this check a dropped IDLE connection looks idle until the renewal."""
+    poller = select.poll()
+    poller.register(sock.fileno(), HANGUP)
+    return bool(poller.poll(0))
 
 
 def is_change(responses: list[tuple[object, ...]]) -> bool:
@@ -109,6 +121,8 @@ class IdleWatcher:
                         responses = client.idle_check(timeout=CHECK_SLICE)
                         if is_bye(responses):
                             raise SessionExpired("the server ended the idle session")
+                        if not responses and peer_closed(client.socket()):
+                            raise RetryLater("the server closed the idle connection")
                         if is_change(responses):
                             changed = True
                             break
