@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work / "runs" / time.strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True)
     cases = Cases(Bench(work, args.work / "cache"), seed_value=args.seed, keep=args.keep)
+    print(f"bench: inboxd {revision()}", flush=True)
     print(f"bench: {machine()}; sizes {','.join(map(str, sizes))}; {', '.join(sorted(only))}", flush=True)
     rows: list[Row] = []
     started = time.monotonic()
@@ -112,6 +113,18 @@ def live(selected: frozenset[str], *, quick: bool, work: Path) -> list[Row]:
         print(f"bench: bench/live.py failed ({proc.returncode}): its rows are missing", flush=True)
         return [Row(b, "live.py", "failed", proc.returncode, "exit", "0", False) for b in sorted(selected)]
     return read_json(out)
+
+
+def revision() -> str:
+    """The commit benchmarked, and whether daemon/ had uncommitted changes (the checkout is shared)."""
+    repo = HERE.parent
+    git = shutil.which("git") or "git"
+    sha = subprocess.run([git, "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=False)  # noqa: S603
+    dirty = subprocess.run(  # noqa: S603
+        [git, "status", "--porcelain", "--", "daemon"], cwd=repo, capture_output=True, text=True, check=False
+    )
+    changed = [line[3:] for line in dirty.stdout.splitlines()]
+    return sha.stdout.strip() + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
 def machine() -> str:
