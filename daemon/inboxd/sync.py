@@ -49,6 +49,9 @@ Progress = Callable[[int, int], None]
 class SyncSettings:
     batch_size: int = 200
     max_attachment_bytes: int = 25 * 1024 * 1024
+    # A batch counts messages, not bytes: its bodies are fetched, parsed and stored in runs of at most this many
+    # bytes (RFC822.SIZE; a bigger message is a run of its own), so a batch of big messages is never in memory at once.
+    max_fetch_bytes: int = 32 * 1024 * 1024
     # Without CONDSTORE flag changes are invisible to STATUS: re-read all flags at most this often.
     flag_scan_interval: timedelta = timedelta(minutes=15)
     # None: store everything (scope "all"); else the normalized addresses of the HR app's contacts.
@@ -264,7 +267,39 @@ class AccountSync:
         # header first: out of scope or excluded messages are decided here and their bodies never downloaded
         need_body = self._admitted(unknown, folder)
         self.stats.out_of_scope += len(unknown) - len(need_body)
-        bodies = self._session.fetch_bodies(need_body) if need_body else {}
+        runs = _runs_by_size(need_body, headers, self._settings.max_fetch_bytes)
+        missing: list[int] = []
+        for index, run in enumerate(runs):
+            # below the next run's first UID every message is stored, re-mapped or out of scope; the cursor never
+            # passes a message that should have been stored but whose body did not come
+            cursor = runs[index + 1][0] - 1 if index + 1 < len(runs) else max(batch)
+            if missing:
+                cursor = min(cursor, min(missing) - 1)
+            missing += self._store_run(
+                folder, selected, run, headers, identities, known=known if index == 0 else {}, cursor=cursor
+            )
+        if missing:
+            self._log.warning("sync.bodies_missing", folder=folder.name, uids=len(missing))
+            self._incomplete = True
+        self.stats.remapped += len(known)
+        self.stats.done += len(batch)
+        if self._progress is not None:
+            self._progress(self.stats.done, self.stats.total)
+
+    def _store_run(
+        self,
+        folder: StoredFolder,
+        selected: SelectInfo,
+        uids: list[int],
+        headers: dict[int, HeaderInfo],
+        identities: dict[int, str | None],
+        *,
+        known: dict[int, tuple[int, NewLocation]],
+        cursor: int,
+    ) -> list[int]:
+        """Fetch, parse and store the bodies of ``uids`` and the ``known`` locations in one transaction, moving the
+        folder's cursor to ``cursor`` (or below the first UID whose body did not come); returns those UIDs."""
+        bodies = self._session.fetch_bodies(uids) if uids else {}
         new_messages: list[NewMessage] = []
         for uid in sorted(bodies):
             raw = bodies[uid]
@@ -294,18 +329,11 @@ class AccountSync:
                     thread_key=self._dialect.thread_key(header),
                 )
             )
-        # the cursor never passes a message that should have been stored but whose body did not come
-        missing = [uid for uid in need_body if uid not in bodies]
-        last_uid = min(missing) - 1 if missing else max(batch)
-        if missing:
-            self._log.warning("sync.bodies_missing", folder=folder.name, uids=len(missing))
-            self._incomplete = True
+        missing = [uid for uid in uids if uid not in bodies]
+        last_uid = min(cursor, min(missing) - 1) if missing else cursor
         inserted = self._store.store_batch(self._account.id, folder.id, new_messages, known, last_uid=last_uid)
         self.stats.new_messages += len(inserted)
-        self.stats.remapped += len(known)
-        self.stats.done += len(batch)
-        if self._progress is not None:
-            self._progress(self.stats.done, self.stats.total)
+        return missing
 
     def _admitted(self, headers: list[HeaderInfo], folder: StoredFolder) -> list[int]:
         """UIDs that may be stored: not in an excluded label/folder, and in scope by their participants or by
@@ -343,3 +371,18 @@ class AccountSync:
 
 def spec_of(folder: StoredFolder) -> FolderSpec:
     return FolderSpec(folder.name, folder.special_use)
+
+
+def _runs_by_size(uids: list[int], headers: dict[int, HeaderInfo], max_bytes: int) -> list[list[int]]:
+    """``uids`` (sorted) cut into consecutive runs of at most ``max_bytes`` by RFC822.SIZE; at least one run, empty
+    when there is nothing to fetch (the re-mapped locations and the cursor are still stored)."""
+    runs: list[list[int]] = [[]]
+    size = 0
+    for uid in uids:
+        message_size = headers[uid].size or 0
+        if runs[-1] and size + message_size > max_bytes:
+            runs.append([])
+            size = 0
+        runs[-1].append(uid)
+        size += message_size
+    return runs
