@@ -65,6 +65,7 @@ class Daemon:
         self._mtime = self._config_mtime()
         self._leases = Leases(store.engine, clock=clock, lease=config.sync.lease)
         self._owned: set[int] = set()
+        self._cycle_failed = False  # the last sync raised (the database was away): run the cycle again soon
         self._keeper_stop = threading.Event()  # the keeper outlives SIGTERM until syncs are done, then stops
         self._keeper = threading.Thread(target=self._keep_leases, name="inboxd-leases", daemon=True)
         self.sender = threading.Thread(target=self._serve_outbox, name="inboxd-outbox", daemon=True)
@@ -102,6 +103,9 @@ class Daemon:
                         break  # a cycle applies the new config (pauses, scope) at once
                     if self._watermark() != watermark:
                         log.info("daemon.hr_tables_changed")
+                        break
+                    if self._retry_due():
+                        log.info("daemon.retry_due")
                         break
         finally:
             self._notifier.stopping()
@@ -160,6 +164,7 @@ class Daemon:
         self._notifier.ready("config reloaded")
 
     def _cycle(self) -> None:
+        self._cycle_failed = False
         results = self._sync(only=self._only)
         ok, failed = sum(r.ok for r in results), sum(not r.ok for r in results)
         log.info("daemon.cycle_done", ok=ok, failed=failed)
@@ -177,7 +182,21 @@ class Daemon:
             return self._runner.sync_once(only=only, progress=self._on_progress, account_ids=self._owned)
         except Exception:  # the database may be away for a moment: log, and the next round tries again
             log.exception("daemon.cycle_failed")
+            self._cycle_failed = True
             return []
+
+    def _retry_due(self) -> bool:
+        """Whether a cycle should run now rather than an interval later: the last sync failed as a whole, or the
+        backoff (retry_at) of an account this node syncs has run out since a transient failure or a quota pause."""
+        if self._cycle_failed:
+            return True
+        now = self._clock.now()
+        try:
+            return any(
+                a.id in self._owned and a.retry_at is not None and a.retry_at <= now for a in self._store.accounts()
+            )
+        except sa.exc.SQLAlchemyError:
+            return False  # the lease check notices the database is away
 
     def _on_progress(self, _email: str, _done: int, _total: int) -> None:
         self._notifier.watchdog()  # a long first sync is alive as long as batches get stored
