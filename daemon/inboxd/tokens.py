@@ -122,6 +122,9 @@ class CachedTokenSource(ABC):
             except Exception:
                 self._on_refresh(False)
                 raise
+            finally:
+                # refreshes are about an hour apart: no keep-alive connection (and TLS state) held meanwhile
+                self._session.close()
             self._on_refresh(True)
             self._token = token
             # Half the lifetime at most: a token shorter-lived than the margin is still reused for a while.
