@@ -32,6 +32,11 @@ MAX_REFERENCES: Final = 200  # first + the most recent: enough to thread, bounde
 _MAX_MIME_HEADER_CHARS: Final = 4096  # compat32's parameter parser is quadratic in quoted ';'
 _MAX_DEFAULT_POLICY_ADDRESS_CHARS: Final = 4096  # policy.default's address parser is super-linear
 _MAX_MSGID_CHARS: Final = 998  # RFC 5322 line limit; anything longer is not an id
+# Every text below ends up in a database column. PostgreSQL text cannot hold NUL, and refuses values longer than
+# a varchar: one such value would fail its batch on every sync, stopping the account. A mailbox address is at most
+# 64 + 1 + 255 characters (RFC 3696), a MIME type 127 + 1 + 127 (RFC 6838): longer ones are garbage.
+_MAX_ADDRESS_CHARS: Final = 320  # mail_participants.email, mail_messages.from_email
+_MAX_CONTENT_TYPE_CHARS: Final = 255  # mail_attachments.content_type
 _MAX_DEFECTS: Final = 50
 
 
@@ -289,7 +294,7 @@ def normalize_msgid(value: str | None) -> str | None:
     else:
         tokens = text.replace(",", " ").split(maxsplit=1)
         candidate = tokens[0] if tokens else ""
-    candidate = "".join(candidate.split()).strip("<>")
+    candidate = "".join(candidate.replace("\x00", "").split()).strip("<>")
     if not candidate or len(candidate) > _MAX_MSGID_CHARS:
         return None
     return candidate
@@ -337,8 +342,9 @@ _ADDRESS_HEADERS: Final = (
 
 
 def parse_address_list(value: str | None) -> list[tuple[str | None, str]]:
-    """(display name, email) pairs from an address header; emails lowercased, entries without '@'
-    dropped, names RFC 2047 decoded (None when empty). Groups ("undisclosed-recipients:;") are fine.
+    """(display name, email) pairs from an address header; emails lowercased, entries without '@', with
+    NUL or longer than 320 characters dropped, names RFC 2047 decoded (None when empty). Groups
+    ("undisclosed-recipients:;") are fine.
     Never raises: policy.default's parser for short values, compat32's ``getaddresses`` for long or
     unparseable ones, and a bare "x@y" scan as the last resort."""
     if not value:
@@ -359,7 +365,7 @@ def parse_address_list(value: str | None) -> list[tuple[str | None, str]]:
     result: list[tuple[str | None, str]] = []
     for name, address in pairs:
         email = "".join(address.split()).strip("<>").lower()
-        if "@" not in email.strip("@"):
+        if "@" not in email.strip("@") or "\x00" in email or len(email) > _MAX_ADDRESS_CHARS:
             continue
         result.append((decode_header_value(name) or None, email))
     return result
@@ -415,6 +421,8 @@ def _content_type(part: Message) -> str:
     try:
         content_type = part.get_content_type()
     except Exception:
+        return "application/octet-stream"
+    if len(content_type) > _MAX_CONTENT_TYPE_CHARS or "\x00" in content_type:
         return "application/octet-stream"
     if content_type.startswith("multipart/") and not part.is_multipart():
         return "text/plain"  # a multipart the parser could not split (no boundary): its text is all there is
@@ -512,6 +520,9 @@ def _part_text(part: Message, defects: _Defects) -> str:
     text, declared_ok = _decode_text(_payload_bytes(part, defects), charset)
     if not declared_ok and charset is not None:
         defects.add(f"charset {charset[:40]!r} unknown or wrong: decoded as UTF-8/Latin-1")
+    if "\x00" in text:  # raw, from =00 or base64, or UTF-16 declared as ASCII: U+FFFD, as HTML parsers do
+        defects.add("NUL characters in a text part: replaced by U+FFFD")
+        text = text.replace("\x00", "\ufffd")
     return text
 
 
