@@ -28,7 +28,7 @@ from harness.config import write_stack_config
 from inboxd.clock import SystemClock
 from inboxd.config import load_config
 from inboxd.errors import UnparseableMessage
-from inboxd.models import MailAttachment, MailMessage, MailParticipant, MailQuarantine
+from inboxd.models import MailAttachment, MailLocation, MailMessage, MailParticipant, MailQuarantine
 from inboxd.parse import MAX_MIME_PARTS, ParsedMessage, parse_message
 from inboxd.planner import (
     Capabilities,
@@ -48,6 +48,7 @@ messages_t = MailMessage.__table__  # type: ignore[attr-defined]
 participants_t = MailParticipant.__table__  # type: ignore[attr-defined]
 attachments_t = MailAttachment.__table__  # type: ignore[attr-defined]
 quarantine_t = MailQuarantine.__table__  # type: ignore[attr-defined]
+locations_t = MailLocation.__table__  # type: ignore[attr-defined]
 
 CORPUS = Path(__file__).parent / "corpus"
 HOSTILE = CORPUS / "hostile"
@@ -317,10 +318,10 @@ def test_every_hostile_sample_is_stored_by_the_store(store: Store) -> None:
 def test_hostile_mail_through_dovecot_is_stored_or_quarantined_and_the_sync_goes_on(
     store: Store, db_url: str, tmp_path: Path, mailstack: MailStack
 ) -> None:
-    """Every hostile sample APPENDed to a real mailbox (Dovecot turns raw NULs into 0x80, as IMAP requires; the
-    NULs that =00 and UTF-16 decode to still arrive), then one good message: one sync stores or quarantines each,
-    stores the good one, and the next sync has nothing left to do. Two different messages with one Message-ID are
-    one row in two locations, the first one's text (the documented identity: Message-ID)."""
+    """Every hostile sample APPENDed to a real mailbox (IMAP forbids NUL in a literal: Dovecot sends 0x80 for raw
+    NUL bytes; the NULs that =00 and UTF-16 decode to still arrive), then one good message: one sync stores or
+    quarantines each, stores the good one, and the next sync has nothing left to do. Two different messages with
+    one Message-ID are one row in two locations, the first one's text (the documented identity: Message-ID)."""
     user = mailstack.new_user("hostile")
     config = load_config(write_stack_config(tmp_path, db_url, mailstack), env={})
     store.add_account(user, "local", Credential("oauth2_refresh", mailstack.refresh_token(user)))
@@ -343,6 +344,9 @@ def test_hostile_mail_through_dovecot_is_stored_or_quarantined_and_the_sync_goes
     shared = rows["same Message-ID, first message"]
     assert "same Message-ID, second message" not in rows
     assert shared.body_text.strip() == "the first text" and shared.labels == ["INBOX"]
+    with store.engine.connect() as conn:
+        places = conn.execute(sa.select(locations_t.c.uid).where(locations_t.c.message_id == shared.id)).all()
+    assert len(places) == 2
 
     [again] = runner.sync_once(only=user)
     assert again.ok and (again.stats.new_messages, again.stats.quarantined) == (0, 0)
