@@ -3,9 +3,12 @@ grouping only for replies that carry no references at all (on SQLite and Postgre
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import sqlalchemy as sa
 
+from inboxd import db
 from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
 from inboxd.models import MailMessage
@@ -57,3 +60,20 @@ def test_threads_by_references_then_subject_fallback(engine: sa.Engine, secret_b
     assert threads["t1@example.org"] == threads["t2@example.org"] == threads["t3@example.org"]
     assert threads["t4@example.org"] != threads["t1@example.org"]
     assert threads["t5@example.org"] not in {threads["t1@example.org"], threads["t4@example.org"]}
+
+
+def test_a_replys_parent_is_found_by_index_not_by_reading_the_account(tmp_path: Path) -> None:
+    """SQLite without statistics read every message of the account for `message_id_header IN (...)` through the
+    (account_id, provider_message_id) index: first syncs went quadratic (docs/performance.md). Migration 0009."""
+    engine = db.create_engine(f"sqlite:///{tmp_path / 'plan.db'}")
+    db.upgrade(engine)
+    with engine.connect() as conn:
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN SELECT thread_id FROM mail_messages WHERE account_id = 1 "
+                "AND message_id_header IN ('a', 'b') AND thread_id IS NOT NULL LIMIT 1"
+            )
+        )
+    engine.dispose()
+    assert "ix_mail_messages_account_message_id" in plan, plan

@@ -161,6 +161,8 @@ class MailMessage(SQLModel, table=True):
     __table_args__ = (
         sa.UniqueConstraint("account_id", "provider_message_id", name="uq_mail_messages_account_provider_id"),
         sa.CheckConstraint("direction IN ('inbound','outbound')", name="ck_mail_messages_direction"),
+        # a reply's parent by its references (threads.assign_thread), per account (migration 0009)
+        sa.Index("ix_mail_messages_account_message_id", "account_id", "message_id_header"),
     )
 
 

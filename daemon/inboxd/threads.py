@@ -41,7 +41,7 @@ def assign_thread(
         _add(conn, existing, p.subject, when, count=1)
         return int(existing)
     root = thread_root(p)
-    refs = [r for r in (*p.references, p.in_reply_to) if r]
+    refs = list(dict.fromkeys(r for r in (*p.references, p.in_reply_to) if r))  # In-Reply-To repeats a reference
     thread_id = None
     if root:
         thread_id = conn.execute(
