@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import time
 from datetime import UTC, datetime
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from inboxd import parse
 from inboxd.errors import UnparseableMessage
 from inboxd.parse import (
     ParsedMessage,
@@ -452,6 +455,7 @@ def test_decode_header_value_never_raises(value: str | bytes) -> None:
         ("no-at-sign, @, x@", []),
         ('"=?utf-8?q?Zo=C3=AB?=" <z@x>', [("Zoë", "z@x")]),
         ("(" * 5000 + "a@b.c", [(None, "a@b.c")]),
+        ("A <a@=?x-unknown?q?=FF?=b.c>, B <b@y>", [("B", "b@y")]),  # undecodable byte in an addr-spec
     ],
 )
 def test_parse_address_list(value: str | None, expected: list[tuple[str | None, str]]) -> None:
@@ -462,3 +466,139 @@ def test_parse_address_list(value: str | None, expected: list[tuple[str | None, 
 def test_parse_address_list_never_raises(value: str) -> None:
     for _name, email in parse_address_list(value):
         assert "@" in email
+
+
+# --- address fast path ---------------------------------------------------------------------------------
+
+_ADDRESS_HEADER_NAMES = ("from", "to", "cc", "bcc", "reply-to")
+TRICKY_ADDRESS_LISTS = [
+    "a@b.c",
+    "<a@b.c>",
+    "A <a@b.c>",
+    "A  B\t<a@b.c>",
+    "John Q. Public <JQP@Example.COM>",
+    "John.Doe <j@x>, A.B. <a@b>, A. <a@b>, A . B <a@b>",
+    '"Doe, John" <j@x>, "Roe, Jane" <r@y>',
+    '"a@b" <c@d>',
+    '"" <a@b>',
+    '"Doe \\"JD\\" John" <j@x>',
+    "a@b, c@d,e@f",
+    "a@b,",
+    ",a@b",
+    "a@b,, c@d",
+    "a@b <c@d>",
+    "Joe <j@x.>",
+    ".A <a@b>",
+    "a..b@c",
+    "x, a@b",
+    "no-at-sign, @, x@",
+    "a@b (comment)",
+    "(comment) A <a@b>",
+    "A (nick) <a@b>",
+    "undisclosed-recipients:;",
+    "Team: one@example.com, Two <TWO@Example.com>;, c@z",
+    '"john doe"@x',
+    "a@[127.0.0.1]",
+    "A <a@b",
+    "A a@b>",
+    "A <a@b> trailing garbage",
+    "A <a@b>>",
+    "<<a@b>>",
+    "< a@b >",
+    "A <a@b> <c@d>",
+    "a@b c@d",
+    "user@xn--bcher-kva.example",
+    "user@bücher.example",
+    "Jörg <j@x>",
+    "=?utf-8?q?Zo=C3=AB?= <z@x>",
+    '"=?utf-8?q?Zo=C3=AB?=" <z@x>',
+    "A\x00B <a@b>",
+    '"A\x01" <a@b>',
+    "a@b\r\nc@d",
+    "a@b\x7f",
+    " ",
+    "",
+    ", ".join(f'"User {i}, X" <u{i}@example.com>, Q. {i} <q{i}@x>' for i in range(200)),  # > 4096: vs getaddresses
+]
+
+
+def _corpus_address_values() -> list[str]:
+    values = []
+    for path in sorted([*CORPUS.glob("*.eml"), *(CORPUS / "hostile").glob("*.eml")]):
+        message = BytesParser(policy=policy.compat32).parsebytes(path.read_bytes())
+        values += [str(v) for k, v in message.raw_items() if k.lower() in _ADDRESS_HEADER_NAMES]
+    return values
+
+
+def _fast_and_strict(value: str) -> tuple[list[tuple[str | None, str]] | None, list[tuple[str | None, str]]]:
+    text = parse._FOLD.sub("", parse._undo_surrogates(value))
+    fast = parse._fast_address_pairs(text)
+    strict = parse._normalize_address_pairs(parse._strict_address_pairs(text))
+    return (None if fast is None else parse._normalize_address_pairs(fast)), strict
+
+
+def test_corpus_has_address_headers_on_both_paths() -> None:
+    results = [_fast_and_strict(value) for value in _corpus_address_values()]
+    assert len(results) >= 30
+    assert sum(fast is not None for fast, _ in results) >= 15
+    assert sum(fast is None for fast, _ in results) >= 5
+
+
+@pytest.mark.parametrize("value", [*_corpus_address_values(), *TRICKY_ADDRESS_LISTS])
+def test_address_fast_path_equals_strict_parser_or_declines(value: str) -> None:
+    fast, strict = _fast_and_strict(value)
+    assert fast is None or fast == strict
+    assert parse_address_list(value) == strict
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("A  B\t<A@B.C>", [("A B", "a@b.c")]),
+        ('"Doe, John" <j@x>, k@y', [("Doe, John", "j@x"), (None, "k@y")]),
+        ("John Q. Public <j@x>", [("John Q. Public", "j@x")]),
+    ],
+)
+def test_address_fast_path_takes_plain_lists(value: str, expected: list[tuple[str | None, str]]) -> None:
+    assert _fast_and_strict(value) == (expected, expected)
+
+
+@given(st.text(alphabet='aZ0.-@<>", \t;:()[]\\=?_\x00é', max_size=60))
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+def test_address_fast_path_never_disagrees_with_strict(value: str) -> None:
+    fast, strict = _fast_and_strict(value)
+    assert fast is None or fast == strict
+
+
+def test_address_fast_path_is_linear_on_hostile_lists() -> None:
+    for value in ("a@b, " * 100_000 + "(", "A " * 200_000 + "x", "a." * 100_000 + "@", '"' * 100_000):
+        started = time.perf_counter()
+        assert parse._fast_address_pairs(value) is None
+        assert time.perf_counter() - started < 1.0
+
+
+_WORDS = st.sampled_from(["a", "Zb", "x.y", "J.", "!#", "Q-", "=", "?", "'", "`{|}~"])
+_ADDR = st.builds("{}@{}".format, _WORDS, st.lists(_WORDS, min_size=1, max_size=3).map(".".join))
+_WS = st.sampled_from(["", " ", "  ", "\t"])
+_NAME = st.one_of(
+    st.just(""),
+    st.text(alphabet='a ,@<>.\t(;:"\\é', max_size=6).map('"{}"'.format),
+    st.lists(_WORDS, min_size=1, max_size=3).map(" ".join),
+)
+_ELEMENT = st.builds("{}{}{}<{}>{}".format, _WS, _NAME, _WS, _ADDR, _WS) | st.builds("{}{}{}".format, _WS, _ADDR, _WS)
+
+
+@st.composite
+def _address_lists(draw: st.DrawFn) -> str:
+    text = ",".join(draw(st.lists(_ELEMENT, min_size=1, max_size=4)))
+    if draw(st.booleans()):  # one stray special anywhere
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.sampled_from(list('."<>, @():;\\[]'))) + text[at:]
+    return text
+
+
+@given(_address_lists())
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+def test_address_fast_path_never_disagrees_with_strict_on_address_shaped_text(value: str) -> None:
+    fast, strict = _fast_and_strict(value)
+    assert fast is None or fast == strict

@@ -335,37 +335,81 @@ def _sent_at(value: str | None, defects: _Defects) -> datetime | None:
 
 # --- addresses -------------------------------------------------------------------------------------
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _BARE_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@]+@[^\s<>()\[\],;:\"@]+")
 _ADDRESS_HEADERS: Final = (
     ("from", "From"), ("to", "To"), ("cc", "Cc"), ("bcc", "Bcc"), ("reply_to", "Reply-To"),
 )  # fmt: skip
 
 
-def parse_address_list(value: str | None) -> list[tuple[str | None, str]]:
-    """(display name, email) pairs from an address header; emails lowercased, entries without '@', with
-    NUL or longer than 320 characters dropped, names RFC 2047 decoded (None when empty). Groups
-    ("undisclosed-recipients:;") are fine.
-    Never raises: policy.default's parser for short values, compat32's ``getaddresses`` for long or
-    unparseable ones, and a bare "x@y" scan as the last resort."""
-    if not value:
-        return []
-    text = _FOLD.sub("", _undo_surrogates(value))
-    pairs: list[tuple[str, str]] | None = None
+# Fast path: the shape nearly all real address headers have, "a@b.c", "<a@b.c>", "Name <a@b.c>",
+# '"Last, First" <a@b.c>', comma-separated: ASCII, no encoded-words, comments, groups, quoted-pairs, domain
+# literals or quoted local parts. For that grammar the result equals policy.default's (tests/test_parse.py
+# checks it on the corpus and tricky cases); anything else declines to the strict path. Not getaddresses:
+# on 3.11.7 it has no ``strict`` mode (CVE-2023-27043) and would need this same shape check to be safe.
+# Every token class is disjoint from its neighbours, so matching is linear in the input.
+_ATEXT: Final = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_FAST_ADDR: Final = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@{_ATEXT}+(?:\.{_ATEXT}+)*"
+_FAST_WORD: Final = rf"{_ATEXT}[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~.-]*"
+_FAST_ADDRESS_ELEMENT = re.compile(
+    rf"[ \t]*(?:(?P<bare>{_FAST_ADDR})"
+    rf'|(?:"(?P<quoted>[ \t!#-\[\]-~]*)"|(?P<phrase>{_FAST_WORD}(?:[ \t]+{_FAST_WORD})*))?'
+    rf"[ \t]*<(?P<angle>{_FAST_ADDR})>)"
+    r"[ \t]*(?P<end>,|\Z)"
+)
+
+
+def _fast_address_pairs(text: str) -> list[tuple[str, str]] | None:
+    """(name, addr-spec) pairs for a plain address list, or None (decline) for anything outside the shape."""
+    if not text.isascii() or "=?" in text:
+        return None
+    pairs: list[tuple[str, str]] = []
+    position = 0
+    while True:
+        match = _FAST_ADDRESS_ELEMENT.match(text, position)
+        if match is None:
+            return None
+        bare, quoted, phrase, angle, end = match.group("bare", "quoted", "phrase", "angle", "end")
+        pairs.append(("", bare) if bare is not None else (quoted or phrase or "", angle))
+        if not end:
+            return pairs
+        position = match.end()
+
+
+def _strict_address_pairs(text: str) -> list[tuple[str, str]]:
+    """policy.default's parser for short values, compat32's ``getaddresses`` for long or unparseable ones,
+    and a bare "x@y" scan as the last resort. Never raises."""
     if len(text) <= _MAX_DEFAULT_POLICY_ADDRESS_CHARS:
         try:
             header = policy.default.header_factory("to", text)
-            pairs = [(address.display_name, address.addr_spec) for address in header.addresses]
+            return [(address.display_name, address.addr_spec) for address in header.addresses]
         except Exception:  # noqa: S110 - the compat32 parser below is the documented fallback
             pass
-    if pairs is None:
-        try:
-            pairs = getaddresses([text])
-        except Exception:  # RecursionError on nested comments, among others
-            pairs = [("", match.group(0)) for match in _BARE_ADDRESS.finditer(text)]
+    try:
+        return getaddresses([text])
+    except Exception:  # RecursionError on nested comments, among others
+        return [("", match.group(0)) for match in _BARE_ADDRESS.finditer(text)]
+
+
+def parse_address_list(value: str | None) -> list[tuple[str | None, str]]:
+    """(display name, email) pairs from an address header; emails lowercased, entries without '@', with
+    NUL, lone surrogates or longer than 320 characters dropped, names RFC 2047 decoded (None when empty). Groups
+    ("undisclosed-recipients:;") are fine.
+    Never raises: a regex fast path for plain lists (see _FAST_ADDRESS_ELEMENT), else _strict_address_pairs."""
+    if not value:
+        return []
+    text = _FOLD.sub("", _undo_surrogates(value))
+    pairs = _fast_address_pairs(text)
+    return _normalize_address_pairs(_strict_address_pairs(text) if pairs is None else pairs)
+
+
+def _normalize_address_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str | None, str]]:
     result: list[tuple[str | None, str]] = []
     for name, address in pairs:
         email = "".join(address.split()).strip("<>").lower()
         if "@" not in email.strip("@") or "\x00" in email or len(email) > _MAX_ADDRESS_CHARS:
+            continue
+        if _LONE_SURROGATE.search(email):  # policy.default decodes 8-bit encoded-words in an addr-spec: garbage
             continue
         result.append((decode_header_value(name) or None, email))
     return result
