@@ -1,8 +1,8 @@
-"""mail_messages (account_id, message_id_header) index: a reply's parent lookup by its references
+"""mail_messages (account_id, message_id_header) and (account_id, in_reply_to) indexes: the thread lookups
 
-Without it SQLite's planner, lacking statistics, answers `account_id = ? AND message_id_header IN (a, b)` by
-reading every message of the account through the (account_id, provider_message_id) unique index: a first sync
-became quadratic (docs/performance.md).
+Without them SQLite's planner, lacking statistics, answers `account_id = ? AND message_id_header IN (a, b)` (a
+reply's parent) and `account_id = ? AND in_reply_to = ?` (answers that arrived first) by reading every message of
+the account through an index that starts with account_id: a first sync became quadratic (docs/performance.md).
 
 Revision ID: 0009
 Revises: 0008
@@ -22,7 +22,11 @@ def upgrade() -> None:
     op.create_index(
         "ix_mail_messages_account_message_id", "mail_messages", ["account_id", "message_id_header"], unique=False
     )
+    op.create_index(
+        "ix_mail_messages_account_in_reply_to", "mail_messages", ["account_id", "in_reply_to"], unique=False
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_mail_messages_account_in_reply_to", table_name="mail_messages")
     op.drop_index("ix_mail_messages_account_message_id", table_name="mail_messages")
