@@ -84,7 +84,10 @@ class ImapSession(Protocol):
     def existing_uids(self, uids: Iterable[int]) -> set[int]:
         """Which of these UIDs still exist in the selected folder (the UID-set diff for expunges)."""
 
-    def fetch_headers(self, uids: Iterable[int]) -> dict[int, HeaderInfo]: ...
+    def fetch_headers(self, uids: Iterable[int], *, fields: bool = True) -> dict[int, HeaderInfo]:
+        """FLAGS, sizes, dates, MODSEQ and X-GM-* of these UIDs; with ``fields`` also the header fields that decide
+        scope and identity (Message-ID, addresses, references). Without them those stay empty: the caller takes
+        them from the parsed body instead of fetching and parsing them twice."""
 
     def fetch_bodies(self, uids: Iterable[int]) -> dict[int, bytes]: ...
 
@@ -184,8 +187,10 @@ class ImapClientSession:
                 found |= set(self._call(self._client.search, criteria, charset))
         return found
 
-    def fetch_headers(self, uids: Iterable[int]) -> dict[int, HeaderInfo]:
-        items = ["UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE", f"BODY.PEEK[HEADER.FIELDS ({' '.join(HEADER_FIELDS)})]"]
+    def fetch_headers(self, uids: Iterable[int], *, fields: bool = True) -> dict[int, HeaderInfo]:
+        items = ["UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE"]
+        if fields:
+            items.append(f"BODY.PEEK[HEADER.FIELDS ({' '.join(HEADER_FIELDS)})]")
         if self._caps.condstore:
             items.append("MODSEQ")
         if self._caps.gmail:
@@ -193,12 +198,12 @@ class ImapClientSession:
         out: dict[int, HeaderInfo] = {}
         for uid, data in self._fetch(sequence_set(uids), items).items():
             header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER.FIELDS")), b"")
-            fields = header_fields(header)
+            values = header_fields(header)  # empty without `fields`: no Message-ID, addresses or references
             out[uid] = HeaderInfo(
                 uid=uid,
-                message_id=normalize_msgid(fields.get("message-id")),
-                addresses=tuple(email for name in ADDRESS_FIELDS for _, email in parse_address_list(fields.get(name))),
-                references=reference_ids(fields),
+                message_id=normalize_msgid(values.get("message-id")),
+                addresses=tuple(email for name in ADDRESS_FIELDS for _, email in parse_address_list(values.get(name))),
+                references=reference_ids(values),
                 size=data.get(b"RFC822.SIZE"),
                 flags=tuple(_text(f) for f in data.get(b"FLAGS", ())),
                 modseq=_modseq(data),

@@ -1,5 +1,8 @@
 """How one mailbox is synced: folder by folder, header first, bodies only for messages not yet stored.
 
+With scope "all" and no exclusions nothing in the header fields decides before the body, so a first sync fetches
+only flags and sizes first (the sizes cut the body runs) and takes the header fields from the parsed body.
+
 The decisions come from planner.py; this module carries them out against an ImapSession and the Store.
 """
 
@@ -59,6 +62,9 @@ class SyncSettings:
     # contacts (as the HR app wrote them) whose older mail this account has not been searched for yet
     backfill: frozenset[str] = frozenset()
     exclusions: Exclusions = NO_EXCLUSIONS
+    # scope "all": a first sync skips the header-field FETCH (AccountSync._header_fields_decide_nothing). Off by
+    # default for now: tests/test_faults.py injects a fault into the header-first FETCH of a scope "all" first sync.
+    bodies_first: bool = False
 
 
 @dataclass(slots=True)
@@ -101,11 +107,13 @@ class AccountSync:
         self.stats = SyncStats()
         self._log = log.bind(account=account.email)
         self._dialect: Dialect = Gmail() if session.capabilities.gmail else GenericImap()
+        self._bodies_first = False  # this sync's new messages skip the header-field FETCH (see _ingest)
 
     def run(self) -> SyncStats:
         specs = self._dialect.folders(self._session.list_folders())
         self._store.forget_folders(self._account.id, keep=[s.name for s in specs])
         first_sync = not self._known_folders() & {spec.name for spec in specs}
+        self._bodies_first = self._header_fields_decide_nothing(first_sync=first_sync)
         for spec in specs:
             self._check_stop()
             self._sync_folder(spec)
@@ -190,6 +198,7 @@ class AccountSync:
         selected = self._session.select(spec.name)
         if selected.uidvalidity != folder.cursor.uidvalidity:
             return  # the next regular sync re-maps this folder first
+        self._bodies_first = False
         found = self._session.search_addresses(sorted(addresses))
         wanted = sorted(uid for uid in found - self._store.known_uids(folder.id) if uid <= folder.cursor.last_uid)
         self._add_total(len(wanted))
@@ -199,6 +208,27 @@ class AccountSync:
         if wanted:
             self._log.info("sync.backfill", folder=spec.name, contacts=len(addresses), found=len(wanted))
             self.stats.backfilled += len(wanted)
+
+    def _header_fields_decide_nothing(self, *, first_sync: bool) -> bool:
+        """Whether new messages may skip the header-field FETCH (Message-ID, addresses, references) and take those
+        fields from the parsed body: one FETCH of flags and sizes per batch (the sizes still cut the body runs by
+        max_fetch_bytes), then one body FETCH per run, instead of header fields, then bodies.
+
+        Only when the header fields decide nothing:
+        - scope "all": no contact admission, every message is stored;
+        - no exclusions: with exclusions configured the header-first path stays, so that excluded mail (every
+          participant excluded, or an excluded label) is never downloaded at all; applying them to the parsed
+          message would store the same rows but download (and hold) what the admin excluded;
+        - the account's first sync: otherwise a stored message met again (a UIDVALIDITY change, a renamed folder, a
+          message moved in from another folder, a sent message adopted from the outbox) is recognized by its
+          Message-ID before its body is downloaded. On a first sync only a copy in a second folder (or an outbox
+          message sent meanwhile) costs its body; it is then stored as one more location of the same row
+          (Store.store_batch by identity, _adopt_sent), as the header-first path would have stored it."""
+        if not self._settings.bodies_first:
+            return False
+        if self._settings.contacts is not None or self._settings.exclusions != NO_EXCLUSIONS:
+            return False
+        return first_sync
 
     def _flag_scan_due(self, folder: StoredFolder) -> bool:
         synced_at = folder.synced_at
@@ -240,7 +270,7 @@ class AccountSync:
     # -- new messages -------------------------------------------------------------------------------------------
 
     def _ingest(self, folder: StoredFolder, selected: SelectInfo, batch: list[int]) -> None:
-        headers = self._session.fetch_headers(batch)
+        headers = self._session.fetch_headers(batch, fields=not self._bodies_first)
         identities = {uid: self._dialect.identity(h) for uid, h in headers.items()}
         known_ids = self._store.message_ids_by_identity(
             self._account.id, [i for i in identities.values() if i is not None]
@@ -264,7 +294,8 @@ class AccountSync:
                 known[uid] = (known_ids[identity], self._location(header))
             else:
                 unknown.append(header)
-        # header first: out of scope or excluded messages are decided here and their bodies never downloaded
+        # header first: out of scope or excluded messages are decided here and their bodies never downloaded (without
+        # header fields, scope "all" and no exclusions, every message is admitted)
         need_body = self._admitted(unknown, folder)
         self.stats.out_of_scope += len(unknown) - len(need_body)
         runs = _runs_by_size(need_body, headers, self._settings.max_fetch_bytes)
@@ -297,6 +328,7 @@ class AccountSync:
         known: dict[int, tuple[int, NewLocation]],
         cursor: int,
     ) -> list[int]:
+        known = dict(known)
         """Fetch, parse and store the bodies of ``uids`` and the ``known`` locations in one transaction, moving the
         folder's cursor to ``cursor`` (or below the first UID whose body did not come); returns those UIDs."""
         bodies = self._session.fetch_bodies(uids) if uids else {}
@@ -329,11 +361,46 @@ class AccountSync:
                     thread_key=self._dialect.thread_key(header),
                 )
             )
+        if self._bodies_first:
+            new_messages = self._recognize_stored(new_messages, known)
         missing = [uid for uid in uids if uid not in bodies]
         last_uid = min(cursor, min(missing) - 1) if missing else cursor
         inserted = self._store.store_batch(self._account.id, folder.id, new_messages, known, last_uid=last_uid)
         self.stats.new_messages += len(inserted)
         return missing
+
+    def _recognize_stored(
+        self, new_messages: list[NewMessage], known: dict[int, tuple[int, NewLocation]]
+    ) -> list[NewMessage]:
+        """What _ingest does from the header fields, done from the parsed bodies when those were not fetched: a
+        message already stored (a copy in another folder) or sent from the outbox (stored as "mid:<Message-ID>",
+        met here under the server's own identity) becomes one more location of its row, added to ``known`` and
+        counted as re-mapped, instead of a new message."""
+        stored = self._store.message_ids_by_identity(self._account.id, [m.identity for m in new_messages])
+        for msg in new_messages:
+            if msg.identity in stored:
+                known[msg.location.uid] = (stored[msg.identity], msg.location)
+                self.stats.remapped += 1
+        new_messages = [m for m in new_messages if m.identity not in stored]
+        provisional: dict[str, str] = {}
+        thread_keys: dict[str, str] = {}
+        for msg in new_messages:
+            mid = msg.parsed.message_id_header
+            if mid and msg.identity != f"mid:{mid}":
+                provisional[f"mid:{mid}"] = msg.identity
+                if msg.thread_key is not None:
+                    thread_keys[msg.identity] = msg.thread_key
+        if not provisional:
+            return new_messages
+        adopted = self._store.adopt_identities(self._account.id, provisional, thread_keys)
+        kept: list[NewMessage] = []
+        for msg in new_messages:
+            if msg.identity in adopted:
+                known[msg.location.uid] = (adopted[msg.identity], msg.location)
+                self.stats.remapped += 1
+            else:
+                kept.append(msg)
+        return kept
 
     def _admitted(self, headers: list[HeaderInfo], folder: StoredFolder) -> list[int]:
         """UIDs that may be stored: not in an excluded label/folder, and in scope by their participants or by

@@ -130,21 +130,23 @@ class FakeSession:
         self._cmd("SEARCH")
         return set(uids) & set(self._folder().messages)
 
-    def fetch_headers(self, uids: Iterable[int]) -> dict[int, HeaderInfo]:
-        self._cmd("FETCH headers")
+    def fetch_headers(self, uids: Iterable[int], *, fields: bool = True) -> dict[int, HeaderInfo]:
+        # "FETCH headers" asks for the header fields too; "FETCH meta" only for flags, sizes and the like
+        self._cmd("FETCH headers" if fields else "FETCH meta")
         out = {}
         for uid in uids:
             msg = self._folder().messages.get(uid)
             if msg is not None:
+                head = msg.raw.split(b"\r\n\r\n", 1)[0]
                 out[uid] = HeaderInfo(
                     uid,
-                    message_id_of(msg.raw),
+                    message_id_of(msg.raw) if fields else None,
                     len(msg.raw),
                     tuple(sorted(msg.flags)),
                     msg.modseq if self._caps.condstore else None,
                     None,
-                    addresses=addresses_of(msg.raw),
-                    references=reference_ids(header_fields(msg.raw.split(b"\r\n\r\n", 1)[0])),
+                    addresses=addresses_of(msg.raw) if fields else (),
+                    references=reference_ids(header_fields(head)) if fields else (),
                 )
         return out
 
