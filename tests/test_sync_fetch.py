@@ -141,7 +141,11 @@ def test_a_copy_in_a_second_folder_is_one_row_and_counted_re_mapped(store: Store
     assert store.known_uids(folders["INBOX"].id) == store.known_uids(folders["Archive"].id) == {1}
 
 
-def test_header_first_stays_the_default(store: Store) -> None:
+def test_bodies_first_is_the_default_and_can_be_turned_off(store: Store) -> None:
     mb = FakeMailbox()
     mb.append("INBOX", raw_message(1))
-    assert _sync(store, "default@example.test", mb, SyncSettings()) == ["FETCH headers", "FETCH bodies"]
+    assert _sync(store, "default@example.test", mb, SyncSettings(bodies_first=False)) == [
+        "FETCH headers",
+        "FETCH bodies",
+    ]
+    assert SyncSettings().bodies_first
