@@ -328,9 +328,9 @@ class AccountSync:
         known: dict[int, tuple[int, NewLocation]],
         cursor: int,
     ) -> list[int]:
-        known = dict(known)
         """Fetch, parse and store the bodies of ``uids`` and the ``known`` locations in one transaction, moving the
         folder's cursor to ``cursor`` (or below the first UID whose body did not come); returns those UIDs."""
+        known = dict(known)
         bodies = self._session.fetch_bodies(uids) if uids else {}
         new_messages: list[NewMessage] = []
         for uid in sorted(bodies):
