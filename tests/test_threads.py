@@ -3,22 +3,30 @@ grouping only for replies that carry no references at all (on SQLite and Postgre
 
 from __future__ import annotations
 
+import itertools
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from inboxd import db
 from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
-from inboxd.models import MailMessage
+from inboxd.models import MailMessage, MailThread
+from inboxd.parse import parse_message
 from inboxd.planner import Capabilities
-from inboxd.store import Credential, Store
+from inboxd.store import Credential, NewLocation, NewMessage, Store
 from inboxd.sync import AccountSync, SyncSettings
 from inboxd.testing import FakeMailbox, FakeSession
 from inboxd.threads import base_subject
 
 messages_t = MailMessage.__table__  # type: ignore[attr-defined]
+threads_t = MailThread.__table__  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -78,3 +86,102 @@ def test_a_replys_parent_is_found_by_index_not_by_reading_the_account(tmp_path: 
             plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query))
             assert index in plan, plan
     engine.dispose()
+
+
+# --- batching: a batch threads its messages exactly as storing them one at a time ------------------------------
+
+_IDS = [f"m{i}@example.org" for i in range(8)]
+_SUBJECTS = ["Application", "Re: Application", "RE: application", "Fwd: Offer", "Offer", None]
+
+
+@st.composite
+def _mail(draw: st.DrawFn) -> tuple[str | None, tuple[str, ...], str | None, str | None, int, str | None]:
+    """(Message-ID, References, In-Reply-To, Subject, day, Gmail thread key): ids from a small pool, so replies
+    arrive before and after their parents, ids repeat, threads get merged and subjects fall back."""
+    own = draw(st.sampled_from([*_IDS, None]))
+    refs = tuple(draw(st.lists(st.sampled_from(_IDS), max_size=3)))
+    in_reply_to = draw(st.sampled_from([*_IDS, None])) if draw(st.booleans()) else (refs[-1] if refs else None)
+    key = draw(st.sampled_from([None, None, None, "gm1", "gm2"]))
+    return own, refs, in_reply_to, draw(st.sampled_from(_SUBJECTS)), draw(st.integers(1, 90)), key
+
+
+def _raw(own: str | None, refs: tuple[str, ...], in_reply_to: str | None, subject: str | None, day: int) -> bytes:
+    when = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=day)
+    lines = ["From: c@example.org", "To: r@example.test", f"Date: {format_datetime(when)}"]
+    lines += [f"Message-ID: <{own}>"] if own else []
+    lines += [f"References: {' '.join(f'<{r}>' for r in refs)}"] if refs else []
+    lines += [f"In-Reply-To: <{in_reply_to}>"] if in_reply_to else []
+    lines += [f"Subject: {subject}"] if subject is not None else []
+    return ("\r\n".join(lines) + "\r\n\r\nbody\r\n").encode()
+
+
+_ACCOUNTS = itertools.count()
+
+
+def _store_in_batches(store: Store, mails: list[Any], cuts: list[int]) -> dict[str, Any]:
+    """Store ``mails`` in batches cut at ``cuts``; returns, per message identity, its thread: the identities it
+    shares it with and the thread row's (count, first, last, subject)."""
+    account = store.add_account(f"r{next(_ACCOUNTS)}@example.test", "fake", Credential("password", "x"))
+    folder = store.ensure_folder(account.id, "INBOX", None)
+    news = [
+        NewMessage(
+            identity=f"uid:{uid}",
+            parsed=parse_message(_raw(*mail[:5])),
+            folder_name="INBOX",
+            direction="inbound",
+            received_at=None,
+            location=NewLocation(uid, (), None),
+            thread_key=mail[5],
+        )
+        for uid, mail in enumerate(mails, start=1)
+    ]
+    bounds = sorted({0, len(news), *(c % (len(news) + 1) for c in cuts)})
+    for start, end in itertools.pairwise(bounds):
+        store.store_batch(account.id, folder.id, news[start:end], {}, last_uid=end)
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                messages_t.c.provider_message_id,
+                messages_t.c.thread_id,
+                threads_t.c.message_count,
+                threads_t.c.first_message_at,
+                threads_t.c.last_message_at,
+                threads_t.c.subject,
+            )
+            .join(threads_t, threads_t.c.id == messages_t.c.thread_id)
+            .where(messages_t.c.account_id == account.id)
+        ).all()
+        orphans = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(threads_t)
+            .where(threads_t.c.account_id == account.id, ~threads_t.c.id.in_(sa.select(messages_t.c.thread_id)))
+        ).scalar_one()
+    assert len(rows) == len(mails), "every message has a thread"
+    assert orphans == 0, "no thread row is left without messages"
+    members: dict[int, set[str]] = {}
+    for row in rows:
+        members.setdefault(row.thread_id, set()).add(row.provider_message_id)
+    for row in rows:
+        assert row.message_count == len(members[row.thread_id]), "message_count counts the thread's messages"
+    return {
+        row.provider_message_id: (
+            frozenset(members[row.thread_id]),
+            row.message_count,
+            row.first_message_at,
+            row.last_message_at,
+            row.subject,
+        )
+        for row in rows
+    }
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_mail(), min_size=1, max_size=14), st.lists(st.integers(0, 14), max_size=4))
+def test_a_batch_threads_its_messages_as_storing_them_one_by_one(
+    engine: sa.Engine, secret_box: SecretBox, mails: list[Any], cuts: list[int]
+) -> None:
+    """Store.store_batch threads a whole batch with a few queries and decides in memory (threads.ThreadPlan):
+    whatever the batch boundaries, threads, merges, counts, dates and subjects come out as with batches of one."""
+    store = Store(engine, clock=FakeClock(), secret_box=secret_box)
+    one_by_one = _store_in_batches(store, mails, list(range(len(mails) + 1)))
+    assert _store_in_batches(store, mails, cuts) == one_by_one

@@ -38,7 +38,7 @@ from inboxd.models import (
 from inboxd.parse import ParsedMessage
 from inboxd.planner import FolderCursor
 from inboxd.scope import normalize_address
-from inboxd.threads import assign_thread, move_to_key
+from inboxd.threads import ThreadInput, load_threads, move_to_key, write_threads
 
 accounts_t = MailAccount.__table__  # type: ignore[attr-defined]
 creds_t = MailCredential.__table__  # type: ignore[attr-defined]
@@ -566,23 +566,21 @@ class Store:
         Returns the ids inserted; messages that got one more location here are marked dirty.
         """
         now = self._clock.now()
-        inserted: list[int] = []
         relocated: list[int] = []
         with self.engine.begin() as conn:
             self._insert_locations(conn, folder_id, [(mid, loc) for mid, loc in known.values()])
+            stored = self._ids_by_identity(conn, account_id, [m.identity for m in messages])
+            fresh: dict[str, NewMessage] = {}
+            again: list[NewMessage] = []  # the same message twice in one batch, or found by another folder
             for msg in messages:
-                existing = conn.execute(
-                    sa.select(messages_t.c.id).where(
-                        messages_t.c.account_id == account_id, messages_t.c.provider_message_id == msg.identity
-                    )
-                ).scalar()
-                if existing is not None:  # the same message twice in one batch, or found by another folder
-                    self._insert_locations(conn, folder_id, [(existing, msg.location)])
-                    relocated.append(existing)
-                    continue
-                message_id = self._insert_message(conn, account_id, msg, now)
-                inserted.append(message_id)
-                self._insert_locations(conn, folder_id, [(message_id, msg.location)])
+                if msg.identity in stored or msg.identity in fresh:
+                    again.append(msg)
+                else:
+                    fresh[msg.identity] = msg
+            inserted = self._insert_messages(conn, account_id, list(fresh.values()), now)
+            ids = {**stored, **dict(zip(fresh, inserted, strict=True))}
+            relocated = [ids[m.identity] for m in again]
+            self._insert_locations(conn, folder_id, [(ids[m.identity], m.location) for m in (*fresh.values(), *again)])
             conn.execute(
                 folders_t.update()
                 .where(folders_t.c.id == folder_id, folders_t.c.last_uid < last_uid)
@@ -603,7 +601,8 @@ class Store:
             ).scalar()
             if existing is not None:
                 return int(existing)
-            return self._insert_message(conn, account_id, message, now)
+            [message_id] = self._insert_messages(conn, account_id, [message], now)
+            return message_id
 
     def adopt_identities(
         self, account_id: int, renames: Mapping[str, str], thread_keys: Mapping[str, str] | None = None
@@ -755,57 +754,83 @@ class Store:
         if fresh:
             conn.execute(locations_t.insert(), fresh)
 
-    def _insert_message(self, conn: sa.Connection, account_id: int, msg: NewMessage, now: datetime) -> int:
-        p = msg.parsed
-        thread_id = assign_thread(conn, account_id, p, msg.identity, now, key=msg.thread_key)
-        message_id = _inserted_id(
-            conn.execute(
-                messages_t.insert().values(
-                    account_id=account_id,
-                    provider_message_id=msg.identity,
-                    message_id_header=p.message_id_header,
-                    in_reply_to=p.in_reply_to,
-                    references=list(p.references),
-                    thread_id=thread_id,
-                    subject=p.subject,
-                    from_email=p.from_email,
-                    from_name=p.from_name,
-                    sent_at=p.sent_at,
-                    received_at=msg.received_at or p.sent_at,
-                    direction=msg.direction,
-                    snippet=p.snippet,
-                    body_text=p.body_text,
-                    body_html=p.body_html,
-                    is_read="\\Seen" in msg.location.flags,
-                    labels=msg.location.labels if msg.location.labels is not None else [msg.folder_name],
-                    size_bytes=p.size_bytes,
-                    has_attachments=p.has_attachments,
-                    created_at=now,
-                    updated_at=now,
+    @staticmethod
+    def _ids_by_identity(conn: sa.Connection, account_id: int, identities: Iterable[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for chunk in chunks(sorted(set(identities))):
+            rows = conn.execute(
+                sa.select(messages_t.c.provider_message_id, messages_t.c.id).where(
+                    messages_t.c.account_id == account_id, messages_t.c.provider_message_id.in_(chunk)
                 )
             )
-        )
-        if p.participants:
-            conn.execute(
-                participants_t.insert(),
-                [
-                    {
-                        "message_id": message_id,
-                        "role": x.role,
-                        "email": x.email,
-                        "name": x.name,
-                        "address_key": normalize_address(x.email),
-                    }
-                    for x in p.participants
-                ],
+            found.update({row.provider_message_id: int(row.id) for row in rows})
+        return found
+
+    def _insert_messages(
+        self, conn: sa.Connection, account_id: int, messages: Sequence[NewMessage], now: datetime
+    ) -> list[int]:
+        """Insert new messages (identities not stored yet, each once) with their threads, participants and
+        attachments: a handful of statements for the whole batch. Returns their ids, in order."""
+        if not messages:
+            return []
+        plan = load_threads(conn, account_id, [ThreadInput(m.parsed, m.identity, m.thread_key) for m in messages], now)
+        threads = [plan.assign(ThreadInput(m.parsed, m.identity, m.thread_key)) for m in messages]
+        write_threads(conn, account_id, plan)
+        rows = []
+        for msg, thread in zip(messages, threads, strict=True):
+            p = msg.parsed
+            rows.append(
+                {
+                    "account_id": account_id,
+                    "provider_message_id": msg.identity,
+                    "message_id_header": p.message_id_header,
+                    "in_reply_to": p.in_reply_to,
+                    "references": list(p.references),
+                    "thread_id": plan.thread_id(thread),
+                    "subject": p.subject,
+                    "from_email": p.from_email,
+                    "from_name": p.from_name,
+                    "sent_at": p.sent_at,
+                    "received_at": msg.received_at or p.sent_at,
+                    "direction": msg.direction,
+                    "snippet": p.snippet,
+                    "body_text": p.body_text,
+                    "body_html": p.body_html,
+                    "is_read": "\\Seen" in msg.location.flags,
+                    "labels": msg.location.labels if msg.location.labels is not None else [msg.folder_name],
+                    "size_bytes": p.size_bytes,
+                    "has_attachments": p.has_attachments,
+                    "deleted_at": None,
+                    "created_at": now,
+                    "updated_at": now,
+                }
             )
-        if p.attachments:
-            rows = []
-            for att in p.attachments:
+        ids = [
+            int(i)
+            for i in conn.execute(
+                messages_t.insert().returning(messages_t.c.id, sort_by_parameter_order=True), rows
+            ).scalars()
+        ]
+        participants = [
+            {
+                "message_id": message_id,
+                "role": x.role,
+                "email": x.email,
+                "name": x.name,
+                "address_key": normalize_address(x.email),
+            }
+            for message_id, msg in zip(ids, messages, strict=True)
+            for x in msg.parsed.participants
+        ]
+        if participants:
+            conn.execute(participants_t.insert(), participants)
+        attachments = []
+        for message_id, msg in zip(ids, messages, strict=True):
+            for att in msg.parsed.attachments:
                 stored = bool(att.data) and self._blobs is not None
                 if stored and self._blobs is not None:
                     self._blobs.put(att.sha256, att.data)
-                rows.append(
+                attachments.append(
                     {
                         "message_id": message_id,
                         "filename": att.filename,
@@ -817,5 +842,6 @@ class Store:
                         "stored": stored,
                     }
                 )
-            conn.execute(attachments_t.insert(), rows)
-        return message_id
+        if attachments:
+            conn.execute(attachments_t.insert(), attachments)
+        return ids

@@ -1,12 +1,20 @@
 """Conversation threads for servers without X-GM-THRID: References / In-Reply-To, merged when replies arrive first.
 
 A thread is keyed by its root Message-ID (first References id, else In-Reply-To, else the message's own id).
+A batch of messages is threaded in three steps: ``load_threads`` reads everything the batch's decisions need in a
+few queries (threads by key, the stored messages its references name, the stored replies to its messages, the
+threads a reference-less reply could join by subject); ``ThreadPlan.assign`` decides in memory, message by message
+in arrival order, exactly as storing them one at a time would; ``write_threads`` creates, updates and merges the
+thread rows in a few statements. A batch of one is the single-message case (a message sent from the outbox).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -16,58 +24,12 @@ from inboxd.parse import ParsedMessage
 messages_t = MailMessage.__table__  # type: ignore[attr-defined]
 threads_t = MailThread.__table__  # type: ignore[attr-defined]
 
+# IN (...) lists stay well under SQLite's bound-parameter limit
+_CHUNK = 500
+
 
 def thread_root(p: ParsedMessage) -> str | None:
     return (p.references[0] if p.references else None) or p.in_reply_to or p.message_id_header
-
-
-def assign_thread(
-    conn: sa.Connection, account_id: int, p: ParsedMessage, identity: str, now: datetime, *, key: str | None = None
-) -> int:
-    """The thread id for a message about to be inserted; creates, joins or merges threads as needed.
-
-    `key` is the server's own conversation id (Gmail X-GM-THRID): used as is. Without it, order of arrival does
-    not matter: a reply stored before its parent starts a thread, and when the parent arrives, threads whose
-    messages answer it are merged into the parent's. Only a reply with no references at all is grouped by its
-    subject.
-    """
-    when = p.sent_at or now
-    if key is not None:
-        existing = conn.execute(
-            sa.select(threads_t.c.id).where(threads_t.c.account_id == account_id, threads_t.c.provider_thread_id == key)
-        ).scalar()
-        if existing is None:
-            return _create(conn, account_id, key, p.subject, when)
-        _add(conn, existing, p.subject, when, count=1)
-        return int(existing)
-    root = thread_root(p)
-    refs = list(dict.fromkeys(r for r in (*p.references, p.in_reply_to) if r))  # In-Reply-To repeats a reference
-    thread_id = None
-    if root:
-        thread_id = conn.execute(
-            sa.select(threads_t.c.id).where(
-                threads_t.c.account_id == account_id, threads_t.c.provider_thread_id == root
-            )
-        ).scalar()
-    if thread_id is None and refs:
-        thread_id = conn.execute(
-            sa.select(messages_t.c.thread_id)
-            .where(
-                messages_t.c.account_id == account_id,
-                messages_t.c.message_id_header.in_(refs),
-                messages_t.c.thread_id.is_not(None),
-            )
-            .limit(1)
-        ).scalar()
-    if thread_id is None and not refs:
-        thread_id = _by_subject(conn, account_id, p.subject, when)
-    if thread_id is None:
-        thread_id = _create(conn, account_id, root or f"single:{identity}", p.subject, when)
-    else:
-        _add(conn, thread_id, p.subject, when, count=1)
-    if p.message_id_header:
-        _merge_answers(conn, account_id, thread_id, p.message_id_header)
-    return int(thread_id)
 
 
 REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|aw|wg|sv|vs|tr|antw|rif)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
@@ -81,23 +43,294 @@ def base_subject(subject: str | None) -> tuple[str, bool]:
     return stripped.lower(), stripped != text
 
 
-def _by_subject(conn: sa.Connection, account_id: int, subject: str | None, when: datetime) -> int | None:
-    """Last resort for a reply that carries no References/In-Reply-To (some clients drop them): the most recent
-    thread of the account whose subject is this one without its "Re:" prefix, active within SUBJECT_WINDOW."""
-    base, is_reply = base_subject(subject)
-    if not is_reply or not base:
-        return None
-    found = conn.execute(
-        sa.select(threads_t.c.id)
-        .where(
-            threads_t.c.account_id == account_id,
-            sa.func.lower(threads_t.c.subject) == base,
-            threads_t.c.last_message_at >= when - SUBJECT_WINDOW,
+@dataclass(frozen=True, slots=True)
+class ThreadInput:
+    """What threading needs of a message about to be inserted."""
+
+    parsed: ParsedMessage
+    identity: str
+    key: str | None = None  # the server's conversation id (Gmail X-GM-THRID): used as is
+
+
+@dataclass(eq=False, slots=True)
+class ThreadState:
+    """One thread row as the batch sees it; ``id`` is None until write_threads inserts a new one."""
+
+    id: int | None
+    key: str
+    subject: str | None
+    first_message_at: datetime | None
+    last_message_at: datetime | None
+    message_count: int
+    order: tuple[int, int]  # (0, id) stored, (1, n) the batch's n-th new thread: the order merges take
+    new: bool = False
+    changed: bool = False
+    merged_into: ThreadState | None = None
+
+    def add(self, subject: str | None, when: datetime, *, count: int, last: datetime | None = None) -> None:
+        self.message_count += count
+        self.first_message_at = min(self.first_message_at or when, when)
+        self.last_message_at = max(self.last_message_at or when, last or when)
+        self.subject = self.subject or subject
+        self.changed = True
+
+
+@dataclass(slots=True)
+class ThreadPlan:
+    """Pure: the threads of one batch, decided in memory from what load_threads read.
+
+    ``by_id``: the stored threads read (by key, by the messages below, by subject); ``refs``: Message-ID -> the
+    thread of the first stored message with that id; ``answers``: In-Reply-To -> the threads of stored messages
+    answering it. The batch's own threads and messages are added as they are assigned.
+    """
+
+    now: datetime
+    by_key: dict[str, ThreadState] = field(default_factory=dict)
+    by_id: dict[int, ThreadState] = field(default_factory=dict)
+    refs: dict[str, ThreadState] = field(default_factory=dict)
+    answers: dict[str, list[ThreadState]] = field(default_factory=dict)
+    created: list[ThreadState] = field(default_factory=list)
+    merged: list[ThreadState] = field(default_factory=list)  # stored threads folded into another
+
+    def assign(self, message: ThreadInput) -> ThreadState:
+        """The thread of the next message of the batch; creates, joins or merges threads as needed.
+
+        Without a server key, order of arrival does not matter: a reply stored before its parent starts a thread,
+        and when the parent arrives, threads whose messages answer it are merged into the parent's. Only a reply
+        with no references at all is grouped by its subject."""
+        p = message.parsed
+        when = p.sent_at or self.now
+        if message.key is not None:
+            found = self._live(self.by_key.get(message.key))
+            if found is None:
+                return self._remember(p, self._create(message.key, p.subject, when))
+            found.add(p.subject, when, count=1)
+            return self._remember(p, found)
+        root = thread_root(p)
+        refs = list(dict.fromkeys(r for r in (*p.references, p.in_reply_to) if r))  # In-Reply-To repeats a reference
+        thread = self._live(self.by_key.get(root)) if root else None
+        if thread is None:
+            thread = next((t for r in refs if (t := self.resolve(self.refs.get(r))) is not None), None)
+        if thread is None and not refs:
+            thread = self._by_subject(p.subject, when)
+        if thread is None and root is None:  # left by an earlier copy of this very message, if any
+            thread = self._live(self.by_key.get(f"single:{message.identity}"))
+        if thread is None:
+            thread = self._create(root or f"single:{message.identity}", p.subject, when)
+        else:
+            thread.add(p.subject, when, count=1)
+        if p.message_id_header:
+            self._merge_answers(thread, p.message_id_header)
+        return self._remember(p, thread)
+
+    def resolve(self, thread: ThreadState | None) -> ThreadState | None:
+        """The thread a (possibly merged-away) thread lives on in."""
+        while thread is not None and thread.merged_into is not None:
+            thread = thread.merged_into
+        return thread
+
+    def thread_id(self, thread: ThreadState) -> int:
+        """The row id of the thread ``thread`` lives on in (after write_threads)."""
+        live = self.resolve(thread)
+        if live is None or live.id is None:
+            raise RuntimeError(f"thread {thread.key!r} has no row: write_threads has not run")
+        return live.id
+
+    def _live(self, thread: ThreadState | None) -> ThreadState | None:
+        return thread if thread is not None and thread.merged_into is None else None
+
+    def _remember(self, p: ParsedMessage, thread: ThreadState) -> ThreadState:
+        if p.message_id_header:
+            self.refs.setdefault(p.message_id_header, thread)  # a stored message with that id was first
+        if p.in_reply_to:
+            self.answers.setdefault(p.in_reply_to, []).append(thread)
+        return thread
+
+    def _create(self, key: str, subject: str | None, when: datetime) -> ThreadState:
+        thread = ThreadState(None, key, subject, when, when, 1, order=(1, len(self.created)), new=True)
+        self.created.append(thread)
+        self.by_key[key] = thread
+        return thread
+
+    def _by_subject(self, subject: str | None, when: datetime) -> ThreadState | None:
+        """Last resort for a reply that carries no References/In-Reply-To (some clients drop them): the most recent
+        thread of the account whose subject is this one without its "Re:" prefix, active within SUBJECT_WINDOW."""
+        base, is_reply = base_subject(subject)
+        if not is_reply or not base:
+            return None
+        candidates = [
+            t
+            for t in (*self.by_id.values(), *self.created)
+            if t.merged_into is None
+            and t.subject is not None
+            and t.subject.lower() == base
+            and t.last_message_at is not None
+            and t.last_message_at >= when - SUBJECT_WINDOW
+        ]
+        return max(candidates, key=lambda t: (t.last_message_at, t.order), default=None)
+
+    def _merge_answers(self, thread: ThreadState, message_id_header: str) -> None:
+        """Fold into ``thread`` the threads of messages that answer this one (they arrived first)."""
+        others = {self.resolve(t) for t in self.answers.get(message_id_header, ())} - {thread, None}
+        for other in sorted((t for t in others if t is not None), key=lambda t: t.order):
+            thread.add(
+                other.subject,
+                other.first_message_at or self.now,
+                count=other.message_count,
+                last=other.last_message_at,
+            )
+            other.merged_into = thread
+            if not other.new:
+                self.merged.append(other)
+
+
+def load_threads(conn: sa.Connection, account_id: int, messages: Sequence[ThreadInput], now: datetime) -> ThreadPlan:
+    """Read what threading ``messages`` needs, in a few queries per batch."""
+    plan = ThreadPlan(now)
+    keys: set[str] = set()
+    refs: set[str] = set()
+    headers: set[str] = set()
+    bases: set[str] = set()
+    earliest = now
+    for m in messages:
+        p = m.parsed
+        if m.key is not None:
+            keys.add(m.key)
+            continue
+        root = thread_root(p)
+        keys.update(k for k in (root, f"single:{m.identity}") if k)
+        message_refs = [r for r in (*p.references, p.in_reply_to) if r]
+        refs.update(message_refs)
+        if p.message_id_header:
+            headers.add(p.message_id_header)
+        base, is_reply = base_subject(p.subject)
+        if not message_refs and is_reply and base:
+            bases.add(base)
+            earliest = min(earliest, p.sent_at or now)
+    columns = (
+        threads_t.c.id,
+        threads_t.c.provider_thread_id,
+        threads_t.c.subject,
+        threads_t.c.first_message_at,
+        threads_t.c.last_message_at,
+        threads_t.c.message_count,
+    )
+
+    def keep(rows: Iterable[Any]) -> None:
+        for row in rows:
+            thread = plan.by_id.get(row.id)
+            if thread is None:
+                thread = ThreadState(
+                    row.id,
+                    row.provider_thread_id,
+                    row.subject,
+                    row.first_message_at,
+                    row.last_message_at,
+                    row.message_count,
+                    order=(0, row.id),
+                )
+                plan.by_id[row.id] = thread
+                plan.by_key[thread.key] = thread
+
+    mine = threads_t.c.account_id == account_id
+    for chunk in _chunks(sorted(keys)):
+        keep(conn.execute(sa.select(*columns).where(mine, threads_t.c.provider_thread_id.in_(chunk))).all())
+    ref_rows: list[tuple[str, int]] = []
+    for chunk in _chunks(sorted(refs)):
+        ref_rows += conn.execute(
+            sa.select(messages_t.c.message_id_header, messages_t.c.thread_id)
+            .where(
+                messages_t.c.account_id == account_id,
+                messages_t.c.message_id_header.in_(chunk),
+                messages_t.c.thread_id.is_not(None),
+            )
+            .order_by(messages_t.c.id)
+        ).all()
+    answer_rows: list[tuple[str, int]] = []
+    for chunk in _chunks(sorted(headers)):
+        answer_rows += conn.execute(
+            sa.select(messages_t.c.in_reply_to, messages_t.c.thread_id)
+            .where(
+                messages_t.c.account_id == account_id,
+                messages_t.c.in_reply_to.in_(chunk),
+                messages_t.c.thread_id.is_not(None),
+            )
+            .order_by(messages_t.c.id)
+        ).all()
+    wanted = sorted({t for _, t in (*ref_rows, *answer_rows)} - set(plan.by_id))
+    for chunk in _chunks(wanted):
+        keep(conn.execute(sa.select(*columns).where(mine, threads_t.c.id.in_(chunk))).all())
+    for header, thread_id in ref_rows:
+        plan.refs.setdefault(header, plan.by_id[thread_id])
+    for in_reply_to, thread_id in answer_rows:
+        plan.answers.setdefault(in_reply_to, []).append(plan.by_id[thread_id])
+    for chunk in _chunks(sorted(bases)):
+        window = threads_t.c.last_message_at >= earliest - SUBJECT_WINDOW
+        keep(conn.execute(sa.select(*columns).where(mine, sa.func.lower(threads_t.c.subject).in_(chunk), window)))
+    return plan
+
+
+def write_threads(conn: sa.Connection, account_id: int, plan: ThreadPlan) -> None:
+    """Carry out the plan: delete the stored threads merged into another (first: a new thread may take the key of
+    one), create the new threads (setting their ids), update the stored ones it changed, then move the messages of
+    the merged threads to the threads they were merged into."""
+    moved: list[tuple[int, ThreadState]] = []  # (message id, the merged thread it was on)
+    merged = {t.id: t for t in plan.merged if t.id is not None}
+    for chunk in _chunks(sorted(merged)):
+        rows = conn.execute(sa.select(messages_t.c.id, messages_t.c.thread_id).where(messages_t.c.thread_id.in_(chunk)))
+        moved += [(row.id, merged[row.thread_id]) for row in rows]
+        conn.execute(threads_t.delete().where(threads_t.c.id.in_(chunk)))
+    created = [t for t in plan.created if t.merged_into is None]
+    if created:
+        ids = conn.execute(
+            threads_t.insert().returning(threads_t.c.id, sort_by_parameter_order=True),
+            [
+                {
+                    "account_id": account_id,
+                    "provider_thread_id": t.key,
+                    "subject": t.subject,
+                    "first_message_at": t.first_message_at,
+                    "last_message_at": t.last_message_at,
+                    "message_count": t.message_count,
+                }
+                for t in created
+            ],
+        ).scalars()
+        for thread, thread_id in zip(created, ids, strict=True):
+            thread.id = thread_id
+    changed = [t for t in plan.by_id.values() if t.changed and t.merged_into is None]
+    if changed:
+        conn.execute(
+            threads_t.update()
+            .where(threads_t.c.id == sa.bindparam("b_id"))
+            .values(
+                subject=sa.bindparam("b_subject"),
+                first_message_at=sa.bindparam("b_first"),
+                last_message_at=sa.bindparam("b_last"),
+                message_count=sa.bindparam("b_count"),
+            ),
+            [
+                {
+                    "b_id": t.id,
+                    "b_subject": t.subject,
+                    "b_first": t.first_message_at,
+                    "b_last": t.last_message_at,
+                    "b_count": t.message_count,
+                }
+                for t in changed
+            ],
         )
-        .order_by(threads_t.c.last_message_at.desc())
-        .limit(1)
-    ).scalar()
-    return int(found) if found is not None else None
+    targets: dict[int, list[int]] = {}
+    for message_id, thread in moved:
+        targets.setdefault(plan.thread_id(thread), []).append(message_id)
+    for target, message_ids in sorted(targets.items()):
+        for chunk in _chunks(sorted(message_ids)):
+            conn.execute(messages_t.update().where(messages_t.c.id.in_(chunk)).values(thread_id=target))
+
+
+def _chunks(items: Sequence[object], size: int = _CHUNK) -> Iterable[Sequence[object]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def _create(conn: sa.Connection, account_id: int, key: str, subject: str | None, when: datetime) -> int:
@@ -137,25 +370,6 @@ def _add(
             subject=row.subject or subject,
         )
     )
-
-
-def _merge_answers(conn: sa.Connection, account_id: int, thread_id: int, message_id_header: str) -> None:
-    """Fold into `thread_id` the threads of stored messages that answer this one (they arrived first)."""
-    others = set(
-        conn.execute(
-            sa.select(messages_t.c.thread_id).where(
-                messages_t.c.account_id == account_id,
-                messages_t.c.in_reply_to == message_id_header,
-                messages_t.c.thread_id.is_not(None),
-                messages_t.c.thread_id != thread_id,
-            )
-        ).scalars()
-    )
-    for other in sorted(others):
-        row = conn.execute(sa.select(threads_t).where(threads_t.c.id == other)).one()
-        conn.execute(messages_t.update().where(messages_t.c.thread_id == other).values(thread_id=thread_id))
-        _add(conn, thread_id, row.subject, row.first_message_at, count=row.message_count, last=row.last_message_at)
-        conn.execute(threads_t.delete().where(threads_t.c.id == other))
 
 
 def move_to_key(conn: sa.Connection, account_id: int, message_id: int, key: str) -> None:
