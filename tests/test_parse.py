@@ -7,9 +7,10 @@ sizes (1 MB header lines, 1000-deep nesting, thousands of parts) are generated h
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from datetime import UTC, datetime
-from email import policy
+from email import feedparser, policy
 from email.parser import BytesParser
 from pathlib import Path
 
@@ -602,3 +603,28 @@ def _address_lists(draw: st.DrawFn) -> str:
 def test_address_fast_path_never_disagrees_with_strict_on_address_shaped_text(value: str) -> None:
     fast, strict = _fast_and_strict(value)
     assert fast is None or fast == strict
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="\r\n a-\t", max_size=12))
+def test_the_feed_parsers_line_break_trim_matches_the_regex_it_replaces(text: str) -> None:
+    """parse.py swaps email.feedparser.NLCRE_eol (a regex search over a whole MIME part) for a look at its end;
+    both must find the same line break (or none) for any string."""
+    regex = re.compile(r"(\r\n|\r|\n)\Z")
+    expected = regex.search(text)
+    found = feedparser.NLCRE_eol.search(text)  # type: ignore[attr-defined]
+    assert (found.group(0) if found else None) == (expected.group(0) if expected else None)
+
+
+def test_corpus_parses_the_same_with_the_stdlib_line_break_trim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole corpus gives the same ParsedMessage with the stdlib's NLCRE_eol put back."""
+    ours = {path.name: parse_or_reason(path.read_bytes()) for path in CORPUS_FILES}
+    monkeypatch.setattr(feedparser, "NLCRE_eol", re.compile(r"(\r\n|\r|\n)\Z"))
+    assert {path.name: parse_or_reason(path.read_bytes()) for path in CORPUS_FILES} == ours
+
+
+def parse_or_reason(raw: bytes) -> ParsedMessage | str:
+    try:
+        return parse_message(raw)
+    except UnparseableMessage as exc:
+        return exc.message

@@ -37,6 +37,7 @@ from inboxd.metrics import Metrics
 from inboxd.outbox import Outbox
 from inboxd.outbox_policy import RetryPolicy
 from inboxd.outbox_store import OutboxStore
+from inboxd.parsing import ParserPool
 from inboxd.progress import ProgressDisplay
 from inboxd.rekey import prune_command, rotate_command
 from inboxd.runner import AccountResult, Runner
@@ -387,7 +388,26 @@ def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
     clock = SystemClock()
     metrics = Metrics()
     stop = threading.Event()  # SIGTERM/SIGINT in `run`: finish the batch or send in flight, then exit
-    runner = Runner(config, store, clock=clock, metrics=metrics, stop=stop)
+    # bodies of big syncs are parsed in worker processes, on every core (the sync threads share one, the GIL)
+    parser = ParserPool(config.sync.parse_workers) if config.sync.parse_workers else None
+    try:
+        return _run_with(args, config, store, clock=clock, metrics=metrics, stop=stop, parser=parser)
+    finally:
+        if parser is not None:
+            parser.close()
+
+
+def _run_with(
+    args: argparse.Namespace,
+    config: Config,
+    store: Store,
+    *,
+    clock: SystemClock,
+    metrics: Metrics,
+    stop: threading.Event,
+    parser: ParserPool | None,
+) -> int:
+    runner = Runner(config, store, clock=clock, metrics=metrics, stop=stop, parser=parser)
     outbox_store = OutboxStore(store.engine, clock=clock, policy=RetryPolicy())
     metrics.watch(store.accounts, outbox_store.depth, clock=clock)
     outbox = Outbox(

@@ -36,6 +36,7 @@ MIB = 1024 * 1024
 DEFAULT_INTERVAL = timedelta(minutes=60)
 DEFAULT_BATCH_SIZE = 200
 MAX_BATCH_SIZE = 5000
+MAX_PARSE_WORKERS = 64
 DEFAULT_MAX_ATTACHMENT_BYTES = 25 * MIB
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_STATE_DIR = "./var"
@@ -87,6 +88,8 @@ class SyncConfig:
     exclude_addresses: frozenset[str] = frozenset()
     # messages carrying any of these labels (Gmail labels, or folder names elsewhere) are never stored
     exclude_labels: frozenset[str] = frozenset()
+    # processes parsing message bodies during big syncs (inboxd.parsing); 0: parse in the sync threads
+    parse_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -556,6 +559,7 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
             "exclude_addresses",
             "exclude_labels",
             "lease",
+            "parse_workers",
         }
     )
     duration = 'a duration like "30s", "60m", "2h" or "1d"'
@@ -582,7 +586,15 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
             "exclude_addresses", frozenset(), _address_patterns, 'a list like ["hr@corp.example", "@corp.example"]'
         ),
         exclude_labels=table.converted("exclude_labels", frozenset(), _string_list, 'a list like ["Private"]'),
+        parse_workers=table.integer("parse_workers", default_parse_workers(), 0, MAX_PARSE_WORKERS),
     )
+
+
+def default_parse_workers() -> int:
+    """One parser process per core, at most 4 (beyond that the sync thread's own work is the limit); none on a
+    single core, where a process only adds copying."""
+    cores = os.cpu_count() or 1
+    return 0 if cores < 2 else min(cores, 4)
 
 
 def _string_list(value: Any) -> frozenset[str]:

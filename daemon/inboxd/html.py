@@ -160,6 +160,8 @@ def _defuse(html: str) -> str:
 
 
 def _split_text_node(text: str) -> str:
+    if text.count("&") + text.count("\u00a0") <= _TEXT_NODE_ESCAPES:  # nearly every node: no list built
+        return text
     escapes = [m.start() for m in _ESCAPED_IN_OUTPUT.finditer(text)]
     if len(escapes) <= _TEXT_NODE_ESCAPES:
         return text

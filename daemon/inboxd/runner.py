@@ -32,6 +32,7 @@ from inboxd.errors import (
 )
 from inboxd.imap import ImapSession
 from inboxd.metrics import Metrics
+from inboxd.parsing import MessageParser
 from inboxd.scope import Exclusions, contact_set, normalize_address
 from inboxd.store import DISCONNECTED_REASON, Account, Store
 from inboxd.sync import AccountSync, Progress, SyncSettings, SyncStats
@@ -97,8 +98,10 @@ class Runner:
         connections: Connections | None = None,
         stop: threading.Event | None = None,
         metrics: Metrics | None = None,
+        parser: MessageParser | None = None,
     ) -> None:
         self._config = config
+        self._parser = parser  # None: each sync parses in its own thread
         self._store = store
         self._stop = stop
         # set by the daemon when this node lost an account's lease: the running syncs stop between batches
@@ -224,6 +227,7 @@ class Runner:
                     clock=self._clock,
                     progress=progress,
                     stop=self._halt,
+                    parser=self._parser,
                 ).run()
             except SessionExpired:
                 if attempt == 2:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -773,6 +773,7 @@ class Store:
         attachments: a handful of statements for the whole batch. Returns their ids, in order."""
         if not messages:
             return []
+        blobs_stored = self._put_blobs(messages)
         plan = load_threads(conn, account_id, [ThreadInput(m.parsed, m.identity, m.thread_key) for m in messages], now)
         threads = [plan.assign(ThreadInput(m.parsed, m.identity, m.thread_key)) for m in messages]
         write_threads(conn, account_id, plan)
@@ -828,8 +829,6 @@ class Store:
         for message_id, msg in zip(ids, messages, strict=True):
             for att in msg.parsed.attachments:
                 stored = bool(att.data) and self._blobs is not None
-                if stored and self._blobs is not None:
-                    self._blobs.put(att.sha256, att.data)
                 attachments.append(
                     {
                         "message_id": message_id,
@@ -844,4 +843,11 @@ class Store:
                 )
         if attachments:
             conn.execute(attachments_t.insert(), attachments)
+        blobs_stored()  # before the caller commits: a row with stored = true names a file that is on disk
         return ids
+
+    def _put_blobs(self, messages: Sequence[NewMessage]) -> Callable[[], None]:
+        """Start writing the attachments' bytes (see BlobStore.put_all); returns the wait."""
+        if self._blobs is None:
+            return lambda: None
+        return self._blobs.put_all((a.sha256, a.data) for m in messages for a in m.parsed.attachments if a.data)

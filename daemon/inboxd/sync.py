@@ -8,7 +8,7 @@ The decisions come from planner.py; this module carries them out against an Imap
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -20,7 +20,7 @@ from inboxd.dialect import Dialect, GenericImap
 from inboxd.errors import Interrupted, UnparseableMessage
 from inboxd.gmail import Gmail
 from inboxd.imap import FlagUpdate, HeaderInfo, ImapSession, SelectInfo
-from inboxd.parse import parse_message
+from inboxd.parsing import InlineParser, MessageParser, ParseJob
 from inboxd.planner import (
     ExpungeCheck,
     FolderSpec,
@@ -32,6 +32,7 @@ from inboxd.planner import (
     message_identity,
     plan_folder,
 )
+from inboxd.prefetch import Prefetched
 from inboxd.scope import NO_EXCLUSIONS, Exclusions, in_scope
 from inboxd.store import Account, NewLocation, NewMessage, Store, StoredFolder
 
@@ -83,6 +84,22 @@ class SyncStats:
     done: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _FetchedRun:
+    """One run of a batch with its bodies fetched: what _store_run needs, made by _fetch_runs."""
+
+    batch: list[int]  # the batch's UIDs (the run is part of it)
+    uids: list[int]  # the UIDs whose bodies were asked for
+    bodies: dict[int, bytes]
+    parsed: ParseJob  # the bodies, parsed (in a worker process with a ParserPool)
+    headers: dict[int, HeaderInfo]
+    identities: dict[int, str | None]
+    known: dict[int, tuple[int, NewLocation]]  # stored messages met again (the batch's first run carries them)
+    cursor: int  # where the folder's cursor may move once this run is stored
+    last_of_batch: bool
+    out_of_scope: int
+
+
 class AccountSync:
     """One sync cycle of one account over one authenticated IMAP session."""
 
@@ -96,6 +113,7 @@ class AccountSync:
         clock: Clock,
         progress: Progress | None = None,
         stop: StopFlag | None = None,
+        parser: MessageParser | None = None,
     ) -> None:
         self._store = store
         self._account = account
@@ -104,6 +122,7 @@ class AccountSync:
         self._clock = clock
         self._progress = progress
         self._stop = stop  # set on SIGTERM: stop between batches (each batch is committed with its cursor)
+        self._parser: MessageParser = parser or InlineParser()
         self.stats = SyncStats()
         self._log = log.bind(account=account.email)
         self._dialect: Dialect = Gmail() if session.capabilities.gmail else GenericImap()
@@ -163,9 +182,7 @@ class AccountSync:
             last_uid = 0
         new_uids = self._session.uids_after(last_uid)
         self._add_total(len(new_uids))
-        for batch in batches(new_uids, self._settings.batch_size):
-            self._check_stop()
-            self._ingest(folder, selected, batch)
+        self._ingest(folder, selected, batches(new_uids, self._settings.batch_size))
         if plan.kind is PlanKind.INCREMENTAL:
             self._apply_changes(
                 folder,
@@ -202,9 +219,7 @@ class AccountSync:
         found = self._session.search_addresses(sorted(addresses))
         wanted = sorted(uid for uid in found - self._store.known_uids(folder.id) if uid <= folder.cursor.last_uid)
         self._add_total(len(wanted))
-        for batch in batches(wanted, self._settings.batch_size):
-            self._check_stop()
-            self._ingest(folder, selected, batch)
+        self._ingest(folder, selected, batches(wanted, self._settings.batch_size))
         if wanted:
             self._log.info("sync.backfill", folder=spec.name, contacts=len(addresses), found=len(wanted))
             self.stats.backfilled += len(wanted)
@@ -269,7 +284,71 @@ class AccountSync:
 
     # -- new messages -------------------------------------------------------------------------------------------
 
-    def _ingest(self, folder: StoredFolder, selected: SelectInfo, batch: list[int]) -> None:
+    def _ingest(self, folder: StoredFolder, selected: SelectInfo, uid_batches: Iterable[list[int]]) -> None:
+        """Store the new messages of ``uid_batches``: _fetch_runs asks the server, _store_run parses and stores.
+
+        When the header fields decide nothing (bodies first: a first sync of scope "all") the fetching runs one run
+        ahead in a thread (inboxd.prefetch): the server sends run n+1 while run n is parsed and stored. Otherwise the
+        header phase reads and writes the database (identities, adopted outbox rows, contacts), so the two take
+        turns."""
+        runs = self._fetch_runs(folder, uid_batches)
+        if not self._bodies_first:
+            self._store_runs(folder, selected, runs)
+            return
+        with Prefetched(runs, name=f"inboxd-fetch-{self._account.id}") as ahead:
+            self._store_runs(folder, selected, iter(ahead))
+
+    def _fetch_runs(self, folder: StoredFolder, uid_batches: Iterable[list[int]]) -> Iterator[_FetchedRun]:
+        """The server's side of _ingest, batch by batch: header phase, admission, then bodies in runs by size."""
+        for batch in uid_batches:
+            self._check_stop()
+            headers, identities, known, need_body, out_of_scope = self._header_phase(folder, batch)
+            runs = _runs_by_size(need_body, headers, self._settings.max_fetch_bytes)
+            for index, run in enumerate(runs):
+                last = index + 1 == len(runs)
+                bodies = self._session.fetch_bodies(run) if run else {}
+                yield _FetchedRun(
+                    batch=batch,
+                    uids=run,
+                    bodies=bodies,
+                    parsed=self._parser.start(bodies, max_attachment_bytes=self._settings.max_attachment_bytes),
+                    headers=headers,
+                    identities=identities,
+                    known=known if index == 0 else {},
+                    # below the next run's first UID every message is stored, re-mapped or out of scope
+                    cursor=max(batch) if last else runs[index + 1][0] - 1,
+                    last_of_batch=last,
+                    out_of_scope=out_of_scope if index == 0 else 0,
+                )
+
+    def _store_runs(self, folder: StoredFolder, selected: SelectInfo, runs: Iterable[_FetchedRun]) -> None:
+        missing: list[int] = []
+        remapped = 0
+        batch_open = False
+        for run in runs:
+            if not batch_open:  # between batches: a stop leaves a fetched-ahead batch unstored, the cursor before it
+                self._check_stop()
+                batch_open = True
+            # the cursor never passes a message that should have been stored but whose body did not come
+            cursor = min(run.cursor, min(missing) - 1) if missing else run.cursor
+            self.stats.out_of_scope += run.out_of_scope
+            remapped += len(run.known)
+            missing += self._store_run(folder, selected, run, cursor=cursor)
+            if not run.last_of_batch:
+                continue
+            if missing:
+                self._log.warning("sync.bodies_missing", folder=folder.name, uids=len(missing))
+                self._incomplete = True
+            self.stats.remapped += remapped
+            self.stats.done += len(run.batch)
+            if self._progress is not None:
+                self._progress(self.stats.done, self.stats.total)
+            missing, remapped, batch_open = [], 0, False
+
+    def _header_phase(
+        self, folder: StoredFolder, batch: list[int]
+    ) -> tuple[dict[int, HeaderInfo], dict[int, str | None], dict[int, tuple[int, NewLocation]], list[int], int]:
+        """(headers, identities, known locations, UIDs whose bodies are needed, how many are out of scope)."""
         headers = self._session.fetch_headers(batch, fields=not self._bodies_first)
         identities = {uid: self._dialect.identity(h) for uid, h in headers.items()}
         known_ids = self._store.message_ids_by_identity(
@@ -285,7 +364,8 @@ class AccountSync:
                 provisional[f"mid:{h.message_id}"] = identity
                 if (key := self._dialect.thread_key(h)) is not None:
                     thread_keys[identity] = key
-        known_ids.update(self._store.adopt_identities(self._account.id, provisional, thread_keys))
+        if provisional:
+            known_ids.update(self._store.adopt_identities(self._account.id, provisional, thread_keys))
         known: dict[int, tuple[int, NewLocation]] = {}
         unknown: list[HeaderInfo] = []
         for uid, header in headers.items():
@@ -297,54 +377,26 @@ class AccountSync:
         # header first: out of scope or excluded messages are decided here and their bodies never downloaded (without
         # header fields, scope "all" and no exclusions, every message is admitted)
         need_body = self._admitted(unknown, folder)
-        self.stats.out_of_scope += len(unknown) - len(need_body)
-        runs = _runs_by_size(need_body, headers, self._settings.max_fetch_bytes)
-        missing: list[int] = []
-        for index, run in enumerate(runs):
-            # below the next run's first UID every message is stored, re-mapped or out of scope; the cursor never
-            # passes a message that should have been stored but whose body did not come
-            cursor = runs[index + 1][0] - 1 if index + 1 < len(runs) else max(batch)
-            if missing:
-                cursor = min(cursor, min(missing) - 1)
-            missing += self._store_run(
-                folder, selected, run, headers, identities, known=known if index == 0 else {}, cursor=cursor
-            )
-        if missing:
-            self._log.warning("sync.bodies_missing", folder=folder.name, uids=len(missing))
-            self._incomplete = True
-        self.stats.remapped += len(known)
-        self.stats.done += len(batch)
-        if self._progress is not None:
-            self._progress(self.stats.done, self.stats.total)
+        return headers, identities, known, need_body, len(unknown) - len(need_body)
 
-    def _store_run(
-        self,
-        folder: StoredFolder,
-        selected: SelectInfo,
-        uids: list[int],
-        headers: dict[int, HeaderInfo],
-        identities: dict[int, str | None],
-        *,
-        known: dict[int, tuple[int, NewLocation]],
-        cursor: int,
-    ) -> list[int]:
-        """Fetch, parse and store the bodies of ``uids`` and the ``known`` locations in one transaction, moving the
-        folder's cursor to ``cursor`` (or below the first UID whose body did not come); returns those UIDs."""
-        known = dict(known)
-        bodies = self._session.fetch_bodies(uids) if uids else {}
+    def _store_run(self, folder: StoredFolder, selected: SelectInfo, run: _FetchedRun, *, cursor: int) -> list[int]:
+        """Parse and store the bodies of one run and its ``known`` locations in one transaction, moving the folder's
+        cursor to ``cursor`` (or below the first UID whose body did not come); returns those UIDs."""
+        known = dict(run.known)
+        bodies, headers, identities = run.bodies, run.headers, run.identities
         new_messages: list[NewMessage] = []
+        outcomes = run.parsed.result()
         for uid in sorted(bodies):
             raw = bodies[uid]
             self.stats.bytes_downloaded += len(raw)
             header = headers[uid]
-            try:
-                parsed = parse_message(raw, max_attachment_bytes=self._settings.max_attachment_bytes)
-            except UnparseableMessage as exc:
+            parsed = outcomes[uid]
+            if isinstance(parsed, UnparseableMessage):
                 self._store.quarantine(
-                    self._account.id, folder.name, selected.uidvalidity, uid, reason=exc.message, raw=raw
+                    self._account.id, folder.name, selected.uidvalidity, uid, reason=parsed.message, raw=raw
                 )
                 self.stats.quarantined += 1
-                self._log.warning("sync.message_quarantined", folder=folder.name, uid=uid, reason=exc.message)
+                self._log.warning("sync.message_quarantined", folder=folder.name, uid=uid, reason=parsed.message)
                 continue
             identity = identities[uid] or message_identity(parsed.message_id_header or header.message_id, raw)
             assert identity is not None  # raw is given, so there is always an identity
@@ -363,7 +415,7 @@ class AccountSync:
             )
         if self._bodies_first:
             new_messages = self._recognize_stored(new_messages, known)
-        missing = [uid for uid in uids if uid not in bodies]
+        missing = [uid for uid in run.uids if uid not in bodies]
         last_uid = min(cursor, min(missing) - 1) if missing else cursor
         inserted = self._store.store_batch(self._account.id, folder.id, new_messages, known, last_uid=last_uid)
         self.stats.new_messages += len(inserted)

@@ -1,0 +1,141 @@
+"""inboxd.parsing: a ParserPool gives what parsing in the sync thread gives (parsed messages and unparseable
+reasons, per UID), keeps small runs in the calling thread, survives a dead worker, and a first sync through it stores
+the same rows as one without it (on SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import structlog
+
+from inboxd.clock import FakeClock
+from inboxd.crypto import SecretBox
+from inboxd.errors import UnparseableMessage
+from inboxd.models import MailAttachment, MailMessage
+from inboxd.parsing import MIN_POOL_RUN, InlineParser, ParseOutcome, ParserPool
+from inboxd.planner import Capabilities
+from inboxd.store import Credential, Store
+from inboxd.sync import AccountSync, SyncSettings
+from inboxd.testing import FakeMailbox, FakeSession
+
+messages_t = MailMessage.__table__  # type: ignore[attr-defined]
+attachments_t = MailAttachment.__table__  # type: ignore[attr-defined]
+CORPUS = sorted((Path(__file__).parent / "corpus").glob("*.eml"))
+MAX_ATTACHMENT = 25 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[ParserPool]:
+    parser = ParserPool(2)
+    yield parser
+    parser.close()
+
+
+def bodies(count: int) -> dict[int, bytes]:
+    """``count`` bodies: the corpus over and over, each with a Message-ID of its own first, and only whitespace at
+    every 7th UID (unparseable, as some corpus messages are)."""
+    return {
+        uid: b"  \r\n"
+        if uid % 7 == 0
+        else f"Message-ID: <{uid}@seq>\r\n".encode() + CORPUS[uid % len(CORPUS)].read_bytes()
+        for uid in range(1, count + 1)
+    }
+
+
+def comparable(outcomes: dict[int, ParseOutcome]) -> dict[int, object]:
+    return {uid: o.message if isinstance(o, UnparseableMessage) else o for uid, o in outcomes.items()}
+
+
+def test_a_pool_parses_a_run_as_the_sync_thread_would(pool: ParserPool) -> None:
+    run = bodies(60)
+    pooled = pool.start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
+    inline = InlineParser().start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
+    assert comparable(pooled) == comparable(inline)
+    assert sum(isinstance(o, UnparseableMessage) for o in pooled.values()) >= 8
+
+
+def test_small_runs_are_parsed_in_the_calling_thread(pool: ParserPool) -> None:
+    job = pool.start(bodies(MIN_POOL_RUN - 1), max_attachment_bytes=MAX_ATTACHMENT)
+    assert type(job).__name__ == "_Deferred"
+    assert len(job.result()) == MIN_POOL_RUN - 1
+
+
+def test_a_dead_worker_costs_a_retry_in_the_calling_thread_not_the_run() -> None:
+    parser = ParserPool(1)
+    try:
+        parser.start(bodies(MIN_POOL_RUN), max_attachment_bytes=MAX_ATTACHMENT).result()  # the worker is up
+        executor = parser._executor
+        assert executor is not None
+        for pid in list(executor._processes):  # type: ignore[attr-defined]
+            os.kill(pid, signal.SIGKILL)
+        run = bodies(40)
+        with structlog.testing.capture_logs() as logs:
+            outcomes = parser.start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
+        assert comparable(outcomes) == comparable(
+            InlineParser().start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
+        )
+        assert any(e["event"] == "parse.pool_failed" for e in logs)
+        # and the next run gets a new pool
+        again = parser.start(run, max_attachment_bytes=MAX_ATTACHMENT)
+        assert type(again).__name__ == "_Pooled"
+        assert len(again.result()) == 40
+    finally:
+        parser.close()
+
+
+def test_a_closed_pool_still_parses_in_the_calling_thread() -> None:
+    parser = ParserPool(1)
+    parser.close()
+    assert len(parser.start(bodies(30), max_attachment_bytes=MAX_ATTACHMENT).result()) == 30
+
+
+def test_a_pool_needs_a_worker() -> None:
+    with pytest.raises(ValueError, match="at least one worker"):
+        ParserPool(0)
+
+
+def test_a_first_sync_through_the_pool_stores_what_the_inline_parser_stores(
+    engine: sa.Engine, secret_box: SecretBox, pool: ParserPool
+) -> None:
+    """The same mailbox synced twice, into two accounts: bodies first (prefetching) with the pool, and the same
+    with parsing in the sync thread; every stored column but ids and timestamps is equal, quarantine included."""
+    clock = FakeClock()
+    store = Store(engine, clock=clock, secret_box=secret_box)
+    mailbox = FakeMailbox()
+    for raw in bodies(90).values():
+        mailbox.append("INBOX", raw, ["\\Seen"])
+    caps = Capabilities(True, True)
+    results = []
+    for name, parser in (("pooled", pool), ("inline", InlineParser())):
+        account = store.add_account(f"{name}@example.test", "fake", Credential("password", "x"))
+        settings = SyncSettings(batch_size=40)
+        stats = AccountSync(
+            store, account, FakeSession(mailbox, caps), settings=settings, clock=clock, parser=parser
+        ).run()
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(messages_t).where(messages_t.c.account_id == account.id).order_by(messages_t.c.id)
+            ).all()
+            attachments = conn.execute(
+                sa.select(attachments_t.c.sha256, attachments_t.c.filename)
+                .join(messages_t, messages_t.c.id == attachments_t.c.message_id)
+                .where(messages_t.c.account_id == account.id)
+                .order_by(attachments_t.c.id)
+            ).all()
+        skip = {"id", "account_id", "thread_id", "created_at", "updated_at"}
+        results.append(
+            (
+                [{k: v for k, v in row._mapping.items() if k not in skip} for row in rows],
+                attachments,
+                stats.new_messages,
+                stats.quarantined,
+            )
+        )
+    assert results[0] == results[1]
+    assert results[0][2] > 60
+    assert results[0][3] >= 12  # the whitespace bodies, at least
