@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +142,29 @@ def test_a_first_sync_through_the_pool_stores_what_the_inline_parser_stores(
     assert results[0] == results[1]
     assert results[0][2] > 60
     assert results[0][3] >= 12  # the whitespace bodies, at least
+
+
+KILLED_DAEMON = """
+import os, signal, sys
+from inboxd.parsing import ParserPool
+if __name__ == "__main__":
+    pool = ParserPool(2)
+    bodies = {uid: b"From: a@example.org\\r\\nSubject: x\\r\\n\\r\\nhi\\r\\n" for uid in range(40)}
+    pool.start(bodies, max_attachment_bytes=1000).result()
+    print(" ".join(str(pid) for pid in pool._executor._processes), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_exit_when_the_daemon_is_killed(tmp_path: Path) -> None:
+    """`kill -9` of inboxd (or the OOM killer) never shuts the pool down: the workers notice and exit."""
+    script = tmp_path / "daemon.py"
+    script.write_text(KILLED_DAEMON)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    workers = [int(pid) for pid in run.stdout.splitlines()[-1].split()]  # after the log lines
+    assert len(workers) == 2
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived the daemon"

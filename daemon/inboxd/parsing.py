@@ -10,7 +10,10 @@ thread, where parse_message's own guarantees hold (a ParsedMessage or Unparseabl
 from __future__ import annotations
 
 import multiprocessing
+import os
+import select
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -105,9 +108,27 @@ class _Pooled:
         return outcomes
 
 
+def _exit_with(daemon_pid: int) -> None:
+    """A worker's initializer: exit as soon as the daemon is gone. It may die by SIGKILL (the OOM killer, a
+    `kill -9`) and never shut the pool down, and a worker waiting for work would wait forever."""
+
+    def watch() -> None:
+        try:
+            handle = os.pidfd_open(daemon_pid)  # readable once that process has exited (Linux 5.3)
+        except (AttributeError, OSError):
+            while os.getppid() == daemon_pid:  # spawned by the daemon: re-parented when it dies
+                time.sleep(1)
+        else:
+            select.select([handle], [], [])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="inboxd-watch-daemon", daemon=True).start()
+
+
 class ParserPool:
-    """Parse runs of at least MIN_POOL_RUN bodies in ``workers`` processes (started on first use, "forkserver":
-    the daemon has threads, and a fork of a threaded process may inherit a held lock); smaller runs inline."""
+    """Parse runs of at least MIN_POOL_RUN bodies in ``workers`` processes, started on first use; smaller runs
+    inline. Workers are spawned (a fork of the threaded daemon could inherit a lock held by another thread) and exit
+    by themselves when the daemon dies."""
 
     def __init__(self, workers: int) -> None:
         if workers < 1:
@@ -153,8 +174,11 @@ class ParserPool:
             if self._closed:
                 raise RuntimeError("the parser pool is closed")
             if self._executor is None:
-                context = multiprocessing.get_context("forkserver")
-                context.set_forkserver_preload(["inboxd.parsing"])
-                self._executor = ProcessPoolExecutor(self.workers, mp_context=context)
+                self._executor = ProcessPoolExecutor(
+                    self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_exit_with,
+                    initargs=(os.getpid(),),
+                )
                 log.info("parse.pool_started", workers=self.workers)
             return self._executor
