@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from inboxd.blobs import BlobStore
+from inboxd.bulk import insert_returning_ids
 from inboxd.clock import Clock
 from inboxd.crypto import SecretBox
 from inboxd.errors import ReauthRequired, UsageError
@@ -806,12 +807,7 @@ class Store:
                     "updated_at": now,
                 }
             )
-        ids = [
-            int(i)
-            for i in conn.execute(
-                messages_t.insert().returning(messages_t.c.id, sort_by_parameter_order=True), rows
-            ).scalars()
-        ]
+        ids = insert_returning_ids(conn, messages_t, rows)
         participants = [
             {
                 "message_id": message_id,

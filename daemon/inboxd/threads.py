@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from inboxd.bulk import insert_returning_ids
 from inboxd.models import MailMessage, MailThread
 from inboxd.parse import ParsedMessage
 
@@ -282,8 +283,9 @@ def write_threads(conn: sa.Connection, account_id: int, plan: ThreadPlan) -> Non
         conn.execute(threads_t.delete().where(threads_t.c.id.in_(chunk)))
     created = [t for t in plan.created if t.merged_into is None]
     if created:
-        ids = conn.execute(
-            threads_t.insert().returning(threads_t.c.id, sort_by_parameter_order=True),
+        ids = insert_returning_ids(
+            conn,
+            threads_t,
             [
                 {
                     "account_id": account_id,
@@ -295,7 +297,7 @@ def write_threads(conn: sa.Connection, account_id: int, plan: ThreadPlan) -> Non
                 }
                 for t in created
             ],
-        ).scalars()
+        )
         for thread, thread_id in zip(created, ids, strict=True):
             thread.id = thread_id
     changed = [t for t in plan.by_id.values() if t.changed and t.merged_into is None]
