@@ -168,3 +168,27 @@ def test_workers_exit_when_the_daemon_is_killed(tmp_path: Path) -> None:
     while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
         time.sleep(0.1)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived the daemon"
+
+
+SCRIPT_DAEMON = """
+from inboxd.cli import main  # the inboxd console script starts like this: the whole daemon is imported
+from inboxd.parsing import ParserPool
+if __name__ == "__main__":
+    pool = ParserPool(1)
+    bodies = {uid: b"From: a@example.org\\r\\nSubject: x\\r\\n\\r\\nhi\\r\\n" for uid in range(20)}
+    pool.start(bodies, max_attachment_bytes=1000).result()
+    [pid] = pool._executor._processes
+    with open(f"/proc/{pid}/maps") as maps:
+        print("sqlalchemy" in maps.read())
+    pool.close()
+"""
+
+
+def test_workers_do_not_import_the_daemon(tmp_path: Path) -> None:
+    """A worker starts with what parsing needs (~35 MB), not a second copy of the daemon the `inboxd` script
+    imports (~100 MB): multiprocessing's spawn would run the parent's __main__ again; parsing.py leaves it out."""
+    script = tmp_path / "inboxd_script.py"
+    script.write_text(SCRIPT_DAEMON)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "False", "the worker loaded SQLAlchemy: it imported the daemon"

@@ -10,6 +10,7 @@ thread, where parse_message's own guarantees hold (a ParsedMessage or Unparseabl
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.spawn
 import os
 import select
 import threading
@@ -17,7 +18,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -108,6 +109,18 @@ class _Pooled:
         return outcomes
 
 
+_stdlib_preparation_data = multiprocessing.spawn.get_preparation_data
+
+
+def _without_main(name: str) -> dict[str, Any]:
+    """What a spawned process is told to set up, minus the parent's ``__main__``: the ``inboxd`` script imports the
+    whole daemon (97 MB) and a parser needs inboxd.parse (27 MB). Everything a worker runs is in this module."""
+    data: dict[str, Any] = _stdlib_preparation_data(name)
+    data.pop("init_main_from_path", None)
+    data.pop("init_main_from_name", None)
+    return data
+
+
 def _exit_with(daemon_pid: int) -> None:
     """A worker's initializer: exit as soon as the daemon is gone. It may die by SIGKILL (the OOM killer, a
     `kill -9`) and never shut the pool down, and a worker waiting for work would wait forever."""
@@ -174,6 +187,8 @@ class ParserPool:
             if self._closed:
                 raise RuntimeError("the parser pool is closed")
             if self._executor is None:
+                # the daemon spawns no other processes: leaving its __main__ out of every spawn is safe
+                multiprocessing.spawn.get_preparation_data = _without_main
                 self._executor = ProcessPoolExecutor(
                     self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
