@@ -223,11 +223,15 @@ class Cases:
 
 
 def _process_rows(bench: str, case: str, run: Measured, size: int, *, rss_target: bool) -> list[Row]:
-    rss_ok = run.peak_rss_mb <= 200 if rss_target else None
+    """Wall, rate, peak RSS of the process, and of it with its children (inboxd's parser workers): the target
+    applies to the whole, which is what the host gives inboxd."""
+    tree_ok = run.peak_tree_rss_mb <= 200 if rss_target else None
+    target = "<= 200" if rss_target else None
     return [
         Row(bench, case, "wall", run.wall_s, "s"),
         Row(bench, case, "rate", size / run.wall_s, "msgs/s"),
-        Row(bench, case, "peak RSS", run.peak_rss_mb, "MB", "<= 200" if rss_target else None, rss_ok),
+        Row(bench, case, "peak RSS", run.peak_rss_mb, "MB"),
+        Row(bench, case, "peak RSS, all processes", run.peak_tree_rss_mb, "MB", target, tree_ok),
     ]
 
 
@@ -237,11 +241,11 @@ def flatness(rows: list[Row]) -> list[Row]:
     out: list[Row] = []
     for kind in DATABASES:
         rss = {int(r.case.split()[0]): r.value for r in rows if r.bench == "B1" and r.case.endswith(f"inboxd {kind}")
-               and r.metric == "peak RSS"}  # fmt: skip
+               and r.metric == "peak RSS, all processes"}  # fmt: skip
         if len(rss) >= 2:
             lo, hi = min(rss), max(rss)
             ratio = rss[hi] / rss[lo]
-            out.append(Row("B1", f"{lo}->{hi} inboxd {kind}", "peak RSS growth", 100 * (ratio - 1), "%", "+-15",
+            out.append(Row("B1", f"{lo}->{hi} inboxd {kind}", "peak RSS growth (all)", 100 * (ratio - 1), "%", "+-15",
                            abs(ratio - 1) <= 0.15))  # fmt: skip
         sync = {int(r.case.split()[0]): r.value for r in rows if r.bench == "B2" and r.case.endswith(f" {kind}")
                 and r.metric == "sync wall"}  # fmt: skip

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,12 +34,56 @@ MBSYNC_PASSWORD = "bench-pass"  # noqa: S105 (a loopback test mailbox)
 
 @dataclass(frozen=True, slots=True)
 class Measured:
-    """One process run: wall time, peak RSS of that process alone (wait4), exit code, stdout."""
+    """One process run: wall time, peak RSS of that process alone (wait4) and of it with all its descendants
+    (sampled), exit code, stdout."""
 
     wall_s: float
     peak_rss_mb: float
     returncode: int
     stdout: str
+    peak_tree_rss_mb: float = 0.0
+
+
+class TreeRss:
+    """Samples the summed VmRSS of a process and all its descendants every 0.1 s while it runs; ``peak_mb`` is the
+    highest sum seen. inboxd's parser workers are processes of their own: wait4's ru_maxrss (GNU time's %M) is the
+    largest single process, not what the machine gives the whole."""
+
+    def __init__(self, pid: int) -> None:
+        self._root = pid
+        self.peak_mb = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.1):
+            self.peak_mb = max(self.peak_mb, self._sample())
+
+    def _sample(self) -> float:
+        children: dict[int, list[int]] = {}
+        rss: dict[int, int] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                status = Path(entry.path, "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            pid, ppid = int(entry.name), int(fields.get("PPid", "0"))
+            children.setdefault(ppid, []).append(pid)
+            rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0])
+        total, todo = 0, [self._root]
+        while todo:
+            pid = todo.pop()
+            total += rss.get(pid, 0)
+            todo += children.get(pid, [])
+        return total / 1024
 
 
 def measure(cmd: list[str], *, env: dict[str, str] | None = None, stderr: Path | None = None) -> Measured:
@@ -55,13 +100,16 @@ def measure(cmd: list[str], *, env: dict[str, str] | None = None, stderr: Path |
     ):
         timed = ["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd]
         started = time.perf_counter()
-        returncode = subprocess.run(timed, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL, check=False)  # noqa: S603
+        process = subprocess.Popen(timed, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)  # noqa: S603
+        tree = TreeRss(process.pid)  # GNU time (~2 MB) and everything under it
+        returncode = process.wait()
         wall = time.perf_counter() - started
+        tree.stop()
         out.seek(0)
         stdout = out.read().decode(errors="replace")
         # "Command exited with non-zero status N" comes first when it failed; %M is the last line
         peak_kb = int(rss.read().split()[-1])
-    return Measured(wall, peak_kb / 1024, returncode.returncode, stdout)
+    return Measured(wall, peak_kb / 1024, returncode, stdout, tree.peak_mb)
 
 
 class Bench:

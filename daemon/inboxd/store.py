@@ -668,14 +668,17 @@ class Store:
     def refresh_dirty(self, account_id: int) -> int:
         """Recompute every message of the account marked dirty (by this sync or an interrupted one), then clear
         the marks; returns how many changed."""
+        # the marks first (a handful, usually none), then which are this account's: joined the other way round,
+        # SQLite walked every message of the account on each sync (~20 ms of an unchanged sync at 100k messages)
         with self.engine.connect() as conn:
-            ids = list(
-                conn.execute(
-                    sa.select(dirty_t.c.message_id)
-                    .join(messages_t, messages_t.c.id == dirty_t.c.message_id)
-                    .where(messages_t.c.account_id == account_id)
+            marked = list(conn.execute(sa.select(dirty_t.c.message_id)).scalars())
+            ids: list[int] = []
+            for chunk in chunks(sorted(marked)):
+                ids += conn.execute(
+                    sa.select(messages_t.c.id).where(messages_t.c.id.in_(chunk), messages_t.c.account_id == account_id)
                 ).scalars()
-            )
+        if not ids:
+            return 0
         changed = self.refresh_messages(account_id, ids)
         with self.engine.begin() as conn:
             for chunk in chunks(sorted(ids)):
