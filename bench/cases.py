@@ -183,6 +183,7 @@ class Cases:
         return [
             Row("B2", case, "process wall", again.wall_s * 1000, "ms"),
             Row("B2", case, "sync wall", stats["sync_ms"], "ms", "<= 50", stats["sync_ms"] <= 50),
+            Row("B2", case, "of which STATUS round trips", stats["status_ms"], "ms"),
             Row("B2", case, "IMAP commands", stats["commands"], "cmds"),
             Row("B2", case, "folders", stats["folders"], "folders"),
             Row("B2", case, "max commands per folder", per_folder, "cmds", "<= 2", per_folder <= 2),

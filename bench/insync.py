@@ -41,6 +41,18 @@ class CommandLog:
             return original(imap, name, *args)
 
         imaplib.IMAP4._command = counting  # type: ignore[attr-defined]
+        self.status_ms = 0.0  # STATUS round trips: mostly the server's time to open each mailbox
+        simple = imaplib.IMAP4._simple_command  # type: ignore[attr-defined]
+
+        def timing(imap: imaplib.IMAP4, name: str, *args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return simple(imap, name, *args)
+            finally:
+                if name.upper() == "STATUS":
+                    self.status_ms += (time.perf_counter() - started) * 1000
+
+        imaplib.IMAP4._simple_command = timing  # type: ignore[attr-defined]
 
     def _record(self, name: str, args: tuple[Any, ...]) -> None:
         if name in ("SELECT", "EXAMINE", "STATUS"):
@@ -54,9 +66,10 @@ class CommandLog:
             sub = f"{name} {str(args[0]).upper()}" if name == "UID" and args else name
             self.commands.append((sub, self._selected))
 
-    def take(self) -> list[tuple[str, str | None]]:
+    def take(self) -> tuple[list[tuple[str, str | None]], float]:
         taken, self.commands = self.commands, []
-        return taken
+        status_ms, self.status_ms = self.status_ms, 0.0
+        return taken, status_ms
 
 
 def main() -> int:
@@ -80,11 +93,14 @@ def main() -> int:
         commands = CommandLog()
         timings: list[float] = []
         per_cycle: list[list[tuple[str, str | None]]] = []
+        status_ms: list[float] = []
         for _ in range(args.repeat + 1):
             started = time.perf_counter()
             results = runner.sync_once()
             timings.append((time.perf_counter() - started) * 1000)
-            per_cycle.append(commands.take())
+            taken, status = commands.take()
+            per_cycle.append(taken)
+            status_ms.append(status)
             if not all(r.ok for r in results):
                 print(json.dumps({"error": [r.reason for r in results if not r.ok]}))
                 return 1
@@ -97,6 +113,7 @@ def main() -> int:
             "warmup_ms": timings[0],
             "sync_ms": statistics.median(timings[1:]),
             "sync_ms_all": timings[1:],
+            "status_ms": statistics.median(status_ms[1:]),
             "new_messages_last": new,
             "commands": len(measured),
             "command_names": dict(Counter(name for name, _ in measured)),
