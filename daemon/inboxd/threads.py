@@ -236,28 +236,9 @@ def load_threads(conn: sa.Connection, account_id: int, messages: Sequence[Thread
     mine = threads_t.c.account_id == account_id
     for chunk in _chunks(sorted(keys)):
         keep(conn.execute(sa.select(*columns).where(mine, threads_t.c.provider_thread_id.in_(chunk))).all())
-    ref_rows: list[tuple[str, int]] = []
-    for chunk in _chunks(sorted(refs)):
-        ref_rows += conn.execute(
-            sa.select(messages_t.c.message_id_header, messages_t.c.thread_id)
-            .where(
-                messages_t.c.account_id == account_id,
-                messages_t.c.message_id_header.in_(chunk),
-                messages_t.c.thread_id.is_not(None),
-            )
-            .order_by(messages_t.c.id)
-        ).all()
-    answer_rows: list[tuple[str, int]] = []
-    for chunk in _chunks(sorted(headers)):
-        answer_rows += conn.execute(
-            sa.select(messages_t.c.in_reply_to, messages_t.c.thread_id)
-            .where(
-                messages_t.c.account_id == account_id,
-                messages_t.c.in_reply_to.in_(chunk),
-                messages_t.c.thread_id.is_not(None),
-            )
-            .order_by(messages_t.c.id)
-        ).all()
+    # (Message-ID, thread) of the stored messages the batch references; (In-Reply-To, thread) of those answering it
+    ref_rows = _threads_of(conn, account_id, messages_t.c.message_id_header, refs)
+    answer_rows = _threads_of(conn, account_id, messages_t.c.in_reply_to, headers)
     wanted = sorted({t for _, t in (*ref_rows, *answer_rows)} - set(plan.by_id))
     for chunk in _chunks(wanted):
         keep(conn.execute(sa.select(*columns).where(mine, threads_t.c.id.in_(chunk))).all())
@@ -269,6 +250,20 @@ def load_threads(conn: sa.Connection, account_id: int, messages: Sequence[Thread
         window = threads_t.c.last_message_at >= earliest - SUBJECT_WINDOW
         keep(conn.execute(sa.select(*columns).where(mine, sa.func.lower(threads_t.c.subject).in_(chunk), window)))
     return plan
+
+
+def _threads_of(
+    conn: sa.Connection, account_id: int, column: sa.Column[Any], values: set[str]
+) -> list[tuple[str, int]]:
+    """(value, thread id) of the account's threaded messages whose ``column`` is one of ``values``, oldest first."""
+    rows: list[tuple[str, int]] = []
+    for chunk in _chunks(sorted(values)):
+        rows += conn.execute(
+            sa.select(column, messages_t.c.thread_id)
+            .where(messages_t.c.account_id == account_id, column.in_(chunk), messages_t.c.thread_id.is_not(None))
+            .order_by(messages_t.c.id)
+        ).all()
+    return rows
 
 
 def write_threads(conn: sa.Connection, account_id: int, plan: ThreadPlan) -> None:
