@@ -591,10 +591,11 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
 
 
 def default_parse_workers() -> int:
-    """One parser process per core, at most 4 (beyond that the sync thread's own work is the limit); none on a
-    single core, where a process only adds copying."""
+    """One parser process per core but one (the daemon process itself keeps about a core busy in a big sync), at
+    most 4; none on a single core, where a process only adds copying. On 2 cores 1 worker syncs as fast as 2
+    (20k messages: 20.7 vs 19.9 s SQLite, 25.3 vs 26.5 s PostgreSQL) in 25 MB less."""
     cores = os.cpu_count() or 1
-    return 0 if cores < 2 else min(cores, 4)
+    return 0 if cores < 2 else min(cores - 1, 4)
 
 
 def _string_list(value: Any) -> frozenset[str]:

@@ -10,7 +10,6 @@ session) while it still runs.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -27,13 +26,16 @@ class _Failed:
 
 
 class Prefetched(Generic[T]):
-    """Iterate over ``source`` with its next item made in a background thread (``ahead`` items at most).
+    """Iterate over ``source`` with its next item made in a background thread: the producer makes item n+1 while
+    the consumer works on item n, and starts on n+2 only once the consumer takes n+1 (``ahead`` items at most made
+    and not yet taken), so at most ``ahead`` + 1 items are in memory.
 
     Use as a context manager: leaving it stops and joins the producer thread."""
 
     def __init__(self, source: Iterator[T], *, ahead: int = 1, name: str = "inboxd-prefetch") -> None:
         self._source = source
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, ahead))
+        self._slots = threading.Semaphore(max(1, ahead))  # items made and not yet taken by the consumer
+        self._queue: queue.Queue[object] = queue.Queue()  # bounded by the slots
         self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._produce, name=name, daemon=True)
         self._started = False
@@ -49,6 +51,7 @@ class Prefetched(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         while True:
             item = self._queue.get()
+            self._slots.release()  # the consumer is done with the item before: the producer may start the next
             if item is _DONE:
                 return
             if isinstance(item, _Failed):
@@ -58,31 +61,28 @@ class Prefetched(Generic[T]):
     def close(self) -> None:
         """Stop the producer after the item it is making, and wait for it."""
         self._cancelled.set()
-        if not self._started:
-            return
-        while self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):  # make room: a producer blocked on a full queue sees the cancel
-                self._queue.get(timeout=0.05)
-        self._thread.join()
+        if self._started:
+            self._thread.join()
 
     def _produce(self) -> None:
         try:
-            for item in self._source:
-                if not self._put(item):
+            while self._slot():
+                try:
+                    item = next(self._source)
+                except StopIteration:
+                    self._queue.put(_DONE)
                     return
-            self._put(_DONE)
+                self._queue.put(item)
         except BaseException as exc:
-            self._put(_Failed(exc))
+            self._queue.put(_Failed(exc))
         finally:
             close = getattr(self._source, "close", None)
             if close is not None:
                 close()  # a generator's finally blocks run here, in the thread that ran it
 
-    def _put(self, item: object) -> bool:
+    def _slot(self) -> bool:
+        """Wait for room for one more item; False once cancelled."""
         while not self._cancelled.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
+            if self._slots.acquire(timeout=0.05):
                 return True
-            except queue.Full:
-                continue
         return False
