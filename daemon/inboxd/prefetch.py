@@ -10,6 +10,7 @@ session) while it still runs.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -26,16 +27,16 @@ class _Failed:
 
 
 class Prefetched(Generic[T]):
-    """Iterate over ``source`` with its next item made in a background thread: the producer makes item n+1 while
-    the consumer works on item n, and starts on n+2 only once the consumer takes n+1 (``ahead`` items at most made
-    and not yet taken), so at most ``ahead`` + 1 items are in memory.
+    """Iterate over ``source`` with its next item made in a background thread: ``ahead`` items wait in the queue
+    while the producer makes one more, so up to ``ahead`` + 2 items exist with the consumer's. The sync starts
+    parsing a run (in the parser pool) as soon as it is fetched: letting the producer start run n+2 only once run
+    n+1 was taken saved 6 MB and made a 20k first sync 10% slower, the parsers waiting.
 
     Use as a context manager: leaving it stops and joins the producer thread."""
 
     def __init__(self, source: Iterator[T], *, ahead: int = 1, name: str = "inboxd-prefetch") -> None:
         self._source = source
-        self._slots = threading.Semaphore(max(1, ahead))  # items made and not yet taken by the consumer
-        self._queue: queue.Queue[object] = queue.Queue()  # bounded by the slots
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, ahead))
         self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._produce, name=name, daemon=True)
         self._started = False
@@ -51,7 +52,6 @@ class Prefetched(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         while True:
             item = self._queue.get()
-            self._slots.release()  # the consumer is done with the item before: the producer may start the next
             if item is _DONE:
                 return
             if isinstance(item, _Failed):
@@ -61,28 +61,31 @@ class Prefetched(Generic[T]):
     def close(self) -> None:
         """Stop the producer after the item it is making, and wait for it."""
         self._cancelled.set()
-        if self._started:
-            self._thread.join()
+        if not self._started:
+            return
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):  # make room: a producer blocked on a full queue sees the cancel
+                self._queue.get(timeout=0.05)
+        self._thread.join()
 
     def _produce(self) -> None:
         try:
-            while self._slot():
-                try:
-                    item = next(self._source)
-                except StopIteration:
-                    self._queue.put(_DONE)
+            for item in self._source:
+                if not self._put(item):
                     return
-                self._queue.put(item)
+            self._put(_DONE)
         except BaseException as exc:
-            self._queue.put(_Failed(exc))
+            self._put(_Failed(exc))
         finally:
             close = getattr(self._source, "close", None)
             if close is not None:
                 close()  # a generator's finally blocks run here, in the thread that ran it
 
-    def _slot(self) -> bool:
-        """Wait for room for one more item; False once cancelled."""
+    def _put(self, item: object) -> bool:
         while not self._cancelled.is_set():
-            if self._slots.acquire(timeout=0.05):
+            try:
+                self._queue.put(item, timeout=0.05)
                 return True
+            except queue.Full:
+                continue
         return False
