@@ -161,7 +161,7 @@ class MailMessage(SQLModel, table=True):
     __table_args__ = (
         sa.UniqueConstraint("account_id", "provider_message_id", name="uq_mail_messages_account_provider_id"),
         sa.CheckConstraint("direction IN ('inbound','outbound')", name="ck_mail_messages_direction"),
-        # the thread lookups (threads.assign_thread, _merge_answers), per account (migration 0009)
+        # the thread lookups (threads.load_threads: references and replies), per account (migration 0009)
         sa.Index("ix_mail_messages_account_message_id", "account_id", "message_id_header"),
         sa.Index("ix_mail_messages_account_in_reply_to", "account_id", "in_reply_to"),
     )

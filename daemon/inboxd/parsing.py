@@ -100,8 +100,11 @@ class _Pooled:
         for bodies, future in self._chunks:
             try:
                 parsed = future.result()
-            except (BrokenProcessPool, OSError, EOFError) as exc:
-                self._pool.broken(exc)
+            except Exception as exc:  # a dead worker, or anything else that went wrong on the way: parse here
+                if isinstance(exc, BrokenProcessPool | OSError | EOFError):
+                    self._pool.broken(exc)
+                else:
+                    log.warning("parse.worker_failed", error_kind=type(exc).__name__)
                 outcomes.update(parse_all(dict(bodies), self._max_attachment_bytes))
                 continue
             for uid, outcome in parsed:

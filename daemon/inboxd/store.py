@@ -778,8 +778,9 @@ class Store:
         if not messages:
             return []
         blobs_stored = self._put_blobs(messages)
-        plan = load_threads(conn, account_id, [ThreadInput(m.parsed, m.identity, m.thread_key) for m in messages], now)
-        threads = [plan.assign(ThreadInput(m.parsed, m.identity, m.thread_key)) for m in messages]
+        inputs = [ThreadInput(m.parsed, m.identity, m.thread_key) for m in messages]
+        plan = load_threads(conn, account_id, inputs, now)
+        threads = [plan.assign(thread_input) for thread_input in inputs]
         write_threads(conn, account_id, plan)
         rows = []
         for msg, thread in zip(messages, threads, strict=True):
