@@ -6,6 +6,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from dbs import PG_URL
 from inboxd import db
 from inboxd.models import metadata
 
@@ -35,3 +36,16 @@ def test_hr_contract_tables_exist(engine: sa.Engine) -> None:
     } <= names
     columns = {c["name"] for c in sa.inspect(engine).get_columns("mail_messages")}
     assert {"provider_message_id", "references", "body_html", "labels", "deleted_at", "direction"} <= columns
+
+
+def test_postgresql_sessions_plan_each_query_for_the_table_as_it_is_now() -> None:
+    """A first sync fills empty tables faster than autovacuum analyzes them; a generic plan cached while
+    mail_messages was empty (a sequential scan) made every batch's lookups read the whole table. Every pooled
+    PostgreSQL session plans per execution, also after the pool handed the connection back and out again."""
+    engine = db.create_engine(PG_URL)
+    try:
+        for _ in range(3):  # the SET must survive the rollback the pool does when a connection is returned
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_custom_plan"
+    finally:
+        engine.dispose()
