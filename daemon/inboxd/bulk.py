@@ -1,4 +1,5 @@
-"""Inserting many rows and learning their ids, the fastest way each database allows.
+"""Statements over many rows: IN lists cut to a safe size, and inserting many rows while learning their ids, the
+fastest way each database allows.
 
 SQLite: one ``INSERT ... RETURNING`` over all rows (SQLAlchemy's "insertmanyvalues"). PostgreSQL: that statement
 grows with the rows (22 columns x 200 messages: 4,400 placeholders) and psycopg re-parses such a long query on every
@@ -8,10 +9,18 @@ in one query, and the rows go through psycopg's pipelined executemany of one sho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+
+# Keep IN (...) lists well under SQLite's bound-parameter limit.
+_CHUNK = 500
+
+
+def chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def insert_returning_ids(conn: sa.Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> list[int]:

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 import structlog
 
 from inboxd.blobs import BlobStore
+from inboxd.bulk import chunks
 from inboxd.models import (
     ContactBackfill,
     MailAttachment,
@@ -25,7 +26,6 @@ from inboxd.models import (
     MailThread,
 )
 from inboxd.scope import normalize_address
-from inboxd.store import chunks
 
 log = structlog.get_logger(__name__)
 

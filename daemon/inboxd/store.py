@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from inboxd.blobs import BlobStore
-from inboxd.bulk import insert_returning_ids
+from inboxd.bulk import chunks, insert_returning_ids
 from inboxd.clock import Clock
 from inboxd.crypto import SecretBox
 from inboxd.errors import ReauthRequired, UsageError
@@ -55,14 +55,6 @@ backfills_t = ContactBackfill.__table__  # type: ignore[attr-defined]
 dirty_t = DirtyMessage.__table__  # type: ignore[attr-defined]
 leases_t = AccountLease.__table__  # type: ignore[attr-defined]
 outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
-
-# Keep IN (...) lists well under SQLite's bound-parameter limit.
-_CHUNK = 500
-
-
-def chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def _mark_dirty(conn: sa.Connection, message_ids: Iterable[int]) -> None:

@@ -18,15 +18,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from inboxd.bulk import insert_returning_ids
+from inboxd.bulk import chunks, insert_returning_ids
 from inboxd.models import MailMessage, MailThread
 from inboxd.parse import ParsedMessage
 
 messages_t = MailMessage.__table__  # type: ignore[attr-defined]
 threads_t = MailThread.__table__  # type: ignore[attr-defined]
-
-# IN (...) lists stay well under SQLite's bound-parameter limit
-_CHUNK = 500
 
 
 def thread_root(p: ParsedMessage) -> str | None:
@@ -234,19 +231,19 @@ def load_threads(conn: sa.Connection, account_id: int, messages: Sequence[Thread
                 plan.by_key[thread.key] = thread
 
     mine = threads_t.c.account_id == account_id
-    for chunk in _chunks(sorted(keys)):
+    for chunk in chunks(sorted(keys)):
         keep(conn.execute(sa.select(*columns).where(mine, threads_t.c.provider_thread_id.in_(chunk))).all())
     # (Message-ID, thread) of the stored messages the batch references; (In-Reply-To, thread) of those answering it
     ref_rows = _threads_of(conn, account_id, messages_t.c.message_id_header, refs)
     answer_rows = _threads_of(conn, account_id, messages_t.c.in_reply_to, headers)
     wanted = sorted({t for _, t in (*ref_rows, *answer_rows)} - set(plan.by_id))
-    for chunk in _chunks(wanted):
+    for chunk in chunks(wanted):
         keep(conn.execute(sa.select(*columns).where(mine, threads_t.c.id.in_(chunk))).all())
     for header, thread_id in ref_rows:
         plan.refs.setdefault(header, plan.by_id[thread_id])
     for in_reply_to, thread_id in answer_rows:
         plan.answers.setdefault(in_reply_to, []).append(plan.by_id[thread_id])
-    for chunk in _chunks(sorted(bases)):
+    for chunk in chunks(sorted(bases)):
         window = threads_t.c.last_message_at >= earliest - SUBJECT_WINDOW
         keep(conn.execute(sa.select(*columns).where(mine, sa.func.lower(threads_t.c.subject).in_(chunk), window)))
     return plan
@@ -257,7 +254,7 @@ def _threads_of(
 ) -> list[tuple[str, int]]:
     """(value, thread id) of the account's threaded messages whose ``column`` is one of ``values``, oldest first."""
     rows: list[tuple[str, int]] = []
-    for chunk in _chunks(sorted(values)):
+    for chunk in chunks(sorted(values)):
         rows += conn.execute(
             sa.select(column, messages_t.c.thread_id)
             .where(messages_t.c.account_id == account_id, column.in_(chunk), messages_t.c.thread_id.is_not(None))
@@ -272,7 +269,7 @@ def write_threads(conn: sa.Connection, account_id: int, plan: ThreadPlan) -> Non
     the merged threads to the threads they were merged into."""
     moved: list[tuple[int, ThreadState]] = []  # (message id, the merged thread it was on)
     merged = {t.id: t for t in plan.merged if t.id is not None}
-    for chunk in _chunks(sorted(merged)):
+    for chunk in chunks(sorted(merged)):
         rows = conn.execute(sa.select(messages_t.c.id, messages_t.c.thread_id).where(messages_t.c.thread_id.in_(chunk)))
         moved += [(row.id, merged[row.thread_id]) for row in rows]
         conn.execute(threads_t.delete().where(threads_t.c.id.in_(chunk)))
@@ -321,13 +318,8 @@ def write_threads(conn: sa.Connection, account_id: int, plan: ThreadPlan) -> Non
     for message_id, thread in moved:
         targets.setdefault(plan.thread_id(thread), []).append(message_id)
     for target, message_ids in sorted(targets.items()):
-        for chunk in _chunks(sorted(message_ids)):
+        for chunk in chunks(sorted(message_ids)):
             conn.execute(messages_t.update().where(messages_t.c.id.in_(chunk)).values(thread_id=target))
-
-
-def _chunks(items: Sequence[object], size: int = _CHUNK) -> Iterable[Sequence[object]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def _create(conn: sa.Connection, account_id: int, key: str, subject: str | None, when: datetime) -> int:
