@@ -163,8 +163,6 @@ def _split_text_node(text: str) -> str:
     if text.count("&") + text.count("\u00a0") <= _TEXT_NODE_ESCAPES:  # nearly every node: no list built
         return text
     escapes = [m.start() for m in _ESCAPED_IN_OUTPUT.finditer(text)]
-    if len(escapes) <= _TEXT_NODE_ESCAPES:
-        return text
     cuts = escapes[_TEXT_NODE_ESCAPES::_TEXT_NODE_ESCAPES]
     pieces = [text[start:end] for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     return "<wbr>".join(pieces)
