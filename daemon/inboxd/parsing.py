@@ -88,10 +88,12 @@ class _Pooled:
     def __init__(
         self,
         pool: ParserPool,
+        executor: ProcessPoolExecutor,
         chunks: list[tuple[list[tuple[int, bytes]], Future[list[tuple[int, ParsedMessage | str]]]]],
         max_attachment_bytes: int,
     ) -> None:
         self._pool = pool
+        self._executor = executor
         self._chunks = chunks
         self._max_attachment_bytes = max_attachment_bytes
 
@@ -102,7 +104,7 @@ class _Pooled:
                 parsed = future.result()
             except Exception as exc:  # a dead worker, or anything else that went wrong on the way: parse here
                 if isinstance(exc, BrokenProcessPool | OSError | EOFError):
-                    self._pool.broken(exc)
+                    self._pool.broken(exc, self._executor)
                 else:
                     log.warning("parse.worker_failed", error_kind=type(exc).__name__)
                 outcomes.update(parse_all(dict(bodies), self._max_attachment_bytes))
@@ -161,22 +163,25 @@ class ParserPool:
         size = -(-len(items) // (self.workers * _CHUNKS_PER_WORKER))
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         submitted = []
+        executor = None
         try:
             executor = self._running()
             for chunk in chunks:
                 submitted.append((chunk, executor.submit(_parse_chunk, chunk, max_attachment_bytes)))
         except (BrokenProcessPool, RuntimeError, OSError) as exc:  # broken, or shut down meanwhile
-            self.broken(exc)
+            self.broken(exc, executor)
             return _Deferred(bodies, max_attachment_bytes)
-        return _Pooled(self, submitted, max_attachment_bytes)
+        return _Pooled(self, executor, submitted, max_attachment_bytes)
 
-    def broken(self, exc: BaseException) -> None:
-        """A worker died or the pool cannot run: drop it; the next run starts a new one."""
+    def broken(self, exc: BaseException, failed: ProcessPoolExecutor | None) -> None:
+        """A worker of ``failed`` died or it cannot run: drop it, unless another run already replaced it (several
+        syncs share the pool); the next run starts a new one."""
         with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            log.warning("parse.pool_failed", error_kind=type(exc).__name__, workers=self.workers)
-            executor.shutdown(wait=False, cancel_futures=True)
+            if failed is None or self._executor is not failed:
+                return
+            self._executor = None
+        log.warning("parse.pool_failed", error_kind=type(exc).__name__, workers=self.workers)
+        failed.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         with self._lock:
