@@ -65,6 +65,23 @@ def _mark_dirty(conn: sa.Connection, message_ids: Iterable[int]) -> None:
         conn.execute(dirty_t.insert(), [{"message_id": i} for i in chunk])
 
 
+def _lookup(
+    conn: sa.Connection, table: sa.Table, column: sa.Column[Any], where: Any, values: Iterable[str]
+) -> dict[str, int]:
+    """{value: row id} for the values of `column` present among `values` (chunked IN lists)."""
+    found: dict[str, int] = {}
+    for chunk in chunks(sorted(set(values))):
+        for row in conn.execute(sa.select(table.c.id, column).where(where, column.in_(chunk))):
+            found[row[1]] = row[0]
+    return found
+
+
+def _ids_by_identity(conn: sa.Connection, account_id: int, identities: Iterable[str]) -> dict[str, int]:
+    """{provider identity: message id} of this account's stored messages among ``identities``."""
+    where = messages_t.c.account_id == account_id
+    return _lookup(conn, messages_t, messages_t.c.provider_message_id, where, identities)
+
+
 def _inserted_id(result: sa.CursorResult[Any]) -> int:
     key = result.inserted_primary_key
     if key is None:
@@ -525,24 +542,18 @@ class Store:
         return touched
 
     def existing_thread_keys(self, account_id: int, keys: Iterable[str]) -> set[str]:
-        return set(self._lookup(threads_t, threads_t.c.provider_thread_id, threads_t.c.account_id == account_id, keys))
+        where = threads_t.c.account_id == account_id
+        with self.engine.connect() as conn:
+            return set(_lookup(conn, threads_t, threads_t.c.provider_thread_id, where, keys))
 
     def existing_message_ids(self, account_id: int, message_id_headers: Iterable[str]) -> set[str]:
         where = messages_t.c.account_id == account_id
-        return set(self._lookup(messages_t, messages_t.c.message_id_header, where, message_id_headers))
+        with self.engine.connect() as conn:
+            return set(_lookup(conn, messages_t, messages_t.c.message_id_header, where, message_id_headers))
 
     def message_ids_by_identity(self, account_id: int, identities: Iterable[str]) -> dict[str, int]:
-        where = messages_t.c.account_id == account_id
-        return self._lookup(messages_t, messages_t.c.provider_message_id, where, identities)
-
-    def _lookup(self, table: sa.Table, column: sa.Column[Any], where: Any, values: Iterable[str]) -> dict[str, int]:
-        """{value: row id} for the values of `column` present among `values` (chunked IN lists)."""
-        found: dict[str, int] = {}
         with self.engine.connect() as conn:
-            for chunk in chunks(sorted(set(values))):
-                for row in conn.execute(sa.select(table.c.id, column).where(where, column.in_(chunk))):
-                    found[row[1]] = row[0]
-        return found
+            return _ids_by_identity(conn, account_id, identities)
 
     def store_batch(
         self,
@@ -562,7 +573,7 @@ class Store:
         relocated: list[int] = []
         with self.engine.begin() as conn:
             self._insert_locations(conn, folder_id, [(mid, loc) for mid, loc in known.values()])
-            stored = self._ids_by_identity(conn, account_id, [m.identity for m in messages])
+            stored = _ids_by_identity(conn, account_id, [m.identity for m in messages])
             fresh: dict[str, NewMessage] = {}
             again: list[NewMessage] = []  # the same message twice in one batch, or found by another folder
             for msg in messages:
@@ -749,18 +760,6 @@ class Store:
         ]
         if fresh:
             conn.execute(locations_t.insert(), fresh)
-
-    @staticmethod
-    def _ids_by_identity(conn: sa.Connection, account_id: int, identities: Iterable[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for chunk in chunks(sorted(set(identities))):
-            rows = conn.execute(
-                sa.select(messages_t.c.provider_message_id, messages_t.c.id).where(
-                    messages_t.c.account_id == account_id, messages_t.c.provider_message_id.in_(chunk)
-                )
-            )
-            found.update({row.provider_message_id: int(row.id) for row in rows})
-        return found
 
     def _insert_messages(
         self, conn: sa.Connection, account_id: int, messages: Sequence[NewMessage], now: datetime
