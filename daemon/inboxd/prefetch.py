@@ -1,5 +1,5 @@
-"""Run a producer (an iterator) one step ahead of its consumer, in a thread: while the consumer works on item n
-the producer makes item n+1, never more (a bounded queue), so memory holds at most a few items.
+"""Run a producer (an iterator) ahead of its consumer, in a thread: while the consumer works on item n the producer
+makes the next ones, a bounded queue keeping it a few items ahead at most (see Prefetched).
 
 The sync uses it to fetch the next run of message bodies over IMAP while the current one is parsed and stored: the
 server and the network work while inboxd does, instead of taking turns. Exceptions cross over: the producer's are
@@ -39,11 +39,9 @@ class Prefetched(Generic[T]):
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, ahead))
         self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._produce, name=name, daemon=True)
-        self._started = False
 
     def __enter__(self) -> Prefetched[T]:
         self._thread.start()
-        self._started = True
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -61,7 +59,7 @@ class Prefetched(Generic[T]):
     def close(self) -> None:
         """Stop the producer after the item it is making, and wait for it."""
         self._cancelled.set()
-        if not self._started:
+        if self._thread.ident is None:  # never started
             return
         while self._thread.is_alive():
             with contextlib.suppress(queue.Empty):  # make room: a producer blocked on a full queue sees the cancel
