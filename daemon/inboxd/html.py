@@ -120,42 +120,51 @@ def _defuse(html: str) -> str:
     tags nested deeper than _MAX_DEPTH are dropped. The depth estimate errs high, never low: an end tag
     only closes an element it provably matches, and '<' inside attribute values and raw text (script,
     style, ...) is escaped, so no element can hide there (in attribute values "&lt;" means the same).
+    Unchanged stretches are copied in one slice: most mail needs no change at all.
     """
     html = _BARE_AMPERSAND.sub("&amp;", html)
+    split_text = html.count("&") + html.count("\u00a0") > _TEXT_NODE_ESCAPES  # else no text node needs it
     out: list[str] = []
     stack: list[str] = []
+    copied = 0  # html[copied:] is not in ``out`` yet
     pos = 0
     length = len(html)
     while (match := _MARKUP.search(html, pos)) is not None:
-        out.append(_split_text_node(html[pos : match.start()]))
+        start, name_end = match.span()
+        if split_text:
+            out += (html[copied:pos], _split_text_node(html[pos:start]))
+            copied = start
         if match.group(1):  # a comment holds no elements; "<!-->" and "<!--->" close at once
-            close = _COMMENT_END.search(html, match.end() - 2)
-            end = length if close is None else close.end()
-            out.append(html[match.start() : end])
-            pos = end
+            close = _COMMENT_END.search(html, name_end - 2)
+            pos = length if close is None else close.end()
             continue
         is_end, name = bool(match.group(2)), match.group(3).lower()
-        end = _tag_end(html, match.end())
-        tag = html[match.start() : match.end()] + html[match.end() : end].replace("<", "&lt;")
-        pos = end
+        pos = _tag_end(html, name_end)
+        kept = True
         if is_end:
             _close(stack, name)
-            out.append(tag)
-            continue
-        if name in _VOID:
-            out.append(tag)
-            continue
-        if stack and stack[-1] in _IMPLIED_END.get(name, ()):
-            stack.pop()
-        if len(stack) < _MAX_DEPTH:
-            stack.append(name)
-            out.append(tag)
-        if name in _RAWTEXT:
+        elif name not in _VOID:
+            if stack and stack[-1] in _IMPLIED_END.get(name, ()):
+                stack.pop()
+            kept = len(stack) < _MAX_DEPTH
+            if kept:
+                stack.append(name)
+        if not kept or html.find("<", name_end, pos) >= 0:
+            out.append(html[copied:start])
+            if kept:
+                out.append(html[start:name_end] + html[name_end:pos].replace("<", "&lt;"))
+            copied = pos
+        if not is_end and name in _RAWTEXT:
             close = _RAWTEXT_END[name].search(html, pos) if name != "plaintext" else None
             raw_end = length if close is None else close.start()
-            out.append(html[pos:raw_end].replace("<", "&lt;"))
+            if html.find("<", pos, raw_end) >= 0:
+                out += (html[copied:pos], html[pos:raw_end].replace("<", "&lt;"))
+                copied = raw_end
             pos = raw_end
-    out.append(_split_text_node(html[pos:]))
+    if split_text:
+        out += (html[copied:pos], _split_text_node(html[pos:]))
+        copied = length
+    out.append(html[copied:])
     return "".join(out)
 
 

@@ -142,10 +142,11 @@ def _parse(raw: bytes, *, max_attachment_bytes: int, max_body_chars: int) -> Par
     if not message.keys():
         raise UnparseableMessage("no headers")
 
-    subject = decode_header_value(_first_header(message, "Subject")) or None
-    participants = _participants(message)
+    headers = _Headers(message)
+    subject = decode_header_value(headers.first("Subject")) or None
+    participants = _participants(headers)
     sender = next((p for p in participants if p.role == "from"), None)
-    references = _references(message, defects)
+    references = _references(headers, defects)
     walk = _walk(message, defects)
     bodies = _select_bodies(walk, defects, max_body_chars=max_body_chars)
     attachments = tuple(
@@ -158,13 +159,13 @@ def _parse(raw: bytes, *, max_attachment_bytes: int, max_body_chars: int) -> Par
             defects.add(type(defect).__name__)
 
     return ParsedMessage(
-        message_id_header=normalize_msgid(_first_header(message, "Message-ID")),
-        in_reply_to=normalize_msgid(_first_header(message, "In-Reply-To")),
+        message_id_header=normalize_msgid(headers.first("Message-ID")),
+        in_reply_to=normalize_msgid(headers.first("In-Reply-To")),
         references=references,
         subject=subject,
         from_email=sender.email if sender else None,
         from_name=sender.name if sender else None,
-        sent_at=_sent_at(_first_header(message, "Date"), defects),
+        sent_at=_sent_at(headers.first("Date"), defects),
         participants=participants,
         body_text=bodies.text,
         body_html=bodies.html,
@@ -210,9 +211,28 @@ def _all_headers(message: Message, name: str) -> list[str]:
     return [str(value) for key, value in message.raw_items() if key.lower() == wanted]
 
 
+class _Headers:
+    """The top-level header values by lowercased name, read in one pass (the root is asked for ten names)."""
+
+    def __init__(self, message: Message) -> None:
+        self._values: dict[str, list[str]] = {}
+        for key, value in message.raw_items():
+            self._values.setdefault(key.lower(), []).append(str(value))
+
+    def all(self, name: str) -> list[str]:
+        return self._values.get(name.lower(), [])
+
+    def first(self, name: str) -> str | None:
+        values = self._values.get(name.lower())
+        return values[0] if values else None
+
+
+_SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
+
+
 def _undo_surrogates(value: str) -> str:
     """The parser keeps raw 8-bit header bytes as surrogate escapes: read them as UTF-8, else Latin-1."""
-    if not any("\udc80" <= char <= "\udcff" for char in value):
+    if value.isascii() or _SURROGATE_ESCAPE.search(value) is None:
         return value
     return _decode_8bit(value.encode("utf-8", "surrogateescape"))
 
@@ -332,9 +352,9 @@ def normalize_msgid(value: str | None) -> str | None:
     return candidate
 
 
-def _references(message: Message, defects: _Defects) -> tuple[str, ...]:
+def _references(headers: _Headers, defects: _Defects) -> tuple[str, ...]:
     ids: dict[str, None] = {}
-    for value in _all_headers(message, "References"):
+    for value in headers.all("References"):
         text = _undo_surrogates(value)
         found = _MSGID_IN_BRACKETS.findall(text) or text.replace(",", " ").split()
         for candidate in found:
@@ -447,10 +467,10 @@ def _normalize_address_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str | N
     return result
 
 
-def _participants(message: Message) -> tuple[Participant, ...]:
+def _participants(headers: _Headers) -> tuple[Participant, ...]:
     seen: dict[tuple[str, str], Participant] = {}
     for role, header in _ADDRESS_HEADERS:
-        values = _all_headers(message, header)
+        values = headers.all(header)
         for value in values[:1] if role == "from" else values:
             for name, email in parse_address_list(value):
                 seen.setdefault((role, email), Participant(role=role, email=email, name=name))
