@@ -4,6 +4,7 @@ STARTTLS and implicit TLS alike, and `ca_file` only adds a CA (it never turns ve
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from harness import MailStack
+from harness import MailStack, make_message
 from inboxd.errors import AccountFailed
 from inboxd.imap import ImapEndpoint, connect
 
@@ -59,3 +60,26 @@ def test_the_stack_ca_makes_the_same_server_trusted(mailstack: MailStack) -> Non
     token = mailstack.access_token(user)
     session = connect(endpoint, username=user, access_token=lambda: token)
     session.close()
+
+
+def test_no_fetched_mail_or_token_is_formatted_for_imaplibs_debug_log(
+    mailstack: MailStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """IMAPClient turns imaplib's debug output on and routes it to the "imapclient.imaplib" logger; imaplib formats
+    every line (bodies, the XOAUTH2 exchange) with %r before any logger can drop it. connect() turns it off: nothing
+    reaches that logger even at DEBUG, so no mail or token is there to leak, and no CPU goes into formatting it."""
+    user = mailstack.new_user("debuglog")
+    mailstack.deliver(user, make_message("cand@example.org", user, "secret-looking subject", "body-marker-6731"))
+    endpoint = ImapEndpoint(host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert)
+    token = mailstack.access_token(user)
+    with caplog.at_level(logging.DEBUG, logger="imapclient"):
+        session = connect(endpoint, username=user, access_token=lambda: token)
+        try:
+            session.select("INBOX")
+            bodies = session.fetch_bodies([1])
+        finally:
+            session.close()
+    assert any(b"body-marker-6731" in body for body in bodies.values())
+    imaplib_lines = [r.getMessage() for r in caplog.records if r.name == "imapclient.imaplib"]
+    assert imaplib_lines == []
+    assert not any("body-marker-6731" in r.getMessage() or token in r.getMessage() for r in caplog.records)

@@ -402,6 +402,10 @@ def connect(
         raise AccountFailed(f"TLS to {endpoint.host}:{endpoint.port} failed: {exc.reason}") from exc
     except OSError as exc:
         raise RetryLater(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc.strerror or exc}") from exc
+    # IMAPClient sets imaplib's debug level to 5 so imaplib hands every line it sends or reads to a logger; imaplib
+    # formats each one with %r before the logger can drop it: every fetched message was repr()'d twice (a sixth of
+    # a first sync's CPU). Level 0 formats nothing; inboxd logs its own events, and the token is never formatted.
+    client._imap.debug = 0
     try:
         if endpoint.tls == "starttls":
             client.starttls(ctx)
