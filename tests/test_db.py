@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -21,6 +28,51 @@ def test_upgrade_is_idempotent_and_check_schema_passes(engine: sa.Engine) -> Non
     db.upgrade(engine)
     db.check_schema(engine)
     assert db.current_revision(engine) == db.head_revision()
+
+
+def test_schema_head_is_the_newest_migration() -> None:
+    """check_schema compares with SCHEMA_HEAD (no Alembic in the daemon); a new migration must bump it."""
+    assert db.head_revision() == db.SCHEMA_HEAD
+
+
+def test_the_daemon_does_not_load_alembic() -> None:
+    code = "import sys, inboxd.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def unmigrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database Alembic never touched."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def test_check_schema_refuses_an_older_or_unmigrated_database(unmigrated_url: str) -> None:
+    engine = db.create_engine(unmigrated_url)
+    try:
+        assert db.current_revision(engine) is None
+        with pytest.raises(db.DatabaseError, match="schema is at nothing"):
+            db.check_schema(engine)
+        db.upgrade(engine, "0008")
+        assert db.current_revision(engine) == "0008"
+        with pytest.raises(db.DatabaseError, match=f"schema is at 0008, this inboxd needs {db.SCHEMA_HEAD}"):
+            db.check_schema(engine)
+        db.upgrade(engine)
+        db.check_schema(engine)
+    finally:
+        engine.dispose()
 
 
 def test_hr_contract_tables_exist(engine: sa.Engine) -> None:

@@ -1,22 +1,24 @@
 """Database engine and schema migrations (Alembic), for SQLite and PostgreSQL alike.
 
 `create_engine` is the only place that knows dialect quirks (SQLite pragmas); `upgrade` runs the packaged migrations.
+Alembic is imported only to migrate: the daemon checks the schema version with one SELECT against SCHEMA_HEAD (Alembic
+and the script directory cost 10 MB of every daemon's memory; tests/test_db.py keeps SCHEMA_HEAD equal to the head).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
 from inboxd.errors import ConfigError, InboxdError
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
 MIGRATIONS = Path(__file__).with_name("migrations")
+SCHEMA_HEAD = "0009"  # the newest migration's revision: bump it with every migration added
 
 
 class DatabaseError(InboxdError):
@@ -67,6 +69,8 @@ def create_engine(url: str) -> sa.Engine:
 
 
 def _alembic_config(connection: sa.Connection) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig  # noqa: PLC0415 (only migrations load Alembic)
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = connection
@@ -75,16 +79,29 @@ def _alembic_config(connection: sa.Connection) -> AlembicConfig:
 
 def upgrade(engine: sa.Engine, revision: str = "head") -> None:
     """Bring the schema to `revision` (idempotent)."""
+    from alembic import command  # noqa: PLC0415 (only migrations load Alembic)
+
     with engine.begin() as conn:
         command.upgrade(_alembic_config(conn), revision)
 
 
 def current_revision(engine: sa.Engine) -> str | None:
+    """The revision Alembic recorded (its alembic_version table), None for a database it never migrated."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return None
+        versions = [row[0] for row in conn.execute(sa.text("SELECT version_num FROM alembic_version"))]
+    if len(versions) > 1:
+        raise DatabaseError(f"database schema has several heads ({', '.join(sorted(versions))}): not inboxd's")
+    return versions[0] if versions else None
 
 
 def head_revision() -> str | None:
+    """The newest revision in the packaged migrations, read by Alembic (for migrating and for the test that keeps
+    SCHEMA_HEAD right)."""
+    from alembic.config import Config as AlembicConfig  # noqa: PLC0415 (only migrations load Alembic)
+    from alembic.script import ScriptDirectory  # noqa: PLC0415 (only migrations load Alembic)
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     return ScriptDirectory.from_config(cfg).get_current_head()
@@ -96,7 +113,7 @@ def check_schema(engine: sa.Engine) -> None:
         current = current_revision(engine)
     except sa.exc.OperationalError as exc:
         raise DatabaseError(f"cannot connect to the database: {exc.orig}") from exc
-    head = head_revision()
+    head = SCHEMA_HEAD
     if current != head:
         raise DatabaseError(
             f"database schema is at {current or 'nothing'}, this inboxd needs {head}: run `inboxd db upgrade`"
