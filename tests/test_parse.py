@@ -6,16 +6,18 @@ sizes (1 MB header lines, 1000-deep nesting, thousands of parts) are generated h
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import time
 from datetime import UTC, datetime
 from email import feedparser, policy
+from email.message import Message
 from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from inboxd import parse
@@ -628,3 +630,53 @@ def parse_or_reason(raw: bytes) -> ParsedMessage | str:
         return parse_message(raw)
     except UnparseableMessage as exc:
         return exc.message
+
+
+# --- base64 fast path ------------------------------------------------------------------------------------------
+
+
+def _base64_part(payload: str) -> Message:
+    part = Message()
+    part["Content-Transfer-Encoding"] = "base64"
+    part.set_payload(payload)
+    return part
+
+
+@settings(max_examples=800, deadline=None)
+@example(b"\x00" * 6, "\n", 76, [(2, "==")], 2)  # "AA==AAAA": whole quanta, padding in the middle
+@example(b"\x00" * 3, "\n", 76, [(0, "==")], 2)  # "==AA"
+@given(
+    st.binary(max_size=300),
+    st.sampled_from(["\r\n", "\n", "\r", ""]),
+    st.integers(1, 80),
+    st.lists(st.tuples(st.integers(0, 500), st.sampled_from(["=", "==", "!", " ", "\t", "-", "_", "\u00e9", "A"]))),
+    st.integers(0, 3),
+)
+def test_the_base64_fast_path_decodes_as_the_stdlib_or_declines(
+    data: bytes, line_end: str, width: int, edits: list[tuple[int, str]], drop: int
+) -> None:
+    """parse._plain_base64 equals get_payload(decode=True) and adds no defect, on well-formed base64 in any line
+    layout and on damaged input (stray padding, foreign characters, dropped characters); declined input goes to the
+    stdlib unchanged."""
+    encoded = base64.b64encode(data).decode()
+    encoded = encoded[: len(encoded) - drop] if drop else encoded
+    for position, text in edits:
+        encoded = encoded[:position] + text + encoded[position:]
+    payload = line_end.join(encoded[i : i + width] for i in range(0, len(encoded), width))
+    fast = parse._plain_base64(_base64_part(payload))
+    stdlib_part = _base64_part(payload)
+    expected = stdlib_part.get_payload(decode=True)
+    if fast is not None:
+        assert fast == expected
+        assert stdlib_part.defects == []
+    if not edits and not drop:  # well formed: the fast path must take it
+        assert fast == data
+
+
+def test_the_base64_fast_path_is_taken_for_ordinary_attachments() -> None:
+    raw = (CORPUS / "attachment.eml").read_bytes()
+    message = BytesParser(policy=policy.compat32).parsebytes(raw)
+    parts = [p for p in message.walk() if str(p.get("content-transfer-encoding", "")).lower() == "base64"]
+    assert parts
+    for part in parts:
+        assert parse._plain_base64(part) == part.get_payload(decode=True)

@@ -37,19 +37,21 @@ def parse_bytes(raw: bytes) -> Message | None:
     text = raw.decode("ascii", "surrogateescape")
     if "\r" in text and text.count("\r") != text.count("\r\n"):
         return None  # a lone CR is a line end to the feed parser, not to str.find
-    return _part(text, (), in_multipart=False)
+    return _part(text, 0, len(text), (), in_multipart=False)
 
 
-def _part(text: str, enclosing: tuple[str, ...], *, in_multipart: bool) -> Message | None:
+# Parts are spans [start, end) of the one decoded text: each payload is copied out once, at the end.
+
+
+def _part(text: str, start: int, end: int, enclosing: tuple[str, ...], *, in_multipart: bool) -> Message | None:
     """One part (or the whole message): its header block through the stdlib parser, its body by hand. In a
     multipart, the line end before the next delimiter belongs to the delimiter (RFC 2046), not to the part."""
-    header_end = _header_end(text)
-    message = _HEADER_PARSER.parsestr(text[:header_end], headersonly=True)
+    header_end = _header_end(text, start, end)
+    message = _HEADER_PARSER.parsestr(text[start:header_end], headersonly=True)
     if message.get_payload() != "" or message.get_content_maintype() == "message":
         return None  # a non-header line before the blank line, or an attached message
-    body = text[header_end:]
     if message.get_content_maintype() != "multipart":
-        message.set_payload(_without_line_end(body) if in_multipart else body)
+        message.set_payload(text[header_end : _before_line_end(text, header_end, end) if in_multipart else end])
         return message
     boundary = message.get_boundary()
     if (
@@ -62,47 +64,49 @@ def _part(text: str, enclosing: tuple[str, ...], *, in_multipart: bool) -> Messa
         or message.get("content-transfer-encoding", "8bit").lower() not in _PLAIN_TRANSFER_ENCODINGS
     ):
         return None
-    return _multipart(message, body, "--" + boundary, (*enclosing, boundary))
+    return _multipart(message, text, header_end, end, separator="--" + boundary, enclosing=(*enclosing, boundary))
 
 
-def _header_end(text: str) -> int:
+def _header_end(text: str, start: int, end: int) -> int:
     """Where the body starts: after the first empty line, or the end when there is none."""
-    if text.startswith("\n"):
-        return 1
-    if text.startswith("\r\n"):
-        return 2
-    blank = _BLANK_LINE.search(text)
-    return blank.end() if blank is not None else len(text)
+    if text.startswith("\n", start, end):
+        return start + 1
+    if text.startswith("\r\n", start, end):
+        return start + 2
+    blank = _BLANK_LINE.search(text, start, end)
+    return blank.end() if blank is not None else end
 
 
-def _delimiters(body: str, separator: str) -> list[tuple[int, int, bool]]:
-    """(start, end, is_close) of every delimiter line: ``separator`` at a line start, then only an optional
-    ``--``, blanks and the line end."""
+def _delimiters(text: str, start: int, end: int, separator: str) -> list[tuple[int, int, bool]]:
+    """(start, end, is_close) of every delimiter line in the span: ``separator`` at a line start, then only an
+    optional ``--``, blanks and the line end."""
     found: list[tuple[int, int, bool]] = []
-    position = body.find(separator)
+    position = text.find(separator, start, end)
     while position >= 0:
-        if position == 0 or body[position - 1] == "\n":
-            tail = _DELIMITER_TAIL.match(body, position + len(separator))
+        if position == start or text[position - 1] == "\n":
+            tail = _DELIMITER_TAIL.match(text, position + len(separator), end)
             if tail is not None:
                 found.append((position, tail.end(), tail.group(1) is not None))
-        position = body.find(separator, position + len(separator))
+        position = text.find(separator, position + len(separator), end)
     return found
 
 
-def _multipart(message: Message, body: str, separator: str, enclosing: tuple[str, ...]) -> Message | None:
-    delimiters = _delimiters(body, separator)
+def _multipart(
+    message: Message, text: str, start: int, end: int, *, separator: str, enclosing: tuple[str, ...]
+) -> Message | None:
+    delimiters = _delimiters(text, start, end, separator)
     closes = [index for index, (_, _, is_close) in enumerate(delimiters) if is_close]
     if not closes or closes[0] == 0:
         return None  # no close delimiter, or no part before it
     delimiters = delimiters[: closes[0] + 1]
     first_start = delimiters[0][0]
-    if first_start > 0:
-        message.preamble = _without_line_end(body[:first_start])
+    if first_start > start:
+        message.preamble = text[start : _before_line_end(text, start, first_start)]
     children: list[Message | str] = []
     for (_, part_start, _), (next_start, _, _) in itertools.pairwise(delimiters):
         if next_start == part_start:
             return None  # two delimiter lines in a row: the feed parser skips them its own way
-        child = _part(body[part_start:next_start], enclosing, in_multipart=True)
+        child = _part(text, part_start, next_start, enclosing, in_multipart=True)
         if child is None:
             return None
         if child.is_multipart():
@@ -110,13 +114,18 @@ def _multipart(message: Message, body: str, separator: str, enclosing: tuple[str
             child.epilogue = None if epilogue == "" else _without_line_end(epilogue or "")
         children.append(child)
     message.set_payload(children)
-    message.epilogue = body[delimiters[-1][1] :]
+    message.epilogue = text[delimiters[-1][1] : end]
     return message
 
 
+def _before_line_end(text: str, start: int, end: int) -> int:
+    """``end``, moved back over the line end that closes the span, if it has one."""
+    if text.endswith("\r\n", start, end):
+        return end - 2
+    if text.endswith("\n", start, end):
+        return end - 1
+    return end
+
+
 def _without_line_end(text: str) -> str:
-    if text.endswith("\r\n"):
-        return text[:-2]
-    if text.endswith("\n"):
-        return text[:-1]
-    return text
+    return text[: _before_line_end(text, 0, len(text))]
