@@ -180,15 +180,25 @@ if __name__ == "__main__":
     [pid] = pool._executor._processes
     with open(f"/proc/{pid}/maps") as maps:
         print("sqlalchemy" in maps.read())
+    modules = pool._executor.submit(eval, "sorted(__import__('sys').modules)").result()  # the worker's own
+    print(sorted({name.split(".")[0] for name in modules} & {"sqlalchemy", "structlog"}))
+    print(sorted(name for name in modules if name.startswith("inboxd")))
     pool.close()
 """
 
 
 def test_workers_do_not_import_the_daemon(tmp_path: Path) -> None:
-    """A worker starts with what parsing needs (~35 MB), not a second copy of the daemon the `inboxd` script
-    imports (~100 MB): multiprocessing's spawn would run the parent's __main__ again; parsing.py leaves it out."""
+    """A worker starts with what parsing needs (inboxd.parse_worker, ~23 MB), not a second copy of the daemon the
+    `inboxd` script imports (~87 MB): multiprocessing's spawn would run the parent's __main__ again; parsing.py
+    leaves it out. Nor structlog: a worker logs nothing."""
     script = tmp_path / "inboxd_script.py"
     script.write_text(SCRIPT_DAEMON)
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines()[-1] == "False", "the worker loaded SQLAlchemy: it imported the daemon"
+    mapped_sqlalchemy, daemon_modules, inboxd_modules = run.stdout.splitlines()[-3:]
+    assert mapped_sqlalchemy == "False", "the worker loaded SQLAlchemy: it imported the daemon"
+    assert daemon_modules == "[]", daemon_modules
+    # inboxd.parse_worker and what it needs: not inboxd.parsing (structlog, the pool)
+    assert inboxd_modules == str(
+        ["inboxd", "inboxd.errors", "inboxd.html", "inboxd.mimesplit", "inboxd.parse", "inboxd.parse_worker"]
+    ), inboxd_modules

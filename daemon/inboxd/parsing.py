@@ -12,9 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.spawn
 import os
-import select
 import threading
-import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -23,11 +21,10 @@ from typing import Any, Protocol
 import structlog
 
 from inboxd.errors import UnparseableMessage
-from inboxd.parse import ParsedMessage, parse_message
+from inboxd.parse import ParsedMessage
+from inboxd.parse_worker import ParseOutcome, exit_with, parse_all, parse_chunk
 
 log = structlog.get_logger(__name__)
-
-ParseOutcome = ParsedMessage | UnparseableMessage
 
 # Below this many bodies a run is parsed in the sync thread: shipping a few messages to a worker and back costs
 # more than it saves, and an incremental sync (a message or two) never waits for a process.
@@ -48,16 +45,6 @@ class MessageParser(Protocol):
         ...
 
 
-def parse_all(bodies: Mapping[int, bytes], max_attachment_bytes: int) -> dict[int, ParseOutcome]:
-    outcomes: dict[int, ParseOutcome] = {}
-    for uid, raw in bodies.items():
-        try:
-            outcomes[uid] = parse_message(raw, max_attachment_bytes=max_attachment_bytes)
-        except UnparseableMessage as exc:
-            outcomes[uid] = exc
-    return outcomes
-
-
 class _Deferred:
     """Parses when asked for the result, in the asking thread."""
 
@@ -74,14 +61,6 @@ class InlineParser:
 
     def start(self, bodies: Mapping[int, bytes], *, max_attachment_bytes: int) -> ParseJob:
         return _Deferred(bodies, max_attachment_bytes)
-
-
-def _parse_chunk(bodies: list[tuple[int, bytes]], max_attachment_bytes: int) -> list[tuple[int, ParsedMessage | str]]:
-    """In a worker: parse, with an unparseable body's reason as a plain string (simple to send back)."""
-    return [
-        (uid, outcome if isinstance(outcome, ParsedMessage) else outcome.message)
-        for uid, outcome in parse_all(dict(bodies), max_attachment_bytes).items()
-    ]
 
 
 class _Pooled:
@@ -119,28 +98,12 @@ _stdlib_preparation_data = multiprocessing.spawn.get_preparation_data
 
 def _without_main(name: str) -> dict[str, Any]:
     """What a spawned process is told to set up, minus the parent's ``__main__``: the ``inboxd`` script imports the
-    whole daemon (97 MB) and a parser needs inboxd.parse (27 MB). Everything a worker runs is in this module."""
+    whole daemon (87 MB) and a parser needs inboxd.parse (about 23 MB). Everything a worker runs is in
+    inboxd.parse_worker, which imports nothing else."""
     data: dict[str, Any] = _stdlib_preparation_data(name)
     data.pop("init_main_from_path", None)
     data.pop("init_main_from_name", None)
     return data
-
-
-def _exit_with(daemon_pid: int) -> None:
-    """A worker's initializer: exit as soon as the daemon is gone. It may die by SIGKILL (the OOM killer, a
-    `kill -9`) and never shut the pool down, and a worker waiting for work would wait forever."""
-
-    def watch() -> None:
-        try:
-            handle = os.pidfd_open(daemon_pid)  # readable once that process has exited (Linux 5.3)
-        except (AttributeError, OSError):
-            while os.getppid() == daemon_pid:  # spawned by the daemon: re-parented when it dies
-                time.sleep(1)
-        else:
-            select.select([handle], [], [])
-        os._exit(0)
-
-    threading.Thread(target=watch, name="inboxd-watch-daemon", daemon=True).start()
 
 
 class ParserPool:
@@ -167,7 +130,7 @@ class ParserPool:
         try:
             executor = self._running()
             for chunk in chunks:
-                submitted.append((chunk, executor.submit(_parse_chunk, chunk, max_attachment_bytes)))
+                submitted.append((chunk, executor.submit(parse_chunk, chunk, max_attachment_bytes)))
         except (BrokenProcessPool, RuntimeError, OSError) as exc:  # broken, or shut down meanwhile
             self.broken(exc, executor)
             return _Deferred(bodies, max_attachment_bytes)
@@ -200,7 +163,7 @@ class ParserPool:
                 self._executor = ProcessPoolExecutor(
                     self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_exit_with,
+                    initializer=exit_with,
                     initargs=(os.getpid(),),
                 )
                 log.info("parse.pool_started", workers=self.workers)
