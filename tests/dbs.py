@@ -5,9 +5,11 @@ PostgreSQL isolation: one schema per test (search_path), migrated with the real 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,30 +24,40 @@ from inboxd.store import Store
 PG_URL = os.environ.get("INBOXD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A migrated, empty database; its URL."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'inboxd.db'}"
-        engine = db.create_engine(url)
-        db.upgrade(engine)
-        engine.dispose()
-        yield url
-        return
+@contextmanager
+def _postgres_schema() -> Iterator[str]:
+    """A URL on a new, empty PostgreSQL schema, dropped afterwards."""
     schema = "t_" + uuid.uuid4().hex[:12]
     admin = sa.create_engine(PG_URL)
     with admin.begin() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{PG_URL}?options=-csearch_path%3D{schema}"
-    engine = db.create_engine(url)
-    db.upgrade(engine)
-    engine.dispose()
     try:
-        yield url
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
     finally:
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A reachable database with no inboxd schema at all."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        return
+    with _postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database; its URL."""
+    sqlite = f"sqlite:///{tmp_path / 'inboxd.db'}"
+    with contextlib.nullcontext(sqlite) if request.param == "sqlite" else _postgres_schema() as url:
+        engine = db.create_engine(url)
+        db.upgrade(engine)
+        engine.dispose()
+        yield url
 
 
 @pytest.fixture

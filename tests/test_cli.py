@@ -13,7 +13,6 @@ import secrets
 import stat
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,6 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
-from dbs import PG_URL
 from harness import MailStack, make_message
 from harness.config import write_stack_config
 from inboxd import db
@@ -208,24 +206,6 @@ def test_secrets_init_creates_0600_key_and_refuses_overwrite_without_force(tmp_p
 
 
 # --- database schema ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A reachable database with no inboxd schema at all."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh.db'}"
-        return
-    schema = "t_" + uuid.uuid4().hex[:12]
-    admin = sa.create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def test_commands_refuse_unmigrated_database_until_db_upgrade(empty_db_url: str, tmp_path: Path, cli: Cli) -> None:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -41,26 +38,8 @@ def test_the_daemon_does_not_load_alembic() -> None:
     assert loaded.strip() == "[]"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def unmigrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database Alembic never touched."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'empty.db'}"
-        return
-    schema = "t_" + uuid.uuid4().hex[:12]
-    admin = sa.create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
-def test_check_schema_refuses_an_older_or_unmigrated_database(unmigrated_url: str) -> None:
-    engine = db.create_engine(unmigrated_url)
+def test_check_schema_refuses_an_older_or_unmigrated_database(empty_db_url: str) -> None:
+    engine = db.create_engine(empty_db_url)
     try:
         assert db.current_revision(engine) is None
         with pytest.raises(db.DatabaseError, match="schema is at nothing"):
