@@ -72,9 +72,9 @@ def test_a_dead_worker_costs_a_retry_in_the_calling_thread_not_the_run() -> None
     parser = ParserPool(1)
     try:
         parser.start(bodies(MIN_POOL_RUN), max_attachment_bytes=MAX_ATTACHMENT).result()  # the worker is up
-        executor = parser._executor
-        assert executor is not None
-        for pid in list(executor._processes):  # type: ignore[attr-defined]
+        pids = parser.worker_pids()
+        assert len(pids) == 1
+        for pid in pids:
             os.kill(pid, signal.SIGKILL)
         run = bodies(40)
         with structlog.testing.capture_logs() as logs:
@@ -151,7 +151,7 @@ if __name__ == "__main__":
     pool = ParserPool(2)
     bodies = {uid: b"From: a@example.org\\r\\nSubject: x\\r\\n\\r\\nhi\\r\\n" for uid in range(40)}
     pool.start(bodies, max_attachment_bytes=1000).result()
-    print(" ".join(str(pid) for pid in pool._executor._processes), flush=True)
+    print(" ".join(str(pid) for pid in pool.worker_pids()), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -177,28 +177,37 @@ if __name__ == "__main__":
     pool = ParserPool(1)
     bodies = {uid: b"From: a@example.org\\r\\nSubject: x\\r\\n\\r\\nhi\\r\\n" for uid in range(20)}
     pool.start(bodies, max_attachment_bytes=1000).result()
-    [pid] = pool._executor._processes
+    [pid] = pool.worker_pids()
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        print(cmdline.read().split(b"\\0")[1:3])
     with open(f"/proc/{pid}/maps") as maps:
         print("sqlalchemy" in maps.read())
-    modules = pool._executor.submit(eval, "sorted(__import__('sys').modules)").result()  # the worker's own
-    print(sorted({name.split(".")[0] for name in modules} & {"sqlalchemy", "structlog"}))
-    print(sorted(name for name in modules if name.startswith("inboxd")))
+    import os
+    print(sorted(p for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")
+                 and int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid()))
+    print(pid)
     pool.close()
 """
 
+WORKER_MODULES = (
+    "import sys, inboxd.parse_worker; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+    "('inboxd', 'sqlalchemy', 'structlog', 'multiprocessing', 'concurrent')))"
+)
+
 
 def test_workers_do_not_import_the_daemon(tmp_path: Path) -> None:
-    """A worker starts with what parsing needs (inboxd.parse_worker, ~23 MB), not a second copy of the daemon the
-    `inboxd` script imports (~87 MB): multiprocessing's spawn would run the parent's __main__ again; parsing.py
-    leaves it out. Nor structlog: a worker logs nothing."""
+    """A worker is `python -m inboxd.parse_worker`: it imports the parser (~20 MB), not a second copy of the daemon
+    the `inboxd` script imports (~87 MB), nor structlog or multiprocessing; and no other process comes with it (no
+    multiprocessing resource tracker, 12 MB)."""
     script = tmp_path / "inboxd_script.py"
     script.write_text(SCRIPT_DAEMON)
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0, run.stderr
-    mapped_sqlalchemy, daemon_modules, inboxd_modules = run.stdout.splitlines()[-3:]
+    cmdline, mapped_sqlalchemy, children, pid = run.stdout.splitlines()[-4:]
+    assert cmdline == str([b"-m", b"inboxd.parse_worker"])
     assert mapped_sqlalchemy == "False", "the worker loaded SQLAlchemy: it imported the daemon"
-    assert daemon_modules == "[]", daemon_modules
-    # inboxd.parse_worker and what it needs: not inboxd.parsing (structlog, the pool)
-    assert inboxd_modules == str(
+    assert children == str([pid]), "the daemon has other child processes than its worker"
+    modules = subprocess.run([sys.executable, "-c", WORKER_MODULES], capture_output=True, text=True, check=True)
+    assert modules.stdout.strip() == str(
         ["inboxd", "inboxd.errors", "inboxd.html", "inboxd.mimesplit", "inboxd.parse", "inboxd.parse_worker"]
-    ), inboxd_modules
+    )

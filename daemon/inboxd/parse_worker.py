@@ -1,13 +1,17 @@
-"""What runs in a parser worker process (see inboxd.parsing): parse a chunk of bodies, and exit with the daemon.
+"""A parser worker process (see inboxd.parsing): ``python -m inboxd.parse_worker DAEMON_PID``.
 
-Kept apart so that a worker imports inboxd.parse and nothing more: no structlog, no daemon (each worker is a process
-of its own; what it imports is memory it holds for the daemon's lifetime).
+It reads pickled requests (a chunk of (UID, raw body) and the attachment size limit) from its stdin and writes each
+answer, parse_chunk's list, pickled to its stdout; it exits at the end of its input or as soon as the daemon is gone.
+It imports inboxd.parse and nothing more: no structlog, no daemon, no multiprocessing (what a worker imports is memory
+it holds for the daemon's lifetime).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import select
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -44,10 +48,27 @@ def exit_with(daemon_pid: int) -> None:
         try:
             handle = os.pidfd_open(daemon_pid)  # readable once that process has exited (Linux 5.3)
         except (AttributeError, OSError):
-            while os.getppid() == daemon_pid:  # spawned by the daemon: re-parented when it dies
+            while os.getppid() == daemon_pid:  # started by the daemon: re-parented when it dies
                 time.sleep(1)
         else:
             select.select([handle], [], [])
         os._exit(0)
 
     threading.Thread(target=watch, name="inboxd-watch-daemon", daemon=True).start()
+
+
+def main(argv: list[str]) -> int:
+    exit_with(int(argv[0]))
+    requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # the answer pipe carries answers only
+    while True:
+        try:
+            chunk, max_attachment_bytes = pickle.load(requests)  # noqa: S301 (the daemon's own requests)
+        except EOFError:
+            return 0
+        pickle.dump(parse_chunk(chunk, max_attachment_bytes), answers, protocol=pickle.HIGHEST_PROTOCOL)
+        answers.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -9,20 +9,22 @@ thread, where parse_message's own guarantees hold (a ParsedMessage or Unparseabl
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.spawn
+import contextlib
 import os
+import pickle
+import queue
+import subprocess
+import sys
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Protocol
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
 import structlog
 
 from inboxd.errors import UnparseableMessage
 from inboxd.parse import ParsedMessage
-from inboxd.parse_worker import ParseOutcome, exit_with, parse_all, parse_chunk
+from inboxd.parse_worker import ParseOutcome, parse_all
 
 log = structlog.get_logger(__name__)
 
@@ -67,12 +69,12 @@ class _Pooled:
     def __init__(
         self,
         pool: ParserPool,
-        executor: ProcessPoolExecutor,
+        processes: _Processes,
         chunks: list[tuple[list[tuple[int, bytes]], Future[list[tuple[int, ParsedMessage | str]]]]],
         max_attachment_bytes: int,
     ) -> None:
         self._pool = pool
-        self._executor = executor
+        self._processes = processes
         self._chunks = chunks
         self._max_attachment_bytes = max_attachment_bytes
 
@@ -82,8 +84,8 @@ class _Pooled:
             try:
                 parsed = future.result()
             except Exception as exc:  # a dead worker, or anything else that went wrong on the way: parse here
-                if isinstance(exc, BrokenProcessPool | OSError | EOFError):
-                    self._pool.broken(exc, self._executor)
+                if isinstance(exc, _WORKER_GONE):
+                    self._pool.broken(exc, self._processes)
                 else:
                     log.warning("parse.worker_failed", error_kind=type(exc).__name__)
                 outcomes.update(parse_all(dict(bodies), self._max_attachment_bytes))
@@ -93,30 +95,94 @@ class _Pooled:
         return outcomes
 
 
-_stdlib_preparation_data = multiprocessing.spawn.get_preparation_data
+_Answer = list[tuple[int, ParsedMessage | str]]  # parse_worker.parse_chunk's: UID, and the message or the reason
+
+# What a request to a dead (or dying) worker raises: a closed pipe on the way there, none or half an answer back.
+_WORKER_GONE = (OSError, EOFError, pickle.UnpicklingError)
 
 
-def _without_main(name: str) -> dict[str, Any]:
-    """What a spawned process is told to set up, minus the parent's ``__main__``: the ``inboxd`` script imports the
-    whole daemon (87 MB) and a parser needs inboxd.parse (about 23 MB). Everything a worker runs is in
-    inboxd.parse_worker, which imports nothing else."""
-    data: dict[str, Any] = _stdlib_preparation_data(name)
-    data.pop("init_main_from_path", None)
-    data.pop("init_main_from_name", None)
-    return data
+class _Worker:
+    """One parser process, ``python -m inboxd.parse_worker DAEMON_PID``: a request is a pickled (chunk, limit) on its
+    stdin, the answer the pickled parse_chunk result on its stdout, one at a time. A plain child process, not
+    multiprocessing's: nothing of the daemon is imported in it, and no resource-tracker process comes with it."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
+            [sys.executable, "-m", "inboxd.parse_worker", str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+
+    def parse(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int) -> _Answer:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None
+        assert stdout is not None
+        pickle.dump((chunk, max_attachment_bytes), stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        stdin.flush()
+        answer: _Answer = pickle.load(stdout)  # noqa: S301 (our own worker's answer)
+        return answer
+
+    def stop(self) -> None:
+        """Close its stdin (it exits at the end of its input), then wait a little; kill if it does not go."""
+        with contextlib.suppress(OSError):
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+class _Processes:
+    """One generation of workers, and a thread per worker that hands it chunks and waits for the answers (the pipe
+    I/O releases the GIL). A worker that fails is not replaced here: every later chunk of this generation fails fast
+    on it, and the pool starts a new generation (ParserPool.broken)."""
+
+    def __init__(self, count: int) -> None:
+        self.workers = [_Worker() for _ in range(count)]
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        for worker in self.workers:
+            self._idle.put(worker)
+        self._threads = ThreadPoolExecutor(count, thread_name_prefix="inboxd-parse")
+
+    def submit(
+        self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int
+    ) -> Future[list[tuple[int, ParsedMessage | str]]]:
+        return self._threads.submit(self._parse, chunk, max_attachment_bytes)
+
+    def _parse(
+        self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int
+    ) -> list[tuple[int, ParsedMessage | str]]:
+        worker = self._idle.get()
+        try:
+            return worker.parse(chunk, max_attachment_bytes)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                worker.process.kill()  # half a request or half an answer may be in the pipes: the worker is done
+            raise
+        finally:
+            self._idle.put(worker)
+
+    def shutdown(self) -> None:
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        for worker in self.workers:
+            worker.stop()
 
 
 class ParserPool:
     """Parse runs of at least MIN_POOL_RUN bodies in ``workers`` processes, started on first use; smaller runs
-    inline. Workers are spawned (a fork of the threaded daemon could inherit a lock held by another thread) and exit
-    by themselves when the daemon dies."""
+    inline. Workers are separate interpreters started with ``python -m inboxd.parse_worker`` (not forked: a fork of
+    the threaded daemon could inherit a lock held by another thread) and exit by themselves when the daemon dies."""
 
     def __init__(self, workers: int) -> None:
         if workers < 1:
             raise ValueError("a parser pool needs at least one worker")
         self.workers = workers
         self._lock = threading.Lock()
-        self._executor: ProcessPoolExecutor | None = None
+        self._processes: _Processes | None = None
         self._closed = False
 
     def start(self, bodies: Mapping[int, bytes], *, max_attachment_bytes: int) -> ParseJob:
@@ -126,45 +192,44 @@ class ParserPool:
         size = -(-len(items) // (self.workers * _CHUNKS_PER_WORKER))
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         submitted = []
-        executor = None
+        processes = None
         try:
-            executor = self._running()
+            processes = self._running()
             for chunk in chunks:
-                submitted.append((chunk, executor.submit(parse_chunk, chunk, max_attachment_bytes)))
-        except (BrokenProcessPool, RuntimeError, OSError) as exc:  # broken, or shut down meanwhile
-            self.broken(exc, executor)
+                submitted.append((chunk, processes.submit(chunk, max_attachment_bytes)))
+        except (RuntimeError, OSError) as exc:  # workers that cannot start, or a pool shut down meanwhile
+            self.broken(exc, processes)
             return _Deferred(bodies, max_attachment_bytes)
-        return _Pooled(self, executor, submitted, max_attachment_bytes)
+        return _Pooled(self, processes, submitted, max_attachment_bytes)
 
-    def broken(self, exc: BaseException, failed: ProcessPoolExecutor | None) -> None:
-        """A worker of ``failed`` died or it cannot run: drop it, unless another run already replaced it (several
-        syncs share the pool); the next run starts a new one."""
+    def worker_pids(self) -> list[int]:
+        """The process ids of the running workers (none before the first big run)."""
         with self._lock:
-            if failed is None or self._executor is not failed:
+            processes = self._processes
+        return [worker.process.pid for worker in processes.workers] if processes is not None else []
+
+    def broken(self, exc: BaseException, failed: _Processes | None) -> None:
+        """A worker of ``failed`` died or it cannot run: drop that generation, unless another run already replaced
+        it (several syncs share the pool); the next run starts a new one."""
+        with self._lock:
+            if failed is None or self._processes is not failed:
                 return
-            self._executor = None
+            self._processes = None
         log.warning("parse.pool_failed", error_kind=type(exc).__name__, workers=self.workers)
-        failed.shutdown(wait=False, cancel_futures=True)
+        threading.Thread(target=failed.shutdown, name="inboxd-parse-reap", daemon=True).start()
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+            processes, self._processes = self._processes, None
+        if processes is not None:
+            processes.shutdown()
 
-    def _running(self) -> ProcessPoolExecutor:
+    def _running(self) -> _Processes:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the parser pool is closed")
-            if self._executor is None:
-                # the daemon spawns no other processes: leaving its __main__ out of every spawn is safe
-                multiprocessing.spawn.get_preparation_data = _without_main
-                self._executor = ProcessPoolExecutor(
-                    self.workers,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=exit_with,
-                    initargs=(os.getpid(),),
-                )
+            if self._processes is None:
+                self._processes = _Processes(self.workers)
                 log.info("parse.pool_started", workers=self.workers)
-            return self._executor
+            return self._processes
