@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import select
+import signal
 import sys
 import threading
 import time
@@ -58,6 +59,7 @@ def exit_with(daemon_pid: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal reaches the daemon, which closes our stdin
     exit_with(int(argv[0]))
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # the answer pipe carries answers only
