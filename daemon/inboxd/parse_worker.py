@@ -21,6 +21,7 @@ from inboxd.errors import UnparseableMessage
 from inboxd.parse import ParsedMessage, parse_message
 
 ParseOutcome = ParsedMessage | UnparseableMessage
+Answer = list[tuple[int, ParsedMessage | str]]  # what a worker sends back: UID, and the message or the reason
 
 
 def parse_all(bodies: Mapping[int, bytes], max_attachment_bytes: int) -> dict[int, ParseOutcome]:
@@ -33,7 +34,7 @@ def parse_all(bodies: Mapping[int, bytes], max_attachment_bytes: int) -> dict[in
     return outcomes
 
 
-def parse_chunk(bodies: list[tuple[int, bytes]], max_attachment_bytes: int) -> list[tuple[int, ParsedMessage | str]]:
+def parse_chunk(bodies: list[tuple[int, bytes]], max_attachment_bytes: int) -> Answer:
     """Parse, with an unparseable body's reason as a plain string (simple to send back)."""
     return [
         (uid, outcome if isinstance(outcome, ParsedMessage) else outcome.message)

@@ -24,7 +24,7 @@ import structlog
 
 from inboxd.errors import UnparseableMessage
 from inboxd.parse import ParsedMessage
-from inboxd.parse_worker import ParseOutcome, parse_all
+from inboxd.parse_worker import Answer, ParseOutcome, parse_all
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +70,7 @@ class _Pooled:
         self,
         pool: ParserPool,
         processes: _Processes,
-        chunks: list[tuple[list[tuple[int, bytes]], Future[list[tuple[int, ParsedMessage | str]]]]],
+        chunks: list[tuple[list[tuple[int, bytes]], Future[Answer]]],
         max_attachment_bytes: int,
     ) -> None:
         self._pool = pool
@@ -95,8 +95,6 @@ class _Pooled:
         return outcomes
 
 
-_Answer = list[tuple[int, ParsedMessage | str]]  # parse_worker.parse_chunk's: UID, and the message or the reason
-
 # What a request to a dead (or dying) worker raises: a closed pipe on the way there, none or half an answer back.
 _WORKER_GONE = (OSError, EOFError, pickle.UnpicklingError)
 
@@ -113,13 +111,13 @@ class _Worker:
             stdout=subprocess.PIPE,
         )
 
-    def parse(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int) -> _Answer:
+    def parse(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int) -> Answer:
         stdin, stdout = self.process.stdin, self.process.stdout
         assert stdin is not None
         assert stdout is not None
         pickle.dump((chunk, max_attachment_bytes), stdin, protocol=pickle.HIGHEST_PROTOCOL)
         stdin.flush()
-        answer: _Answer = pickle.load(stdout)  # noqa: S301 (our own worker's answer)
+        answer: Answer = pickle.load(stdout)  # noqa: S301 (our own worker's answer)
         return answer
 
     def stop(self) -> None:
@@ -148,14 +146,10 @@ class _Processes:
             self._idle.put(worker)
         self._threads = ThreadPoolExecutor(count, thread_name_prefix="inboxd-parse")
 
-    def submit(
-        self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int
-    ) -> Future[list[tuple[int, ParsedMessage | str]]]:
+    def submit(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int) -> Future[Answer]:
         return self._threads.submit(self._parse, chunk, max_attachment_bytes)
 
-    def _parse(
-        self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int
-    ) -> list[tuple[int, ParsedMessage | str]]:
+    def _parse(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int) -> Answer:
         worker = self._idle.get()
         try:
             return worker.parse(chunk, max_attachment_bytes)
