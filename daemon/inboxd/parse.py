@@ -201,19 +201,9 @@ _WHITESPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]+")
 _REFUSED_CODECS: Final = frozenset({"punycode", "idna", "raw_unicode_escape", "unicode_escape"})
 
 
-def _first_header(message: Message, name: str) -> str | None:
-    values = _all_headers(message, name)
-    return values[0] if values else None
-
-
-def _all_headers(message: Message, name: str) -> list[str]:
-    """Raw values of header ``name`` in order; raw_items never runs a header parser, so never raises."""
-    wanted = name.lower()
-    return [str(value) for key, value in message.raw_items() if key.lower() == wanted]
-
-
 class _Headers:
-    """The top-level header values by lowercased name, read in one pass (the root is asked for ten names)."""
+    """A message's or part's raw header values by lowercased name, in order, read in one pass (the root is asked for
+    ten names, each part for four); raw_items never runs a header parser, so this never raises."""
 
     def __init__(self, message: Message) -> None:
         self._values: dict[str, list[str]] = {}
@@ -507,8 +497,9 @@ def _walk(message: Message, defects: _Defects) -> list[Message]:
 
 
 def _cap_mime_headers(part: Message, defects: _Defects) -> None:
+    headers = _Headers(part)
     for name in ("Content-Type", "Content-Disposition", "Content-Transfer-Encoding", "Content-ID"):
-        value = _first_header(part, name)
+        value = headers.first(name)
         if value is not None and len(value) > _MAX_MIME_HEADER_CHARS:
             part.replace_header(name, value[:_MAX_MIME_HEADER_CHARS])
             defects.add(f"{name} header longer than {_MAX_MIME_HEADER_CHARS} chars: truncated")
@@ -651,7 +642,7 @@ def _attachment(
     part: Message, cid_references: frozenset[str], defects: _Defects, *, max_attachment_bytes: int
 ) -> AttachmentPart:
     data = _payload_bytes(part, defects)
-    content_id = normalize_msgid(_first_header(part, "Content-ID"))
+    content_id = normalize_msgid(_Headers(part).first("Content-ID"))
     referenced = content_id is not None and content_id.lower() in cid_references
     filename = _filename(part)
     if len(data) > max_attachment_bytes:
