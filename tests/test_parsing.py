@@ -4,10 +4,12 @@ the same rows as one without it (on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +91,57 @@ def test_a_dead_worker_costs_a_retry_in_the_calling_thread_not_the_run() -> None
         assert len(again.result()) == 40
     finally:
         parser.close()
+
+
+STOP_CONT_STORM = """
+import os, random, signal, sys, time
+pids = [int(p) for p in sys.argv[1:]]
+while True:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(random.random() * 0.002)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    time.sleep(random.random() * 0.004)
+"""
+
+
+def test_stopping_and_continuing_both_processes_loses_no_byte_between_them() -> None:
+    """SIGSTOP/SIGCONT (Ctrl-Z, a debugger, py-spy) interrupt pipe reads and writes half-way. With Python's buffered
+    pipe objects this broke the stream: "invalid load key" answers, or both sides waiting forever. Here a storm of
+    stops hits the test process and its worker while runs bigger than a pipe's buffer go back and forth."""
+    big = {uid: b"Subject: big\r\n\r\n" + (b"line of text %d\r\n" % uid) * 20_000 for uid in range(1, 9)}
+    run = {**bodies(40), **{1000 + uid: body for uid, body in big.items()}}
+    expected = comparable(InlineParser().start(run, max_attachment_bytes=MAX_ATTACHMENT).result())
+    parser = ParserPool(1)
+    parser.start(run, max_attachment_bytes=MAX_ATTACHMENT).result()  # the worker is up
+    worker = parser.worker_pids()[0]
+    storm = subprocess.Popen([sys.executable, "-c", STOP_CONT_STORM, str(os.getpid()), str(worker)])
+    results: list[dict[int, object]] = []
+
+    def runs() -> None:
+        for _ in range(12):
+            results.append(comparable(parser.start(run, max_attachment_bytes=MAX_ATTACHMENT).result()))
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            thread = threading.Thread(target=runs)
+            thread.start()
+            thread.join(timeout=120)
+            stuck = thread.is_alive()
+            storm.kill()
+            storm.wait()
+            with contextlib.suppress(ProcessLookupError):  # a failed worker is gone
+                os.kill(worker, signal.SIGCONT)  # the storm may have been killed between a stop and its continue
+                if stuck:  # the old symptom: both sides waiting to read; killing the worker ends the wait
+                    os.kill(worker, signal.SIGKILL)
+            thread.join()
+    finally:
+        parser.close()
+    assert not stuck, "the daemon and its worker both waited for the other"
+    assert [e["event"] for e in logs if e["event"].startswith("parse.")] == []
+    assert results == [expected] * 12
 
 
 def test_a_closed_pool_still_parses_in_the_calling_thread() -> None:
@@ -209,5 +262,13 @@ def test_workers_do_not_import_the_daemon(tmp_path: Path) -> None:
     assert children == str([pid]), "the daemon has other child processes than its worker"
     modules = subprocess.run([sys.executable, "-c", WORKER_MODULES], capture_output=True, text=True, check=True)
     assert modules.stdout.strip() == str(
-        ["inboxd", "inboxd.errors", "inboxd.html", "inboxd.mimesplit", "inboxd.parse", "inboxd.parse_worker"]
+        [
+            "inboxd",
+            "inboxd.errors",
+            "inboxd.html",
+            "inboxd.mimesplit",
+            "inboxd.parse",
+            "inboxd.parse_worker",
+            "inboxd.pipe_io",
+        ]
     )

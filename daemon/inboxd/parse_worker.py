@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 from inboxd.errors import UnparseableMessage
 from inboxd.parse import ParsedMessage, parse_message
+from inboxd.pipe_io import PipeReader, PipeWriter
 
 ParseOutcome = ParsedMessage | UnparseableMessage
 Answer = list[tuple[int, ParsedMessage | str]]  # what a worker sends back: UID, and the message or the reason
@@ -62,7 +63,8 @@ def exit_with(daemon_pid: int) -> None:
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal reaches the daemon, which closes our stdin
     exit_with(int(argv[0]))
-    requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    # the raw descriptors, not sys.stdin/sys.stdout's buffered objects (inboxd.pipe_io says why)
+    requests, answers = PipeReader(sys.stdin.fileno()), PipeWriter(sys.stdout.fileno())
     sys.stdout = sys.stderr  # the answer pipe carries answers only
     while True:
         try:
@@ -70,7 +72,6 @@ def main(argv: list[str]) -> int:
         except EOFError:
             return 0
         pickle.dump(parse_chunk(chunk, max_attachment_bytes), answers, protocol=pickle.HIGHEST_PROTOCOL)
-        answers.flush()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import structlog
 from inboxd.errors import UnparseableMessage
 from inboxd.parse import ParsedMessage
 from inboxd.parse_worker import Answer, ParseOutcome, parse_all
+from inboxd.pipe_io import PipeReader, PipeWriter
 
 log = structlog.get_logger(__name__)
 
@@ -101,23 +102,25 @@ _WORKER_GONE = (OSError, EOFError, pickle.UnpicklingError)
 
 class _Worker:
     """One parser process, ``python -m inboxd.parse_worker DAEMON_PID``: a request is a pickled (chunk, limit) on its
-    stdin, the answer the pickled parse_chunk result on its stdout, one at a time. A plain child process, not
-    multiprocessing's: nothing of the daemon is imported in it, and no resource-tracker process comes with it."""
+    stdin, the answer the pickled parse_chunk result on its stdout, one at a time, both through inboxd.pipe_io. A
+    plain child process, not multiprocessing's: nothing of the daemon is imported in it, and no resource-tracker
+    process comes with it."""
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
             [sys.executable, "-m", "inboxd.parse_worker", str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            bufsize=0,
         )
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self._requests = PipeWriter(self.process.stdin.fileno())
+        self._answers = PipeReader(self.process.stdout.fileno())
 
     def parse(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int) -> Answer:
-        stdin, stdout = self.process.stdin, self.process.stdout
-        assert stdin is not None
-        assert stdout is not None
-        pickle.dump((chunk, max_attachment_bytes), stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        stdin.flush()
-        answer: Answer = pickle.load(stdout)  # noqa: S301 (our own worker's answer)
+        pickle.dump((chunk, max_attachment_bytes), self._requests, protocol=pickle.HIGHEST_PROTOCOL)
+        answer: Answer = pickle.load(self._answers)  # noqa: S301 (our own worker's answer)
         return answer
 
     def stop(self) -> None:
