@@ -315,6 +315,14 @@ def test_healthz_is_503_when_a_side_thread_died(engine: sa.Engine) -> None:
     assert json.loads(body)["reason"] == "the outbox thread has stopped"
 
 
+def test_healthz_is_200_before_the_side_threads_are_started(engine: sa.Engine) -> None:
+    """`inboxd run` opens the listener a moment before the daemon starts its threads: not started is not dead."""
+    waiting = threading.Thread(target=lambda: None)
+    with OpsServer("127.0.0.1", 0, metrics=Metrics(), health=database_health(engine, threads={"outbox": waiting})) as s:
+        status, _, _ = get(s.port, "/healthz")
+    assert status == 200
+
+
 def test_listen_off_serves_nothing_and_a_busy_port_is_logged_not_fatal(engine: sa.Engine) -> None:
     health = database_health(engine)
     assert start_ops_server(None, metrics=Metrics(), health=health) is None

@@ -42,11 +42,12 @@ HealthCheck = Callable[[], Health]
 
 
 def database_health(engine: sa.Engine, *, threads: dict[str, threading.Thread] | None = None) -> HealthCheck:
-    """Healthy when the database answers SELECT 1 and every named side thread is alive."""
+    """Healthy when the database answers SELECT 1 and no named side thread has stopped (one not started yet, in
+    the moment between the listener opening and the daemon starting its threads, has not)."""
 
     def check() -> Health:
         for name, thread in (threads or {}).items():
-            if not thread.is_alive():
+            if thread.ident is not None and not thread.is_alive():
                 return Health(False, f"the {name} thread has stopped")
         try:
             with engine.connect() as conn:
