@@ -1,8 +1,10 @@
 """B2's in-process measure: the account sync itself, as the daemon runs it each cycle, without process start-up.
 
-Run as its own process against an inboxd config: builds the Runner as `inboxd run` does, runs one warm-up cycle
-(engine, token, imports), then times `--repeat` cycles and counts the IMAP commands each sent, client-side (every
-imaplib command goes through IMAP4._command), attributed to the folder they were about. Prints one JSON line.
+Run as its own process against an inboxd config: builds the Runner as `inboxd run` does (its sync sessions kept
+open for the next sync, `[sync] keep_session`), runs one warm-up cycle (engine, token, imports, the session), then
+times `--repeat` cycles and counts the IMAP commands each sent, client-side (every imaplib command goes through
+IMAP4._command), attributed to the folder they were about. Then the same with a new session for every cycle (what
+a sync more than keep_session after the last one costs). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from inboxd.blobs import BlobStore
 from inboxd.clock import SystemClock
 from inboxd.config import load_config
 from inboxd.crypto import SecretBox
+from inboxd.kept_sessions import KeptSessions
 from inboxd.runner import Runner
 from inboxd.store import Store
 
@@ -72,6 +75,30 @@ class CommandLog:
         return taken, status_ms
 
 
+Cycles = tuple[list[float], list[list[tuple[str, str | None]]], list[float], int]
+
+
+def cycles(runner: Runner, commands: CommandLog, repeat: int) -> Cycles | None:
+    """A warm-up cycle and `repeat` timed ones: wall ms, commands and STATUS ms of each, new messages of the last."""
+    timings: list[float] = []
+    per_cycle: list[list[tuple[str, str | None]]] = []
+    status_ms: list[float] = []
+    new = 0
+    commands.take()
+    for _ in range(repeat + 1):
+        started = time.perf_counter()
+        results = runner.sync_once()
+        timings.append((time.perf_counter() - started) * 1000)
+        taken, status = commands.take()
+        per_cycle.append(taken)
+        status_ms.append(status)
+        if not all(r.ok for r in results):
+            print(json.dumps({"error": [r.reason for r in results if not r.ok]}))
+            return None
+        new = sum(r.stats.new_messages for r in results if r.stats is not None)
+    return timings, per_cycle, status_ms, new
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", type=Path, required=True)
@@ -89,25 +116,18 @@ def main() -> int:
             secret_box=SecretBox.from_key_file(config.secrets.key_file),
             blobs=BlobStore(config.sync.attachments_dir),
         )
-        runner = Runner(config, store, clock=clock)
+        kept = KeptSessions(clock=clock, keep=config.sync.keep_session)
         commands = CommandLog()
-        timings: list[float] = []
-        per_cycle: list[list[tuple[str, str | None]]] = []
-        status_ms: list[float] = []
-        for _ in range(args.repeat + 1):
-            started = time.perf_counter()
-            results = runner.sync_once()
-            timings.append((time.perf_counter() - started) * 1000)
-            taken, status = commands.take()
-            per_cycle.append(taken)
-            status_ms.append(status)
-            if not all(r.ok for r in results):
-                print(json.dumps({"error": [r.reason for r in results if not r.ok]}))
-                return 1
-            new = sum(r.stats.new_messages for r in results)
+        warm = cycles(Runner(config, store, clock=clock, kept=kept), commands, args.repeat)
+        kept.close_all()
+        fresh = cycles(Runner(config, store, clock=clock), commands, args.repeat)
         engine.dispose()
+    if warm is None or fresh is None:
+        return 1
+    timings, per_cycle, status_ms, new = warm
     measured = per_cycle[-1]
     folder_counts = Counter(folder for _, folder in measured if folder is not None)
+    fresh_timings, fresh_cycles, fresh_status_ms, _ = fresh
     json.dump(
         {
             "warmup_ms": timings[0],
@@ -120,6 +140,9 @@ def main() -> int:
             "folders": len(folder_counts),
             "max_commands_per_folder": max(folder_counts.values(), default=0),
             "session_commands": sum(1 for _, folder in measured if folder is None),
+            "new_session_sync_ms": statistics.median(fresh_timings[1:]),
+            "new_session_status_ms": statistics.median(fresh_status_ms[1:]),
+            "new_session_commands": len(fresh_cycles[-1]),
         },
         sys.stdout,
     )

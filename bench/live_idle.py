@@ -42,7 +42,11 @@ def run(stack: MailStack, db_kind: str, *, quick: bool, accounts: int = 200, ser
             dovecot_log = stack.root / "log" / "dovecot.log"
         log_start = dovecot_log.stat().st_size if dovecot_log.exists() else 0
         url = scope.enter_context(scratch_database(db_kind, directory))
-        daemon = scope.enter_context(running_daemon(stack, url, users, directory=directory))
+        # each sync's connection is kept `keep` seconds (sync.keep_session, 5 min by default): the samples start with
+        # those open too (two connections per account) and end after they were logged out (one, IDLE's)
+        keep = seconds // 3
+        extra = f'interval = "1h"\nkeep_session = "{keep}s"'
+        daemon = scope.enter_context(running_daemon(stack, url, users, directory=directory, sync_extra=extra))
         settle, settled = _settle(daemon, accounts, stack.imap_port)
         samples, connections = [], []
         for _ in range(seconds + 1):
@@ -54,7 +58,7 @@ def run(stack: MailStack, db_kind: str, *, quick: bool, accounts: int = 200, ser
         reconnects = daemon.log.read_text(errors="replace").count('"idle.reconnect"')
         dovecot_warnings = _dovecot_warnings(dovecot_log, log_start)
     where = f"own Dovecot, login limit {LOGIN_PROCESS_LIMIT}" if server == "private" else "stack Dovecot"
-    case = f"{db_kind}, {accounts} accounts idle, {seconds} s, {where}"
+    case = f"{db_kind}, {accounts} accounts idle, {seconds} s (sync connections kept {keep} s), {where}"
     rss_mb = max(s.rss_kib for s in samples) / 1024
     cpu = cpu_percent(samples[0], samples[-1])
     imap_min = min(c[0] for c in connections)
@@ -65,6 +69,7 @@ def run(stack: MailStack, db_kind: str, *, quick: bool, accounts: int = 200, ser
         Result("B6", case, "CPU worst 5 s", round(_worst_window(samples, 5), 2), "% of a core"),
         Result("B6", case, "threads", float(max(s.threads for s in samples)), "count"),
         Result("B6", case, "open fds", float(max(s.fds for s in samples)), "count"),
+        Result("B6", case, "IMAP connections (max: sync ones kept)", float(max(c[0] for c in connections)), "count"),
         Result("B6", case, "IMAP connections (min)", float(imap_min), "count", f"= {accounts}", imap_min == accounts),
         Result("B6", case, "TCP connections (max, all)", float(max(c[1] for c in connections)), "count"),
         Result("B6", case, "idle.reconnect log lines", float(reconnects), "count"),
@@ -80,8 +85,9 @@ def run(stack: MailStack, db_kind: str, *, quick: bool, accounts: int = 200, ser
 
 
 def _settle(daemon: Daemon, accounts: int, imap_port: int) -> tuple[float, bool]:
-    """Wait until every account synced twice (first cycle + the watcher's catch-up) and holds one IMAP
-    connection, stable for 2 s; on timeout carry on and say so (a server limit shows up as missing connections)."""
+    """Wait until every account synced twice (first cycle + the watcher's catch-up) and holds at least one IMAP
+    connection (IDLE's; the kept sync connections come on top), stable for 2 s; on timeout carry on and say so (a
+    server limit shows up as missing connections)."""
     started = time.monotonic()
     stable_since = None
     last_report = started
@@ -89,7 +95,7 @@ def _settle(daemon: Daemon, accounts: int, imap_port: int) -> tuple[float, bool]
         daemon.assert_alive()
         syncs = daemon.metric("inboxd_account_syncs_total", 'result="ok"')
         conns = established(daemon.pid, imap_port)
-        if syncs >= 2 * accounts and conns == accounts:
+        if syncs >= 2 * accounts and conns >= accounts:
             stable_since = stable_since or time.monotonic()
             if time.monotonic() - stable_since >= 2.0:
                 return time.monotonic() - started, True

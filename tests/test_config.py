@@ -119,6 +119,8 @@ def test_sync_settings(tmp_path: Path) -> None:
     assert config.sync.interval == timedelta(minutes=90)
     assert config.sync.batch_size == 5000
     assert config.sync.max_attachment_bytes == 10 * 1024 * 1024
+    assert config.sync.keep_session == timedelta(minutes=5)
+    assert parse(tmp_path, '[sync]\nkeep_session = "0s"').sync.keep_session == timedelta(0)
 
 
 # --- providers ----------------------------------------------------------------------------------
@@ -281,6 +283,8 @@ def test_bad_port_message_names_file_key_expectation_and_value(tmp_path: Path) -
         ('[sync]\ninterval = "soon"', "sync.interval", 'a duration like "30s"'),
         ("[sync]\ninterval = 60", "sync.interval", "got 60"),
         ('[sync]\ninterval = "0s"', "sync.interval", 'got "0s"'),
+        ('[sync]\nkeep_session = "30m"', "sync.keep_session", 'to "25m"'),
+        ("[sync]\nkeep_session = 300", "sync.keep_session", "got 300"),
         ("[sync]\nbatch_size = 0", "sync.batch_size", "an integer 1-5000, got 0"),
         ("[sync]\nbatch_size = 5001", "sync.batch_size", "an integer 1-5000, got 5001"),
         ("[sync]\nbatch_size = true", "sync.batch_size", "got true"),

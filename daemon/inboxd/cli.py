@@ -32,6 +32,7 @@ from inboxd.disconnect import disconnect
 from inboxd.errors import ConfigError, InboxdError, SecretsError, UsageError
 from inboxd.forget import ForgetReport, forget_contact
 from inboxd.http import HrEndpoints, database_health, start_ops_server
+from inboxd.kept_sessions import KeptSessions
 from inboxd.leases import Leases
 from inboxd.metrics import Metrics
 from inboxd.outbox import Outbox
@@ -407,7 +408,9 @@ def _run_with(
     stop: threading.Event,
     parser: ParserPool | None,
 ) -> int:
-    runner = Runner(config, store, clock=clock, metrics=metrics, stop=stop, parser=parser)
+    # the daemon keeps each sync's IMAP session open a while for the account's next sync; a one-off run logs out
+    kept = None if args.once else KeptSessions(clock=clock, keep=config.sync.keep_session)
+    runner = Runner(config, store, clock=clock, metrics=metrics, stop=stop, parser=parser, kept=kept)
     outbox_store = OutboxStore(store.engine, clock=clock, policy=RetryPolicy())
     metrics.watch(store.accounts, outbox_store.depth, clock=clock)
     outbox = Outbox(

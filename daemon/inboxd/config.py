@@ -34,6 +34,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 MIB = 1024 * 1024
 DEFAULT_INTERVAL = timedelta(minutes=60)
+DEFAULT_KEEP_SESSION = timedelta(minutes=5)
+MAX_KEEP_SESSION = timedelta(minutes=25)  # below RFC 3501's 30-minute minimum for a server's autologout
 DEFAULT_BATCH_SIZE = 200
 MAX_BATCH_SIZE = 5000
 MAX_PARSE_WORKERS = 64
@@ -90,6 +92,8 @@ class SyncConfig:
     exclude_labels: frozenset[str] = frozenset()
     # processes parsing message bodies during big syncs (inboxd.parsing); 0: parse in the sync threads
     parse_workers: int = 0
+    # `inboxd run`: how long a sync's IMAP session stays open for the account's next sync (inboxd.kept_sessions)
+    keep_session: timedelta = DEFAULT_KEEP_SESSION
 
 
 @dataclass(frozen=True)
@@ -560,6 +564,7 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
             "exclude_labels",
             "lease",
             "parse_workers",
+            "keep_session",
         }
     )
     duration = 'a duration like "30s", "60m", "2h" or "1d"'
@@ -587,6 +592,12 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
         ),
         exclude_labels=table.converted("exclude_labels", frozenset(), _string_list, 'a list like ["Private"]'),
         parse_workers=table.integer("parse_workers", default_parse_workers(), 0, MAX_PARSE_WORKERS),
+        keep_session=table.converted(
+            "keep_session",
+            DEFAULT_KEEP_SESSION,
+            _keep_duration,
+            'a duration from "0s" (log out after every sync) to "25m", like "5m"',
+        ),
     )
 
 
@@ -619,6 +630,15 @@ def _positive_duration(value: Any) -> timedelta:
         raise TypeError(value)
     duration = parse_duration(value)
     if duration <= timedelta(0):
+        raise ValueError(value)
+    return duration
+
+
+def _keep_duration(value: Any) -> timedelta:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    duration = parse_duration(value)
+    if not timedelta(0) <= duration <= MAX_KEEP_SESSION:
         raise ValueError(value)
     return duration
 

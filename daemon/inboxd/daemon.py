@@ -86,10 +86,12 @@ class Daemon:
             while not self._stop.is_set():
                 watermark = self._watermark()
                 self._owned = self._rebalance()
+                self._runner.retain_sessions(self._owned)  # log out of the accounts another node took
                 self._cycle()
                 deadline = time.monotonic() + self._config.sync.interval.total_seconds()
                 while not self._stop.is_set() and time.monotonic() < deadline:
                     self._notifier.watchdog()
+                    self._runner.expire_sessions()
                     pushed = self._next_wakeups(min(wait_slice, max(deadline - time.monotonic(), 0.01)))
                     for email in pushed:
                         if self._stop.is_set():
@@ -113,6 +115,7 @@ class Daemon:
                 watcher.request_stop()
             for watcher in self._watchers.values():
                 watcher.stop(timeout=2)
+            self._runner.close_sessions()
             self.sender.join(timeout=10)
             self._keeper_stop.set()
             self._keeper.join(timeout=5)

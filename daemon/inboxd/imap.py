@@ -106,6 +106,9 @@ class ImapSession(Protocol):
 
     def all_flags(self, up_to_uid: int) -> list[FlagUpdate]: ...
 
+    def park(self) -> None:
+        """Leave no mailbox selected, to be kept idle between syncs (the server sends nothing unasked then)."""
+
     def close(self) -> None: ...
 
 
@@ -250,6 +253,11 @@ class ImapClientSession:
 
     def _flag_items(self) -> list[str]:
         return ["UID", "FLAGS"] + (["X-GM-LABELS"] if self._caps.gmail else [])
+
+    def park(self) -> None:
+        # CLOSE expunges nothing here: sync sessions select read-only (EXAMINE)
+        if self._client._imap.state == "SELECTED":
+            self._call(self._client.close_folder)
 
     def close(self) -> None:
         try:

@@ -31,6 +31,7 @@ from inboxd.errors import (
     SessionExpired,
 )
 from inboxd.imap import ImapSession
+from inboxd.kept_sessions import KeptSessions
 from inboxd.metrics import Metrics
 from inboxd.parsing import MessageParser
 from inboxd.scope import Exclusions, contact_set, normalize_address
@@ -99,8 +100,10 @@ class Runner:
         stop: threading.Event | None = None,
         metrics: Metrics | None = None,
         parser: MessageParser | None = None,
+        kept: KeptSessions | None = None,
     ) -> None:
         self._config = config
+        self._kept = kept  # None: every sync opens its session and logs out at the end (one-off runs, tests)
         self._parser = parser  # None: each sync parses in its own thread
         self._store = store
         self._stop = stop
@@ -119,6 +122,8 @@ class Runner:
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config (pauses, intervals, scope, providers) from the next account sync on."""
         self._config = config
+        if self._kept is not None:
+            self._kept.reconfigure(config.sync.keep_session)
         if not self._fixed_settings:
             self._settings = settings_from(config)
 
@@ -170,6 +175,8 @@ class Runner:
             return AccountResult(account.email, ok=True, state=account.state, reason="interrupted", skipped=True)
         decision = decide(account, self._config, self._clock.now())
         if not decision.run:
+            if self._kept is not None:
+                self._kept.drop(account.id)
             if (account.state, account.state_reason) != (decision.state, decision.reason):
                 self._store.set_state(account.id, decision.state, decision.reason, error=account.last_error)
             log.info("sync.account_skipped", account=account.email, state=decision.state, reason=decision.reason)
@@ -214,12 +221,15 @@ class Runner:
         return AccountResult(account.email, ok=True, state="active", stats=stats)
 
     def _sync_with_reconnect(self, account: Account, settings: SyncSettings, progress: Progress | None) -> SyncStats:
-        """One sync; a session the server ended (Gmail's `BYE Session expired`) is reopened once, silently."""
+        """One sync; a session the server ended (Gmail's `BYE Session expired`) is reopened once, silently, and so
+        is a kept session that failed in any transient way (the server dropped it while it was idle)."""
         provider = self._config.providers[account.provider]
+        kept = self._kept.take(account.id, provider) if self._kept is not None else None
         for attempt in (1, 2):
-            session = self._session_factory(account, provider)
+            session = kept if kept is not None and attempt == 1 else self._session_factory(account, provider)
+            done = False
             try:
-                return AccountSync(
+                stats = AccountSync(
                     self._store,
                     account,
                     session,
@@ -229,13 +239,36 @@ class Runner:
                     stop=self._halt,
                     parser=self._parser,
                 ).run()
+                done = True
+                return stats
             except SessionExpired:
                 if attempt == 2:
                     raise
                 log.info("sync.session_expired_reconnect", account=account.email)
+            except RetryLater as exc:
+                if session is not kept:
+                    raise
+                log.info("sync.kept_session_failed_reconnect", account=account.email, error=str(exc))
             finally:
-                session.close()
+                if done and self._kept is not None and not self._halt.is_set():
+                    self._kept.put(account.id, provider, session)
+                else:
+                    session.close()
         raise AssertionError("unreachable")
+
+    def expire_sessions(self) -> None:
+        """Log out of the kept sessions older than the keep time (the daemon's loop calls this)."""
+        if self._kept is not None:
+            self._kept.expire()
+
+    def retain_sessions(self, account_ids: set[int]) -> None:
+        """Log out of the kept sessions of accounts this node no longer syncs (another node took the lease)."""
+        if self._kept is not None:
+            self._kept.retain(account_ids)
+
+    def close_sessions(self) -> None:
+        if self._kept is not None:
+            self._kept.close_all()
 
     def _failed(
         self,

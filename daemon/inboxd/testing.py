@@ -186,6 +186,11 @@ class FakeSession:
             FlagUpdate(u, tuple(sorted(m.flags)), None) for u, m in self._folder().messages.items() if u <= up_to_uid
         ]
 
+    def park(self) -> None:
+        if self._selected is not None:
+            self._cmd("CLOSE")
+            self._selected = None
+
     def close(self) -> None:
         self._cmd("LOGOUT")
 
