@@ -144,6 +144,31 @@ def test_stopping_and_continuing_both_processes_loses_no_byte_between_them() -> 
     assert results == [expected] * 12
 
 
+def test_workers_started_before_one_that_cannot_start_are_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second worker's fork fails (no processes left): the first is stopped at once, the run is parsed in the
+    calling thread."""
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen[bytes]] = []
+
+    def popen(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        if started:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        started.append(real_popen(*args, **kwargs))  # type: ignore[call-overload]
+        return started[0]
+
+    monkeypatch.setattr("inboxd.parsing.subprocess.Popen", popen)
+    parser = ParserPool(2)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            outcomes = parser.start(bodies(40), max_attachment_bytes=MAX_ATTACHMENT).result()
+        assert len(outcomes) == 40
+        assert [e["error_kind"] for e in logs if e["event"] == "parse.pool_failed"] == ["BlockingIOError"]
+        assert len(started) == 1
+        assert started[0].poll() is not None, "the worker that did start was left running"
+    finally:
+        parser.close()
+
+
 def test_a_closed_pool_still_parses_in_the_calling_thread() -> None:
     parser = ParserPool(1)
     parser.close()

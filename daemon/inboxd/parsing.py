@@ -143,7 +143,14 @@ class _Processes:
     on it, and the pool starts a new generation (ParserPool.broken)."""
 
     def __init__(self, count: int) -> None:
-        self.workers = [_Worker() for _ in range(count)]
+        self.workers: list[_Worker] = []
+        try:
+            for _ in range(count):
+                self.workers.append(_Worker())
+        except BaseException:  # one could not start (no memory, no processes left): stop the ones that did
+            for worker in self.workers:
+                worker.stop()
+            raise
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         for worker in self.workers:
             self._idle.put(worker)
@@ -208,8 +215,11 @@ class ParserPool:
     def broken(self, exc: BaseException, failed: _Processes | None) -> None:
         """A worker of ``failed`` died or it cannot run: drop that generation, unless another run already replaced
         it (several syncs share the pool); the next run starts a new one."""
+        if failed is None:  # the workers could not start: nothing to drop, the next run tries again
+            log.warning("parse.pool_failed", error_kind=type(exc).__name__, workers=self.workers)
+            return
         with self._lock:
-            if failed is None or self._processes is not failed:
+            if self._processes is not failed:
                 return
             self._processes = None
         log.warning("parse.pool_failed", error_kind=type(exc).__name__, workers=self.workers)
