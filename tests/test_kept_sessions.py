@@ -17,6 +17,7 @@ from harness.config import write_stack_config
 from inboxd.clock import FakeClock, SystemClock
 from inboxd.config import Config, ProviderConfig, load_config
 from inboxd.kept_sessions import KeptSessions, still_fresh
+from inboxd.metrics import Metrics
 from inboxd.planner import Capabilities
 from inboxd.runner import Runner
 from inboxd.store import Credential, Store
@@ -133,6 +134,18 @@ def test_sessions_of_accounts_not_synced_here_and_all_at_stop_are_logged_out(clo
     kept.close_all()
     assert boxes[3].commands == ["LOGOUT"]
     assert len(kept) == 0
+
+
+def test_the_kept_sessions_are_a_metric(clock: FakeClock) -> None:
+    kept = KeptSessions(clock=clock, keep=KEEP)
+    metrics = Metrics()
+    metrics.watch_kept_sessions(kept.__len__)
+    assert metrics.registry.get_sample_value("inboxd_imap_sessions_kept") == 0
+    kept.put(1, provider(), session()[0])
+    kept.put(2, provider(), session()[0])
+    assert metrics.registry.get_sample_value("inboxd_imap_sessions_kept") == 2
+    kept.close_all()
+    assert metrics.registry.get_sample_value("inboxd_imap_sessions_kept") == 0
 
 
 def test_two_sessions_put_back_for_one_account_keep_one(clock: FakeClock) -> None:

@@ -410,6 +410,8 @@ def _run_with(
 ) -> int:
     # the daemon keeps each sync's IMAP session open a while for the account's next sync; a one-off run logs out
     kept = None if args.once else KeptSessions(clock=clock, keep=config.sync.keep_session)
+    if kept is not None:
+        metrics.watch_kept_sessions(kept.__len__)
     runner = Runner(config, store, clock=clock, metrics=metrics, stop=stop, parser=parser, kept=kept)
     outbox_store = OutboxStore(store.engine, clock=clock, policy=RetryPolicy())
     metrics.watch(store.accounts, outbox_store.depth, clock=clock)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -100,6 +100,15 @@ class Metrics:
             self.send_seconds.observe(max(seconds, 0.0))
 
     # -- database-backed gauges ------------------------------------------------------------------------------
+
+    def watch_kept_sessions(self, count: Callable[[], int]) -> None:
+        """`inboxd_imap_sessions_kept`: sync sessions open and idle for their account's next sync, read on scrape."""
+        gauge = Gauge(
+            "inboxd_imap_sessions_kept",
+            "IMAP sessions kept open after a sync for the account's next one (sync.keep_session).",
+            registry=self.registry,
+        )
+        gauge.set_function(lambda: float(count()))
 
     def watch(self, accounts: Callable[[], list[Account]], outbox_depth: Callable[[], int], *, clock: Clock) -> None:
         """Export account states, last success, lag and outbox depth, read at every scrape."""
