@@ -40,6 +40,8 @@ class _Kept:
 
 
 class KeptSessions:
+    """At most one kept session per account id, with the provider it is for and when it was put back."""
+
     def __init__(self, *, clock: Clock, keep: timedelta) -> None:
         self._clock = clock
         self._keep = keep
@@ -54,11 +56,13 @@ class KeptSessions:
         """The account's kept session, if it is fresh and for this provider's server; it is the caller's now."""
         with self._lock:
             kept = self._kept.pop(account_id, None)
-            usable = kept is not None and kept.provider == provider
-            usable = usable and kept is not None and still_fresh(kept.kept_at, self._clock.now(), self._keep)
+            keep = self._keep
         if kept is None:
             return None
-        if not usable:
+        if kept.provider != provider:
+            _close(kept.session, account_id, "provider changed")
+            return None
+        if not still_fresh(kept.kept_at, self._clock.now(), keep):
             _close(kept.session, account_id, "expired")
             return None
         return kept.session
