@@ -198,8 +198,11 @@ class ImapClientSession:
             items.append("MODSEQ")
         if self._caps.gmail:
             items += ["X-GM-MSGID", "X-GM-THRID", "X-GM-LABELS"]
+        wanted = set(uids)
         out: dict[int, HeaderInfo] = {}
-        for uid, data in self._fetch(sequence_set(uids), items).items():
+        for uid, data in self._fetch(sequence_set(wanted), items).items():
+            if uid not in wanted:  # an unsolicited flag update (with its UID under QRESYNC), not a message asked for
+                continue
             header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER.FIELDS")), b"")
             values = header_fields(header)  # empty without `fields`: no Message-ID, addresses or references
             out[uid] = HeaderInfo(
@@ -229,9 +232,12 @@ class ImapClientSession:
         self._call(self._client.append, folder, raw, flags=flags)
 
     def fetch_bodies(self, uids: Iterable[int]) -> dict[int, bytes]:
-        fetched = self._fetch(sequence_set(uids), ["UID", "BODY.PEEK[]"])
+        wanted = set(uids)
+        fetched = self._fetch(sequence_set(wanted), ["UID", "BODY.PEEK[]"])
         # a reply without the body (server hiccup) is left out: the caller must not move its cursor past it
-        return {uid: data[b"BODY[]"] for uid, data in fetched.items() if data.get(b"BODY[]") is not None}
+        return {
+            uid: data[b"BODY[]"] for uid, data in fetched.items() if uid in wanted and data.get(b"BODY[]") is not None
+        }
 
     def changed_flags(self, up_to_uid: int, since_modseq: int, *, vanished: bool) -> tuple[list[FlagUpdate], set[int]]:
         if up_to_uid < 1:
@@ -269,7 +275,7 @@ class ImapClientSession:
     # -- internals -------------------------------------------------------------------------------------------
 
     def _fetch(self, seqset: str, items: list[str], modifiers: list[str] | None = None) -> dict[int, dict[bytes, Any]]:
-        """UID FETCH over a sequence set we built ourselves.
+        """UID FETCH over a sequence set we built ourselves, the replies keyed by UID.
 
         imapclient's fetch() runs message sets through int() (so "1:500" raises) and drops replies it did not
         ask for by number; this keeps its parser but sends the compact set as is.
@@ -285,8 +291,7 @@ class ImapClientSession:
             if typ != "OK":
                 raise IMAPClientError(f"UID FETCH failed: {_text(data[0]) if data else typ}")
             typ, data = imap._untagged_response(typ, data, "FETCH")
-            parsed: dict[int, dict[bytes, Any]] = parse_fetch_response(data, True, True)
-            return parsed
+            return _by_uid(parse_fetch_response(data, normalise_times=True, uid_is_key=False))
 
         result: dict[int, dict[bytes, Any]] = self._call(run)
         return result
@@ -388,6 +393,19 @@ def parse_vanished(line: str) -> set[int]:
         a, b = int(lo), int(hi or lo)
         out.update(range(min(a, b), max(a, b) + 1))
     return out
+
+
+def _by_uid(by_seq: Mapping[int, dict[bytes, Any]]) -> dict[int, dict[bytes, Any]]:
+    """FETCH replies keyed by sequence number -> keyed by their UID. A reply without a UID is an unsolicited flag
+    update about another message (another client changed its flags, RFC 3501 7.4.2): it is left out rather than
+    taken for the message whose UID happens to equal its sequence number; the next CHANGEDSINCE or flag scan sees
+    that change. One with a UID (QRESYNC makes servers send it) is that message's, asked for or not."""
+    replies: dict[int, dict[bytes, Any]] = {}
+    for reply in by_seq.values():
+        uid = reply.get(b"UID")
+        if isinstance(uid, int):
+            replies.setdefault(uid, {}).update(reply)
+    return replies
 
 
 def connect(
