@@ -680,3 +680,22 @@ def test_the_base64_fast_path_is_taken_for_ordinary_attachments() -> None:
     assert parts
     for part in parts:
         assert parse._plain_base64(part) == part.get_payload(decode=True)
+
+
+_SNIPPET_SPACES = st.sampled_from([" ", "  ", "\n", "\r\n", "\t", " \u00a0", "\u2003", "\n" * 150])
+
+
+@settings(max_examples=1000, deadline=None)
+@example([("a" * 199, " " * 300), ("b", "")])  # the short window gives 199 characters, the long one more
+@example([("a" * 150, " "), ("b" * 300, " ")])  # the short window cuts a word
+@example([("a" * 405, " ")])  # one word longer than the short window
+@given(
+    st.lists(
+        st.tuples(st.one_of(st.text("ab", min_size=1, max_size=60), st.text(min_size=1, max_size=8)), _SNIPPET_SPACES),
+        max_size=120,
+    )
+)
+def test_the_snippet_is_the_first_words_of_the_text(pieces: list[tuple[str, str]]) -> None:
+    """_snippet's short window gives what joining the words of the long one gives, for any words and spacing."""
+    text = "".join(word + space for word, space in pieces)
+    assert parse._snippet(text) == " ".join(text[: parse.SNIPPET_CHARS * 20].split())[: parse.SNIPPET_CHARS]
