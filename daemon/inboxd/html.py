@@ -129,10 +129,11 @@ def _defuse(html: str) -> str:
 
     Most mail has no more start tags than _MAX_DEPTH: then no element can be nested deeper, whatever the tags hide,
     and when no text needs splitting either the markup goes to nh3 as it is (no tag walk; a fifth of the parsing
-    of the bench's mail). The '<' escapes left out change nothing nh3 gives: inside a tag '<' and "&lt;" read the
-    same in a value and never make an allowed name, and raw-text elements are dropped with their content; except
-    <plaintext>, whose content is text to the end, so markup with one takes the walk. tests/test_html.py checks
-    both give the same sanitized HTML and text.
+    of the bench's mail). For well-formed markup the '<' escapes left out change nothing nh3 gives: inside a tag
+    '<' and "&lt;" read the same in a value and never make an allowed name, and raw-text elements are dropped with
+    their content; except <plaintext>, whose content is text to the end, so markup with one takes the walk
+    (tests/test_html.py compares both on generated markup). On tag soup the walk can read a tag differently from
+    html5ever and escape what html5ever would keep; skipping it, nh3 gets the markup as written.
     """
     html = _BARE_AMPERSAND.sub("&amp;", html)
     split_text = html.count("&") + html.count("\u00a0") > _TEXT_NODE_ESCAPES  # else no text node needs it

@@ -599,8 +599,8 @@ _CID_REFERENCE = re.compile(r"cid:([^\s\"'<>)]+)", re.IGNORECASE)
 
 
 class _Leaf:
-    """A leaf part with what the body choice and the attachment list ask of it, each header parameter parsed once
-    (the stdlib parses the whole header again for each parameter asked)."""
+    """A leaf part with what the body choice and the attachment list ask of it, each worked out once (they were up
+    to three times, and the stdlib parses the whole header again for each parameter asked)."""
 
     __slots__ = ("content_type", "disposition", "filename", "part")
 
