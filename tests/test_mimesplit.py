@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from email import policy
 from email.message import Message
-from email.parser import BytesParser
+from email.parser import BytesParser, Parser
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inboxd.mimesplit import parse_bytes
+from inboxd import mimesplit
+from inboxd.mimesplit import header_block, parse_bytes
 from test_hostile_mail import GENERATED
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -178,3 +179,49 @@ def test_what_declines() -> None:
     assert parse_bytes(head + b"--b\r\n" + part + b"--b--\r\n") is None  # an empty part
     assert parse_bytes(head + b"--b\r\nContent-Type: message/rfc822\r\n\r\nFrom: x\r\n\r\ny\r\n--b--\r\n") is None
     assert parse_bytes(head.replace(b"mixed", b"digest") + part + b"--b--\r\n") is None
+
+
+HEADER_LINES = st.sampled_from(
+    [
+        "Subject: hello",
+        "Subject:",
+        "X-Empty:  ",
+        "To: a@example.org,",
+        " b@example.org",
+        "\tfolded",
+        " ",
+        "From someone",
+        "From: a@example.org",
+        ": no name",
+        "not a header",
+        "Na me: x",
+        "X-\u00e9: raw",
+        'Content-Type: text/plain; charset="utf-8"',
+        "X-Colons: a:b:c",
+        "Date: Thu, 26 Nov 2026 10:00:00 +0000",
+    ]
+)
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    st.lists(HEADER_LINES, max_size=8),
+    st.sampled_from(["\n", "\r\n"]),
+    st.sampled_from(["blank", "none", "text"]),
+)
+def test_a_header_block_reads_as_the_feed_parser_reads_it(lines: list[str], end: str, after: str) -> None:
+    """header_block gives parsestr(headersonly=True)'s Message, defects and payload included, for plain blocks
+    (read directly) and for odd ones (folded first line, "From ", no name, no header, no blank line: declined)."""
+    block = "".join(line + end for line in lines) + {"blank": end, "none": "", "text": "body" + end}[after]
+    expected = Parser(policy=policy.compat32).parsestr(block, headersonly=True)
+    assert tree(header_block(block)) == tree(expected)
+
+
+def test_plain_header_blocks_are_read_without_the_feed_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> Message:
+        raise AssertionError("the feed parser was used")
+
+    monkeypatch.setattr(mimesplit._HEADER_PARSER, "parsestr", refuse)
+    message = header_block("Subject: hi\r\nTo: a@example.org,\r\n b@example.org\r\n\r\n")
+    assert message.items() == [("Subject", "hi"), ("To", "a@example.org,\r\n b@example.org")]
+    assert header_block("\n").items() == []
