@@ -206,12 +206,13 @@ HEADER_LINES = st.sampled_from(
 @settings(max_examples=800, deadline=None)
 @given(
     st.lists(HEADER_LINES, max_size=8),
-    st.sampled_from(["\n", "\r\n"]),
+    st.sampled_from(["\n", "\r\n", "\r"]),
     st.sampled_from(["blank", "none", "text"]),
 )
 def test_a_header_block_reads_as_the_feed_parser_reads_it(lines: list[str], end: str, after: str) -> None:
     """header_block gives parsestr(headersonly=True)'s Message, defects and payload included, for plain blocks
-    (read directly) and for odd ones (folded first line, "From ", no name, no header, no blank line: declined)."""
+    (read directly) and for odd ones (folded first line, "From ", no name, no header, no blank line, lone CRs:
+    declined)."""
     block = "".join(line + end for line in lines) + {"blank": end, "none": "", "text": "body" + end}[after]
     expected = Parser(policy=policy.compat32).parsestr(block, headersonly=True)
     assert tree(header_block(block)) == tree(expected)

@@ -45,7 +45,7 @@ def parse_bytes(raw: bytes) -> Message | None:
 
 
 def _part(text: str, start: int, end: int, enclosing: tuple[str, ...], *, in_multipart: bool) -> Message | None:
-    """One part (or the whole message): its header block through the stdlib parser, its body by hand. In a
+    """One part (or the whole message): its header block by header_block, its body by hand. In a
     multipart, the line end before the next delimiter belongs to the delimiter (RFC 2046), not to the part."""
     header_end = _header_end(text, start, end)
     message = header_block(text[start:header_end])
@@ -73,11 +73,13 @@ _HEADER_LINE: Final = re.compile(r"[\x21-\x39\x3b-\x7e]+:|[ \t]")  # "Name:" (fe
 
 def header_block(block: str) -> Message:
     """``Parser(policy=compat32).parsestr(block, headersonly=True)``. A block of plain header lines, each "Name:"
-    or a folded continuation of the one before, ending in its blank line, is read here (a tenth of the feed
+    or a folded continuation of the one before, ending in its blank line, is read here (half of the feed
     parser's time); anything else, such as a first line that is a fold, a line that is no header, a "From " line
     or no blank line at the end, goes to the feed parser, which also notes the defects."""
     lines = block.split("\n")
     if len(lines) < 2 or lines[-1] != "" or lines[-2] not in ("", "\r"):  # the block ends in an empty line
+        return _HEADER_PARSER.parsestr(block, headersonly=True)
+    if "\r" in block and block.count("\r") != block.count("\r\n"):  # a lone CR ends a line for the feed parser
         return _HEADER_PARSER.parsestr(block, headersonly=True)
     message = Message()
     fields: list[list[str]] = []
