@@ -68,6 +68,16 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
 
 
 @pytest.fixture
+def pg_engine() -> Iterator[sa.Engine]:
+    """A migrated, empty PostgreSQL database only, for what SQLite does not have (LISTEN/NOTIFY)."""
+    with _postgres_schema() as url:
+        eng = db.create_engine(url)
+        db.upgrade(eng)
+        yield eng
+        eng.dispose()
+
+
+@pytest.fixture
 def secret_box(tmp_path: Path) -> SecretBox:
     key = tmp_path / "secret.key"
     init_key_file(key)

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
 from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
 from inboxd.models import MailOutbox
-from inboxd.outbox_policy import Outcome, RetryPolicy, after_attempt, is_stale
+from inboxd.outbox_policy import (
+    IDLE_WAIT_CAP,
+    IDLE_WAIT_FLOOR,
+    Outcome,
+    RetryPolicy,
+    after_attempt,
+    idle_wait,
+    is_stale,
+)
 from inboxd.outbox_store import OutboxStore
 from inboxd.outbox_wake import SQLITE_POLL_SECONDS, OutboxWake
 from inboxd.store import Credential, Store
@@ -59,6 +69,14 @@ def test_stale_sending_rows() -> None:
     assert is_stale(None, NOW, POLICY)
     assert not is_stale(NOW - timedelta(minutes=1), NOW, POLICY)
     assert is_stale(NOW - POLICY.stale_after, NOW, POLICY)
+
+
+def test_the_sender_sleeps_until_the_next_row_is_due_within_bounds() -> None:
+    assert idle_wait(None, NOW) == IDLE_WAIT_CAP, "nothing waiting: look again after the cap"
+    assert idle_wait(NOW + timedelta(seconds=12.5), NOW) == 12.5
+    assert idle_wait(NOW + timedelta(hours=1), NOW) == IDLE_WAIT_CAP
+    assert idle_wait(NOW, NOW) == IDLE_WAIT_FLOOR, "due now but not claimable (another node's lock): no spinning"
+    assert idle_wait(NOW - timedelta(minutes=5), NOW) == IDLE_WAIT_FLOOR
 
 
 def _queue(engine: sa.Engine, account_id: int, n: int) -> None:
@@ -130,6 +148,44 @@ def test_a_crashed_attempt_is_reclaimed_after_the_stale_timeout(engine: sa.Engin
     assert row.attempts == 2
 
 
+def test_next_due_is_when_a_claim_first_succeeds(engine: sa.Engine, account_id: int) -> None:
+    """next_due() names the moment claim_next() first finds a row again: a new row at once, a held row when the
+    hold ends, an abandoned 'sending' row when its claim turns stale; None when nothing waits. The sender sleeps
+    until then, so a time too late would delay mail and one too early would wake it for nothing."""
+    clock = FakeClock(NOW)
+    outbox = OutboxStore(engine, clock=clock, policy=POLICY)
+    assert outbox.next_due() is None
+    _queue(engine, account_id, 2)
+    assert outbox.next_due() == NOW, "queued without a retry time: due now"
+    first = outbox.claim_next()
+    second = outbox.claim_next()
+    assert first is not None
+    assert second is not None
+    outbox.hold(first.id, "account paused", NOW + timedelta(seconds=90), claimed_at=first.claimed_at)
+    # `second` is left 'sending', as by a crash: stale after POLICY.stale_after (10 min), later than the hold
+    assert outbox.next_due() == NOW + timedelta(seconds=90)
+    clock.advance(89)
+    assert outbox.claim_next() is None, "not due before next_due"
+    clock.advance(1)
+    again = outbox.claim_next()
+    assert again is not None
+    assert again.id == first.id
+    outbox.record(
+        again.id,
+        after_attempt(Outcome.SENT, attempts=1, now=clock.now(), error=None, policy=POLICY),
+        uncertain=False,
+        claimed_at=again.claimed_at,
+    )
+    stale_at = NOW + POLICY.stale_after
+    assert outbox.next_due() == stale_at
+    clock.advance((stale_at - clock.now()).total_seconds() - 1)
+    assert outbox.claim_next() is None
+    clock.advance(1)
+    reclaimed = outbox.claim_next()
+    assert reclaimed is not None
+    assert reclaimed.id == second.id
+
+
 def test_an_insert_wakes_the_sender_at_once(engine: sa.Engine, account_id: int) -> None:
     """An INSERT into mail_outbox wakes OutboxWake: on PostgreSQL through the 0005 trigger's NOTIFY, on SQLite
     through PRAGMA data_version (another connection committed). Without a write it sleeps the whole timeout."""
@@ -137,11 +193,47 @@ def test_an_insert_wakes_the_sender_at_once(engine: sa.Engine, account_id: int) 
     try:
         started = time.monotonic()
         threading.Timer(0.2, _queue, args=(engine, account_id, 1)).start()
-        wake.wait(timeout=10)
+        assert wake.wait(timeout=10)
         assert time.monotonic() - started < 5, "woken by the insert, not by the timeout"
         started = time.monotonic()
-        wake.wait(timeout=0.5)
+        assert not wake.wait(timeout=0.5)
         assert time.monotonic() - started >= 0.5 - SQLITE_POLL_SECONDS, "nothing written: no early wake-up"
+    finally:
+        wake.close()
+
+
+def test_the_stop_pipe_ends_a_long_wait(engine: sa.Engine) -> None:
+    """The sender sleeps until the next retry (up to a minute): the daemon's stop ends that sleep through the
+    interrupt pipe, on either database, and a wait already interrupted returns at once too."""
+    read_end, write_end = os.pipe()
+    wake = OutboxWake(engine, interrupt=read_end)
+    try:
+        started = time.monotonic()
+        threading.Timer(0.2, os.write, args=(write_end, b"x")).start()
+        assert not wake.wait(timeout=30), "interrupted: no change reported"
+        assert time.monotonic() - started < 10
+        started = time.monotonic()
+        assert not wake.wait(timeout=30)
+        assert time.monotonic() - started < 10, "the pipe stays readable: every later wait ends at once"
+    finally:
+        wake.close()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_lost_listen_connection_raises_instead_of_sleeping_on(pg_engine: sa.Engine) -> None:
+    """OutboxWake sleeps in poll(2) on the LISTEN socket (PostgreSQL): when the server ends that connection the
+    wait must end with an error (the daemon then polls and listens again), not sleep through its timeout."""
+    wake = OutboxWake(pg_engine)
+    try:
+        assert wake._conn is not None
+        backend = wake._conn.info.backend_pid
+        with pg_engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": backend})
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError):
+            wake.wait(timeout=30)
+        assert time.monotonic() - started < 10, "the lost connection ended the wait"
     finally:
         wake.close()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hmac
 import html
 import json
+import os
+import selectors
 import socket
 import threading
 from collections.abc import Callable
@@ -83,7 +85,10 @@ class OpsServer:
         self._server = server_class((host, port), handler)
         self.host = host
         self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="inboxd-http", daemon=True)
+        self._server.timeout = 0  # handle_request() only after a select said ready: never wait in it
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe()  # written to by close(): the serving thread sleeps until a request
+        self._thread = threading.Thread(target=self._serve, name="inboxd-http", daemon=True)
 
     def start(self) -> OpsServer:
         self._thread.start()
@@ -91,10 +96,29 @@ class OpsServer:
         return self
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._thread.is_alive():
-            self._server.shutdown()
+            os.write(self._wake_w, b"x")
             self._thread.join(timeout=5)
         self._server.server_close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+    def _serve(self) -> None:
+        """socketserver's serve_forever without its poll interval: it woke twice a second to look for a shutdown
+        request, for nothing, in an idle daemon. Here the thread sleeps until a connection comes or close() writes
+        to the wake-up pipe."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                ready = selector.select()
+                if any(key.fileobj == self._wake_r for key, _ in ready):
+                    return
+                if ready:  # accept and hand the request to a thread; timeout 0: never blocks here
+                    self._server.handle_request()
 
     def __enter__(self) -> OpsServer:
         return self.start()

@@ -34,7 +34,7 @@ from inboxd.mime import (
     make_message_id,
     validate,
 )
-from inboxd.outbox_policy import Outcome, RetryPolicy, after_attempt
+from inboxd.outbox_policy import Outcome, RetryPolicy, after_attempt, idle_wait
 from inboxd.outbox_store import OutboxRow, OutboxStore
 from inboxd.parse import parse_message
 from inboxd.smtp import SendAmbiguous, SendDailyLimit, SendRejected
@@ -106,6 +106,10 @@ class Outbox:
                 reports.append(SendReport(row.id, update.status, update.last_error))
             self._metrics.outbox_row_done(reports[-1].status, self._clock.monotonic() - claimed)
         return reports
+
+    def idle_wait(self) -> float:
+        """Seconds until the next row becomes due (a retry, a stale claim), for the sender's sleep between drains."""
+        return idle_wait(self._outbox.next_due(), self._clock.now())
 
     # -- one row ---------------------------------------------------------------------------------------------
 

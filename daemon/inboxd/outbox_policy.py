@@ -1,4 +1,5 @@
-"""Pure outbox decisions: what happens to an outbox row after an attempt, and when a 'sending' row is stale.
+"""Pure outbox decisions: what happens to an outbox row after an attempt, when a 'sending' row is stale, and how
+long the sender may sleep.
 
 The sender (outbox.py) applies these; they are tested exhaustively without SMTP (tests/test_outbox_policy.py).
 """
@@ -65,3 +66,16 @@ def after_attempt(
 def is_stale(claimed_at: datetime | None, now: datetime, policy: RetryPolicy) -> bool:
     """A row in 'sending' whose attempt started long ago was abandoned by a crashed process."""
     return claimed_at is None or now - claimed_at >= policy.stale_after
+
+
+IDLE_WAIT_CAP = 60.0  # seconds: the sender looks at the table at least this often, whatever it was told
+IDLE_WAIT_FLOOR = 0.05  # seconds: never spin, even if a due row cannot be claimed yet (another node's lock)
+
+
+def idle_wait(next_due: datetime | None, now: datetime) -> float:
+    """Seconds the sender may sleep after the queue was drained: until the next row becomes due (`next_due`, from
+    OutboxStore.next_due), bounded by IDLE_WAIT_FLOOR and IDLE_WAIT_CAP. New rows wake it earlier (NOTIFY on
+    PostgreSQL, data_version on SQLite), so this only bounds how late a retry or a stale claim is picked up."""
+    if next_due is None:
+        return IDLE_WAIT_CAP
+    return min(max((next_due - now).total_seconds(), IDLE_WAIT_FLOOR), IDLE_WAIT_CAP)

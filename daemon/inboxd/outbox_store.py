@@ -99,6 +99,25 @@ class OutboxStore:
             row = conn.execute(stmt).first()
         return _row(row) if row is not None else None
 
+    def next_due(self) -> datetime | None:
+        """When the next row becomes due that is not due now: the earliest retry (`next_attempt_at` of a queued
+        row) or a 'sending' claim turning stale. A queued row without a retry time is due at once (now); None when
+        no row waits. Lets the sender sleep until then instead of asking every second."""
+        with self.engine.connect() as conn:
+            retry, waiting_now, claimed = conn.execute(
+                sa.select(
+                    sa.func.min(outbox_t.c.next_attempt_at).filter(outbox_t.c.status == "queued"),
+                    sa.func.count()
+                    .filter(outbox_t.c.status == "queued", outbox_t.c.next_attempt_at.is_(None))
+                    .label("waiting_now"),
+                    sa.func.min(outbox_t.c.claimed_at).filter(outbox_t.c.status == "sending"),
+                ).where(outbox_t.c.status.in_(("queued", "sending")))
+            ).one()
+        times = [t for t in (retry, claimed + self._policy.stale_after if claimed else None) if t is not None]
+        if waiting_now:
+            times.append(self._clock.now())
+        return min(times, default=None)
+
     def fix_message_id(self, row_id: int, message_id: str) -> str:
         """Store the Message-ID before the first attempt; a row that already has one keeps it (retries reuse it)."""
         with self.engine.begin() as conn:

@@ -1,9 +1,10 @@
 """How the sender learns that the HR app queued mail: PostgreSQL LISTEN/NOTIFY (the 0005 trigger); on SQLite,
 `PRAGMA data_version` every 0.1 s, which changes when another connection commits (a cheap read, no table scan).
-`wait(timeout)` returns when there may be new work, or after `timeout` seconds."""
+`wait(timeout)` returns when there may be new work (True), or after `timeout` seconds (False)."""
 
 from __future__ import annotations
 
+import select
 import time
 from typing import Any
 
@@ -18,10 +19,14 @@ SQLITE_POLL_SECONDS = 0.1
 
 
 class OutboxWake:
-    def __init__(self, engine: sa.Engine) -> None:
+    """`interrupt`: a file descriptor (the read end of a pipe) that ends every wait at once when it becomes readable,
+    for the daemon's stop; without it a wait lasts until a change or its timeout."""
+
+    def __init__(self, engine: sa.Engine, *, interrupt: int | None = None) -> None:
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self._sqlite: Any = None  # a DBAPI connection of its own, out of any transaction
         self._version: object = None
+        self._interrupt = interrupt
         if engine.dialect.name == "sqlite":
             self._sqlite = engine.raw_connection()
             self._version = self._data_version()
@@ -30,21 +35,40 @@ class OutboxWake:
             self._conn = psycopg.connect(url, autocommit=True)
             self._conn.execute(f"LISTEN {CHANNEL}")
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float) -> bool:
+        """True when woken by a possible change; False after `timeout` seconds without one, or when interrupted."""
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        if self._interrupt is not None:
+            poller.register(self._interrupt, select.POLLIN)
+        if self._conn is not None:
+            poller.register(self._conn.fileno(), select.POLLIN)
+        while True:
+            if self._changed():
+                return True
+            left = deadline - time.monotonic()
+            if self._sqlite is not None:
+                left = min(left, SQLITE_POLL_SECONDS)  # no socket to wait on: look again shortly
+            if left <= 0:
+                return False
+            ready = poller.poll(left * 1000)
+            if any(fd == self._interrupt for fd, _ in ready):
+                return False
+
+    def _changed(self) -> bool:
+        """Whether another connection committed (SQLite) or a NOTIFY arrived (PostgreSQL) since the last look.
+
+        PostgreSQL: the wait sleeps in poll(2) on the LISTEN socket, not in psycopg's notifies(timeout=...), which
+        wakes every 0.1 s (its Ctrl-C check). A lost connection raises psycopg.OperationalError from notifies() at
+        the latest on the second readable wake-up."""
+        if self._conn is not None:
+            return any(True for _ in self._conn.notifies(timeout=0, stop_after=1))
         if self._sqlite is not None:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                time.sleep(min(SQLITE_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
-                version = self._data_version()
-                if version != self._version:
-                    self._version = version
-                    return
-            return
-        if self._conn is None:
-            time.sleep(timeout)
-            return
-        for _ in self._conn.notifies(timeout=timeout, stop_after=1):
-            return
+            version = self._data_version()
+            if version != self._version:
+                self._version = version
+                return True
+        return False
 
     def _data_version(self) -> object:
         cursor = self._sqlite.cursor()
