@@ -80,3 +80,19 @@ def test_postgresql_sessions_plan_each_query_for_the_table_as_it_is_now() -> Non
                 assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_custom_plan"
     finally:
         engine.dispose()
+
+
+def test_postgresql_sessions_compress_stored_bodies_with_lz4() -> None:
+    """Bodies stored by inboxd are TOAST-compressed with lz4 (cheaper than pglz); the HR app reads them as ever."""
+    engine = db.create_engine(PG_URL)
+    try:
+        with engine.begin() as conn:
+            assert conn.exec_driver_sql("SHOW default_toast_compression").scalar() == "lz4"
+            conn.exec_driver_sql("CREATE TEMP TABLE toast_probe (body text)")
+            body = "a recruiter's long mail " * 2000
+            conn.exec_driver_sql("INSERT INTO toast_probe VALUES (%(b)s)", {"b": body})
+            method, stored = conn.exec_driver_sql("SELECT pg_column_compression(body), body FROM toast_probe").one()
+            assert method == "lz4"
+            assert stored == body
+    finally:
+        engine.dispose()

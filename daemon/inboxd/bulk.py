@@ -1,10 +1,13 @@
-"""Statements over many rows: IN lists cut to a safe size, and inserting many rows while learning their ids, the
+"""Statements over many rows: IN lists cut to a safe size, and inserting many rows (learning their ids), the
 fastest way each database allows.
 
-SQLite: one ``INSERT ... RETURNING`` over all rows (SQLAlchemy's "insertmanyvalues"). PostgreSQL: that statement
-grows with the rows (22 columns x 200 messages: 4,400 placeholders) and psycopg re-parses such a long query on every
-batch (0.15 ms per message, a quarter of a batch's client time); instead the ids are drawn from the table's sequence
-in one query, and the rows go through psycopg's pipelined executemany of one short, prepared INSERT.
+SQLite: one ``INSERT ... RETURNING`` over all rows (SQLAlchemy's "insertmanyvalues"), or an executemany.
+PostgreSQL: the ids are drawn from the table's sequence in one query, and the rows go in by ``COPY ... FROM STDIN``.
+A multi-row INSERT grows with the rows (22 columns x 200 messages: 4,400 placeholders, re-parsed by psycopg on every
+batch); an executemany of one prepared INSERT is planned again for every row (the sessions run with
+plan_cache_mode = force_custom_plan, see db.py) and pays SQLAlchemy's per-row parameter processing. COPY has
+neither: the values are converted by each column type's own bind processor (JSON, UTC timestamps), exactly as an
+INSERT would have them, and streamed.
 """
 
 from __future__ import annotations
@@ -35,7 +38,39 @@ def insert_returning_ids(conn: sa.Connection, table: sa.Table, rows: Sequence[di
                 sa.select(sa.func.nextval(sequence)).select_from(sa.func.generate_series(1, len(rows)))
             ).scalars()
         ]
-        conn.execute(table.insert(), [{**row, "id": i} for row, i in zip(rows, ids, strict=True)])
+        _copy(conn, table, [{**row, "id": i} for row, i in zip(rows, ids, strict=True)])
         return ids
     result = conn.execute(table.insert().returning(table.c.id, sort_by_parameter_order=True), list(rows))
     return [int(i) for i in result.scalars()]
+
+
+def insert_rows(conn: sa.Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert ``rows`` (dicts with the same keys) into ``table``: COPY on PostgreSQL, an executemany elsewhere."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        _copy(conn, table, rows)
+    else:
+        conn.execute(table.insert(), list(rows))
+
+
+def _copy(conn: sa.Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
+    """``COPY table (columns) FROM STDIN`` in the connection's transaction. Columns left out get their server
+    default, as with an INSERT; a column with a client-side default must be given (COPY cannot apply it)."""
+    names = list(rows[0])
+    for column in table.columns:
+        if column.name not in rows[0] and column.default is not None and not column.primary_key:
+            raise ValueError(f"{table.name}.{column.name} has a client-side default: give it in the rows")
+    dialect = conn.dialect
+    processors = [
+        (i, p) for i, n in enumerate(names) if (p := table.c[n].type.dialect_impl(dialect).bind_processor(dialect))
+    ]
+    quoted = ", ".join(dialect.identifier_preparer.quote(n) for n in names)
+    raw = conn.connection.driver_connection
+    target = dialect.identifier_preparer.format_table(table)
+    with raw.cursor() as cursor, cursor.copy(f"COPY {target} ({quoted}) FROM STDIN") as copy:  # type: ignore[union-attr]
+        for row in rows:
+            values = [row[n] for n in names]
+            for i, process in processors:
+                values[i] = process(values[i])
+            copy.write_row(values)

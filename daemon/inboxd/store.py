@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from inboxd.blobs import BlobStore
-from inboxd.bulk import chunks, insert_returning_ids
+from inboxd.bulk import chunks, insert_returning_ids, insert_rows
 from inboxd.clock import Clock
 from inboxd.crypto import SecretBox
 from inboxd.errors import ReauthRequired, UsageError
@@ -758,8 +758,7 @@ class Store:
             for mid, loc in rows
             if loc.uid not in present
         ]
-        if fresh:
-            conn.execute(locations_t.insert(), fresh)
+        insert_rows(conn, locations_t, fresh)
 
     def _insert_messages(
         self, conn: sa.Connection, account_id: int, messages: Sequence[NewMessage], now: datetime
@@ -814,8 +813,7 @@ class Store:
             for message_id, msg in zip(ids, messages, strict=True)
             for x in msg.parsed.participants
         ]
-        if participants:
-            conn.execute(participants_t.insert(), participants)
+        insert_rows(conn, participants_t, participants)
         attachments = []
         for message_id, msg in zip(ids, messages, strict=True):
             for att in msg.parsed.attachments:
@@ -832,8 +830,7 @@ class Store:
                         "stored": stored,
                     }
                 )
-        if attachments:
-            conn.execute(attachments_t.insert(), attachments)
+        insert_rows(conn, attachments_t, attachments)
         blobs_stored()  # before the caller commits: a row with stored = true names a file that is on disk
         return ids
 
