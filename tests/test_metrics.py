@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,6 +286,30 @@ def test_metrics_and_healthz_answer_on_the_bound_port(ops: OpsServer) -> None:
     assert (status, content_type) == (200, "application/json")
     assert json.loads(body)["ok"] is True
     assert get(ops.port, "/nope")[0] == 404
+
+
+def test_the_server_serves_many_requests_and_closes_at_once(engine: sa.Engine) -> None:
+    """The ops server sleeps in a selector with a wake-up pipe (no poll interval): requests one after another and
+    at the same time are all answered, and close() ends the serving thread at once and frees the port."""
+    server = OpsServer("127.0.0.1", 0, metrics=Metrics(), health=database_health(engine)).start()
+    try:
+        for _ in range(5):
+            assert get(server.port, "/healthz")[0] == 200
+        answers: list[int] = []
+        threads = [threading.Thread(target=lambda: answers.append(get(server.port, "/metrics")[0])) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        assert answers == [200] * 8
+    finally:
+        started = time.monotonic()
+        server.close()
+        server.close()  # a second close does nothing
+    assert time.monotonic() - started < 2, "woken by the pipe, not by a timeout"
+    assert not server._thread.is_alive()
+    with socket.create_server(("127.0.0.1", server.port)):
+        pass  # the port is free again
 
 
 def test_healthz_is_503_with_a_reason_when_the_database_is_away() -> None:

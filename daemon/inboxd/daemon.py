@@ -39,9 +39,9 @@ POLL_SECONDS = 5.0  # how often the HR app's tables are checked for changes betw
 def settle_heap() -> None:
     """After a full cycle: collect, then move every object still alive to the collector's permanent generation
     (gc.freeze), so that the collections set off by each 5 s check no longer walk the daemon's long-lived objects
-    (SQLAlchemy's metadata and caches, IMAP sessions, config). They were a third of an idle daemon's CPU (perf, 200
-    accounts). Objects frozen earlier are unfrozen first, so cyclic garbage among them is collected here, once a
-    cycle, instead of never."""
+    (SQLAlchemy's metadata and caches, IMAP sessions, config). Those walks were a third of the idle main thread's
+    CPU samples (perf, 200 accounts). Objects frozen earlier are unfrozen first, so cyclic garbage among them is
+    collected here, once a cycle, instead of never."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()

@@ -1,7 +1,7 @@
 """Pure outbox decisions: what happens to an outbox row after an attempt, when a 'sending' row is stale, and how
 long the sender may sleep.
 
-The sender (outbox.py) applies these; they are tested exhaustively without SMTP (tests/test_outbox_policy.py).
+The sender (outbox.py) and the daemon's outbox thread apply these; they are tested without SMTP (tests/test_outbox.py).
 """
 
 from __future__ import annotations
