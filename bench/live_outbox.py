@@ -54,7 +54,7 @@ def run(stack: MailStack, db_kind: str, *, quick: bool) -> list[Result]:
                 # let the Sent copy and stored copy of the previous mail finish (rows are measured alone); a spread of a
                 # whole second puts inserts at a random phase of the SQLite poll, as the HR app's would be
                 time.sleep(random.uniform(1.0, 2.0))
-    wake = "NOTIFY" if db_kind == "postgresql" else "1 s poll"
+    wake = "NOTIFY" if db_kind == "postgresql" else "0.1 s data_version poll"
     case = f"{db_kind} ({wake}), one row at a time"
     return [
         *latency_results("B4", case, "insert -> 250 (sent_at)", to_250, {"p50": 0.5}),

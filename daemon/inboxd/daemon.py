@@ -94,8 +94,6 @@ class Daemon:
         self.sender.start()
         self._keeper.start()
         self._notifier.ready("first sync cycle running")
-        watchdog = self._notifier.watchdog_interval  # None without systemd's watchdog: then 5 s, not 2.5 s
-        wait_slice = min(POLL_SECONDS, watchdog / 2) if watchdog else POLL_SECONDS
         try:
             while not self._stop.is_set():
                 accounts = self._accounts()
@@ -104,44 +102,58 @@ class Daemon:
                 self._runner.retain_sessions(self._owned)  # log out of the accounts another node took
                 self._cycle()
                 settle_heap()
-                deadline = time.monotonic() + self._config.sync.interval.total_seconds()
-                while not self._stop.is_set() and time.monotonic() < deadline:
-                    self._notifier.watchdog()
-                    self._runner.expire_sessions()
-                    pushed = self._next_wakeups(min(wait_slice, max(deadline - time.monotonic(), 0.01)))
-                    for email in pushed:
-                        if self._stop.is_set():
-                            break
-                        self._sync(only=email)
-                    accounts = self._accounts()  # one read of mail_accounts per tick, for the three checks
-                    if self._rebalance(accounts) != self._owned:  # a node joined or died: take or hand over
-                        log.info("daemon.leases_changed")
-                        break
-                    if self._reload_due():
-                        self._reload_config()
-                        break  # a cycle applies the new config (pauses, scope) at once
-                    if self._watermark(accounts) != watermark:
-                        log.info("daemon.hr_tables_changed")
-                        break
-                    if self._retry_due(accounts):
-                        log.info("daemon.retry_due")
-                        break
+                self._between_cycles(watermark)
         finally:
-            self._notifier.stopping()
-            for watcher in self._watchers.values():  # ask all first, then wait: stop stays quick
-                watcher.request_stop()
-            for watcher in self._watchers.values():
-                watcher.stop(timeout=2)
-            self._runner.close_sessions()
-            os.write(self._outbox_stop_w, b"x")
-            self.sender.join(timeout=10)
-            if not self.sender.is_alive():  # else it may still poll the pipe: the process is ending anyway
-                os.close(self._outbox_stop_r)
-                os.close(self._outbox_stop_w)
-            self._keeper_stop.set()
-            self._keeper.join(timeout=5)
-            with contextlib.suppress(sa.exc.SQLAlchemyError):
-                self._leases.release_all()  # another node takes over at once, not after the lease expires
+            self._shut_down()
+
+    def _between_cycles(self, watermark: object) -> None:
+        """Until the next full cycle is due: sync the accounts whose watcher reported news, and check every 5 s
+        whether the leases, the config or the HR app's tables changed or a retry fell due (then return early)."""
+        watchdog = self._notifier.watchdog_interval  # None without systemd's watchdog: then 5 s, not 2.5 s
+        wait_slice = min(POLL_SECONDS, watchdog / 2) if watchdog else POLL_SECONDS
+        deadline = time.monotonic() + self._config.sync.interval.total_seconds()
+        rebalanced = time.monotonic()
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self._notifier.watchdog()
+            self._runner.expire_sessions()
+            for email in self._next_wakeups(min(wait_slice, max(deadline - time.monotonic(), 0.01))):
+                if self._stop.is_set():
+                    return
+                self._sync(only=email)
+            accounts = self._accounts()  # one read of mail_accounts per tick, for the checks below
+            # a node joined or died: take or hand over accounts. Every third of a lease, as the keeper renews:
+            # more often would only repeat the keeper's writes, and these checks are most of an idle daemon's CPU
+            if time.monotonic() - rebalanced >= self._config.sync.lease.total_seconds() / 3:
+                rebalanced = time.monotonic()
+                if self._rebalance(accounts) != self._owned:
+                    log.info("daemon.leases_changed")
+                    return
+            if self._reload_due():
+                self._reload_config()
+                return  # a cycle applies the new config (pauses, scope) at once
+            if self._watermark(accounts) != watermark:
+                log.info("daemon.hr_tables_changed")
+                return
+            if self._retry_due(accounts):
+                log.info("daemon.retry_due")
+                return
+
+    def _shut_down(self) -> None:
+        self._notifier.stopping()
+        for watcher in self._watchers.values():  # ask all first, then wait: stop stays quick
+            watcher.request_stop()
+        for watcher in self._watchers.values():
+            watcher.stop(timeout=2)
+        self._runner.close_sessions()
+        os.write(self._outbox_stop_w, b"x")
+        self.sender.join(timeout=10)
+        if not self.sender.is_alive():  # else it may still poll the pipe: the process is ending anyway
+            os.close(self._outbox_stop_r)
+            os.close(self._outbox_stop_w)
+        self._keeper_stop.set()
+        self._keeper.join(timeout=5)
+        with contextlib.suppress(sa.exc.SQLAlchemyError):
+            self._leases.release_all()  # another node takes over at once, not after the lease expires
 
     # -- hot reload -----------------------------------------------------------------------------------------
 
