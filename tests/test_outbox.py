@@ -221,6 +221,28 @@ def test_the_stop_pipe_ends_a_long_wait(engine: sa.Engine) -> None:
         os.close(write_end)
 
 
+def test_a_row_made_due_by_an_update_wakes_the_sender(pg_engine: sa.Engine, secret_box: SecretBox) -> None:
+    """PostgreSQL: the sender sleeps until the earliest retry it knows of, so a row someone else makes due now (an
+    admin's "retry now": next_attempt_at = NULL) must wake it (0010's trigger); inboxd's own updates, which set a
+    future retry, must not."""
+    store = Store(pg_engine, clock=FakeClock(), secret_box=secret_box)
+    account_id = store.add_account("rec@example.test", "local", Credential("password", "pw")).id
+    _queue(pg_engine, account_id, 1)
+    with pg_engine.begin() as conn:
+        conn.execute(sa.text("UPDATE mail_outbox SET next_attempt_at = now() + interval '1 hour'"))
+    wake = OutboxWake(pg_engine)
+    try:
+        wake.wait(timeout=0)  # the insert's own notification
+        with pg_engine.begin() as conn:
+            conn.execute(sa.text("UPDATE mail_outbox SET next_attempt_at = now() + interval '2 hours'"))
+        assert not wake.wait(timeout=0.5), "a retry put off is no news"
+        with pg_engine.begin() as conn:
+            conn.execute(sa.text("UPDATE mail_outbox SET next_attempt_at = NULL"))
+        assert wake.wait(timeout=10), "retry now: woken"
+    finally:
+        wake.close()
+
+
 def test_a_lost_listen_connection_raises_instead_of_sleeping_on(pg_engine: sa.Engine) -> None:
     """OutboxWake sleeps in poll(2) on the LISTEN socket (PostgreSQL): when the server ends that connection the
     wait must end with an error (the daemon then polls and listens again), not sleep through its timeout."""
