@@ -1,5 +1,6 @@
-"""How the sender learns that the HR app queued mail: PostgreSQL LISTEN/NOTIFY (the 0005 trigger); on SQLite,
-`PRAGMA data_version` every 0.1 s, which changes when another connection commits (a cheap read, no table scan).
+"""How the sender learns that the HR app queued mail or made a row due: PostgreSQL LISTEN/NOTIFY (the 0005 and 0010
+triggers); on SQLite, `PRAGMA data_version` every 0.1 s, which changes when another connection commits (a cheap
+read, no table scan).
 `wait(timeout)` returns when there may be new work (True), or after `timeout` seconds (False)."""
 
 from __future__ import annotations
