@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inboxd.bulk import insert_returning_ids, insert_rows
+from inboxd.bulk import among, insert_returning_ids, insert_rows
 from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
 from inboxd.models import MailMessage, MailThread
@@ -109,3 +109,43 @@ def test_insert_rows_and_ids_in_order(engine: sa.Engine, account: int) -> None:
         ).scalar_one()
         assert counts == 0, "the server default applies to a column left out"
         insert_rows(conn, threads_t, [])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sets(TEXT, max_size=8), st.sets(TEXT, max_size=8))
+def test_among_selects_exactly_the_values_given(
+    engine: sa.Engine, account: int, stored: set[str], asked: set[str]
+) -> None:
+    """among() finds the stored values among any texts (COPY's escapes, non-ASCII, empty) on both databases."""
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    rows = [{**_row(account, 0, text, [], when, True), "provider_message_id": text} for text in sorted(stored)]
+    with engine.begin() as conn:
+        insert_rows(conn, messages_t, rows)
+        found = set()
+        for condition in among(conn, messages_t.c.provider_message_id, sorted(asked)):
+            found |= set(conn.execute(sa.select(messages_t.c.provider_message_id).where(condition)).scalars())
+        conn.execute(messages_t.delete())
+    assert found == stored & asked
+
+
+def test_among_on_an_expression_and_past_sqlites_parameter_limit(engine: sa.Engine, account: int) -> None:
+    """More values than one IN list may hold: every row asked for is found, once (one ANY(array) on PostgreSQL, IN
+    lists of 500 elsewhere); an expression (lower(subject), as thread lookup by subject uses it) works too."""
+    when = datetime(2026, 11, 26, tzinfo=UTC)
+    keys = [f"K{i}" for i in range(1234)]
+    with engine.begin() as conn:
+        rows = [{"account_id": account, "provider_thread_id": k, "subject": k, "first_message_at": when} for k in keys]
+        insert_rows(conn, threads_t, rows)
+        ids = sorted(int(i) for i in conn.execute(sa.select(threads_t.c.id)).scalars())
+        conditions = list(among(conn, threads_t.c.id, [*ids[::2], ids[-1] + 1]))
+        found = [i for c in conditions for i in conn.execute(sa.select(threads_t.c.id).where(c)).scalars()]
+        lower = sa.func.lower(threads_t.c.subject, type_=sa.String())
+        subjects = [
+            s
+            for c in among(conn, lower, ["k7", "k1233", "K8", "k9999"])
+            for s in conn.execute(sa.select(threads_t.c.subject).where(c)).scalars()
+        ]
+        assert list(among(conn, threads_t.c.id, [])) == []
+    assert sorted(found) == ids[::2]
+    assert len(conditions) == (1 if engine.dialect.name == "postgresql" else 2)
+    assert sorted(subjects) == ["K1233", "K7"]

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from inboxd.blobs import BlobStore
-from inboxd.bulk import chunks, insert_returning_ids, insert_rows
+from inboxd.bulk import among, chunks, insert_returning_ids, insert_rows
 from inboxd.clock import Clock
 from inboxd.crypto import SecretBox
 from inboxd.errors import ReauthRequired, UsageError
@@ -68,10 +68,10 @@ def _mark_dirty(conn: sa.Connection, message_ids: Iterable[int]) -> None:
 def _lookup(
     conn: sa.Connection, table: sa.Table, column: sa.Column[Any], where: Any, values: Iterable[str]
 ) -> dict[str, int]:
-    """{value: row id} for the values of `column` present among `values` (chunked IN lists)."""
+    """{value: row id} for the values of `column` present among `values` (bulk.among)."""
     found: dict[str, int] = {}
-    for chunk in chunks(sorted(set(values))):
-        for row in conn.execute(sa.select(table.c.id, column).where(where, column.in_(chunk))):
+    for among_values in among(conn, column, sorted(set(values))):
+        for row in conn.execute(sa.select(table.c.id, column).where(where, among_values)):
             found[row[1]] = row[0]
     return found
 
@@ -738,12 +738,10 @@ class Store:
             return
         uids = [loc.uid for _, loc in rows]
         present = set()
-        for chunk in chunks(uids):
+        for among_uids in among(conn, locations_t.c.uid, uids):
             present |= set(
                 conn.execute(
-                    sa.select(locations_t.c.uid).where(
-                        locations_t.c.folder_id == folder_id, locations_t.c.uid.in_(chunk)
-                    )
+                    sa.select(locations_t.c.uid).where(locations_t.c.folder_id == folder_id, among_uids)
                 ).scalars()
             )
         fresh = [

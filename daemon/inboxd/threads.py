@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from inboxd.bulk import chunks, insert_returning_ids
+from inboxd.bulk import among, chunks, insert_returning_ids
 from inboxd.models import MailMessage, MailThread
 from inboxd.parse import ParsedMessage
 
@@ -231,21 +231,21 @@ def load_threads(conn: sa.Connection, account_id: int, messages: Sequence[Thread
                 plan.by_key[thread.key] = thread
 
     mine = threads_t.c.account_id == account_id
-    for chunk in chunks(sorted(keys)):
-        keep(conn.execute(sa.select(*columns).where(mine, threads_t.c.provider_thread_id.in_(chunk))).all())
+    for among_keys in among(conn, threads_t.c.provider_thread_id, sorted(keys)):
+        keep(conn.execute(sa.select(*columns).where(mine, among_keys)).all())
     # (Message-ID, thread) of the stored messages the batch references; (In-Reply-To, thread) of those answering it
     ref_rows = _threads_of(conn, account_id, messages_t.c.message_id_header, refs)
     answer_rows = _threads_of(conn, account_id, messages_t.c.in_reply_to, headers)
     wanted = sorted({t for _, t in (*ref_rows, *answer_rows)} - set(plan.by_id))
-    for chunk in chunks(wanted):
-        keep(conn.execute(sa.select(*columns).where(mine, threads_t.c.id.in_(chunk))).all())
+    for among_ids in among(conn, threads_t.c.id, wanted):
+        keep(conn.execute(sa.select(*columns).where(mine, among_ids)).all())
     for header, thread_id in ref_rows:
         plan.refs.setdefault(header, plan.by_id[thread_id])
     for in_reply_to, thread_id in answer_rows:
         plan.answers.setdefault(in_reply_to, []).append(plan.by_id[thread_id])
-    for chunk in chunks(sorted(bases)):
-        window = threads_t.c.last_message_at >= earliest - SUBJECT_WINDOW
-        keep(conn.execute(sa.select(*columns).where(mine, sa.func.lower(threads_t.c.subject).in_(chunk), window)))
+    window = threads_t.c.last_message_at >= earliest - SUBJECT_WINDOW
+    for among_bases in among(conn, sa.func.lower(threads_t.c.subject, type_=sa.String()), sorted(bases)):
+        keep(conn.execute(sa.select(*columns).where(mine, among_bases, window)))
     return plan
 
 
@@ -254,10 +254,10 @@ def _threads_of(
 ) -> list[tuple[str, int]]:
     """(value, thread id) of the account's threaded messages whose ``column`` is one of ``values``, oldest first."""
     rows: list[tuple[str, int]] = []
-    for chunk in chunks(sorted(values)):
+    for among_values in among(conn, column, sorted(values)):
         rows += conn.execute(
             sa.select(column, messages_t.c.thread_id)
-            .where(messages_t.c.account_id == account_id, column.in_(chunk), messages_t.c.thread_id.is_not(None))
+            .where(messages_t.c.account_id == account_id, among_values, messages_t.c.thread_id.is_not(None))
             .order_by(messages_t.c.id)
         ).all()
     return rows
