@@ -39,6 +39,7 @@ from inboxd.models import (
 from inboxd.parse import ParsedMessage
 from inboxd.planner import FolderCursor
 from inboxd.scope import normalize_address
+from inboxd.table_stats import TableStats
 from inboxd.threads import ThreadInput, load_threads, move_to_key, write_threads
 
 accounts_t = MailAccount.__table__  # type: ignore[attr-defined]
@@ -185,6 +186,7 @@ class Store:
         self._clock = clock
         self._box = secret_box
         self._blobs = blobs
+        self._table_stats = TableStats(engine)
 
     @property
     def secret_box(self) -> SecretBox:
@@ -591,6 +593,8 @@ class Store:
                 .values(last_uid=last_uid)
             )
             _mark_dirty(conn, [mid for mid, _ in known.values()] + relocated)
+        if inserted:
+            self._table_stats.after_write()  # a first sync fills the lookup tables faster than autovacuum analyzes
         return inserted
 
     def store_sent(self, account_id: int, message: NewMessage) -> int:
