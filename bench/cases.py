@@ -40,6 +40,14 @@ class Runs:
     first_sync: dict[tuple[int, str], Synced] = field(default_factory=dict)
 
 
+# _LATE_CLEANUP: the files a case writes (inboxd's attachment files, mbsync's Maildir) are deleted with the run's
+# directory when the whole bench ends, not after each case. On ext4 without a journal (this machine's root file
+# system) a new inode skips every inode deleted in the last 5 s, or 5 min while its inode table block is unwritten
+# (fs/ext4/ialloc.c, recently_deleted): deleting 20,000 files just before the next case made that case's own file
+# creation scan them, in the kernel and on its clock (perf: 6% of inboxd's samples in find_inode_bit even 90 s
+# after a deletion). A deployment does not delete thousands of files just before a first sync; the bench should not.
+
+
 class Cases:
     def __init__(self, bench: Bench, *, seed_value: int = seed.DEFAULT_SEED, keep: bool = False) -> None:
         self.bench = bench
@@ -71,8 +79,7 @@ class Cases:
                 raise RuntimeError(f"inboxd run --once failed ({run.returncode}):\n{run.stdout}\nsee {directory}")
             sent = self.bench.bytes_sent(user, offset)
             yield Synced(directory, config, env, run, sent, self.bench.stored_messages(config))
-        if not self.keep:
-            shutil.rmtree(directory)
+        # the directory (attachment files) goes with the whole run's at the end, not here: see _LATE_CLEANUP
 
     def run_once(self, env: dict[str, str], log: Path) -> Measured:
         """`inboxd run --once`, timed. The stack is shared with the test suites, whose start.sh restarts it when
@@ -121,9 +128,7 @@ class Cases:
         if got != size:
             raise RuntimeError(f"mbsync stored {got} messages, expected {size}")
         sent = self.bench.bytes_sent(user, offset)
-        if not self.keep:
-            shutil.rmtree(directory)
-        return run, sent
+        return run, sent  # its Maildir stays until the end of the run (_LATE_CLEANUP)
 
     def b1_b2(self, size: int, *, b1: bool, b2: bool) -> list[Row]:
         """B1 at `size` (floor, inboxd on each database, mbsync, ratios) and/or B2 after each first sync."""
