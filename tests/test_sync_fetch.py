@@ -1,5 +1,6 @@
-"""Which FETCHes a first sync sends: with scope "all" (and no exclusions) no header-field FETCH, one FETCH of flags and
-sizes per batch and one body FETCH per run; with scope "contacts" (or exclusions) header first, as before.
+"""Which FETCHes a first sync sends: with scope "all" (and no exclusions) no header phase: one SEARCH per batch for its
+big messages (and a FETCH of their sizes only when there are some), then one FETCH of bodies with their flags per run;
+with scope "contacts" (or exclusions) header first, as before.
 
 Counted on the FakeSession and, on a real Dovecot, in its rawlog of the commands the client sent."""
 
@@ -13,11 +14,12 @@ from harness import MailStack, make_message
 from harness.config import write_stack_config
 from inboxd.clock import FakeClock, SystemClock
 from inboxd.config import load_config
+from inboxd.imap import HeaderInfo
 from inboxd.planner import Capabilities
 from inboxd.runner import Runner
 from inboxd.scope import Exclusions, contact_set
 from inboxd.store import Credential, Store
-from inboxd.sync import AccountSync, SyncSettings
+from inboxd.sync import AccountSync, SyncSettings, bodies_runs
 from inboxd.testing import FakeMailbox, FakeSession
 
 CAPS = Capabilities(condstore=True, qresync=True)
@@ -34,7 +36,7 @@ def _sync(store: Store, email: str, mb: FakeMailbox, settings: SyncSettings) -> 
     account = store.account(email) or store.add_account(email, "fake", Credential("password", "x"))
     mb.commands.clear()
     AccountSync(store, account, FakeSession(mb, CAPS), settings=settings, clock=FakeClock()).run()
-    return [c for c in mb.commands if c.startswith("FETCH")]
+    return [c for c in mb.commands if c.startswith("FETCH") or c == "SEARCH larger"]
 
 
 def test_scope_all_first_sync_fetches_no_header_fields(store: Store) -> None:
@@ -42,21 +44,25 @@ def test_scope_all_first_sync_fetches_no_header_fields(store: Store) -> None:
     for n in range(7):
         mb.append("INBOX", raw_message(n))
     fetches = _sync(store, "all@example.test", mb, SyncSettings(batch_size=3, bodies_first=True))
-    # batches of 3, 3, 1: each one FETCH of flags and sizes, then its bodies in one FETCH
-    assert fetches == ["FETCH meta", "FETCH bodies"] * 3
+    # batches of 3, 3, 1: each one SEARCH for messages over its share of max_fetch_bytes (none), then one FETCH
+    assert fetches == ["SEARCH larger", "FETCH messages"] * 3
     account = store.account("all@example.test")
     assert account is not None
-    assert len(store.known_uids(store.folders(account.id)["INBOX"].id)) == 7
+    folder = store.folders(account.id)["INBOX"]
+    assert len(store.known_uids(folder.id)) == 7
+    assert folder.cursor.last_uid == 7
 
 
 def test_scope_all_bodies_still_come_in_runs_bounded_by_size(store: Store) -> None:
+    """The messages over the batch's share of max_fetch_bytes (2500 / 6) are sized first; the rest count at the share:
+    1103 + 1103 | 1103 + 1103 | 2 x 416 (for 2 x 104 bytes): each run under 2500 bytes."""
     mb = FakeMailbox()
-    for n in range(4):
-        mb.append("INBOX", raw_message(n, size=1000))
+    for n in range(6):
+        mb.append("INBOX", raw_message(n, size=1000 if n < 4 else 0))
     fetches = _sync(
         store, "runs@example.test", mb, SyncSettings(batch_size=10, max_fetch_bytes=2500, bodies_first=True)
     )
-    assert fetches == ["FETCH meta", "FETCH bodies", "FETCH bodies"]
+    assert fetches == ["SEARCH larger", "FETCH meta", "FETCH messages", "FETCH messages", "FETCH messages"]
 
 
 def test_scope_all_later_syncs_stay_header_first(store: Store) -> None:
@@ -120,7 +126,10 @@ def test_first_sync_fetches_on_dovecot(
         assert result.stats.new_messages == 5
         assert header_fields == []
         assert len(bodies) == 3, fetches  # batches of 2, 2, 1
-        assert len(fetches) == 6, fetches  # each batch: flags and sizes, then bodies
+        assert len(fetches) == 3, fetches  # each batch: its bodies with their flags (no message is big)
+        assert all("FLAGS" in c and "INTERNALDATE" in c for c in bodies), bodies
+        searches = [c.upper() for c in mailstack.imap_commands(user) if " LARGER " in c.upper()]
+        assert len(searches) == 3, searches
     else:
         assert result.stats.new_messages == 1
         assert len(header_fields) == 3, fetches
@@ -149,3 +158,35 @@ def test_bodies_first_is_the_default_and_can_be_turned_off(store: Store) -> None
         "FETCH bodies",
     ]
     assert SyncSettings().bodies_first
+
+
+def test_bodies_runs_bound_each_run() -> None:
+    """bodies_runs: big messages by their size, the others at the share, a big one with no size (expunged since)
+    alone; a batch with nothing big is one run."""
+    assert bodies_runs([1, 2, 3], set(), {}, 100, 300) == [[1, 2, 3]]
+    assert bodies_runs([1, 2, 3, 4], {2}, {2: 250}, 50, 300) == [[1, 2], [3, 4]]
+    assert bodies_runs([1, 2, 3], {2}, {}, 50, 300) == [[1], [2], [3]]
+    assert bodies_runs([1, 2], {1, 2}, {1: 900, 2: 10}, 5, 300) == [[1], [2]]  # bigger than max: a run of its own
+
+
+def test_a_message_expunged_before_its_body_came_does_not_hold_the_cursor(store: Store) -> None:
+    """Listed at the folder's start, gone when its run is fetched: no reply at all, so nothing is missing (a reply
+    without its body would be): the cursor moves past it and the folder is complete."""
+    mb = FakeMailbox()
+    for n in range(4):
+        mb.append("INBOX", raw_message(n))
+    account = store.add_account("gone@example.test", "fake", Credential("password", "x"))
+    session = FakeSession(mb, CAPS)
+    fetch_messages = session.fetch_messages
+
+    def expunging(uids: list[int]) -> dict[int, tuple[bytes | None, HeaderInfo]]:
+        mb.folders["INBOX"].messages.pop(2, None)
+        return fetch_messages(uids)
+
+    session.fetch_messages = expunging  # type: ignore[method-assign]
+    settings = SyncSettings(bodies_first=True)
+    stats = AccountSync(store, account, session, settings=settings, clock=FakeClock()).run()
+    assert stats.new_messages == 3
+    folder = store.folders(account.id)["INBOX"]
+    assert folder.cursor.last_uid == 4
+    assert store.known_uids(folder.id) == {1, 3, 4}

@@ -91,6 +91,14 @@ class ImapSession(Protocol):
 
     def fetch_bodies(self, uids: Iterable[int]) -> dict[int, bytes]: ...
 
+    def larger_than(self, uids: Iterable[int], size: int) -> set[int]:
+        """Which of these UIDs are of messages over ``size`` bytes (RFC822.SIZE), in one SEARCH."""
+
+    def fetch_messages(self, uids: Iterable[int]) -> dict[int, tuple[bytes | None, HeaderInfo]]:
+        """Bodies with their FLAGS, INTERNALDATE, MODSEQ and X-GM-* in one FETCH (no header fields: the caller
+        parses the body), for each UID that got a reply; the body is None when the reply came without it. A UID with
+        no reply at all no longer exists (expunged since it was listed)."""
+
     def search_addresses(self, addresses: Iterable[str]) -> set[int]:
         """UIDs in the selected folder of messages from, to, cc or bcc any of these addresses."""
 
@@ -191,33 +199,33 @@ class ImapClientSession:
         return found
 
     def fetch_headers(self, uids: Iterable[int], *, fields: bool = True) -> dict[int, HeaderInfo]:
-        items = ["UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE"]
+        items = ["UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE", *self._meta_items()]
         if fields:
             items.append(f"BODY.PEEK[HEADER.FIELDS ({' '.join(HEADER_FIELDS)})]")
-        if self._caps.condstore:
-            items.append("MODSEQ")
-        if self._caps.gmail:
-            items += ["X-GM-MSGID", "X-GM-THRID", "X-GM-LABELS"]
         wanted = set(uids)
         out: dict[int, HeaderInfo] = {}
         for uid, data in self._fetch(sequence_set(wanted), items).items():
             if uid not in wanted:  # an unsolicited flag update (with its UID under QRESYNC), not a message asked for
                 continue
             header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER.FIELDS")), b"")
-            values = header_fields(header)  # empty without `fields`: no Message-ID, addresses or references
-            out[uid] = HeaderInfo(
-                uid=uid,
-                message_id=normalize_msgid(values.get("message-id")),
-                addresses=tuple(email for name in ADDRESS_FIELDS for _, email in parse_address_list(values.get(name))),
-                references=reference_ids(values),
-                size=data.get(b"RFC822.SIZE"),
-                flags=tuple(_text(f) for f in data.get(b"FLAGS", ())),
-                modseq=_modseq(data),
-                internaldate=_aware(data.get(b"INTERNALDATE")),
-                gm_msgid=_int_or_none(data.get(b"X-GM-MSGID")),
-                gm_thrid=_int_or_none(data.get(b"X-GM-THRID")),
-                gm_labels=_labels(data),
-            )
+            out[uid] = _header_info(uid, data, header_fields(header))  # no fields: no Message-ID, addresses, refs
+        return out
+
+    def larger_than(self, uids: Iterable[int], size: int) -> set[int]:
+        wanted = set(uids)
+        if not wanted:
+            return set()
+        found = self._call(self._client.search, ["UID", sequence_set(wanted), "LARGER", str(size)])
+        return {uid for uid in found if uid in wanted}
+
+    def fetch_messages(self, uids: Iterable[int]) -> dict[int, tuple[bytes | None, HeaderInfo]]:
+        wanted = set(uids)
+        items = ["UID", "FLAGS", "INTERNALDATE", *self._meta_items(), "BODY.PEEK[]"]
+        out: dict[int, tuple[bytes | None, HeaderInfo]] = {}
+        for uid, data in self._fetch(sequence_set(wanted), items).items():
+            if uid in wanted:  # not an unsolicited flag update
+                body = data.get(b"BODY[]")
+                out[uid] = (body, _header_info(uid, data, {}, size=len(body) if body is not None else None))
         return out
 
     def find_message_id(self, folder: str, message_id: str) -> bool:
@@ -256,6 +264,12 @@ class ImapClientSession:
             return []
         fetched = self._fetch(f"1:{up_to_uid}", self._flag_items())
         return [_flag_update(uid, d) for uid, d in fetched.items()]
+
+    def _meta_items(self) -> list[str]:
+        """FETCH items that come with a new message beside FLAGS and INTERNALDATE, by what the server offers."""
+        return (["MODSEQ"] if self._caps.condstore else []) + (
+            ["X-GM-MSGID", "X-GM-THRID", "X-GM-LABELS"] if self._caps.gmail else []
+        )
 
     def _flag_items(self) -> list[str]:
         return ["UID", "FLAGS"] + (["X-GM-LABELS"] if self._caps.gmail else [])
@@ -336,6 +350,24 @@ def _aware(value: Any) -> datetime | None:
     if not isinstance(value, datetime):
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _header_info(uid: int, data: Mapping[bytes, Any], values: Mapping[str, str], size: int | None = None) -> HeaderInfo:
+    """One FETCH reply (and the header fields it carried, if any) as a HeaderInfo; ``size``: the body's, when it
+    came in the reply instead of RFC822.SIZE."""
+    return HeaderInfo(
+        uid=uid,
+        message_id=normalize_msgid(values.get("message-id")),
+        addresses=tuple(email for name in ADDRESS_FIELDS for _, email in parse_address_list(values.get(name))),
+        references=reference_ids(values),
+        size=data.get(b"RFC822.SIZE") if size is None else size,
+        flags=tuple(_text(f) for f in data.get(b"FLAGS", ())),
+        modseq=_modseq(data),
+        internaldate=_aware(data.get(b"INTERNALDATE")),
+        gm_msgid=_int_or_none(data.get(b"X-GM-MSGID")),
+        gm_thrid=_int_or_none(data.get(b"X-GM-THRID")),
+        gm_labels=_labels(data),
+    )
 
 
 def _int_or_none(value: Any) -> int | None:

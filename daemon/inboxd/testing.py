@@ -168,6 +168,21 @@ class FakeSession:
         self._cmd("FETCH bodies")
         return {u: self._folder().messages[u].raw for u in uids if u in self._folder().messages}
 
+    def larger_than(self, uids: Iterable[int], size: int) -> set[int]:
+        self._cmd("SEARCH larger")
+        messages = self._folder().messages
+        return {u for u in uids if u in messages and len(messages[u].raw) > size}
+
+    def fetch_messages(self, uids: Iterable[int]) -> dict[int, tuple[bytes | None, HeaderInfo]]:
+        self._cmd("FETCH messages")
+        out: dict[int, tuple[bytes | None, HeaderInfo]] = {}
+        for uid in uids:
+            msg = self._folder().messages.get(uid)
+            if msg is not None:
+                modseq = msg.modseq if self._caps.condstore else None
+                out[uid] = (msg.raw, HeaderInfo(uid, None, len(msg.raw), tuple(sorted(msg.flags)), modseq, None))
+        return out
+
     def changed_flags(self, up_to_uid: int, since_modseq: int, *, vanished: bool) -> tuple[list[FlagUpdate], set[int]]:
         assert self._caps.condstore
         self._cmd("FETCH changedsince")
