@@ -534,28 +534,25 @@ def bodies_runs(
     """A bodies-first batch cut into runs of at most ``max_bytes``: the UIDs in ``big`` (over ``share`` bytes) by
     their ``sizes`` (one missing, expunged meanwhile, counts as max_bytes: a run of its own), every other UID as
     ``share`` bytes, its upper bound. A batch with nothing big is one run."""
-    runs: list[list[int]] = [[]]
-    total = 0
-    for uid in batch:
-        size = (sizes.get(uid) or max_bytes) if uid in big else share
-        if runs[-1] and total + size > max_bytes:
-            runs.append([])
-            total = 0
-        runs[-1].append(uid)
-        total += size
-    return runs
+    return _cut(batch, lambda uid: (sizes.get(uid) or max_bytes) if uid in big else share, max_bytes)
 
 
 def _runs_by_size(uids: list[int], headers: dict[int, HeaderInfo], max_bytes: int) -> list[list[int]]:
     """``uids`` (sorted) cut into consecutive runs of at most ``max_bytes`` by RFC822.SIZE; at least one run, empty
     when there is nothing to fetch (the re-mapped locations and the cursor are still stored)."""
+    return _cut(uids, lambda uid: headers[uid].size or 0, max_bytes)
+
+
+def _cut(uids: list[int], size_of: Callable[[int], int], max_bytes: int) -> list[list[int]]:
+    """``uids`` in order, cut into consecutive runs whose sizes add up to at most ``max_bytes`` (a UID bigger than
+    that is a run of its own); at least one run, empty when ``uids`` is."""
     runs: list[list[int]] = [[]]
-    size = 0
+    total = 0
     for uid in uids:
-        message_size = headers[uid].size or 0
-        if runs[-1] and size + message_size > max_bytes:
+        size = size_of(uid)
+        if runs[-1] and total + size > max_bytes:
             runs.append([])
-            size = 0
+            total = 0
         runs[-1].append(uid)
-        size += message_size
+        total += size
     return runs
