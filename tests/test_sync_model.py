@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -134,9 +135,20 @@ def test_unchanged_mailbox_costs_one_status_per_folder(store: Store) -> None:
     caps = CAPS["condstore"]
     AccountSync(store, account, FakeSession(mb, caps), settings=SyncSettings(), clock=clock).run()
     mb.commands.clear()
-    stats = AccountSync(store, account, FakeSession(mb, caps), settings=SyncSettings(), clock=clock).run()
+    folder_reads: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM inboxd_folders" in statement:
+            folder_reads.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        stats = AccountSync(store, account, FakeSession(mb, caps), settings=SyncSettings(), clock=clock).run()
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", count)
     assert mb.commands == ["LIST", "STATUS", "STATUS"]
     assert stats.folders_unchanged == 2
+    assert len(folder_reads) == 1  # Store.prepare_folders: the folder table once per sync, not once per folder
 
 
 def test_uidvalidity_change_remaps_without_downloading_bodies(store: Store) -> None:

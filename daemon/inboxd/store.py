@@ -37,7 +37,7 @@ from inboxd.models import (
     MailThread,
 )
 from inboxd.parse import ParsedMessage
-from inboxd.planner import FolderCursor
+from inboxd.planner import FolderCursor, FolderSpec
 from inboxd.scope import normalize_address
 from inboxd.table_stats import TableStats
 from inboxd.threads import ThreadInput, load_threads, move_to_key, write_threads
@@ -176,6 +176,35 @@ def _account(row: Any) -> Account:
         hr_user_ref=row.hr_user_ref,
         retry_at=row.retry_at,
     )
+
+
+def _stored_folder(row: Any) -> StoredFolder:
+    return StoredFolder(
+        row.id,
+        row.name,
+        row.special_use,
+        FolderCursor(
+            uidvalidity=row.uidvalidity,
+            last_uid=row.last_uid,
+            uidnext=row.uidnext,
+            highest_modseq=row.highest_modseq,
+            message_count=row.message_count,
+        ),
+        row.synced_at,
+    )
+
+
+def _forget_folders(conn: sa.Connection, folder_ids: list[int]) -> None:
+    """Drop these folders and their locations; the messages that were in them are marked dirty (their folders and
+    labels are recomputed, an orphan is deleted by refresh_dirty)."""
+    if not folder_ids:
+        return
+    touched = list(
+        conn.execute(sa.select(locations_t.c.message_id).where(locations_t.c.folder_id.in_(folder_ids))).scalars()
+    )
+    conn.execute(locations_t.delete().where(locations_t.c.folder_id.in_(folder_ids)))
+    conn.execute(folders_t.delete().where(folders_t.c.id.in_(folder_ids)))
+    _mark_dirty(conn, touched)
 
 
 class Store:
@@ -405,22 +434,32 @@ class Store:
     def folders(self, account_id: int) -> dict[str, StoredFolder]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(folders_t).where(folders_t.c.account_id == account_id)).all()
-        return {
-            r.name: StoredFolder(
-                r.id,
-                r.name,
-                r.special_use,
-                FolderCursor(
-                    uidvalidity=r.uidvalidity,
-                    last_uid=r.last_uid,
-                    uidnext=r.uidnext,
-                    highest_modseq=r.highest_modseq,
-                    message_count=r.message_count,
-                ),
-                r.synced_at,
-            )
-            for r in rows
-        }
+        return {r.name: _stored_folder(r) for r in rows}
+
+    def prepare_folders(self, account_id: int, specs: Sequence[FolderSpec]) -> dict[str, StoredFolder]:
+        """The account's stored folders for the ones the server lists (``specs``, in their order), in one
+        transaction: folders no longer listed are dropped with their locations (their messages are marked dirty),
+        missing ones are created with an empty cursor, a changed special-use is updated. An account whose folders
+        did not change costs one SELECT (a sync used to read the folder table once per folder, and twice more)."""
+        wanted = {spec.name: spec.special_use for spec in specs}
+        with self.engine.begin() as conn:
+            rows = conn.execute(sa.select(folders_t).where(folders_t.c.account_id == account_id)).all()
+            _forget_folders(conn, [r.id for r in rows if r.name not in wanted])
+            stored = {r.name: _stored_folder(r) for r in rows if r.name in wanted}
+            out: dict[str, StoredFolder] = {}
+            for name, special_use in wanted.items():
+                folder = stored.get(name)
+                if folder is None:
+                    insert = folders_t.insert().values(
+                        account_id=account_id, name=name, special_use=special_use, last_uid=0
+                    )
+                    folder_id = _inserted_id(conn.execute(insert))
+                    folder = StoredFolder(folder_id, name, special_use, FolderCursor(None, 0, None, None, None))
+                elif folder.special_use != special_use:
+                    conn.execute(folders_t.update().where(folders_t.c.id == folder.id).values(special_use=special_use))
+                    folder = StoredFolder(folder.id, name, special_use, folder.cursor, folder.synced_at)
+                out[name] = folder
+        return out
 
     def ensure_folder(self, account_id: int, name: str, special_use: str | None) -> StoredFolder:
         existing = self.folders(account_id).get(name)
@@ -472,27 +511,6 @@ class Store:
                     synced_at=self._clock.now(),
                 )
             )
-
-    def forget_folders(self, account_id: int, keep: Iterable[str]) -> list[int]:
-        """Drop folders that no longer exist on the server (or are no longer synced); returns orphaned messages."""
-        keep = set(keep)
-        with self.engine.begin() as conn:
-            gone = [
-                r.id
-                for r in conn.execute(
-                    sa.select(folders_t.c.id, folders_t.c.name).where(folders_t.c.account_id == account_id)
-                )
-                if r.name not in keep
-            ]
-            if not gone:
-                return []
-            touched = list(
-                conn.execute(sa.select(locations_t.c.message_id).where(locations_t.c.folder_id.in_(gone))).scalars()
-            )
-            conn.execute(locations_t.delete().where(locations_t.c.folder_id.in_(gone)))
-            conn.execute(folders_t.delete().where(folders_t.c.id.in_(gone)))
-            _mark_dirty(conn, touched)
-        return touched
 
     # -- locations -------------------------------------------------------------------------------------------
 

@@ -132,12 +132,12 @@ class AccountSync:
 
     def run(self) -> SyncStats:
         specs = self._dialect.folders(self._session.list_folders())
-        self._store.forget_folders(self._account.id, keep=[s.name for s in specs])
-        first_sync = not self._known_folders() & {spec.name for spec in specs}
+        folders = self._store.prepare_folders(self._account.id, specs)
+        first_sync = all(f.cursor.uidvalidity is None for f in folders.values())
         self._bodies_first = self._header_fields_decide_nothing(first_sync=first_sync)
         for spec in specs:
             self._check_stop()
-            self._sync_folder(spec)
+            self._sync_folder(folders[spec.name])
         if self._settings.backfill and not first_sync:  # a first sync has just seen every message anyway
             for spec in specs:
                 self._backfill(spec, self._settings.backfill)
@@ -159,8 +159,10 @@ class AccountSync:
 
     # -- one folder --------------------------------------------------------------------------------------------
 
-    def _sync_folder(self, spec: FolderSpec) -> None:
-        folder = self._store.ensure_folder(self._account.id, spec.name, spec.special_use)
+    def _sync_folder(self, folder: StoredFolder) -> None:
+        """One folder, from its stored state as prepare_folders read it at the start of this sync (only this
+        folder's own sync changes it)."""
+        spec = spec_of(folder)
         self.stats.folders += 1
         status = self._session.status(spec.name)
         plan = plan_folder(folder.cursor, status, self._session.capabilities, flag_scan_due=self._flag_scan_due(folder))
@@ -206,9 +208,6 @@ class AccountSync:
     def _check_stop(self) -> None:
         if self._stop is not None and self._stop.is_set():
             raise Interrupted("stopping: the rest of this sync waits for the next start")
-
-    def _known_folders(self) -> set[str]:
-        return {name for name, f in self._store.folders(self._account.id).items() if f.cursor.uidvalidity is not None}
 
     def _backfill(self, spec: FolderSpec, addresses: frozenset[str]) -> None:
         """Fetch the older messages of newly added contacts: a server-side search, then the usual header-first
