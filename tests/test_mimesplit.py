@@ -199,6 +199,8 @@ HEADER_LINES = st.sampled_from(
         'Content-Type: text/plain; charset="utf-8"',
         "X-Colons: a:b:c",
         "Date: Thu, 26 Nov 2026 10:00:00 +0000",
+        "Subject: a lone\rCR",
+        "X-Trailing: cr\r",
     ]
 )
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from email import feedparser, policy
 from email.message import Message
 from email.parser import BytesParser
+from email.utils import collapse_rfc2231_value
 from pathlib import Path
 
 import pytest
@@ -680,6 +681,99 @@ def test_the_base64_fast_path_is_taken_for_ordinary_attachments() -> None:
     assert parts
     for part in parts:
         assert parse._plain_base64(part) == part.get_payload(decode=True)
+
+
+@settings(max_examples=600, deadline=None)
+@example(['<img src="cİd:logo@x">'])  # the regex folds U+0130 to "i", str.lower() does not
+@example(["<img src=CID:Logo@X>"])
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(
+                ["cid:", "CID:", "Cid:", "cİd:", "c\u0131d:", '<img src="', '"', " ", "a@b", "x.png", "\u00e9"]
+            ),
+            st.text(max_size=6),
+        ),
+        max_size=12,
+    )
+)
+def test_cid_references_are_the_case_insensitive_matches(pieces: list[str]) -> None:
+    """parse._cid_references (a lowercased search first) gives what the case-insensitive regex alone gives."""
+    html = "".join(pieces)
+    expected = frozenset(m.group(1).lower() for m in parse._CID_REFERENCE.finditer(html))
+    assert parse._cid_references(html) == expected
+
+
+_PARAM_PIECES = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                "attachment",
+                "inline",
+                "text/plain",
+                "application/pdf",
+                ";",
+                " ",
+                "=",
+                '"',
+                "filename=",
+                "name=",
+                "NAME=",
+                "FileName*=",
+                "filename*0=",
+                "name*0*=",
+                "name*1=",
+                "charset=",
+                "CHARSET=",
+                "Charset*=",
+                "utf-8",
+                "utf-8''%e2%82%ac.pdf",
+                "a b.pdf",
+                "=?utf-8?q?cv=2Epdf?=",
+                "\u00e9",
+                "\u0130",
+                "\u212a",
+            ]
+        ),
+        st.text(max_size=4),
+    ),
+    max_size=10,
+)
+
+
+def _stdlib_filename(part: Message) -> str | None:
+    """parse._filename before its shortcut: get_filename, then Content-Type's name, always."""
+    try:
+        filename = part.get_filename() or part.get_param("name")
+    except Exception:
+        filename = None
+    if isinstance(filename, tuple):
+        filename = collapse_rfc2231_value(filename)
+    return (parse.decode_header_value(filename) or None) if isinstance(filename, str) else None
+
+
+def _stdlib_charset(part: Message) -> str | None:
+    try:
+        charset = part.get_content_charset()
+    except Exception:
+        return None
+    return charset if isinstance(charset, str) else None
+
+
+@settings(max_examples=800, deadline=None)
+@example(["text/plain", ";", "NAME=", "a b.pdf"], None)
+@example(["text/plain", ";", "Charset*=", "utf-8''%e2%82%ac.pdf"], ["attachment", ";", "FileName*=", "x"])
+@given(st.one_of(st.none(), _PARAM_PIECES), st.one_of(st.none(), _PARAM_PIECES))
+def test_file_names_and_charsets_are_the_stdlibs(content_type: list[str] | None, disposition: list[str] | None) -> None:
+    """parse._filename and parse._charset, which skip get_param when the header cannot hold the parameter, give
+    what the stdlib's get_filename / get_param("name") and get_content_charset give."""
+    part = Message()
+    if content_type is not None:
+        part["Content-Type"] = "".join(content_type)
+    if disposition is not None:
+        part["Content-Disposition"] = "".join(disposition)
+    assert parse._filename(part) == _stdlib_filename(part)
+    assert parse._charset(part) == _stdlib_charset(part)
 
 
 _SNIPPET_SPACES = st.sampled_from([" ", "  ", "\n", "\r\n", "\t", " \u00a0", "\u2003", "\n" * 150])

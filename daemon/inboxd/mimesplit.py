@@ -26,6 +26,9 @@ from typing import Final
 # What may follow "--boundary" on a delimiter line (feedparser's boundaryre without the separator).
 _DELIMITER_TAIL: Final = re.compile(r"(--)?[ \t]*(\r\n|\n|\Z)")
 _BLANK_LINE: Final = re.compile(r"\n\r?\n")  # a line end, then an empty line
+# A CR not followed by LF: a line end to the feed parser, not to str.find. One search, about a third of the time of
+# comparing text.count("\r") with text.count("\r\n") (that comparison was a ninth of parse_message's time).
+_LONE_CR: Final = re.compile(r"\r(?!\n)")
 _PLAIN_TRANSFER_ENCODINGS: Final = frozenset({"7bit", "8bit", "binary"})
 _HEADER_PARSER: Final = Parser(policy=policy.compat32)
 _COMPAT32: Final = policy.compat32
@@ -36,8 +39,8 @@ def parse_bytes(raw: bytes) -> Message | None:
     """The tree ``BytesParser(policy=compat32).parsebytes(raw)`` gives, or None when ``raw`` is outside the
     shape this module handles (see the module docstring)."""
     text = raw.decode("ascii", "surrogateescape")
-    if "\r" in text and text.count("\r") != text.count("\r\n"):
-        return None  # a lone CR is a line end to the feed parser, not to str.find
+    if "\r" in text and _LONE_CR.search(text):
+        return None
     return _part(text, 0, len(text), (), in_multipart=False)
 
 
@@ -92,7 +95,7 @@ def _plain_fields(block: str) -> list[list[str]] | None:
     lines = block.split("\n")
     if len(lines) < 2 or lines[-1] != "" or lines[-2] not in ("", "\r"):  # the block ends in an empty line
         return None
-    if "\r" in block and block.count("\r") != block.count("\r\n"):
+    if "\r" in block and _LONE_CR.search(block):
         return None
     fields: list[list[str]] = []
     for line in lines[:-2]:
