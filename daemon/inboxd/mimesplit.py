@@ -52,9 +52,12 @@ def _part(text: str, start: int, end: int, enclosing: tuple[str, ...], *, in_mul
     multipart, the line end before the next delimiter belongs to the delimiter (RFC 2046), not to the part."""
     header_end = _header_end(text, start, end)
     message = header_block(text[start:header_end])
-    if message.get_payload() != "" or message.get_content_maintype() == "message":
-        return None  # a non-header line before the blank line, or an attached message
-    if message.get_content_maintype() != "multipart":
+    if message.get_payload() != "":
+        return None  # a non-header line before the blank line
+    maintype = message.get_content_maintype()
+    if maintype == "message":
+        return None  # an attached message
+    if maintype != "multipart":
         message.set_payload(text[header_end : _before_line_end(text, header_end, end) if in_multipart else end])
         return message
     boundary = message.get_boundary()
