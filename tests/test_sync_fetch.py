@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from harness import MailStack, make_message
 from harness.config import write_stack_config
@@ -19,7 +21,7 @@ from inboxd.planner import Capabilities
 from inboxd.runner import Runner
 from inboxd.scope import Exclusions, contact_set
 from inboxd.store import Credential, Store
-from inboxd.sync import AccountSync, SyncSettings, bodies_runs
+from inboxd.sync import AccountSync, SyncSettings, bodies_runs, body_share
 from inboxd.testing import FakeMailbox, FakeSession
 
 CAPS = Capabilities(condstore=True, qresync=True)
@@ -158,6 +160,23 @@ def test_bodies_first_is_the_default_and_can_be_turned_off(store: Store) -> None
         "FETCH bodies",
     ]
     assert SyncSettings().bodies_first
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 500), st.integers(1 << 20, 64 << 20), st.data())
+def test_a_batch_is_one_run_while_its_big_messages_fit_in_half(
+    batch_size: int, max_bytes: int, data: st.DataObject
+) -> None:
+    """With the sync's share the batch's other messages take at most half of max_fetch_bytes at their bound, so big
+    messages adding up to the other half never split the batch (before body_share, any one big message did)."""
+    share = body_share(max_bytes, batch_size)
+    assert share * batch_size <= max_bytes // 2
+    batch = list(range(1, batch_size + 1))
+    big = data.draw(st.lists(st.sampled_from(batch), min_size=1, max_size=10, unique=True))
+    budget = max_bytes // 2 - len(big) * (share + 1)
+    assume(budget >= 0)
+    sizes = {uid: share + 1 + budget // len(big) for uid in big}
+    assert bodies_runs(batch, set(big), sizes, share, max_bytes) == [batch]
 
 
 def test_bodies_runs_bound_each_run() -> None:
