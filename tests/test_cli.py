@@ -177,6 +177,29 @@ def test_console_script_exits_2_on_config_errors(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
 
 
+def test_console_script_flushes_what_it_printed_before_its_fast_exit(tmp_path: Path) -> None:
+    """`inboxd` leaves by os._exit after main() (cli.entry): what it printed into a pipe (block-buffered, as under
+    systemd; PYTHONUNBUFFERED taken out) still arrives whole, and its exit status is main's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("INBOXD_CONFIG", "PYTHONUNBUFFERED")}
+    env["INBOXD_CONFIG"] = str(minimal_config(tmp_path))
+
+    def script(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(INBOXD), *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+
+    created = script("secrets", "init")
+    assert created.returncode == 0, created
+    assert created.stdout.startswith("created ") and created.stdout.endswith("credentials are lost\n")
+    upgraded = script("db", "upgrade")
+    assert upgraded.returncode == 0, upgraded
+    assert upgraded.stdout.startswith("database at schema "), upgraded
+    listed = script("accounts", "list", "--json")
+    assert listed.returncode == 0, listed
+    assert json.loads(listed.stdout) == []
+    unknown = script("run", "--once", "--account", "nobody@example.test")
+    assert unknown.returncode == 2, unknown
+    assert "nobody@example.test" in unknown.stderr
+
+
 # --- secrets ------------------------------------------------------------------------------------------------
 
 

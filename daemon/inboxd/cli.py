@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 import structlog
@@ -524,5 +525,24 @@ def _print_summary(results: list[AccountResult]) -> None:
     print(f"{len(results) - failed} of {len(results)} accounts ok")
 
 
+def entry() -> NoReturn:
+    """The ``inboxd`` console script: main(), then an exit without the interpreter's teardown of its modules.
+
+    Freeing the imported module graph (SQLAlchemy, SQLModel, pydantic, google-auth and inboxd) took 0.13 s at the
+    end of every command, a fifth of a short one's time. By the time main() returns it has closed what it opened:
+    the database engine is disposed, the parser workers are stopped, IMAP and SMTP sessions are closed, and
+    every batch was committed with its cursor. What remains of an ordinary exit is done here: the standard streams
+    and the logging handlers are flushed (atexit runs nothing else in inboxd or its libraries). Idle threads go with
+    the process; a thread still busy is cut off as by kill -9, which a sync survives (its batch is rolled back)."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (inboxd ... | head): Python's own exit gives 120 then
+            code = code or 120
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
