@@ -5,23 +5,26 @@ the same rows as one without it (on SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 import structlog
 
+from inboxd.blobs import BlobStore
 from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
 from inboxd.errors import UnparseableMessage
 from inboxd.models import MailAttachment, MailMessage
+from inboxd.parse import ParsedMessage
 from inboxd.parsing import MIN_POOL_RUN, InlineParser, ParseOutcome, ParserPool
 from inboxd.planner import Capabilities
 from inboxd.store import Credential, Store
@@ -222,6 +225,115 @@ def test_a_first_sync_through_the_pool_stores_what_the_inline_parser_stores(
     assert results[0][3] >= 12  # the whitespace bodies, at least
 
 
+def test_workers_write_the_attachments_to_the_blob_directory_and_send_them_back_without_bytes(tmp_path: Path) -> None:
+    blob_dir = tmp_path / "blobs"
+    parser = ParserPool(1, blob_dir=blob_dir)
+    try:
+        run = bodies(60)
+        pooled = parser.start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
+        limited = parser.start(run, max_attachment_bytes=10).result()  # the parts over the limit are not written
+    finally:
+        parser.close()
+    inline = InlineParser().start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
+    assert pooled.keys() == inline.keys()
+    written = 0
+    for uid, expected in inline.items():
+        got = pooled[uid]
+        if not isinstance(expected, ParsedMessage):
+            assert comparable({uid: got}) == comparable({uid: expected})
+            continue
+        assert isinstance(got, ParsedMessage)
+        assert len(got.attachments) == len(expected.attachments)
+        for part, whole in zip(got.attachments, expected.attachments, strict=True):
+            assert part.in_blob_store == bool(whole.data)
+            if whole.data:
+                written += 1
+                assert part.data == b""
+                assert BlobStore(blob_dir).read(part.sha256) == whole.data
+            assert dataclasses.replace(part, data=whole.data, in_blob_store=False) == whole
+        assert dataclasses.replace(got, attachments=expected.attachments) == expected
+    assert written >= 8  # the corpus' attachments, several times over
+    files = {f.name for f in blob_dir.rglob("*") if f.is_file()}
+    assert not any(name.startswith(".tmp-") for name in files), "a temporary file was left behind"
+    over = [a for o in limited.values() if isinstance(o, ParsedMessage) for a in o.attachments if a.size_bytes > 10]
+    assert len(over) >= 8
+    assert not any(a.in_blob_store or a.data for a in over)
+
+
+def test_a_worker_that_cannot_write_the_blobs_sends_the_bytes_back(tmp_path: Path) -> None:
+    """The blob directory is unusable (here a file; a full disk, permissions): the answer carries the bytes as without a
+    directory, and the store's own write meets the failure and reports it."""
+    blob_dir = tmp_path / "blobs"
+    blob_dir.write_text("not a directory")
+    parser = ParserPool(1, blob_dir=blob_dir)
+    try:
+        run = bodies(60)
+        pooled = parser.start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
+    finally:
+        parser.close()
+    inline = InlineParser().start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
+    assert comparable(pooled) == comparable(inline)
+    assert any(isinstance(o, ParsedMessage) and any(a.data for a in o.attachments) for o in pooled.values())
+
+
+def test_a_first_sync_with_workers_writing_blobs_stores_what_the_inline_parser_stores(
+    engine: sa.Engine, secret_box: SecretBox, tmp_path: Path
+) -> None:
+    """As above, with a blob store: the pool's workers write the attachment files, the sync thread writes them for
+    the inline parser; the rows are the same (``stored`` included) and every stored file holds its bytes."""
+    clock = FakeClock()
+    mailbox = FakeMailbox()
+    for raw in bodies(90).values():
+        mailbox.append("INBOX", raw, ["\\Seen"])
+    inline_parsed = InlineParser().start(bodies(90), max_attachment_bytes=MAX_ATTACHMENT).result()
+    expected_bytes = {
+        a.sha256: a.data for o in inline_parsed.values() if isinstance(o, ParsedMessage) for a in o.attachments
+    }
+    results = []
+    pool = ParserPool(1, blob_dir=tmp_path / "pooled")
+    try:
+        for name, parser in (("pooled", pool), ("inline", InlineParser())):
+            blobs = CountingBlobs(tmp_path / name)
+            store = Store(engine, clock=clock, secret_box=secret_box, blobs=blobs)
+            account = store.add_account(f"{name}-blobs@example.test", "fake", Credential("password", "x"))
+            AccountSync(
+                store,
+                account,
+                FakeSession(mailbox, Capabilities(True, True)),
+                settings=SyncSettings(batch_size=45),  # two runs of 45, both for the pool (MIN_POOL_RUN)
+                clock=clock,
+                parser=parser,
+            ).run()
+            with engine.connect() as conn:
+                attachments = conn.execute(
+                    sa.select(attachments_t.c.sha256, attachments_t.c.filename, attachments_t.c.stored)
+                    .join(messages_t, messages_t.c.id == attachments_t.c.message_id)
+                    .where(messages_t.c.account_id == account.id)
+                    .order_by(attachments_t.c.id)
+                ).all()
+            for sha256, _, stored in attachments:
+                assert stored
+                assert blobs.read(sha256) == expected_bytes[sha256]
+            results.append((attachments, blobs.handed))
+    finally:
+        pool.close()
+    assert results[0][0] == results[1][0]
+    assert len(results[0][0]) >= 8
+    assert results[0][1] == 0, "the sync thread wrote attachments that the workers had written"
+    assert results[1][1] >= 1
+
+
+class CountingBlobs(BlobStore):
+    """A real blob store that counts the attachments the sync thread hands it to write."""
+
+    handed = 0
+
+    def put_all(self, blobs: Iterable[tuple[str, bytes]], *, hashed: bool = False) -> Callable[[], None]:
+        listed = list(blobs)
+        self.handed += len(listed)
+        return super().put_all(listed, hashed=hashed)
+
+
 KILLED_DAEMON = """
 import os, signal, sys
 from inboxd.parsing import ParserPool
@@ -288,7 +400,13 @@ def test_workers_do_not_import_the_daemon(tmp_path: Path) -> None:
     modules = subprocess.run([sys.executable, "-c", WORKER_MODULES], capture_output=True, text=True, check=True)
     assert modules.stdout.strip() == str(
         [
+            # the blob store's writer threads (a worker writes the attachments it decodes): about 1.3 MB
+            "concurrent",
+            "concurrent.futures",
+            "concurrent.futures._base",
+            "concurrent.futures.thread",
             "inboxd",
+            "inboxd.blobs",
             "inboxd.errors",
             "inboxd.html",
             "inboxd.mimesplit",

@@ -35,6 +35,11 @@ class BlobStore:
         """Store bytes under their digest (verified); a second put of the same bytes is a no-op."""
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ValueError("attachment bytes do not match their sha256")
+        return self.put_hashed(sha256, data)
+
+    def put_hashed(self, sha256: str, data: bytes) -> Path:
+        """put() for bytes whose digest the caller computed itself from these very bytes (the parser does): the
+        same write, without hashing them a second time."""
         target = self.path(sha256)
         if target.is_file():
             return target
@@ -52,17 +57,19 @@ class BlobStore:
             raise
         return target
 
-    def put_all(self, blobs: Iterable[tuple[str, bytes]]) -> Callable[[], None]:
+    def put_all(self, blobs: Iterable[tuple[str, bytes]], *, hashed: bool = False) -> Callable[[], None]:
         """Start storing many (sha256, bytes) at once, in writer threads; returns the wait: it returns once every
         file is durable and raises the first failure. A sync stores a batch's attachments this way while it writes
-        the batch's rows, and waits before the rows (which say the files exist) are committed."""
+        the batch's rows, and waits before the rows (which say the files exist) are committed; a parser worker
+        before it answers (``hashed``: it computed the digests from these bytes itself, see put_hashed)."""
         unique = dict(blobs)
         if not unique:
             return lambda: None
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="inboxd-blobs")
-            futures = [self._pool.submit(self.put, sha256, data) for sha256, data in unique.items()]
+            put = self.put_hashed if hashed else self.put
+            futures = [self._pool.submit(put, sha256, data) for sha256, data in unique.items()]
 
         def wait() -> None:
             for future in futures:

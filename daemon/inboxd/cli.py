@@ -391,7 +391,9 @@ def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
     metrics = Metrics()
     stop = threading.Event()  # SIGTERM/SIGINT in `run`: finish the batch or send in flight, then exit
     # bodies of big syncs are parsed in worker processes, on the other cores (the sync threads share one: the GIL)
-    parser = ParserPool(config.sync.parse_workers) if config.sync.parse_workers else None
+    # they write the attachments they decode to the store's blob directory themselves
+    workers = config.sync.parse_workers
+    parser = ParserPool(workers, blob_dir=config.sync.attachments_dir) if workers else None
     try:
         return _run_with(args, config, store, clock=clock, metrics=metrics, stop=stop, parser=parser)
     finally:

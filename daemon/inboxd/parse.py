@@ -98,7 +98,9 @@ class AttachmentPart:
     content_id: str | None  # normalized like a Message-ID (no <>)
     is_inline: bool
     sha256: str  # hex, of the decoded bytes
-    data: bytes  # b"" when the part exceeded max_attachment_bytes (a defect says so)
+    data: bytes  # b"" when the part exceeded max_attachment_bytes (a defect says so), or is in the blob store
+    # True when a parser worker already wrote ``data`` to the blob store (durably) and sent the part back without it
+    in_blob_store: bool = False
 
     __reduce__ = _as_constructor_call
 

@@ -1,13 +1,16 @@
 """A parser worker process (see inboxd.parsing): ``python -m inboxd.parse_worker DAEMON_PID``.
 
-It reads pickled requests (a chunk of (UID, raw body) and the attachment size limit) from its stdin and writes each
-answer, parse_chunk's list, pickled to its stdout; it exits at the end of its input or as soon as the daemon is gone.
-It imports inboxd.parse and nothing more: no structlog, no daemon, no multiprocessing (what a worker imports is memory
-it holds for the daemon's lifetime).
+It reads pickled requests (a chunk of (UID, raw body), the attachment size limit and the blob store's directory or
+None) from its stdin and writes each answer, parse_chunk's list, pickled to its stdout; it exits at the end of its
+input or as soon as the daemon is gone. With a directory, the attachments' bytes are written there (durably) before the
+answer goes, and the answer carries them without the bytes (stash_attachments). It imports inboxd.parse and
+inboxd.blobs and nothing more: no structlog, no daemon, no multiprocessing (what a worker imports is memory it holds
+for the daemon's lifetime).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import select
@@ -16,9 +19,11 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
+from inboxd.blobs import BlobStore
 from inboxd.errors import UnparseableMessage
-from inboxd.parse import ParsedMessage, parse_message
+from inboxd.parse import AttachmentPart, ParsedMessage, parse_message
 from inboxd.pipe_io import PipeReader, PipeWriter
 
 ParseOutcome = ParsedMessage | UnparseableMessage
@@ -41,6 +46,33 @@ def parse_chunk(bodies: list[tuple[int, bytes]], max_attachment_bytes: int) -> A
         (uid, outcome if isinstance(outcome, ParsedMessage) else outcome.message)
         for uid, outcome in parse_all(dict(bodies), max_attachment_bytes).items()
     ]
+
+
+def stash_attachments(answer: Answer, blobs: BlobStore) -> Answer:
+    """Write the answer's attachment bytes to ``blobs`` and return it with each written part as ``in_blob_store``
+    and without its bytes: they no longer travel back through the pipe, nor get hashed and written again in the
+    daemon, whose sync thread is the busiest. The files are durable when this returns, before the daemon commits the
+    rows that name them. When a write fails (a full disk, permissions) the answer goes back unchanged, bytes and all,
+    and the daemon's own write meets the failure and reports it."""
+    wait = blobs.put_all(
+        ((a.sha256, a.data) for _, m in answer if isinstance(m, ParsedMessage) for a in m.attachments if a.data),
+        hashed=True,
+    )
+    try:
+        wait()
+    except (OSError, ValueError):
+        return answer
+    return [(uid, _without_bytes(m) if isinstance(m, ParsedMessage) else m) for uid, m in answer]
+
+
+def _without_bytes(message: ParsedMessage) -> ParsedMessage:
+    if not any(a.data for a in message.attachments):
+        return message
+    return dataclasses.replace(message, attachments=tuple(_stashed(a) for a in message.attachments))
+
+
+def _stashed(part: AttachmentPart) -> AttachmentPart:
+    return dataclasses.replace(part, data=b"", in_blob_store=True) if part.data else part
 
 
 def exit_with(daemon_pid: int) -> None:
@@ -66,12 +98,18 @@ def main(argv: list[str]) -> int:
     # the raw descriptors, not sys.stdin/sys.stdout's buffered objects (inboxd.pipe_io says why)
     requests, answers = PipeReader(sys.stdin.fileno()), PipeWriter(sys.stdout.fileno())
     sys.stdout = sys.stderr  # the answer pipe carries answers only
+    blobs: BlobStore | None = None
     while True:
         try:
-            chunk, max_attachment_bytes = pickle.load(requests)  # noqa: S301 (the daemon's own requests)
+            chunk, max_attachment_bytes, blob_dir = pickle.load(requests)  # noqa: S301 (the daemon's own requests)
         except EOFError:
             return 0
-        pickle.dump(parse_chunk(chunk, max_attachment_bytes), answers, protocol=pickle.HIGHEST_PROTOCOL)
+        answer = parse_chunk(chunk, max_attachment_bytes)
+        if blob_dir is not None:
+            if blobs is None or blobs.root != Path(blob_dir):
+                blobs = BlobStore(Path(blob_dir))
+            answer = stash_attachments(answer, blobs)
+        pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 if __name__ == "__main__":

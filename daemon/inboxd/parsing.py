@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -118,8 +119,8 @@ class _Worker:
         self._requests = PipeWriter(self.process.stdin.fileno())
         self._answers = PipeReader(self.process.stdout.fileno())
 
-    def parse(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int) -> Answer:
-        pickle.dump((chunk, max_attachment_bytes), self._requests, protocol=pickle.HIGHEST_PROTOCOL)
+    def parse(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int, blob_dir: str | None) -> Answer:
+        pickle.dump((chunk, max_attachment_bytes, blob_dir), self._requests, protocol=pickle.HIGHEST_PROTOCOL)
         answer: Answer = pickle.load(self._answers)  # noqa: S301 (our own worker's answer)
         return answer
 
@@ -142,7 +143,8 @@ class _Processes:
     I/O releases the GIL). A worker that fails is not replaced here: every later chunk of this generation fails fast
     on it, and the pool starts a new generation (ParserPool.broken)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, blob_dir: str | None) -> None:
+        self.blob_dir = blob_dir
         self.workers: list[_Worker] = []
         try:
             for _ in range(count):
@@ -162,7 +164,7 @@ class _Processes:
     def _parse(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int) -> Answer:
         worker = self._idle.get()
         try:
-            return worker.parse(chunk, max_attachment_bytes)
+            return worker.parse(chunk, max_attachment_bytes, self.blob_dir)
         except BaseException:
             with contextlib.suppress(OSError):
                 worker.process.kill()  # half a request or half an answer may be in the pipes: the worker is done
@@ -179,12 +181,17 @@ class _Processes:
 class ParserPool:
     """Parse runs of at least MIN_POOL_RUN bodies in ``workers`` processes, started on first use; smaller runs
     inline. Workers are separate interpreters started with ``python -m inboxd.parse_worker`` (not forked: a fork of
-    the threaded daemon could inherit a lock held by another thread) and exit by themselves when the daemon dies."""
+    the threaded daemon could inherit a lock held by another thread) and exit by themselves when the daemon dies.
 
-    def __init__(self, workers: int) -> None:
+    With ``blob_dir`` (the store's BlobStore directory) the workers write the attachments they decode there
+    themselves, durably, and send the parts back marked ``in_blob_store`` without their bytes (see
+    inboxd.parse_worker.stash_attachments); a run parsed inline keeps its bytes for the store to write."""
+
+    def __init__(self, workers: int, *, blob_dir: Path | None = None) -> None:
         if workers < 1:
             raise ValueError("a parser pool needs at least one worker")
         self.workers = workers
+        self.blob_dir = str(blob_dir) if blob_dir is not None else None
         self._lock = threading.Lock()
         self._processes: _Processes | None = None
         self._closed = False
@@ -237,6 +244,6 @@ class ParserPool:
             if self._closed:
                 raise RuntimeError("the parser pool is closed")
             if self._processes is None:
-                self._processes = _Processes(self.workers)
+                self._processes = _Processes(self.workers, self.blob_dir)
                 log.info("parse.pool_started", workers=self.workers)
             return self._processes

@@ -837,7 +837,8 @@ class Store:
         attachments = []
         for message_id, msg in zip(ids, messages, strict=True):
             for att in msg.parsed.attachments:
-                stored = bool(att.data) and self._blobs is not None
+                # in_blob_store: a parser worker wrote the bytes to the blob directory (the store's) before answering
+                stored = att.in_blob_store or (bool(att.data) and self._blobs is not None)
                 attachments.append(
                     {
                         "message_id": message_id,
