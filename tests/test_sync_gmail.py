@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -324,3 +326,35 @@ def test_exclusions_hold_on_gmail(
     result = run(config, store, recruiter)
     assert result.ok, result.reason
     assert [r.subject for r in rows(store, recruiter)] == ["Application 1"]
+
+
+@pytest.fixture
+def new_york_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process's local time zone is New York's (UTC-5 in November) for the test."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_received_at_is_the_internaldate_in_utc_whatever_the_hosts_time_zone(
+    store: Store,
+    db_url: str,
+    tmp_path: Path,
+    mailstack: MailStack,
+    gmail_server: GmailServer,
+    recruiter: str,
+    new_york_time: None,
+) -> None:
+    """INTERNALDATE carries its own zone. imapclient's default (normalise_times) turns it into a naive local time,
+    which was then taken for UTC: on a host whose TZ is not UTC every received_at was off by the host's offset."""
+    assert time.localtime(0).tm_gmtoff != 0, "the test needs a local time zone other than UTC"
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    utc = datetime(2026, 11, 25, 10, 0, 5, tzinfo=UTC)
+    kolkata = datetime(2026, 11, 25, 15, 30, tzinfo=timezone(timedelta(hours=5, minutes=30)))  # 10:00 UTC
+    gmail_server.deliver(application(recruiter, 1), internaldate=utc)
+    gmail_server.deliver(application(recruiter, 2), internaldate=kolkata)
+    run(config, store, recruiter)
+    received = [row.received_at for row in rows(store, recruiter)]
+    assert received == [utc, datetime(2026, 11, 25, 10, 0, tzinfo=UTC)]

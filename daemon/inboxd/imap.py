@@ -305,7 +305,9 @@ class ImapClientSession:
             if typ != "OK":
                 raise IMAPClientError(f"UID FETCH failed: {_text(data[0]) if data else typ}")
             typ, data = imap._untagged_response(typ, data, "FETCH")
-            return _by_uid(parse_fetch_response(data, normalise_times=True, uid_is_key=False))
+            # normalise_times=False: INTERNALDATE with its own zone. True gives a naive time in the host's local
+            # zone, which _aware took for UTC: received_at was off by the host's offset wherever TZ is not UTC
+            return _by_uid(parse_fetch_response(data, normalise_times=False, uid_is_key=False))
 
         result: dict[int, dict[bytes, Any]] = self._call(run)
         return result
