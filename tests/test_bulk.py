@@ -11,6 +11,8 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg as postgresql_dialect
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite as sqlite_dialect
 
 from inboxd.bulk import among, insert_returning_ids, insert_rows
 from inboxd.clock import FakeClock
@@ -72,7 +74,10 @@ def account(engine: sa.Engine, secret_box: SecretBox) -> int:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(TEXT, st.lists(TEXT, max_size=4), WHEN, st.booleans()), min_size=1, max_size=6))
 def test_bulk_rows_read_back_as_inserted_ones(engine: sa.Engine, account: int, cases: list[Any]) -> None:
-    rows = [_row(account, i, *case) for i, case in enumerate(cases)]
+    """Each row's values as a plain INSERT stores them, also when rows share one object in a column (the store gives
+    every row of a batch the same created_at, and bulk converts such a value once)."""
+    stamp = cases[-1][2]
+    rows = [{**_row(account, i, *case), "updated_at": stamp} for i, case in enumerate(cases)]
     with engine.begin() as conn:
         bulk_ids = insert_returning_ids(conn, messages_t, rows)
         plain_ids = [
@@ -89,6 +94,27 @@ def test_bulk_rows_read_back_as_inserted_ones(engine: sa.Engine, account: int, c
         assert got == {**want, "provider_message_id": row["provider_message_id"]}
         assert got["sent_at"] == row["sent_at"]
         assert got["references"] == row["references"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from([UTC, timezone(timedelta(hours=14)), timezone(timedelta(hours=-12, minutes=-45))]),
+    )
+)
+def test_the_bulk_timestamp_processor_gives_what_sqlalchemys_gives(when: datetime) -> None:
+    """UTCDateTime.bulk_bind_processor (one step) and bind_processor (process_bind_param, then the dialect's DATETIME
+    processor) turn any aware timestamp into the same value, on both dialects; a naive one is refused by both."""
+    column_type = messages_t.c.sent_at.type
+    for dialect in (sqlite_dialect(), postgresql_dialect()):
+        fast = column_type.bulk_bind_processor(dialect)
+        slow = column_type.dialect_impl(dialect).bind_processor(dialect)
+        assert fast(when) == (slow(when) if slow else when.astimezone(UTC))
+        assert fast(None) is None
+        with pytest.raises(ValueError, match="naive"):
+            fast(when.replace(tzinfo=None))
 
 
 def test_insert_rows_and_ids_in_order(engine: sa.Engine, account: int) -> None:

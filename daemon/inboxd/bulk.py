@@ -21,6 +21,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+_NOTHING = object()
+
 # Keep IN (...) lists well under SQLite's bound-parameter limit.
 _CHUNK = 500
 
@@ -118,15 +120,30 @@ def _converted(
         if column.name not in rows[0] and column.default is not None and not column.primary_key:
             raise ValueError(f"{table.name}.{column.name} has a client-side default: give it in the rows")
     dialect = conn.dialect
-    processors = [
-        (i, p) for i, n in enumerate(names) if (p := table.c[n].type.dialect_impl(dialect).bind_processor(dialect))
-    ]
+    processors = [(i, p) for i, n in enumerate(names) if (p := _processor(table.c[n].type, dialect))]
 
     def values() -> Iterator[list[Any]]:
+        # a value that is the same object as the row before's in that column (created_at and updated_at: one
+        # timestamp for the whole batch) is not converted again; the rows are not changed while they are inserted
+        last: list[tuple[Any, Any]] = [(_NOTHING, None)] * len(processors)
         for row in rows:
             converted = [row[n] for n in names]
-            for i, process in processors:
-                converted[i] = process(converted[i])
+            for k, (i, process) in enumerate(processors):
+                value = converted[i]
+                seen, out = last[k]
+                if value is not seen:
+                    out = process(value)
+                    last[k] = (value, out)
+                converted[i] = out
             yield converted
 
     return names, values()
+
+
+def _processor(column_type: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> Any:
+    """The column type's bind processor, or the one-step equivalent it offers for bulk use (bulk_bind_processor,
+    see models.UTCDateTime)."""
+    bulk = getattr(column_type, "bulk_bind_processor", None)
+    if bulk is not None:
+        return bulk(dialect)
+    return column_type.dialect_impl(dialect).bind_processor(dialect)

@@ -5,6 +5,7 @@ docs/schema.md documents every table; Alembic migrations under migrations/ creat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +32,23 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def bulk_bind_processor(self, dialect: sa.Dialect) -> Callable[[datetime | None], Any] | None:
+        """What bind_processor gives (process_bind_param, then the dialect's own DATETIME processor), in one
+        function for inboxd.bulk: on SQLite the text SQLAlchemy stores ("YYYY-MM-DD HH:MM:SS.ffffff", UTC)
+        straight from isoformat, not through two calls and a %-format per value (a sixteenth of the daemon's
+        time in a first sync: four timestamps per message). tests/test_bulk.py checks the two agree."""
+        if dialect.name != "sqlite":
+            return self.bind_processor(dialect)
+        return _sqlite_utc_text
+
+
+def _sqlite_utc_text(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to a UTC column")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets BIGINT identities.
