@@ -359,9 +359,11 @@ def _header_info(uid: int, data: Mapping[bytes, Any], values: Mapping[str, str],
     came in the reply instead of RFC822.SIZE."""
     return HeaderInfo(
         uid=uid,
-        message_id=normalize_msgid(values.get("message-id")),
-        addresses=tuple(email for name in ADDRESS_FIELDS for _, email in parse_address_list(values.get(name))),
-        references=reference_ids(values),
+        message_id=normalize_msgid(values.get("message-id")) if values else None,
+        addresses=tuple(email for name in ADDRESS_FIELDS for _, email in parse_address_list(values.get(name)))
+        if values
+        else (),
+        references=reference_ids(values) if values else (),
         size=data.get(b"RFC822.SIZE") if size is None else size,
         flags=tuple(_text(f) for f in data.get(b"FLAGS", ())),
         modseq=_modseq(data),
