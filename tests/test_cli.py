@@ -200,6 +200,25 @@ def test_console_script_flushes_what_it_printed_before_its_fast_exit(tmp_path: P
     assert "nobody@example.test" in unknown.stderr
 
 
+NO_PSYCOPG_ON_SQLITE = """
+import sys
+from inboxd.cli import main
+assert main(["secrets", "init"]) == 0 and main(["db", "upgrade"]) == 0 and main(["run", "--once"]) == 0
+print(sorted(m for m in sys.modules if m.split(".")[0] == "psycopg"))
+"""
+
+
+def test_a_command_on_sqlite_does_not_import_psycopg(tmp_path: Path) -> None:
+    """Importing psycopg takes about 0.1 s, a fifth of a command's start-up: only PostgreSQL needs it."""
+    env = {k: v for k, v in os.environ.items() if k != "INBOXD_CONFIG"}
+    env["INBOXD_CONFIG"] = str(minimal_config(tmp_path))
+    run = subprocess.run(
+        [sys.executable, "-c", NO_PSYCOPG_ON_SQLITE], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "[]"
+
+
 # --- secrets ------------------------------------------------------------------------------------------------
 
 

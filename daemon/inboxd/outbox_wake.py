@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import select
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 import sqlalchemy as sa
 import structlog
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +34,8 @@ class OutboxWake:
             self._sqlite = engine.raw_connection()
             self._version = self._data_version()
         elif engine.dialect.name == "postgresql":
+            import psycopg  # noqa: PLC0415 (here: importing it takes 0.1 s, which every command on SQLite would pay)
+
             url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
             self._conn = psycopg.connect(url, autocommit=True)
             self._conn.execute(f"LISTEN {CHANNEL}")
