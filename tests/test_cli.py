@@ -200,6 +200,45 @@ def test_console_script_flushes_what_it_printed_before_its_fast_exit(tmp_path: P
     assert "nobody@example.test" in unknown.stderr
 
 
+UMASK_AFTER_MAIN = """
+import hashlib, os, pathlib, sys
+from inboxd.blobs import BlobStore
+from inboxd.cli import main
+os.umask(int(sys.argv[1], 8))
+assert main(["secrets", "init"]) == 0
+digest = hashlib.sha256(b"x").hexdigest()
+BlobStore(pathlib.Path(sys.argv[2])).put(digest, b"x")
+print(oct(os.stat(os.path.join(sys.argv[2], digest[:2])).st_mode & 0o777))
+"""
+
+
+@pytest.mark.parametrize(
+    ("inherited", "directory"),
+    [("0027", "0o750"), ("0022", "0o750"), ("0007", "0o770"), ("0077", "0o700"), ("0000", "0o770")],
+)
+def test_the_services_umask_decides_the_groups_access_never_others(
+    tmp_path: Path, inherited: str, directory: str
+) -> None:
+    """inboxd adds 007 to the umask it inherits: nothing it creates is readable by others, and the group gets what
+    the service's UMask gives it (0007: the HR app's group may write into new attachment directories, docs/ops.md).
+    It used to set 027 outright, so UMask=0007 gave 0750 directories the HR app could not write into."""
+    env = {k: v for k, v in os.environ.items() if k != "INBOXD_CONFIG"}
+    env["INBOXD_CONFIG"] = str(minimal_config(tmp_path))
+    blobs = tmp_path / "blobs"
+    run = subprocess.run(
+        [sys.executable, "-c", UMASK_AFTER_MAIN, inherited, str(blobs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == directory
+    key = tmp_path / "secret.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
 NO_PSYCOPG_ON_SQLITE = """
 import sys
 from inboxd.cli import main

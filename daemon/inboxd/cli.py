@@ -131,9 +131,18 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _restrict_umask() -> None:
+    """Nothing inboxd creates (the database, the key file, attachment files and directories) is readable by others:
+    the inherited umask gains 007. The group's bits stay as the service set them: 027 by default (systemd
+    ``UMask=0027``, or a shell's 022), 007 where ops give the HR app's group write access to the attachment store
+    (docs/ops.md). Setting 027 outright, as before, undid that: new directories were 0750 whatever UMask said."""
+    inherited = os.umask(0o077)
+    os.umask(inherited | 0o007)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.umask(0o027)  # the database, key and attachment files are never world-readable
+    _restrict_umask()
     try:
         config = load_config(args.config, env=os.environ)
     except ConfigError as exc:
