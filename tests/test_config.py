@@ -16,6 +16,7 @@ from inboxd.config import (
     parse_duration,
     parse_size,
 )
+from inboxd.daemon import keep_start_values
 from inboxd.errors import ConfigError
 
 GMAIL = """
@@ -517,3 +518,28 @@ def test_http_beyond_loopback_needs_allow_remote(tmp_path: Path) -> None:
     config = parse(tmp_path, '[http]\nlisten = "0.0.0.0:9810"\nallow_remote = true')
     assert config.http.listen == ("0.0.0.0", 9810)
     assert config.http.allow_remote is True
+
+
+# --- reload --------------------------------------------------------------------------------------
+
+
+def test_a_reload_keeps_what_only_a_restart_applies_and_names_it(tmp_path: Path) -> None:
+    """The daemon built its database engine, secrets key, HTTP listener, blob store, parser processes and lease
+    holder at start: a reloaded config that changes those keeps their running values (the log names the keys),
+    and everything else in it applies."""
+    running = parse(tmp_path, '[sync]\nscope = "contacts"\n')
+    changed = parse(
+        tmp_path,
+        '[sync]\nscope = "all"\nattachments_dir = "/srv/files"\nparse_workers = 3\nlease = "90s"\n'
+        '[database]\nurl = "sqlite:////srv/other.db"\n',
+    )
+    keys, applied = keep_start_values(running, changed)
+    assert keys == ["database.url", "sync.attachments_dir", "sync.parse_workers", "sync.lease"]
+    assert applied.database == running.database
+    assert applied.sync.attachments_dir == running.sync.attachments_dir
+    assert applied.sync.parse_workers == running.sync.parse_workers
+    assert applied.sync.lease == running.sync.lease
+    assert applied.sync.scope == "all", "the rest of the reloaded config applies"
+    same, untouched = keep_start_values(running, parse(tmp_path, '[sync]\nscope = "all"\n'))
+    assert same == []
+    assert untouched.sync.scope == "all"

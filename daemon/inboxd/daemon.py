@@ -47,6 +47,36 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def keep_start_values(running: Config, loaded: Config) -> tuple[list[str], Config]:
+    """A reloaded config as the running daemon can apply it: the keys that changed but only a restart applies,
+    and ``loaded`` with their running values kept. Those are what `inboxd run` built its parts from at start: the
+    database engine, the secrets key, the HTTP listener, the blob store (attachments_dir, also the parser
+    processes' directory), the parser processes and the lease holder (sync.lease, whose renewal period must stay
+    the lease's)."""
+    changed = [
+        key
+        for key, old, fresh in (
+            ("database.url", running.database.url, loaded.database.url),
+            ("secrets.key_file", running.secrets.key_file, loaded.secrets.key_file),
+            ("http.listen", running.http.listen, loaded.http.listen),
+            ("sync.attachments_dir", running.sync.attachments_dir, loaded.sync.attachments_dir),
+            ("sync.parse_workers", running.sync.parse_workers, loaded.sync.parse_workers),
+            ("sync.lease", running.sync.lease, loaded.sync.lease),
+        )
+        if old != fresh
+    ]
+    if not changed:
+        return [], loaded
+    sync = replace(
+        loaded.sync,
+        attachments_dir=running.sync.attachments_dir,
+        parse_workers=running.sync.parse_workers,
+        lease=running.sync.lease,
+    )
+    kept = replace(loaded, database=running.database, secrets=running.secrets, http=running.http, sync=sync)
+    return changed, kept
+
+
 class Daemon:
     def __init__(
         self,
@@ -181,18 +211,9 @@ class Daemon:
             log.error("daemon.reload_rejected", error=str(exc))
             self._notifier.ready(f"config reload rejected: {exc}"[:200])
             return
-        restart_needed = [
-            key
-            for key, old, fresh in (
-                ("database.url", self._config.database.url, new.database.url),
-                ("secrets.key_file", self._config.secrets.key_file, new.secrets.key_file),
-                ("http.listen", self._config.http.listen, new.http.listen),
-            )
-            if old != fresh
-        ]
+        restart_needed, new = keep_start_values(self._config, new)
         if restart_needed:
             log.warning("daemon.reload_needs_restart", keys=restart_needed)
-            new = replace(new, database=self._config.database, secrets=self._config.secrets, http=self._config.http)
         self._config = new
         self._runner.reconfigure(new)
         self._outbox.reconfigure(new)
