@@ -528,13 +528,22 @@ def test_a_reload_keeps_what_only_a_restart_applies_and_names_it(tmp_path: Path)
     holder at start: a reloaded config that changes those keeps their running values (the log names the keys),
     and everything else in it applies."""
     running = parse(tmp_path, '[sync]\nscope = "contacts"\n')
+    token = tmp_path / "api.token"
+    token.write_text("a" * 40)
+    token.chmod(0o600)
     changed = parse(
         tmp_path,
         '[sync]\nscope = "all"\nattachments_dir = "/srv/files"\nparse_workers = 3\nlease = "90s"\n'
-        '[database]\nurl = "sqlite:////srv/other.db"\n',
+        '[database]\nurl = "sqlite:////srv/other.db"\n'
+        f'[http]\nlisten = "127.0.0.1:9999"\napi_token_file = "{token}"\n'
+        'return_to_origins = ["https://hr.example.com"]\n',
     )
     keys, applied = keep_start_values(running, changed)
-    assert keys == ["database.url", "sync.attachments_dir", "sync.parse_workers", "sync.lease"]
+    assert keys == ["database.url", "http.listen", "sync.attachments_dir", "sync.parse_workers", "sync.lease"]
+    assert applied.http.listen == running.http.listen
+    # the rest of those sections applies: the HR app's token and origins are read per request
+    assert applied.http.api_token == "a" * 40
+    assert applied.http.return_to_origins == frozenset({"https://hr.example.com"})
     assert applied.database == running.database
     assert applied.sync.attachments_dir == running.sync.attachments_dir
     assert applied.sync.parse_workers == running.sync.parse_workers

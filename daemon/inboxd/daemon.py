@@ -65,15 +65,15 @@ def keep_start_values(running: Config, loaded: Config) -> tuple[list[str], Confi
         )
         if old != fresh
     ]
-    if not changed:
-        return [], loaded
+    # only those keys: the rest of their sections (the HR app's api token, return_to_origins, ...) applies
     sync = replace(
         loaded.sync,
         attachments_dir=running.sync.attachments_dir,
         parse_workers=running.sync.parse_workers,
         lease=running.sync.lease,
     )
-    kept = replace(loaded, database=running.database, secrets=running.secrets, http=running.http, sync=sync)
+    http = replace(loaded.http, listen=running.http.listen)
+    kept = replace(loaded, database=running.database, secrets=running.secrets, http=http, sync=sync)
     return changed, kept
 
 
