@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
-from inboxd.blobs import BlobStore
+from inboxd.blobs import STAGING, BlobStore
 from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
 from inboxd.errors import UnparseableMessage
@@ -225,7 +226,9 @@ def test_a_first_sync_through_the_pool_stores_what_the_inline_parser_stores(
     assert results[0][3] >= 12  # the whitespace bodies, at least
 
 
-def test_workers_write_the_attachments_to_the_blob_directory_and_send_them_back_without_bytes(tmp_path: Path) -> None:
+def test_workers_stage_the_attachments_and_send_them_back_without_bytes(tmp_path: Path) -> None:
+    """A worker with a blob directory writes each attachment it decodes to the staging directory and answers with
+    the staged file's name instead of the bytes; nothing is in the store itself until adopt moves it there."""
     blob_dir = tmp_path / "blobs"
     parser = ParserPool(1, blob_dir=blob_dir)
     try:
@@ -236,7 +239,8 @@ def test_workers_write_the_attachments_to_the_blob_directory_and_send_them_back_
         parser.close()
     inline = InlineParser().start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
     assert pooled.keys() == inline.keys()
-    written = 0
+    store = BlobStore(blob_dir)
+    staged = 0
     for uid, expected in inline.items():
         got = pooled[uid]
         if not isinstance(expected, ParsedMessage):
@@ -245,19 +249,52 @@ def test_workers_write_the_attachments_to_the_blob_directory_and_send_them_back_
         assert isinstance(got, ParsedMessage)
         assert len(got.attachments) == len(expected.attachments)
         for part, whole in zip(got.attachments, expected.attachments, strict=True):
-            assert part.in_blob_store == bool(whole.data)
+            assert (part.staged is not None) == bool(whole.data)
             if whole.data:
-                written += 1
+                staged += 1
                 assert part.data == b""
-                assert BlobStore(blob_dir).read(part.sha256) == whole.data
-            assert dataclasses.replace(part, data=whole.data, in_blob_store=False) == whole
+                assert part.staged is not None
+                assert (blob_dir / STAGING / part.staged).read_bytes() == whole.data
+            assert dataclasses.replace(part, data=whole.data, staged=None) == whole
         assert dataclasses.replace(got, attachments=expected.attachments) == expected
-    assert written >= 8  # the corpus' attachments, several times over
-    files = {f.name for f in blob_dir.rglob("*") if f.is_file()}
-    assert not any(name.startswith(".tmp-") for name in files), "a temporary file was left behind"
+    assert staged >= 8  # the corpus' attachments, several times over
+    assert [f for f in blob_dir.iterdir() if f.name != STAGING] == [], "nothing is in the store before adopt"
     over = [a for o in limited.values() if isinstance(o, ParsedMessage) for a in o.attachments if a.size_bytes > 10]
     assert len(over) >= 8
-    assert not any(a.in_blob_store or a.data for a in over)
+    assert not any(a.staged or a.data for a in over)
+    # adopt moves a staged file into place, or drops it when the store has the file already
+    first = next(a for o in pooled.values() if isinstance(o, ParsedMessage) for a in o.attachments if a.staged)
+    assert first.staged is not None
+    assert store.adopt(first.sha256, first.staged)
+    assert store.read(first.sha256) == next(
+        a.data
+        for o in inline.values()
+        if isinstance(o, ParsedMessage)
+        for a in o.attachments
+        if a.sha256 == first.sha256
+    )
+    assert not (blob_dir / STAGING / first.staged).exists()
+    assert store.adopt(first.sha256, first.staged), "the store has it: a staged copy that is gone is no loss"
+    with pytest.raises(ValueError, match="staged"):
+        store.adopt(first.sha256, "../" + first.staged)
+
+
+def test_staged_files_of_runs_never_stored_are_swept_once_old(tmp_path: Path) -> None:
+    """A run that was parsed but never stored (a stop, a lost lease) leaves staged files; the sweep removes those
+    older than its limit, and adopt of a swept file says the file is not stored."""
+    store = BlobStore(tmp_path / "blobs")
+    data = {hashlib.sha256(b"%d" % i).hexdigest(): b"%d" % i for i in range(3)}
+    names = store.stage_all(data.items())()
+    old, fresh, gone = list(data)
+    past = time.time() - 7200
+    os.utime(tmp_path / "blobs" / STAGING / names[old], (past, past))
+    os.utime(tmp_path / "blobs" / STAGING / names[gone], (past, past))
+    assert store.sweep_staging(3600) == 2
+    assert sorted(p.name for p in (tmp_path / "blobs" / STAGING).iterdir()) == [names[fresh]]
+    assert not store.adopt(gone, names[gone])
+    assert not store.has(gone)
+    assert store.adopt(fresh, names[fresh]) and store.read(fresh) == data[fresh]
+    assert BlobStore(tmp_path / "none").sweep_staging(0) == 0
 
 
 def test_a_worker_that_cannot_write_the_blobs_sends_the_bytes_back(tmp_path: Path) -> None:
@@ -319,6 +356,7 @@ def test_a_first_sync_with_workers_writing_blobs_stores_what_the_inline_parser_s
         pool.close()
     assert results[0][0] == results[1][0]
     assert len(results[0][0]) >= 8
+    assert list((tmp_path / "pooled" / STAGING).iterdir()) == [], "every staged file was moved into place"
     assert results[0][1] == 0, "the sync thread wrote attachments that the workers had written"
     assert results[1][1] >= 1
 
@@ -328,10 +366,10 @@ class CountingBlobs(BlobStore):
 
     handed = 0
 
-    def put_all(self, blobs: Iterable[tuple[str, bytes]], *, hashed: bool = False) -> Callable[[], None]:
+    def put_all(self, blobs: Iterable[tuple[str, bytes]]) -> Callable[[], None]:
         listed = list(blobs)
         self.handed += len(listed)
-        return super().put_all(listed, hashed=hashed)
+        return super().put_all(listed)
 
 
 KILLED_DAEMON = """

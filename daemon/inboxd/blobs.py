@@ -1,6 +1,9 @@
 """Attachment bytes, content-addressed by sha256 under one directory the HR app can read.
 
 Layout: <attachments_dir>/<sha256[0:2]>/<sha256>; files are written once, atomically, and never modified.
+Parser processes stage the files they decode under <attachments_dir>/.staging/ (written and fsynced), and the sync
+thread moves each into place (adopt) just before it commits the rows that name it: a run that is never stored (a
+stop, a lost lease, a failed batch) leaves its files there, out of the store, and sweep_staging removes them.
 """
 
 from __future__ import annotations
@@ -9,12 +12,14 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # put_all's writers: file writes and fsyncs release the GIL, and the filesystem commits concurrent fsyncs together
 _WRITERS = 8
+STAGING = ".staging"
 
 
 class BlobStore:
@@ -35,11 +40,6 @@ class BlobStore:
         """Store bytes under their digest (verified); a second put of the same bytes is a no-op."""
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ValueError("attachment bytes do not match their sha256")
-        return self.put_hashed(sha256, data)
-
-    def put_hashed(self, sha256: str, data: bytes) -> Path:
-        """put() for bytes whose digest the caller computed itself from these very bytes (the parser does): the
-        same write, without hashing them a second time."""
         target = self.path(sha256)
         if target.is_file():
             return target
@@ -57,25 +57,92 @@ class BlobStore:
             raise
         return target
 
-    def put_all(self, blobs: Iterable[tuple[str, bytes]], *, hashed: bool = False) -> Callable[[], None]:
+    def put_all(self, blobs: Iterable[tuple[str, bytes]]) -> Callable[[], None]:
         """Start storing many (sha256, bytes) at once, in writer threads; returns the wait: it returns once every
         file is durable and raises the first failure. A sync stores a batch's attachments this way while it writes
-        the batch's rows, and waits before the rows (which say the files exist) are committed; a parser worker
-        before it answers (``hashed``: it computed the digests from these bytes itself, see put_hashed)."""
+        the batch's rows, and waits before the rows (which say the files exist) are committed."""
         unique = dict(blobs)
         if not unique:
             return lambda: None
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="inboxd-blobs")
-            put = self.put_hashed if hashed else self.put
-            futures = [self._pool.submit(put, sha256, data) for sha256, data in unique.items()]
+            futures = [self._pool.submit(self.put, sha256, data) for sha256, data in unique.items()]
 
         def wait() -> None:
             for future in futures:
                 future.result()
 
         return wait
+
+    def stage_all(self, blobs: Iterable[tuple[str, bytes]]) -> Callable[[], dict[str, str]]:
+        """Write many (sha256, bytes) under the staging directory, durably, in writer threads (the caller computed
+        the digests from these bytes); returns the wait, which gives sha256 -> the staged file's name (for adopt)
+        once every file is fsynced, and raises the first failure."""
+        unique = dict(blobs)
+        if not unique:
+            return dict
+        staging = self.root / STAGING
+        staging.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="inboxd-blobs")
+            futures = {sha256: self._pool.submit(self._stage, staging, sha256, data) for sha256, data in unique.items()}
+
+        def wait() -> dict[str, str]:
+            return {sha256: future.result() for sha256, future in futures.items()}
+
+        return wait
+
+    def _stage(self, staging: Path, sha256: str, data: bytes) -> str:
+        self.path(sha256)  # a digest, not a path
+        fd, tmp = tempfile.mkstemp(dir=staging, prefix=f"{sha256}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o640)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return Path(tmp).name
+
+    def adopt(self, sha256: str, staged: str) -> bool:
+        """Move a staged file into place (or drop it when the store has the file already); False when neither is
+        there (swept: sweep_staging), so the row must not say the file is stored."""
+        target = self.path(sha256)
+        source = self.root / STAGING / staged
+        if not staged.startswith(f"{sha256}.") or "/" in staged:
+            raise ValueError("not a staged file of this digest")
+        if target.is_file():
+            source.unlink(missing_ok=True)
+            return True
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:
+            return target.is_file()
+        return True
+
+    def sweep_staging(self, older_than: float) -> int:
+        """Delete staged files older than ``older_than`` seconds (by modification time): what parser processes
+        wrote for runs that were never stored. Returns how many went."""
+        staging = self.root / STAGING
+        cutoff = time.time() - older_than
+        removed = 0
+        try:
+            entries = list(os.scandir(staging))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()

@@ -403,6 +403,7 @@ def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
     # they write the attachments they decode to the store's blob directory themselves
     workers = config.sync.parse_workers
     parser = ParserPool(workers, blob_dir=config.sync.attachments_dir) if workers else None
+    store.sweep_staged_attachments()  # left by runs that a stop or a crash kept from being stored
     try:
         return _run_with(args, config, store, clock=clock, metrics=metrics, stop=stop, parser=parser)
     finally:

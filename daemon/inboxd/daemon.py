@@ -131,6 +131,7 @@ class Daemon:
                 self._owned = self._rebalance(accounts)
                 self._runner.retain_sessions(self._owned)  # log out of the accounts another node took
                 self._cycle()
+                self._store.sweep_staged_attachments()  # staged by parser processes for runs never stored
                 settle_heap()
                 self._between_cycles(watermark)
         finally:

@@ -98,9 +98,10 @@ class AttachmentPart:
     content_id: str | None  # normalized like a Message-ID (no <>)
     is_inline: bool
     sha256: str  # hex, of the decoded bytes
-    data: bytes  # b"" when the part exceeded max_attachment_bytes (a defect says so), or is in the blob store
-    # True when a parser worker already wrote ``data`` to the blob store (durably) and sent the part back without it
-    in_blob_store: bool = False
+    data: bytes  # b"" when the part exceeded max_attachment_bytes (a defect says so), or when ``staged``
+    # a parser worker wrote ``data`` to the blob store's staging directory (durably) under this name and sent the part
+    # back without it; the store moves it into place (BlobStore.adopt) with the row
+    staged: str | None = None
 
     __reduce__ = _as_constructor_call
 

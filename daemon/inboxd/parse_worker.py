@@ -49,30 +49,29 @@ def parse_chunk(bodies: list[tuple[int, bytes]], max_attachment_bytes: int) -> A
 
 
 def stash_attachments(answer: Answer, blobs: BlobStore) -> Answer:
-    """Write the answer's attachment bytes to ``blobs`` and return it with each written part as ``in_blob_store``
-    and without its bytes: they no longer travel back through the pipe, nor get hashed and written again in the
-    daemon, whose sync thread is the busiest. The files are durable when this returns, before the daemon commits the
-    rows that name them. When a write fails (a full disk, permissions) the answer goes back unchanged, bytes and all,
-    and the daemon's own write meets the failure and reports it."""
-    wait = blobs.put_all(
-        ((a.sha256, a.data) for _, m in answer if isinstance(m, ParsedMessage) for a in m.attachments if a.data),
-        hashed=True,
-    )
+    """Stage the answer's attachment bytes in ``blobs`` (BlobStore.stage_all: written and fsynced) and return it
+    with each staged part carrying its staged file's name and no bytes: they no longer travel back through the pipe,
+    nor get hashed and written again in the daemon, whose sync thread is the busiest. The daemon moves each file into
+    place just before it commits the rows that name it; a run it never stores leaves the files in staging, out of
+    the store, until they are swept. When a write fails (a full disk, permissions) the answer goes back unchanged,
+    bytes and all, and the daemon's own write meets the failure and reports it."""
     try:
-        wait()
+        staged = blobs.stage_all(
+            (a.sha256, a.data) for _, m in answer if isinstance(m, ParsedMessage) for a in m.attachments if a.data
+        )()
     except (OSError, ValueError):
         return answer
-    return [(uid, _without_bytes(m) if isinstance(m, ParsedMessage) else m) for uid, m in answer]
+    return [(uid, _without_bytes(m, staged) if isinstance(m, ParsedMessage) else m) for uid, m in answer]
 
 
-def _without_bytes(message: ParsedMessage) -> ParsedMessage:
+def _without_bytes(message: ParsedMessage, staged: dict[str, str]) -> ParsedMessage:
     if not any(a.data for a in message.attachments):
         return message
-    return dataclasses.replace(message, attachments=tuple(_stashed(a) for a in message.attachments))
+    return dataclasses.replace(message, attachments=tuple(_stashed(a, staged) for a in message.attachments))
 
 
-def _stashed(part: AttachmentPart) -> AttachmentPart:
-    return dataclasses.replace(part, data=b"", in_blob_store=True) if part.data else part
+def _stashed(part: AttachmentPart, staged: dict[str, str]) -> AttachmentPart:
+    return dataclasses.replace(part, data=b"", staged=staged[part.sha256]) if part.data else part
 
 
 def exit_with(daemon_pid: int) -> None:

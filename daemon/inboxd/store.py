@@ -10,10 +10,11 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 
 from inboxd.blobs import BlobStore
 from inboxd.bulk import among, chunks, insert_returning_ids, insert_rows
@@ -104,7 +105,11 @@ class Account:
     retry_at: datetime | None = None
 
 
+log = structlog.get_logger(__name__)
+
 OAUTH2_REFRESH, PASSWORD, DELEGATED = "oauth2_refresh", "password", "delegated"
+# a staged attachment file older than this belongs to a run that was never stored (a run takes seconds)
+STAGED_MAX_AGE = timedelta(hours=1)
 # state_reason of a disabled account whose mailbox was disconnected (credentials deleted)
 DISCONNECTED_REASON = "disconnected: connect the mailbox again to resume syncing"
 
@@ -837,8 +842,10 @@ class Store:
         attachments = []
         for message_id, msg in zip(ids, messages, strict=True):
             for att in msg.parsed.attachments:
-                # in_blob_store: a parser worker wrote the bytes to the blob directory (the store's) before answering
-                stored = att.in_blob_store or (bool(att.data) and self._blobs is not None)
+                if att.staged is not None:  # a parser worker staged the bytes: into place now, before the commit
+                    stored = self._blobs is not None and self._blobs.adopt(att.sha256, att.staged)
+                else:
+                    stored = bool(att.data) and self._blobs is not None
                 attachments.append(
                     {
                         "message_id": message_id,
@@ -854,6 +861,20 @@ class Store:
         insert_rows(conn, attachments_t, attachments)
         blobs_stored()  # before the caller commits: a row with stored = true names a file that is on disk
         return ids
+
+    def sweep_staged_attachments(self) -> int:
+        """Delete attachment files that parser processes staged for runs never stored (BlobStore.sweep_staging),
+        once they are STAGED_MAX_AGE old; a failure is logged, not raised. Returns how many went."""
+        if self._blobs is None:
+            return 0
+        try:
+            removed = self._blobs.sweep_staging(STAGED_MAX_AGE.total_seconds())
+        except OSError as exc:
+            log.warning("store.staging_sweep_failed", error=exc.strerror or type(exc).__name__)
+            return 0
+        if removed:
+            log.info("store.staging_swept", files=removed)
+        return removed
 
     def _put_blobs(self, messages: Sequence[NewMessage]) -> Callable[[], None]:
         """Start writing the attachments' bytes (see BlobStore.put_all); returns the wait."""
