@@ -44,16 +44,11 @@ class BlobStore:
         if target.is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        tmp = _durable_file(target.parent, ".tmp-", data)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o640)
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return target
 
@@ -64,10 +59,8 @@ class BlobStore:
         unique = dict(blobs)
         if not unique:
             return lambda: None
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="inboxd-blobs")
-            futures = [self._pool.submit(self.put, sha256, data) for sha256, data in unique.items()]
+        writers = self._writers()
+        futures = [writers.submit(self.put, sha256, data) for sha256, data in unique.items()]
 
         def wait() -> None:
             for future in futures:
@@ -84,10 +77,8 @@ class BlobStore:
             return dict
         staging = self.root / STAGING
         staging.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="inboxd-blobs")
-            futures = {sha256: self._pool.submit(self._stage, staging, sha256, data) for sha256, data in unique.items()}
+        writers = self._writers()
+        futures = {sha256: writers.submit(self._stage, staging, sha256, data) for sha256, data in unique.items()}
 
         def wait() -> dict[str, str]:
             return {sha256: future.result() for sha256, future in futures.items()}
@@ -96,17 +87,7 @@ class BlobStore:
 
     def _stage(self, staging: Path, sha256: str, data: bytes) -> str:
         self.path(sha256)  # a digest, not a path
-        fd, tmp = tempfile.mkstemp(dir=staging, prefix=f"{sha256}.")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o640)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return Path(tmp).name
+        return _durable_file(staging, f"{sha256}.", data).name
 
     def adopt(self, sha256: str, staged: str) -> bool:
         """Move a staged file into place (or drop it when the store has the file already); False when neither is
@@ -144,5 +125,28 @@ class BlobStore:
                 continue
         return removed
 
+    def _writers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="inboxd-blobs")
+            return self._pool
+
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
+
+
+def _durable_file(directory: Path, prefix: str, data: bytes) -> Path:
+    """A new file in ``directory`` (name ``prefix`` + a random part) holding ``data``, fsynced, mode 0640; nothing is
+    left behind when writing fails."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix)
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(path, 0o640)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path

@@ -400,7 +400,7 @@ def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
     metrics = Metrics()
     stop = threading.Event()  # SIGTERM/SIGINT in `run`: finish the batch or send in flight, then exit
     # bodies of big syncs are parsed in worker processes, on the other cores (the sync threads share one: the GIL)
-    # they write the attachments they decode to the store's blob directory themselves
+    # they stage the attachments they decode in the store's blob directory themselves (the store adopts them)
     workers = config.sync.parse_workers
     parser = ParserPool(workers, blob_dir=config.sync.attachments_dir) if workers else None
     store.sweep_staged_attachments()  # left by runs that a stop or a crash kept from being stored

@@ -2,10 +2,10 @@
 
 It reads pickled requests (a chunk of (UID, raw body), the attachment size limit and the blob store's directory or
 None) from its stdin and writes each answer, parse_chunk's list, pickled to its stdout; it exits at the end of its
-input or as soon as the daemon is gone. With a directory, the attachments' bytes are written there (durably) before the
-answer goes, and the answer carries them without the bytes (stash_attachments). It imports inboxd.parse and
-inboxd.blobs and nothing more: no structlog, no daemon, no multiprocessing (what a worker imports is memory it holds
-for the daemon's lifetime).
+input or as soon as the daemon is gone. With a directory, the attachments' bytes are staged there (durably) before
+the answer goes, and the answer names the staged files instead of carrying the bytes (stash_attachments). It imports
+inboxd.parse and inboxd.blobs and nothing more: no structlog, no daemon, no multiprocessing (what a worker imports is
+memory it holds for the daemon's lifetime).
 """
 
 from __future__ import annotations

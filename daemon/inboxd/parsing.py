@@ -183,9 +183,10 @@ class ParserPool:
     inline. Workers are separate interpreters started with ``python -m inboxd.parse_worker`` (not forked: a fork of
     the threaded daemon could inherit a lock held by another thread) and exit by themselves when the daemon dies.
 
-    With ``blob_dir`` (the store's BlobStore directory) the workers write the attachments they decode there
-    themselves, durably, and send the parts back marked ``in_blob_store`` without their bytes (see
-    inboxd.parse_worker.stash_attachments); a run parsed inline keeps its bytes for the store to write."""
+    With ``blob_dir`` (the store's BlobStore directory) the workers stage the attachments they decode there
+    themselves, durably, and send the parts back with the staged file's name instead of their bytes (see
+    inboxd.parse_worker.stash_attachments; the store adopts them); a run parsed inline keeps its bytes for the store
+    to write."""
 
     def __init__(self, workers: int, *, blob_dir: Path | None = None) -> None:
         if workers < 1:
