@@ -17,7 +17,7 @@ from harness.browser import browser  # noqa: F401 (a fixture: importing it here 
 from harness.oauth import oauth_server  # noqa: F401 (a fixture, as above)
 
 # database fixtures (engine/store over SQLite and PostgreSQL) live in tests/dbs.py
-pytest_plugins = ["dbs", "secret_scan"]
+pytest_plugins = ["dbs", "fs_calls", "secret_scan"]
 
 
 @pytest.fixture(scope="session")

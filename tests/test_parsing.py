@@ -314,10 +314,13 @@ def test_a_worker_that_cannot_write_the_blobs_sends_the_bytes_back(tmp_path: Pat
 
 
 def test_a_first_sync_with_workers_writing_blobs_stores_what_the_inline_parser_stores(
-    engine: sa.Engine, secret_box: SecretBox, tmp_path: Path
+    engine: sa.Engine, secret_box: SecretBox, tmp_path: Path, fs_calls: list[tuple[str, str]]
 ) -> None:
     """As above, with a blob store: the pool's workers write the attachment files, the sync thread writes them for
-    the inline parser; the rows are the same (``stored`` included) and every stored file holds its bytes."""
+    the inline parser; the rows are the same (``stored`` included) and every stored file holds its bytes. Each file
+    is durable before the commit of the rows naming it: renamed into place, then its directory and the store's root
+    fsynced, then the commit."""
+    sa.event.listen(engine, "commit", lambda _conn: fs_calls.append(("commit", "")))
     clock = FakeClock()
     mailbox = FakeMailbox()
     for raw in bodies(90).values():
@@ -330,7 +333,7 @@ def test_a_first_sync_with_workers_writing_blobs_stores_what_the_inline_parser_s
     pool = ParserPool(1, blob_dir=tmp_path / "pooled")
     try:
         for name, parser in (("pooled", pool), ("inline", InlineParser())):
-            blobs = CountingBlobs(tmp_path / name)
+            blobs = CountingBlobs(tmp_path / name, fs_calls)
             store = Store(engine, clock=clock, secret_box=secret_box, blobs=blobs)
             account = store.add_account(f"{name}-blobs@example.test", "fake", Credential("password", "x"))
             AccountSync(
@@ -351,6 +354,8 @@ def test_a_first_sync_with_workers_writing_blobs_stores_what_the_inline_parser_s
             for sha256, _, stored in attachments:
                 assert stored
                 assert blobs.read(sha256) == expected_bytes[sha256]
+                waited = "adopt_all" if parser is pool else "put_all"
+                assert _durable_before_commit(fs_calls, blobs.path(sha256), blobs.root, waited)
             results.append((attachments, blobs.handed))
     finally:
         pool.close()
@@ -361,15 +366,39 @@ def test_a_first_sync_with_workers_writing_blobs_stores_what_the_inline_parser_s
     assert results[1][1] >= 1
 
 
-class CountingBlobs(BlobStore):
-    """A real blob store that counts the attachments the sync thread hands it to write."""
+def _durable_before_commit(calls: list[tuple[str, str]], path: Path, root: Path, waited: str) -> bool:
+    """Whether, between ``path``'s rename into place and the next commit, its directory and ``root`` were fsynced
+    and the store waited for the files (``waited``: put_all's or adopt_all's wait, as CountingBlobs records it)."""
+    renamed = calls.index(("replace", str(path)))
+    committed = calls.index(("commit", ""), renamed)
+    between = calls[renamed + 1 : committed]
+    return all(event in between for event in (("fsync", str(path.parent)), ("fsync", str(root)), ("waited", waited)))
 
-    handed = 0
+
+class CountingBlobs(BlobStore):
+    """A real blob store that counts the attachments the sync thread hands it to write, and records in ``events``
+    when the store has waited for the files to be durable."""
+
+    def __init__(self, root: Path, events: list[tuple[str, str]]) -> None:
+        super().__init__(root)
+        self.handed = 0
+        self.events = events
 
     def put_all(self, blobs: Iterable[tuple[str, bytes]]) -> Callable[[], None]:
         listed = list(blobs)
         self.handed += len(listed)
-        return super().put_all(listed)
+        return self._recorded(super().put_all(listed), "put_all")
+
+    def adopt_all(self, staged: Iterable[tuple[str, str]]) -> tuple[set[str], Callable[[], None]]:
+        stored, durable = super().adopt_all(staged)
+        return stored, self._recorded(durable, "adopt_all")
+
+    def _recorded(self, wait: Callable[[], None], name: str) -> Callable[[], None]:
+        def recorded() -> None:
+            wait()
+            self.events.append(("waited", name))
+
+        return recorded
 
 
 KILLED_DAEMON = """

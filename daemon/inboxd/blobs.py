@@ -1,6 +1,9 @@
 """Attachment bytes, content-addressed by sha256 under one directory the HR app can read.
 
-Layout: <attachments_dir>/<sha256[0:2]>/<sha256>; files are written once, atomically, and never modified.
+Layout: <attachments_dir>/<sha256[0:2]>/<sha256>; files are written once, atomically, and never modified. A file is
+durable before a row names it: its bytes are fsynced before it is renamed into place, and its directory and the
+store's root (which holds the <sha256[0:2]> directories) after, so that a power loss cannot undo the rename of a file
+whose row was committed.
 Parser processes stage the files they decode under <attachments_dir>/.staging/ (written and fsynced), and the sync
 thread moves each into place (adopt) just before it commits the rows that name it: a run that is never stored (a
 stop, a lost lease, a failed batch) leaves its files there, out of the store, and sweep_staging removes them.
@@ -37,19 +40,20 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     def put(self, sha256: str, data: bytes) -> Path:
-        """Store bytes under their digest (verified); a second put of the same bytes is a no-op."""
+        """Store bytes under their digest (verified), durably; a second put of the same bytes writes nothing."""
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ValueError("attachment bytes do not match their sha256")
         target = self.path(sha256)
-        if target.is_file():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _durable_file(target.parent, ".tmp-", data)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _durable_file(target.parent, ".tmp-", data)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        # also when the file was there: an earlier put may have died before these fsyncs (cheap when clean)
+        self._sync_directories({target.parent})
         return target
 
     def put_all(self, blobs: Iterable[tuple[str, bytes]]) -> Callable[[], None]:
@@ -90,21 +94,53 @@ class BlobStore:
         return _durable_file(staging, f"{sha256}.", data).name
 
     def adopt(self, sha256: str, staged: str) -> bool:
-        """Move a staged file into place (or drop it when the store has the file already); False when neither is
-        there (swept: sweep_staging), so the row must not say the file is stored."""
-        target = self.path(sha256)
-        source = self.root / STAGING / staged
-        if not staged.startswith(f"{sha256}.") or "/" in staged:
-            raise ValueError("not a staged file of this digest")
-        if target.is_file():
-            source.unlink(missing_ok=True)
-            return True
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(source, target)
-        except FileNotFoundError:
-            return target.is_file()
-        return True
+        """adopt_all for one file, waited for: True when it is in the store, durably."""
+        stored, durable = self.adopt_all([(sha256, staged)])
+        durable()
+        return sha256 in stored
+
+    def adopt_all(self, staged: Iterable[tuple[str, str]]) -> tuple[set[str], Callable[[], None]]:
+        """Move staged files (sha256, staged file name) into place, or drop a staged copy when the store has the
+        file already. Returns the digests now in the store, and the wait: the directories the files went into
+        and the root are fsynced in writer threads (the filesystem commits them together), and the wait returns
+        once they are, raising the first failure; call it before committing rows that name the files. A digest
+        missing from the result had its staged file swept (sweep_staging): its row must not say the file is
+        stored."""
+        stored: set[str] = set()
+        for sha256, name in staged:
+            target = self.path(sha256)
+            source = self.root / STAGING / name
+            if not name.startswith(f"{sha256}.") or "/" in name:
+                raise ValueError("not a staged file of this digest")
+            if target.is_file():
+                source.unlink(missing_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(source, target)
+                except FileNotFoundError:
+                    if not target.is_file():
+                        continue  # swept
+            # a file already in place may be an earlier call's whose directory fsync never came (it raised, or
+            # the process died): its directories are synced again, which costs next to nothing when clean
+            stored.add(sha256)
+        if not stored:
+            return stored, lambda: None
+        directories = {self.path(sha256).parent for sha256 in stored} | {self.root}
+        writers = self._writers()
+        futures = [writers.submit(_fsync_directory, directory) for directory in sorted(directories)]
+
+        def durable() -> None:
+            for future in futures:
+                future.result()
+
+        return stored, durable
+
+    def _sync_directories(self, directories: set[Path]) -> None:
+        """fsync each directory, then the root (whose entries, the <sha256[0:2]> directories, may be new)."""
+        for directory in sorted(directories):
+            _fsync_directory(directory)
+        _fsync_directory(self.root)
 
     def sweep_staging(self, older_than: float) -> int:
         """Delete staged files older than ``older_than`` seconds (by modification time): what parser processes
@@ -133,6 +169,15 @@ class BlobStore:
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make the entries of a directory durable (a rename into it, a file or directory created in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _durable_file(directory: Path, prefix: str, data: bytes) -> Path:

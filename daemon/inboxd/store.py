@@ -839,13 +839,15 @@ class Store:
             for x in msg.parsed.participants
         ]
         insert_rows(conn, participants_t, participants)
+        # the files parser workers staged: into place now, durably, before the commit
+        staged = [(a.sha256, a.staged) for m in messages for a in m.parsed.attachments if a.staged is not None]
+        adopted, adopted_durable = (
+            self._blobs.adopt_all(staged) if staged and self._blobs is not None else (set(), lambda: None)
+        )
         attachments = []
         for message_id, msg in zip(ids, messages, strict=True):
             for att in msg.parsed.attachments:
-                if att.staged is not None:  # a parser worker staged the bytes: into place now, before the commit
-                    stored = self._blobs is not None and self._blobs.adopt(att.sha256, att.staged)
-                else:
-                    stored = bool(att.data) and self._blobs is not None
+                stored = att.sha256 in adopted if att.staged is not None else bool(att.data) and self._blobs is not None
                 attachments.append(
                     {
                         "message_id": message_id,
@@ -860,6 +862,7 @@ class Store:
                 )
         insert_rows(conn, attachments_t, attachments)
         blobs_stored()  # before the caller commits: a row with stored = true names a file that is on disk
+        adopted_durable()
         return ids
 
     def sweep_staged_attachments(self) -> int:
