@@ -13,12 +13,14 @@ import pytest
 
 from inboxd.errors import InboxdError
 from inboxd.mime import (
+    MAX_ATTACHMENTS,
     MAX_REFERENCES_SENT,
     Draft,
     InvalidDraft,
     OutgoingAttachment,
     ReplyContext,
     build_message,
+    check_header_names,
     envelope_recipients,
     make_message_id,
     validate,
@@ -217,11 +219,20 @@ def test_same_draft_same_id_and_date_builds_the_same_headers() -> None:
     assert header_block(first) == header_block(second)
 
 
-def test_naive_date_and_bad_message_id_are_programming_errors() -> None:
+def test_a_naive_date_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="timezone"):
         build_message(draft(), message_id=MSGID, date=datetime(2026, 1, 1))
-    with pytest.raises(ValueError, match="Message-ID"):
-        build_message(draft(), message_id="<no-at-sign>", date=DATE)
+
+
+@pytest.mark.parametrize(
+    "message_id", ["<no-at-sign>", "", "no-brackets@x.example", "<a@b.example>\r\nBcc: x@evil.example", "<a@b> <c@d>"]
+)
+def test_a_message_id_that_is_not_one_bracketed_id_fails_the_row(message_id: str) -> None:
+    """The HR app is to leave message_id_header NULL; anything but <id@domain> it wrote instead is refused, naming
+    the column, instead of being sent (or trimmed to its first id, as it was)."""
+    with pytest.raises(InvalidDraft, match=r"message_id_header: .* is not a Message-ID") as caught:
+        build_message(draft(), message_id=message_id, date=DATE)
+    assert caught.value.field == "message_id_header"
 
 
 def test_make_message_id_uses_the_given_domain_and_is_unique() -> None:
@@ -316,6 +327,108 @@ def test_cr_lf_or_nul_in_any_header_value_is_refused_as_header_injection(
     error = invalid(make(injection))
     assert error.field == field
     assert "header injection" in str(error)
+
+
+ENCODED_INJECTIONS = [
+    "=?utf-8?q?Interview=0D=0AReply-To:_attacker@evil.example?=",
+    "=?utf-8?q?a=0AX-Evil:_1?=",
+    "=?utf-8?b?YQ1YLUV2aWw6IDE=?=",  # base64 of "a\rX-Evil: 1"
+    "=?utf-8?q?=00=0A?=",
+    "Hello =?iso-8859-1?q?x=0D=0A=0D=0Abody?= world",
+]
+
+
+@pytest.mark.parametrize("injection", ENCODED_INJECTIONS)
+@pytest.mark.parametrize(
+    ("field", "make"),
+    [
+        ("subject", lambda s: draft(subject=s)),
+        ("from_name", lambda s: draft(from_name=s)),
+        ("to[0]", lambda s: draft(to=(s + " <jane@cand.example>",))),
+        ("cc[0]", lambda s: draft(cc=(s + " <carl@cand.example>",))),
+        ("attachments[0].filename", lambda s: draft(attachments=(OutgoingAttachment(s + ".pdf", "a/b", b"x"),))),
+    ],
+)
+def test_an_encoded_word_that_decodes_to_a_line_break_is_refused_as_header_injection(
+    field: str, make: Callable[[str], Draft], injection: str
+) -> None:
+    """The stdlib decodes RFC 2047 encoded words in any header value it is given and wrote the decoded CR/LF out
+    raw: "=?utf-8?q?a=0D=0AReply-To:_x?=" as a subject became a Reply-To header of its own."""
+    error = invalid(make(injection))
+    assert error.field == field
+    assert "header injection" in str(error)
+
+
+def test_encoded_words_without_control_characters_are_sent_as_they_decode() -> None:
+    raw = build(
+        draft(subject="=?utf-8?q?R=C3=A9sum=C3=A9?= and 2+2=? four", to=("=?utf-8?q?J=C3=BCrgen?= <j@x.example>",))
+    )
+    message = message_from_bytes(raw, policy=policy.default)
+    assert message["Subject"] == "Résumé and 2+2=? four"
+    assert message["To"].addresses[0].display_name == "Jürgen"
+
+
+def test_a_replied_to_subject_with_an_encoded_line_break_is_defused_not_injected() -> None:
+    """The subject of a received mail is not the HR app's to fix: the reply is sent, with the word broken up."""
+    reply = ReplyContext("<parent@cand.example>", (), "=?utf-8?q?hi=0D=0AX-Evil:_1?=")
+    raw = build(draft(subject="", reply_to_message=reply))
+    message = message_from_bytes(raw, policy=policy.compat32)
+    assert message["X-Evil"] is None
+    assert message["Subject"] == "Re: = ?utf-8?q?hi=0D=0AX-Evil:_1?="
+    assert message["Message-ID"] == MSGID
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0b", "\x1c"])
+def test_unicode_line_separators_in_headers_are_refused_not_retried(separator: str) -> None:
+    """The stdlib raised ValueError for these while folding, which the outbox took for an internal error and
+    retried for an hour; now the row fails at once naming the field."""
+    assert invalid(draft(subject=f"Interview{separator}tomorrow")).field == "subject"
+    assert invalid(draft(from_name=f"Anna{separator}R")).field == "from_name"
+    filename = f"cv{separator}.pdf"
+    assert invalid(draft(attachments=(OutgoingAttachment(filename, "a/b", b"x"),))).field == "attachments[0].filename"
+    # in a recipient's display name, whitespace (these included) is folded to one space
+    message = message_from_bytes(build(draft(to=(f"J{separator}D <jane@cand.example>",))), policy=policy.default)
+    assert message["To"].addresses[0].display_name == "J D"
+
+
+def test_an_address_listed_many_times_is_written_once() -> None:
+    """Each address once in To and Cc, as in the envelope: 16,000 copies of one address took the stdlib 18 s to
+    fold into a header."""
+    raw = build(draft(to=("bob@cand.example",) * 16000 + ("Jane <jane@cand.example>",), cc=("BOB@cand.example",)))
+    message = message_from_bytes(raw, policy=policy.default)
+    assert [a.addr_spec for a in message["To"].addresses] == ["bob@cand.example", "jane@cand.example"]
+    assert message["Cc"] is None
+    assert envelope_recipients(draft(to=("bob@cand.example",) * 3, cc=("BOB@cand.example",))) == ["bob@cand.example"]
+
+
+def test_more_than_max_attachments_files_are_refused() -> None:
+    files = tuple(OutgoingAttachment(f"f{i}.txt", "text/plain", b"x") for i in range(MAX_ATTACHMENTS + 1))
+    error = invalid(draft(attachments=files))
+    assert error.field == "attachments"
+    assert f"{MAX_ATTACHMENTS + 1} files, at most {MAX_ATTACHMENTS}" in str(error)
+    validate(draft(attachments=files[:MAX_ATTACHMENTS]), max_attachment_bytes=1)
+
+
+def test_the_header_guard_refuses_a_header_block_that_is_not_the_one_set() -> None:
+    """The last guard, whatever the way in: a header the builder did not set, one set twice, or a block that ends
+    before Message-ID (a NUL or a blank line in a value) fails the row."""
+    good = build(draft())
+    names = [line.split(b":", 1)[0].decode() for line in header_block(good).encode().split(b"\r\n") if b":" in line]
+    names = [
+        n
+        for n in names
+        if not n[0].isspace() and n.lower() not in ("mime-version", "content-type", "content-transfer-encoding")
+    ]
+    check_header_names(good, names)
+    for bad in (
+        good.replace(b"Subject:", b"Reply-To: x@evil.example\r\nSubject:", 1),
+        good.replace(b"Subject:", b"Subject: a\r\nSubject:", 1),
+        good.replace(b"\r\nDate:", b"\r\n\r\nDate:", 1),
+        good.replace(b"MIME-Version: 1.0", b"MIME-Version: 1.0\r\nMIME-Version: 1.0", 1),
+    ):
+        with pytest.raises(InvalidDraft, match="headers differ") as caught:
+            check_header_names(bad, names)
+        assert caught.value.field == "headers"
 
 
 def test_other_control_characters_in_names_and_subject_are_refused() -> None:

@@ -163,6 +163,16 @@ def test_reply_with_attachment_is_delivered_threaded_filed_and_stored(
         ({"to": ["Evil\nName <a@example.test>"]}, "to[0]"),
         ({"to": ["a@example.test"], "attachments": [{"sha256": "0" * 64, "filename": "x.pdf"}]}, "attachments[0]"),
         ({"to": "a@example.test"}, "to must be a JSON list"),
+        ({"to": ["a@example.test"], "subject": "=?utf-8?q?hi=0D=0AReply-To:_x@evil.example?="}, "subject: contains an"),
+        ({"to": ["a@example.test"], "subject": "Interview\u2028tomorrow"}, "subject: contains control characters"),
+        (
+            {"to": ["a@example.test"], "body_text": "x", "message_id_header": "<a@b.example>\r\nBcc: x@evil.example"},
+            "message_id_header: ",
+        ),
+        (
+            {"to": ["a@example.test"], "attachments": [{"sha256": "0" * 64, "filename": "x"}] * 101},
+            "101 files, at most",
+        ),
     ],
 )
 def test_bad_rows_fail_with_a_clear_error_and_never_reach_smtp(
@@ -183,6 +193,82 @@ def test_bad_rows_fail_with_a_clear_error_and_never_reach_smtp(
     assert error_part in (bad.last_error or ""), bad.last_error
     assert reports[good_id].status == "queued", "the good row was attempted (and hit the closed port)"
     assert "temporary" in (outbox_row(store, good_id).last_error or "")
+
+
+def test_attachments_over_the_limit_in_all_fail_the_row_before_they_are_read(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """sync.max_attachment_bytes holds for each file and for the row's files together: one file under the limit
+    named many times was read into memory and built into a message many times the limit."""
+    config = write_config(tmp_path, db_url, mailstack, smtp_port=1)  # max_attachment_bytes = 1000
+    part = b"y" * 400
+    sha = hashlib.sha256(part).hexdigest()
+    BlobStore(config.sync.attachments_dir).put(sha, part)
+    files = [{"sha256": sha, "filename": f"part{i}.txt"} for i in range(3)]
+    row_id = queue(store, recruiter, "three", to=["a@example.test"], body_text="x", attachments=files)
+    two_id = queue(store, recruiter, "two", to=["a@example.test"], body_text="x", attachments=files[:2])
+    make_outbox(config, store).drain()
+    row = outbox_row(store, row_id)
+    assert row.status == "failed"
+    assert (
+        row.last_error
+        == "attachments: 1200 bytes in all, over the limit of 1000 (sync.max_attachment_bytes) for one message"
+    )
+    assert "temporary" in (outbox_row(store, two_id).last_error or ""), "two files (800 bytes) went on to SMTP"
+
+
+def test_an_empty_message_id_gets_a_new_one(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    config = write_config(tmp_path, db_url, mailstack, smtp_port=1)
+    row_id = queue(store, recruiter, "empty-id", to=["a@example.test"], body_text="x", message_id_header="")
+    make_outbox(config, store).drain()
+    row = outbox_row(store, row_id)
+    assert row.message_id_header.startswith("<") and row.message_id_header.endswith(f"@{recruiter.split('@')[1]}>")
+    assert "temporary" in (row.last_error or ""), "it went on to SMTP (a closed port here)"
+
+
+@pytest.mark.parametrize(
+    ("column", "text", "error"),
+    [
+        ("to", "not json", "to: not valid JSON"),
+        ("cc", "{bad", "cc: not valid JSON"),
+        ("attachments", "[{", "attachments: not valid JSON"),
+        ("created_at", "1700000000x", "created_at: not a timestamp"),
+        ("next_attempt_at", "soon", "next_attempt_at: not a timestamp"),
+    ],
+)
+def test_a_value_that_cannot_be_read_fails_its_row_alone(
+    store: Store,
+    db_url: str,
+    tmp_path: Path,
+    mailstack: MailStack,
+    recruiter: str,
+    column: str,
+    text: str,
+    error: str,
+) -> None:
+    """SQLite keeps any text in a JSON or timestamp column. Such a row used to make every claim roll back: it came
+    first again on every drain and no row of any account was sent, with no last_error. Now it fails naming the
+    column, and the next row is sent. PostgreSQL refuses such values when the HR app writes them."""
+    config = write_config(tmp_path, db_url, mailstack, smtp_port=1)
+    bad_id = queue(store, recruiter, "bad", to=["a@example.test"], body_text="x")
+    good_id = queue(store, recruiter, "good", to=["a@example.test"], body_text="fine")
+    update = sa.text(f'UPDATE mail_outbox SET "{column}" = :text WHERE id = :id')
+    if store.engine.dialect.name == "postgresql":
+        with pytest.raises(sa.exc.DataError), store.engine.begin() as conn:
+            conn.execute(update, {"text": text, "id": bad_id})
+        return
+    with store.engine.begin() as conn:
+        conn.execute(update, {"text": text, "id": bad_id})
+    reports = {r.row_id: r for r in make_outbox(config, store).drain()}
+    with store.engine.connect() as conn:
+        status, last_error = conn.execute(
+            sa.text("SELECT status, last_error FROM mail_outbox WHERE id = :id"), {"id": bad_id}
+        ).one()
+    assert (status, last_error) == ("failed", f"{error} (" + last_error.split(" (", 1)[1])
+    assert last_error.startswith(error)
+    assert reports[good_id].status == "queued", "the next row was attempted (and hit the closed port)"
 
 
 def test_oversize_attachment_and_paused_account(

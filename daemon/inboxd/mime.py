@@ -13,6 +13,7 @@ from datetime import datetime
 from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from email.utils import format_datetime
 from typing import Final
 
@@ -26,10 +27,12 @@ MAX_REFERENCES_SENT: Final = 20  # the root and the most recent ids thread as we
 MAX_SUBJECT_CHARS: Final = 998
 MAX_NAME_CHARS: Final = 200
 MAX_ADDRESS_CHARS: Final = 254  # RFC 5321 path limit
+MAX_ATTACHMENTS: Final = 100
 _MAX_MSGID_CHARS: Final = 250  # longer ids are dropped from References rather than risk an overlong line
 _MAX_LINE_BYTES: Final = 998
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls and Unicode's line and paragraph separators (str.splitlines breaks at these too)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _HEADER_BREAKERS = re.compile(r"[\r\n\x00]")
 _LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
 _DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
@@ -91,6 +94,25 @@ class _Mailbox:
 def _check_header_value(value: str, field: str) -> None:
     if _HEADER_BREAKERS.search(value):
         raise InvalidDraft("contains CR, LF or NUL (header injection)", field=field)
+    if _has_encoded_control(value):
+        raise InvalidDraft(
+            "contains an RFC 2047 encoded word (=?charset?q?...?=) that decodes to a line break or control "
+            "character (header injection)",
+            field=field,
+        )
+
+
+def _has_encoded_control(value: str) -> bool:
+    """Whether the stdlib, which decodes RFC 2047 encoded words in any header value it is given (names, subjects,
+    file names), would read a control character or line break out of ``value``: it writes those out raw, so
+    "=?utf-8?q?a=0D=0AReply-To:_x?=" would become a header of its own."""
+    if "=?" not in value:
+        return False
+    try:
+        decoded = str(_POLICY.header_factory("subject", value))
+    except Exception:
+        return True
+    return bool(_CONTROL.search(decoded.replace("\t", " ")))
 
 
 def _check_address(address: str, field: str) -> None:
@@ -157,8 +179,11 @@ def _effective_subject(draft: Draft) -> str:
     if reply is None:
         return subject
     if not subject and reply.subject:
-        # from a received message: unfold, drop controls, never trust it with a line break
+        # from a received message: unfold, drop controls, never trust it with a line break (nor an encoded word
+        # that decodes to one: it is not the HR app's to fix, so the word is broken up instead of refused)
         subject = _WHITESPACE.sub(" ", _CONTROL.sub(" ", reply.subject)).strip()[:MAX_SUBJECT_CHARS]
+        if _has_encoded_control(subject):
+            subject = subject.replace("=?", "= ?")
     if not subject:
         return subject
     return subject if _REPLY_PREFIX.match(subject) else f"Re: {subject}"
@@ -184,7 +209,16 @@ def validate(draft: Draft, *, max_attachment_bytes: int, max_recipients: int = 1
     unique = {mailbox.address.lower() for _, mailbox in recipients}
     if len(unique) > max_recipients:
         raise InvalidDraft(f"{len(unique)} recipients, at most {max_recipients} allowed", field="recipients")
-    for index, attachment in enumerate(draft.attachments):
+    _check_attachments(draft.attachments, max_attachment_bytes)
+    has_body = bool((draft.body_text or "").strip() or (draft.body_html or "").strip() or draft.attachments)
+    if not has_body and not _effective_subject(draft):
+        raise InvalidDraft("neither a subject nor a body nor an attachment", field="subject")
+
+
+def _check_attachments(attachments: tuple[OutgoingAttachment, ...], max_attachment_bytes: int) -> None:
+    if len(attachments) > MAX_ATTACHMENTS:
+        raise InvalidDraft(f"{len(attachments)} files, at most {MAX_ATTACHMENTS} allowed", field="attachments")
+    for index, attachment in enumerate(attachments):
         field = f"attachments[{index}]"
         _check_header_value(attachment.filename, f"{field}.filename")
         if not attachment.filename.strip() or _CONTROL.search(attachment.filename):
@@ -197,9 +231,6 @@ def validate(draft: Draft, *, max_attachment_bytes: int, max_recipients: int = 1
                 f"{attachment.filename!r} is {len(attachment.data)} bytes, over the limit of {max_attachment_bytes}",
                 field=f"{field}.data",
             )
-    has_body = bool((draft.body_text or "").strip() or (draft.body_html or "").strip() or draft.attachments)
-    if not has_body and not _effective_subject(draft):
-        raise InvalidDraft("neither a subject nor a body nor an attachment", field="subject")
 
 
 # --- building ---------------------------------------------------------------------------------------
@@ -257,24 +288,49 @@ def build_message(draft: Draft, *, message_id: str, date: datetime) -> bytes:
     if date.tzinfo is None:
         raise ValueError("date must be timezone-aware")
     own_id = _bracketed_id(message_id)
-    if own_id is None or "@" not in own_id:
-        raise ValueError(f"not a Message-ID: {message_id!r}")
+    if own_id is None or "@" not in own_id or own_id != message_id.strip():
+        raise InvalidDraft(
+            f"{message_id[:80]!r} is not a Message-ID like <id@domain> (leave it NULL: inboxd sets it)",
+            field="message_id_header",
+        )
 
     message = EmailMessage(policy=_POLICY)
-    _set_headers(message, draft, message_id=own_id, date=date)
+    names = _set_headers(message, draft, message_id=own_id, date=date)
     _set_bodies(message, draft)
     raw = message.as_bytes(policy=_POLICY)
     if any(len(line) > _MAX_LINE_BYTES for line in raw.split(b"\r\n")):  # a guard; the stdlib folds and encodes
         raise InvalidDraft("a header cannot be folded to 998 characters per line", field="headers")
+    check_header_names(raw, names)
     return raw
 
 
-def _set_headers(message: EmailMessage, draft: Draft, *, message_id: str, date: datetime) -> None:
+_BODY_HEADERS: Final = ("MIME-Version", "Content-Type", "Content-Transfer-Encoding")
+
+
+def check_header_names(raw: bytes, names: list[str]) -> None:
+    """The last guard against header injection, whatever the way in: the message's header block, read back, holds
+    exactly the headers inboxd set (and the stdlib's MIME headers), each once, in that order."""
+    read = [name.lower() for name in BytesHeaderParser(policy=policy.compat32).parsebytes(raw)]
+    expected = [name.lower() for name in names]
+    body = [name for name in read if name in {h.lower() for h in _BODY_HEADERS}]
+    if [name for name in read if name not in body] != expected or len(set(body)) != len(body):
+        raise InvalidDraft(
+            "the built message's headers differ from those set (header injection?): " + ", ".join(read)[:300],
+            field="headers",
+        )
+
+
+def _set_headers(message: EmailMessage, draft: Draft, *, message_id: str, date: datetime) -> list[str]:
+    """Set the message's headers; returns their names, in order."""
     from_mailbox = _Mailbox(name=(draft.from_name or "").strip() or None, address=draft.from_email.strip())
     message["From"] = _address(from_mailbox)
-    recipients = _recipients(draft)
+    listed: set[str] = set()  # each address once in To and Cc (the envelope has each once too)
     for field, header in (("to", "To"), ("cc", "Cc")):
-        mailboxes = [_address(mailbox) for kind, mailbox in recipients if kind == field]
+        mailboxes = []
+        for kind, mailbox in _recipients(draft):
+            if kind == field and mailbox.address.lower() not in listed:
+                listed.add(mailbox.address.lower())
+                mailboxes.append(_address(mailbox))
         if mailboxes:
             message[header] = mailboxes
     subject = _effective_subject(draft)
@@ -290,6 +346,7 @@ def _set_headers(message: EmailMessage, draft: Draft, *, message_id: str, date: 
         chain = _references(reply)
         if chain:
             message["References"] = " ".join(chain)
+    return list(message.keys())
 
 
 def _set_bodies(message: EmailMessage, draft: Draft) -> None:

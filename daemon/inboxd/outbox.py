@@ -25,6 +25,7 @@ from inboxd.errors import AccountFailed, InboxdError, ReauthRequired, RetryLater
 from inboxd.imap import ImapSession
 from inboxd.metrics import Metrics
 from inboxd.mime import (
+    MAX_ATTACHMENTS,
     Draft,
     InvalidDraft,
     OutgoingAttachment,
@@ -114,6 +115,8 @@ class Outbox:
     # -- one row ---------------------------------------------------------------------------------------------
 
     def _process(self, row: OutboxRow) -> SendReport:  # noqa: PLR0911 (one return per outcome)
+        if row.unreadable is not None:
+            return self._finish(row, Outcome.INVALID, row.unreadable)
         account = self._store.account_by_id(row.account_id)
         if account is None:
             return self._finish(row, Outcome.INVALID, f"account {row.account_id} does not exist")
@@ -221,15 +224,40 @@ class Outbox:
         )
 
     def _attachments(self, value: Any) -> tuple[OutgoingAttachment, ...]:
+        """The row's files, read from the store once their number and sizes are known to be within the limits
+        (MAX_ATTACHMENTS files, sync.max_attachment_bytes each and in all): one row naming a big file many times
+        would otherwise be read into memory whole, and built into a message several times its size."""
         if value is None:
             return ()
         if not isinstance(value, list):
             raise InvalidDraft("attachments must be a JSON list", field="attachments")
-        out = []
+        if len(value) > MAX_ATTACHMENTS:
+            raise InvalidDraft(f"{len(value)} files, at most {MAX_ATTACHMENTS} allowed", field="attachments")
+        limit = self._config.sync.max_attachment_bytes
+        total = 0
         for i, item in enumerate(value):
             field = f"attachments[{i}]"
             if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("sha256", "filename")):
                 raise InvalidDraft(f"{field} needs sha256 and filename strings", field=field)
+            try:
+                size = self._blobs.path(item["sha256"]).stat().st_size
+            except (OSError, ValueError):
+                raise InvalidDraft(
+                    f"{field}: no stored bytes for sha256 {item['sha256'][:70]} in the attachment store", field=field
+                ) from None
+            if size > limit:
+                raise InvalidDraft(
+                    f"{item['filename'][:100]!r} is {size} bytes, over the limit of {limit}", field=f"{field}.data"
+                )
+            total += size
+        if total > limit:
+            raise InvalidDraft(
+                f"{total} bytes in all, over the limit of {limit} (sync.max_attachment_bytes) for one message",
+                field="attachments",
+            )
+        out = []
+        for i, item in enumerate(value):
+            field = f"attachments[{i}]"
             try:
                 data = self._blobs.read(item["sha256"])
             except (OSError, ValueError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -35,9 +36,11 @@ class OutboxRow:
     delivery_uncertain: bool = False
     claimed_at: datetime | None = None  # this attempt's claim: updates only apply while it is still ours
     created_at: datetime | None = None
+    # columns the HR app wrote that cannot be read ("to: not valid JSON"): the row fails with this, alone
+    unreadable: str | None = None
 
 
-def _row(r: Any) -> OutboxRow:
+def _row(r: Any, unreadable: str | None = None) -> OutboxRow:
     return OutboxRow(
         id=r.id,
         account_id=r.account_id,
@@ -56,6 +59,7 @@ def _row(r: Any) -> OutboxRow:
         delivery_uncertain=r.delivery_uncertain,
         claimed_at=r.claimed_at,
         created_at=r.created_at,
+        unreadable=unreadable,
     )
 
 
@@ -85,6 +89,17 @@ class OutboxStore:
             ),
             sa.and_(outbox_t.c.status == "sending", outbox_t.c.claimed_at <= now - self._policy.stale_after),
         )
+        if self.engine.dialect.name == "sqlite":
+            # SQLite keeps any text in a timestamp column: a queued row whose next_attempt_at is no time would
+            # never come due, silently; it is taken now and fails naming the column (see _load)
+            due = sa.or_(
+                due,
+                sa.and_(
+                    outbox_t.c.status == "queued",
+                    outbox_t.c.next_attempt_at.is_not(None),
+                    sa.func.datetime(outbox_t.c.next_attempt_at).is_(None),
+                ),
+            )
         pick = sa.select(outbox_t.c.id).where(due).order_by(outbox_t.c.id).limit(1)
         if exclude_accounts:
             pick = pick.where(outbox_t.c.account_id.not_in(sorted(exclude_accounts)))
@@ -93,11 +108,33 @@ class OutboxStore:
             outbox_t.update()
             .where(outbox_t.c.id == pick.scalar_subquery())
             .values(status="sending", claimed_at=now, attempts=outbox_t.c.attempts + 1)
-            .returning(*outbox_t.c)
+            .returning(outbox_t.c.id)
         )
         with self.engine.begin() as conn:
-            row = conn.execute(stmt).first()
-        return _row(row) if row is not None else None
+            row_id = conn.execute(stmt).scalar()
+        return self._load(row_id) if row_id is not None else None
+
+    def _load(self, row_id: int) -> OutboxRow:
+        """A claimed row, read after its claim committed: a value that cannot be read (SQLite keeps any text in a
+        JSON or timestamp column) used to raise inside the claim, which rolled back, so the same row came first
+        again on every drain and no row of any account was sent. Now the row comes back with the others' values
+        and ``unreadable`` naming the bad ones."""
+        select = sa.select(outbox_t).where(outbox_t.c.id == row_id)
+        with self.engine.connect() as conn:
+            try:
+                return _row(conn.execute(select).one())
+            except (ValueError, TypeError):
+                pass
+            values: dict[str, Any] = {}
+            bad: list[str] = []
+            for column in outbox_t.c:
+                try:
+                    values[column.name] = conn.execute(sa.select(column).where(outbox_t.c.id == row_id)).scalar_one()
+                except (ValueError, TypeError) as exc:
+                    values[column.name] = None
+                    what = "not valid JSON" if isinstance(column.type, sa.JSON) else "not a timestamp"
+                    bad.append(f"{column.name}: {what} ({type(exc).__name__})")
+        return _row(SimpleNamespace(**values), unreadable="; ".join(bad) or "the row cannot be read")
 
     def next_due(self) -> datetime | None:
         """When the next row becomes due that is not due now: the earliest retry (`next_attempt_at` of a queued
@@ -119,11 +156,15 @@ class OutboxStore:
         return min(times, default=None)
 
     def fix_message_id(self, row_id: int, message_id: str) -> str:
-        """Store the Message-ID before the first attempt; a row that already has one keeps it (retries reuse it)."""
+        """Store the Message-ID before the first attempt; a row that already has one keeps it (retries reuse it).
+        An empty string counts as none."""
         with self.engine.begin() as conn:
             conn.execute(
                 outbox_t.update()
-                .where(outbox_t.c.id == row_id, outbox_t.c.message_id_header.is_(None))
+                .where(
+                    outbox_t.c.id == row_id,
+                    sa.or_(outbox_t.c.message_id_header.is_(None), outbox_t.c.message_id_header == ""),
+                )
                 .values(message_id_header=message_id)
             )
             stored: str = conn.execute(
