@@ -351,6 +351,8 @@ def add_account(cli: Cli, stack: MailStack, tmp_path: Path, email: str) -> str:
         ("unknown provider", "--provider 'nosuch' is not in the config (providers: local)"),
         ("invalid email", "'not-an-email' is not an email address"),
         ("password on oauth2 provider", "uses auth = 'oauth2'; pass --refresh-token-file"),
+        ("two @ signs", "'ana@@example.test' is not an email address"),
+        ("token file not UTF-8", "refresh token file"),
     ],
 )
 def test_accounts_add_rejects_bad_input_with_exit_2(case: str, expected: str, db_cli: Cli, tmp_path: Path) -> None:
@@ -368,9 +370,15 @@ def test_accounts_add_rejects_bad_input_with_exit_2(case: str, expected: str, db
         email = "not-an-email"
     elif case == "password on oauth2 provider":
         cred = ["--password-file", str(token_file)]
+    elif case == "two @ signs":
+        email = "ana@@example.test"
+    elif case == "token file not UTF-8":
+        token_file.write_bytes(b"refresh-token-value\xff\n")
     result = db_cli("accounts", "add", email, "--provider", provider, *cred)
     assert result.code == 2, result
     assert expected in result.err
+    if case == "token file not UTF-8":
+        assert result.err.strip().endswith("is not UTF-8 text")
     assert db_cli.json("accounts", "list") == []
     db_cli.assert_never_printed("refresh-token-value")
 
@@ -524,6 +532,9 @@ def test_run_once_account_option_limits_to_that_account(stack_cli: Cli, tmp_path
     unknown = stack_cli("run", "--once", "--account", "nobody@example.test")
     assert unknown.code == 2
     assert "nobody@example.test" in unknown.err and "no such account" in unknown.err
+    empty = stack_cli("run", "--once", "--account", "")  # was taken for no --account at all: every account synced
+    assert empty.code == 2
+    assert "no such account" in empty.err
 
     result = stack_cli("run", "--once", "--account", ana.upper())
     assert result.code == 0, result

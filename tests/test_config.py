@@ -552,3 +552,66 @@ def test_a_reload_keeps_what_only_a_restart_applies_and_names_it(tmp_path: Path)
     same, untouched = keep_start_values(running, parse(tmp_path, '[sync]\nscope = "all"\n'))
     assert same == []
     assert untouched.sync.scope == "all"
+
+
+# --- values no simple type check catches (found by a review of bad input) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "message"),
+    [
+        ('[sync]\ninterval = "9999999999d"', "sync.interval", "at most 3650d"),
+        ('[sync]\nquota_pause = "99999999d"', "sync.quota_pause", "at most 3650d"),
+        ('[sync]\nlease = "99999999d"', "sync.lease", "at most 3650d"),
+        ('[sync]\ninterval = "\u0661\u0662s"', "sync.interval", "got"),
+        ('[sync]\nmax_attachment_bytes = "' + "9" * 400 + '"', "sync.max_attachment_bytes", "must be"),
+        ("[sync]\nmax_attachment_bytes = 9007199254740993", "sync.max_attachment_bytes", "must be"),
+        ('[sync]\nattachments_dir = "a\\u0000b"', "sync.attachments_dir", "must be a directory path"),
+        ('state_dir = "x\\u0000y"', "state_dir", "must be a directory path"),
+        ('[database]\nurl = "postgresql ://u@h/db"', "database.url", "which SQLAlchemy cannot use"),
+        ('[database]\nurl = "postgresql+psycopg://u@h:5432x/hr"', "database.url", "which SQLAlchemy cannot use"),
+        ('[database]\nurl = "postgresql+psycopg3://u@h/db"', "database.url", "which SQLAlchemy cannot use"),
+        ('[database]\nurl = "sqlitex://foo"', "database.url", "which SQLAlchemy cannot use"),
+        ('[http]\npublic_url = "https://inboxd.example.com:abc"', "http.public_url", "must be"),
+        ('[http]\npublic_url = "https://inboxd.example.com:99999"', "http.public_url", "must be"),
+        ('[http]\nreturn_to_origins = ["https://hr.example.com:abc"]', "http.return_to_origins", "must be"),
+        (GMAIL + 'token_uri = "https://[oops/token"', "providers.gmail.token_uri", "must be"),
+        (GMAIL + 'token_uri = "https://oauth2.example.com:70000/token"', "providers.gmail.token_uri", "must be"),
+    ],
+)
+def test_values_that_used_to_raise_deep_inside_are_config_errors_naming_the_key(
+    tmp_path: Path, text: str, key: str, message: str
+) -> None:
+    err = error(tmp_path, text)
+    assert err.key == key, str(err)
+    assert message in str(err)
+
+
+def test_a_path_with_an_unknown_users_home_is_a_config_error(tmp_path: Path) -> None:
+    err = error(tmp_path, '[sync]\nattachments_dir = "~nosuchuser-inboxd/att"')
+    assert "no such user's home directory" in str(err)
+
+
+def test_a_state_dir_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    err = error(tmp_path, 'state_dir = "afile"')
+    assert err.key == "state_dir"
+    assert "is not a directory" in str(err)
+
+
+def test_a_deeply_nested_client_secret_file_is_not_valid_json(tmp_path: Path) -> None:
+    secret = tmp_path / "client.json"
+    secret.write_text('{"installed":' + "[" * 200_000)
+    text = f'[providers.gmail]\nclient_id = "1.apps.googleusercontent.com"\nclient_secret_file = "{secret}"'
+    err = error(tmp_path, text)
+    assert err.key == "providers.gmail.client_secret_file"
+    assert "not valid JSON" in str(err)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql+psycopg//inboxd:s3cretPW@db.internal/hr", "postgresql+psycopg3://inboxd:s3cretPW@db/hr"]
+)
+def test_a_bad_database_url_is_shown_without_its_password(tmp_path: Path, url: str) -> None:
+    err = error(tmp_path, f'[database]\nurl = "{url}"')
+    assert "s3cretPW" not in str(err)
+    assert "inboxd:***@" in str(err)

@@ -174,6 +174,10 @@ def test_config_reload_pauses_an_account_and_rejects_an_invalid_config(
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "daemon.reload_rejected" in log.read_text(), timeout=20, what="reload rejected")
         assert "imap_tls" in log.read_text()
+        # a value that once overflowed deep inside the validation and ended the daemon
+        config.write_text(original.replace('interval = "1h"', 'interval = "9999999999d"'))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "sync.interval" in log.read_text(), timeout=20, what="second reload rejected")
         time.sleep(0.5)
         assert proc.poll() is None, "still running on the previous config"
         assert _state(engine, recruiter) == "paused"

@@ -204,9 +204,11 @@ def _dispatch_db(args: argparse.Namespace, config: Config, engine: sa.Engine) ->
 
 def _read_secret_file(path: Path, what: str) -> str:
     try:
-        value = path.read_text().strip()
+        value = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise UsageError(f"cannot read {what} file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} file {path} is not UTF-8 text") from None
     if not value:
         raise UsageError(f"{what} file {path} is empty")
     if any(c in value for c in "\r\n"):
@@ -437,7 +439,7 @@ def _run_with(
         clock=clock,
         metrics=metrics,
     )
-    if args.account and store.account(args.account) is None:
+    if args.account is not None and store.account(args.account) is None:
         raise UsageError(f"--account {args.account}: no such account (see `inboxd accounts list`)")
     if args.once:
         # leases as a node would take them, so that a one-off run never syncs an account a daemon is syncing

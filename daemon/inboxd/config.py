@@ -19,6 +19,9 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
 from inboxd.errors import ConfigError
 
 Scope = Literal["all", "contacts"]
@@ -221,11 +224,19 @@ def parse_config(text: str, *, path: Path | None, env: Mapping[str, str]) -> Con
         raise ConfigError(f"TOML syntax error: {exc}", path=where) from None
     base_dir = path.absolute().parent if path is not None else Path.cwd()
     ctx = _Context(where=where, base_dir=base_dir, env=env)
-    return _build_config(_Table(data, "", ctx), path)
+    try:
+        return _build_config(_Table(data, "", ctx), path)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, OverflowError, RuntimeError, RecursionError, OSError) as exc:
+        # a value no check foresaw: still a config error naming the file, never a traceback (the value itself is
+        # not repeated: it may be a secret)
+        raise ConfigError(f"a value cannot be used ({type(exc).__name__})", path=where) from None
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION_RE = re.compile(r"(\d+)\s*([smhd])")
+_DURATION_RE = re.compile(r"([0-9]+)\s*([smhd])")  # ASCII digits only (\d takes Arabic-Indic ones too)
+MAX_DURATION_DAYS = 3650  # ten years: beyond, datetime arithmetic (now + lease) overflows
 
 
 def parse_duration(s: str) -> timedelta:
@@ -241,6 +252,8 @@ def parse_duration(s: str) -> timedelta:
         pos = match.end()
     if pos == 0 or text[pos:].strip():
         raise ValueError(f'expected a duration like "30s", "60m", "2h" or "1d", got {s!r}')
+    if seconds > MAX_DURATION_DAYS * 86400:
+        raise ValueError(f"expected a duration of at most {MAX_DURATION_DAYS}d, got {s!r}")
     return timedelta(seconds=seconds)
 
 
@@ -254,7 +267,8 @@ _SIZE_UNITS = {
     "mib": 1024**2,
     "gib": 1024**3,
 }
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)")
+MAX_SIZE = 2**53  # bytes; far above any limit that makes sense, and exact as a float
 
 
 def parse_size(s: str | int) -> int:
@@ -264,11 +278,16 @@ def parse_size(s: str | int) -> int:
     if isinstance(s, int):
         if s < 0:
             raise ValueError(f"expected a size of 0 bytes or more, got {s}")
+        if s > MAX_SIZE:
+            raise ValueError(f"expected a size of at most {MAX_SIZE} bytes, got {s}")
         return s
     match = _SIZE_RE.fullmatch(s.strip().lower())
     if match is None or match.group(2) not in _SIZE_UNITS:
         raise ValueError(f'expected a size like 1048576, "500KB", "25MB" or "10MiB", got {s!r}')
-    return round(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if not size <= MAX_SIZE:  # also inf
+        raise ValueError(f"expected a size of at most {MAX_SIZE} bytes, got {s!r}")
+    return round(size)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -280,6 +299,11 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def _hide_password(text: str) -> str:
+    """``user:secret@host`` -> ``user:***@host`` in any text shaped like a URL, even one that does not parse."""
+    return re.sub(r":[^:@/]*@", ":***@", text)
 
 
 def redact_url(url: str) -> str:
@@ -304,7 +328,10 @@ class _Context:
     env: Mapping[str, str]
 
     def resolve(self, value: str) -> Path:
-        p = Path(value).expanduser()
+        try:
+            p = Path(value).expanduser()
+        except RuntimeError:  # ~name of a user this system does not have
+            raise ConfigError(f"cannot expand {_show(value)}: no such user's home directory", path=self.where) from None
         return p if p.is_absolute() else self.base_dir / p
 
     def credential(self, value: str) -> Path:
@@ -376,7 +403,7 @@ class _Table:
         return _Table(value, self.dotted(name), self.ctx)
 
     def string(self, name: str, default: Any = _MISSING, *, expected: str = "a non-empty string") -> Any:
-        return self._get(name, default, lambda v: isinstance(v, str) and v.strip() != "", expected)
+        return self._get(name, default, lambda v: isinstance(v, str) and v.strip() != "" and "\x00" not in v, expected)
 
     def choice(self, name: str, choices: tuple[T, ...], default: Any = _MISSING) -> T:
         options = " or ".join(_show(c) for c in choices)
@@ -411,7 +438,7 @@ class _Table:
         value = self.data[name]
         try:
             return convert(value)
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, OverflowError):
             raise self.error(name, f"must be {expected}, got {_show(value)}") from None
 
 
@@ -423,6 +450,8 @@ def _build_config(root: _Table, path: Path | None) -> Config:
     ctx = root.ctx
     state_default = ctx.env.get("STATE_DIRECTORY", "").split(":")[0].strip() or DEFAULT_STATE_DIR
     state_dir = ctx.resolve(root.string("state_dir", state_default, expected="a directory path"))
+    if state_dir.exists() and not state_dir.is_dir():
+        raise root.error("state_dir", f"{state_dir} is not a directory")
     log_level = root.converted("log_level", "info", _log_level, f"one of {', '.join(LOG_LEVELS)}")
 
     return Config(
@@ -481,6 +510,7 @@ def _public_url(value: Any) -> str:
 def _origin(value: str) -> str:
     """``scheme://host[:port]`` lowercased; anything else (a path, a query, another scheme) is a ValueError."""
     parts = urlsplit(value)
+    parts.port  # noqa: B018 (ValueError for a port that is no number 0-65535)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
         raise ValueError(value)
     if parts.query or parts.fragment or parts.username or parts.password:
@@ -532,7 +562,15 @@ def _database(table: _Table, state_dir: Path) -> DatabaseConfig:
         "url", default, expected='a database URL like "postgresql+psycopg://inboxd@db/inboxd"'
     ).strip()
     if "://" not in url:
-        raise table.error("url", f'must be a database URL like "sqlite:///inboxd.db", got {_show(url)}')
+        raise table.error("url", f'must be a database URL like "sqlite:///inboxd.db", got {_show(_hide_password(url))}')
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        raise table.error(
+            "url",
+            f'must be a database URL like "postgresql+psycopg://inboxd@db/inboxd" or "sqlite:///inboxd.db", got '
+            f"{_show(redact_url(_hide_password(url)))}, which SQLAlchemy cannot use",
+        ) from None
     sqlite = _SQLITE_RE.match(url)
     if sqlite:
         file_part = sqlite.group(2)
@@ -567,7 +605,7 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
             "keep_session",
         }
     )
-    duration = 'a duration like "30s", "60m", "2h" or "1d"'
+    duration = f'a duration like "30s", "60m", "2h" or "1d", at most {MAX_DURATION_DAYS}d'
     interval = table.converted("interval", DEFAULT_INTERVAL, _positive_duration, duration)
     flag_scan = table.converted("flag_scan_interval", timedelta(minutes=15), _positive_duration, duration)
     quota_pause = table.converted("quota_pause", timedelta(hours=1), _positive_duration, duration)
@@ -822,6 +860,7 @@ def _endpoint_url(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(value)
     parts = urlsplit(value.strip())
+    parts.port  # noqa: B018 (ValueError for a port that is no number 0-65535)
     if not parts.hostname or not (
         parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname))
     ):
@@ -894,7 +933,11 @@ def _tenant(value: Any) -> str:
 
 def _check_token_uri(table: _Table, uri: str) -> None:
     key = "token_uri" if table.has("token_uri") else "client_secret_file"
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 (ValueError for a port that is no number 0-65535)
+    except ValueError:
+        raise table.error(key, f"must be an https:// URL, got {_show(uri)}, which cannot be parsed") from None
     if parts.scheme == "https" and parts.hostname:
         return
     if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
@@ -923,7 +966,7 @@ def _read_client_secret_file(table: _Table) -> tuple[str | None, str, str | None
     )
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise table.error("client_secret_file", f"{file} is not valid JSON; {expected}") from None
     inner = next((data[k] for k in ("installed", "web") if isinstance(data, dict) and k in data), None)
     if not isinstance(inner, dict):

@@ -44,7 +44,7 @@ log = structlog.get_logger(__name__)
 def normalize_email(value: str) -> str:
     email = value.strip().lower()
     local, at, domain = email.rpartition("@")
-    if not at or not local or "." not in domain or any(c.isspace() or c in "<>\"'," for c in email):
+    if not at or not local or "@" in local or "." not in domain or any(c.isspace() or c in "<>\"'," for c in email):
         raise UsageError(f"{value!r} is not an email address")
     return email
 

@@ -53,6 +53,8 @@ def init_key_file(path: Path, *, overwrite: bool = False) -> None:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
     except FileExistsError:
+        if path.parent.exists() and not path.parent.is_dir():
+            raise SecretsError(f"cannot write key file {path}: {path.parent} is not a directory") from None
         raise SecretsError(f"{path} already exists; refusing to replace it") from None
     except OSError as exc:
         raise SecretsError(f"cannot write key file {path}: {exc.strerror}") from None

@@ -212,6 +212,10 @@ class Daemon:
             log.error("daemon.reload_rejected", error=str(exc))
             self._notifier.ready(f"config reload rejected: {exc}"[:200])
             return
+        except Exception as exc:  # a value no check foresaw (a bug): the running config stays, the daemon runs on
+            log.exception("daemon.reload_rejected", error=f"unexpected {type(exc).__name__} reading the config")
+            self._notifier.ready(f"config reload rejected: unexpected {type(exc).__name__}")
+            return
         restart_needed, new = keep_start_values(self._config, new)
         if restart_needed:
             log.warning("daemon.reload_needs_restart", keys=restart_needed)
