@@ -615,3 +615,10 @@ def test_a_bad_database_url_is_shown_without_its_password(tmp_path: Path, url: s
     err = error(tmp_path, f'[database]\nurl = "{url}"')
     assert "s3cretPW" not in str(err)
     assert "inboxd:***@" in str(err)
+
+
+@pytest.mark.parametrize("name", ["x" * 201, "Rita\\u0000R", "Rita\\nR", "=?utf-8?q?Rita=0D=0AX:_1?="])
+def test_a_display_name_the_outbox_would_refuse_is_a_config_error(tmp_path: Path, name: str) -> None:
+    """Else every outbox row of the account would fail on it."""
+    err = error(tmp_path, f'[accounts."rita@corp.example"]\ndisplay_name = "{name}"')
+    assert err.key == 'accounts."rita@corp.example".display_name'

@@ -401,6 +401,11 @@ def test_an_address_listed_many_times_is_written_once() -> None:
     assert envelope_recipients(draft(to=("bob@cand.example",) * 3, cc=("BOB@cand.example",))) == ["bob@cand.example"]
 
 
+def test_nul_characters_in_a_body_are_refused() -> None:
+    assert invalid(draft(body_text="a\x00b")).field == "body_text"
+    assert invalid(draft(body_html="<p>a\x00b</p>")).field == "body_html"
+
+
 def test_more_than_max_attachments_files_are_refused() -> None:
     files = tuple(OutgoingAttachment(f"f{i}.txt", "text/plain", b"x") for i in range(MAX_ATTACHMENTS + 1))
     error = invalid(draft(attachments=files))

@@ -925,6 +925,16 @@ def _oauth_client(table: _Table, kind: str, default_uri: str | None) -> tuple[st
     return token_uri, client_id, client_secret
 
 
+def _display_name(value: Any) -> str:
+    """The From name of sent mail, as the outbox will accept it (inboxd.mime's limits): checked here, so that a
+    bad one is a config error, not every outbox row of the account failing."""
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError(value)
+    if len(value) > 200 or re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", value) or "=?" in value:
+        raise ValueError(value)
+    return value
+
+
 def _tenant(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9.-]+", value):
         raise ValueError(value)
@@ -995,6 +1005,11 @@ def _accounts(table: _Table) -> Mapping[str, AccountPolicy]:
             email=email,
             paused=account.boolean("paused", False),
             reason=account.string("reason", None, expected="a non-empty string (why the account is paused)"),
-            display_name=account.string("display_name", None, expected="a non-empty string (the sender's name)"),
+            display_name=account.converted(
+                "display_name",
+                None,
+                _display_name,
+                "the sender's name: at most 200 characters, no control characters or line breaks",
+            ),
         )
     return MappingProxyType(accounts)

@@ -210,6 +210,9 @@ def validate(draft: Draft, *, max_attachment_bytes: int, max_recipients: int = 1
     if len(unique) > max_recipients:
         raise InvalidDraft(f"{len(unique)} recipients, at most {max_recipients} allowed", field="recipients")
     _check_attachments(draft.attachments, max_attachment_bytes)
+    for field, body in (("body_text", draft.body_text), ("body_html", draft.body_html)):
+        if body is not None and "\x00" in body:
+            raise InvalidDraft("contains NUL characters, which mail cannot carry", field=field)
     has_body = bool((draft.body_text or "").strip() or (draft.body_html or "").strip() or draft.attachments)
     if not has_body and not _effective_subject(draft):
         raise InvalidDraft("neither a subject nor a body nor an attachment", field="subject")
