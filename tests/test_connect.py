@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,11 +16,13 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 import requests
 import sqlalchemy as sa
+import structlog
 from cryptography.fernet import Fernet
 
 from harness import MailStack, make_message
 from harness.config import write_stack_config
 from harness.oauth import OAuthServer, approve
+from inboxd import http as http_module
 from inboxd.clock import FakeClock
 from inboxd.config import Config, parse_config
 from inboxd.connect import ConnectEndpoints, sign_start
@@ -276,6 +281,13 @@ def test_http_connect_reconnects_an_account_that_needs_reauth(listener: Listener
         ({"email": "a@example.test"}, "return_to is required"),
         ({"email": "<script>@x", "return_to": HR}, "is not an email address"),
         ({"email": "a@example.test", "return_to": HR, "provider": "nosuch"}, "not in the config"),
+        # these raised inside urlsplit, and the browser got no answer at all
+        ({"email": "a@example.test", "return_to": "https://["}, "is not on an allowed origin"),
+        ({"email": "a@example.test", "return_to": "https://hr.example.test\uff0f@evil.example/"}, "allowed origin"),
+        ({"email": "a@example.test", "return_to": HR + ":abc/"}, "is not on an allowed origin"),
+        # would have been sent raw in the Location header (a crash after the account was connected)
+        ({"email": "a@example.test", "return_to": HR + "/people/\u0420\u0438\u0442\u0430"}, "allowed origin"),
+        ({"email": "a@example.test", "return_to": HR + "/x\x0bX-Evil: 1"}, "is not on an allowed origin"),
     ],
 )
 def test_http_connect_start_refuses_bad_requests_without_redirecting(
@@ -322,6 +334,80 @@ def test_http_connect_start_needs_a_signed_link_when_an_api_token_is_set(listene
     listener.clock.advance(120)
     late = listener.get(listener.start_url(**params, sig=sign_start(params, token)))
     assert late.status_code == 400 and "expired" in late.text
+    for sig in ("\xff", "\u00e9" * 64):  # compare_digest raised TypeError on non-ASCII str: no answer at all
+        bad = listener.get(listener.start_url(**params, sig=sig))
+        assert bad.status_code == 400 and "signature is wrong" in bad.text
+    odd = {**params, "expires": "\u00b2"}  # isdigit() but not int()
+    assert listener.get(listener.start_url(**odd, sig=sign_start(odd, token))).status_code == 400
+
+
+def raw_request(listener: Listener, request: bytes) -> bytes:
+    """Send bytes as they are (no client library fixes them up) and read the whole answer."""
+    port = int(listener.base.rsplit(":", 1)[1])
+    chunks = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server answered before reading it all
+            sock.sendall(request)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def disconnect_request(token: str, body: bytes, *, length: str | None = None, scheme: str = "Bearer") -> bytes:
+    head = f"POST /accounts/disconnect HTTP/1.1\r\nHost: x\r\nAuthorization: {scheme} {token}\r\n"
+    head += f"Content-Length: {length if length is not None else len(body)}\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+def test_http_disconnect_refuses_hostile_bodies_with_400(listener: Listener) -> None:
+    """A body nested 60,000 deep (RecursionError), a lone surrogate in the email (the database cannot encode it)
+    and a negative Content-Length (read to the end, no cap) each gave no answer or an uncapped read; now 400."""
+    token = "t" * 40
+    listener.use_api_token(token)
+    cases = [
+        (b"[" * 60000, None),
+        (b'{"email": "\\ud800@example.test"}', None),
+        (b'{"email": "a@example.test"}' + b" " * 200_000, "-1"),
+        (b"{}", "70000"),
+    ]
+    for body, length in cases:
+        answer = raw_request(listener, disconnect_request(token, body, length=length))
+        assert answer.startswith(b"HTTP/1.0 400 "), answer[:200]
+    # the scheme is case-insensitive (RFC 7235)
+    lower = raw_request(listener, disconnect_request(token, b'{"email": "nobody@example.test"}', scheme="bearer"))
+    assert lower.startswith(b"HTTP/1.0 404 "), lower[:200]
+
+
+def test_clients_that_never_finish_a_request_are_capped_and_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slowloris: connections that send half a request held a thread and a descriptor each, forever. At most
+    MAX_CONNECTIONS are served at once (more are closed at once), and each is cut off after REQUEST_TIMEOUT."""
+    assert 0 < http_module._Handler.timeout == http_module.REQUEST_TIMEOUT <= 30
+    monkeypatch.setattr(http_module, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(http_module._Handler, "timeout", 60.0)  # the cap alone, first
+    server = OpsServer("127.0.0.1", 0, metrics=Metrics(), health=lambda: Health(True)).start()
+    hanging = []
+    try:
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            hanging.append(sock)
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as extra:
+            assert extra.recv(100) == b"", "over the cap: closed at once, not left waiting"
+        monkeypatch.setattr(http_module._Handler, "timeout", 0.5)
+        for sock in hanging:  # finishing one request frees its slot; then a new client is served
+            sock.sendall(b"\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.0 200")
+        ok = requests.get(f"http://127.0.0.1:{server.port}/healthz", timeout=10)
+        assert ok.status_code == 200
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+            slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+            assert slow.recv(100) == b"", "cut off after the (shortened) timeout"
+    finally:
+        for sock in hanging:
+            sock.close()
+        server.close()
 
 
 # -- disconnect over HTTP ----------------------------------------------------------------------------------------
@@ -358,3 +444,13 @@ def test_http_disconnect_needs_the_api_token_and_revokes(listener: Listener) -> 
     assert not listener.store.has_credential(account.id)
     with listener.store.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM inboxd_credentials")).scalar() == 0
+
+
+def test_a_malformed_request_line_is_logged_without_its_query(listener: Listener) -> None:
+    """The request line of a bad request is quoted in http.request_failed: its query (an OAuth code) is not."""
+    with structlog.testing.capture_logs() as logs:
+        raw_request(listener, b"GET /oauth/callback?code=SECRETCODE&state=S x HTTP/1.1\r\n\r\n")
+    failed = [entry for entry in logs if entry["event"] == "http.request_failed"]
+    assert failed, logs
+    assert all("SECRETCODE" not in str(entry) for entry in logs)
+    assert "/oauth/callback?" in failed[0]["detail"]

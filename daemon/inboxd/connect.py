@@ -250,11 +250,20 @@ def check_return_to(return_to: str, origins: frozenset[str]) -> None:
     """Only back to the HR app: an absolute URL on one of http.return_to_origins (no open redirect)."""
     if not return_to:
         raise UsageError("return_to is required: where the browser goes back to when the mailbox is connected")
-    parts = urlsplit(return_to)
+    allowed = ", ".join(sorted(origins)) or "none configured (http.return_to_origins)"
+    refused = UsageError(f"return_to {return_to[:200]!r} is not on an allowed origin ({allowed})")
+    # printable ASCII only (a browser sends a URL percent-encoded): no control characters for the Location header,
+    # no Unicode that NFKC folds into "/" or "@" on the way to the netloc
+    if not return_to.isascii() or not return_to.isprintable() or "\\" in return_to:
+        raise refused
+    try:
+        parts = urlsplit(return_to)
+        parts.port  # noqa: B018 (ValueError for a port that is no number)
+    except ValueError:
+        raise refused from None
     origin = f"{parts.scheme}://{(parts.netloc or '').lower()}"
-    if parts.username or parts.password or origin not in origins or any(c in return_to for c in "\r\n\\"):
-        allowed = ", ".join(sorted(origins)) or "none configured (http.return_to_origins)"
-        raise UsageError(f"return_to {return_to[:200]!r} is not on an allowed origin ({allowed})")
+    if parts.username or parts.password or origin not in origins:
+        raise refused
 
 
 def sign_start(params: Mapping[str, str], api_token: str) -> str:
@@ -266,9 +275,10 @@ def sign_start(params: Mapping[str, str], api_token: str) -> str:
 
 def check_signature(params: Mapping[str, str], api_token: str, *, now: float) -> None:
     expires = params.get("expires", "")
-    if not expires.isdigit() or not params.get("sig"):
+    if not (expires.isascii() and expires.isdigit()) or not params.get("sig"):
         raise UsageError("this connect link is not signed (expires and sig are required: http.api_token_file is set)")
-    if not hmac.compare_digest(sign_start(params, api_token), params.get("sig", "")):
+    # bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a wrong signature)
+    if not hmac.compare_digest(sign_start(params, api_token).encode(), params.get("sig", "").encode()):
         raise UsageError("this connect link's signature is wrong")
     if int(expires) < now:
         raise ConnectFailed("this connect link has expired: start again from the HR app", code="expired")

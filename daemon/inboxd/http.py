@@ -10,6 +10,7 @@ import hmac
 import html
 import json
 import os
+import re
 import selectors
 import socket
 import threading
@@ -127,8 +128,36 @@ class OpsServer:
         self.close()
 
 
+MAX_CONNECTIONS = 64  # requests served at once; more are closed at once (each holds a thread and a descriptor)
+REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request or read the answer
+MAX_BODY = 65536
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a slow scraper must not hold up shutdown
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread per request, up to MAX_CONNECTIONS: clients that open connections and never finish them
+        (slowloris) must not take every thread and file descriptor of the daemon, whose IMAP connections need them."""
+        if not self._slots.acquire(blocking=False):
+            log.warning("http.too_many_connections", limit=MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Server6(_Server):
@@ -140,6 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
     health: HealthCheck
     hr: HrEndpoints | None
     server_version = f"inboxd/{__version__}"
+    timeout = REQUEST_TIMEOUT  # the socket's: a client that stops sending is cut off, its thread freed
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
@@ -190,24 +220,19 @@ class _Handler(BaseHTTPRequestHandler):
         if self.hr is None or token is None:
             self._json(HTTPStatus.FORBIDDEN, {"error": "disabled: set http.api_token_file to allow the HR app this"})
             return
-        presented = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
+        scheme, _, presented = self.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode(errors="surrogateescape"), token.encode()
+        ):
             self._json(HTTPStatus.UNAUTHORIZED, {"error": "Authorization: Bearer <http.api_token_file> required"})
             return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(min(length, 65536)) or b"null")
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or not isinstance(body.get("email"), str):
-            self._json(HTTPStatus.BAD_REQUEST, {"error": 'expected a JSON object {"email": ..., "purge": false}'})
+        request = self._disconnect_request()
+        if isinstance(request, str):
+            self._json(HTTPStatus.BAD_REQUEST, {"error": request})
             return
-        purge = body.get("purge", False)
-        if not isinstance(purge, bool):
-            self._json(HTTPStatus.BAD_REQUEST, {"error": "purge must be true or false"})
-            return
+        email, purge = request
         try:
-            report = self.hr.disconnect(body["email"], purge)
+            report = self.hr.disconnect(email, purge)
         except UsageError as exc:
             self._json(HTTPStatus.NOT_FOUND, {"error": str(exc)})
             return
@@ -215,6 +240,27 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
             return
         self._json(HTTPStatus.OK, report.as_dict())
+
+    def _disconnect_request(self) -> tuple[str, bool] | str:
+        """(email, purge) from the request's JSON body, or what is wrong with it. At most MAX_BODY bytes are read,
+        whatever the client says (a negative Content-Length used to mean: read to the end)."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            return f"Content-Length must be 0-{MAX_BODY}"
+        try:
+            body = json.loads(self.rfile.read(length) or b"null")
+        except (ValueError, RecursionError):
+            body = None
+        email = body.get("email") if isinstance(body, dict) else None
+        if not isinstance(email, str) or not _encodable(email):
+            return 'expected a JSON object {"email": ..., "purge": false}'
+        purge = body.get("purge", False) if isinstance(body, dict) else False
+        if not isinstance(purge, bool):
+            return "purge must be true or false"
+        return email, purge
 
     def _page(self, status: HTTPStatus, title: str, message: str) -> None:
         body = (
@@ -245,7 +291,20 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # scrapes every few seconds would flood the journal; errors still reach log_error -> structlog
 
     def log_error(self, format: str, *args: Any) -> None:
-        log.warning("http.request_failed", detail=format % args)
+        # a malformed request line is quoted in the detail: without its query, which may hold an OAuth code
+        log.warning("http.request_failed", detail=_QUERY.sub("?…", format % args))
+
+
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+def _encodable(text: str) -> bool:
+    """No lone surrogates (JSON's "\\ud800"): they cannot be encoded for the database."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def start_ops_server(
