@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 some account failed to sync, 2 bad config, arguments or
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -406,6 +407,9 @@ def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
     workers = config.sync.parse_workers
     parser = ParserPool(workers, blob_dir=config.sync.attachments_dir) if workers else None
     store.sweep_staged_attachments()  # left by runs that a stop or a crash kept from being stored
+    # what start-up built (imported modules, the schema, config) lives as long as the process: out of the cyclic
+    # collector's walks during the first cycle too (the daemon's settle_heap does the same after each cycle)
+    gc.freeze()
     try:
         return _run_with(args, config, store, clock=clock, metrics=metrics, stop=stop, parser=parser)
     finally:
