@@ -69,6 +69,7 @@ HOSTILE_FILES = {
     "overlong_content_type.eml": "a part whose Content-Type is 300+ characters (content_type is varchar(255))",
     "empty_boundary_and_boundary_in_body.eml": 'boundary="" and body lines that look like boundaries',
     "header_only_no_body.eml": "headers only, no blank line, no final CRLF",
+    "utf7_lone_surrogates.eml": "UTF-7 (+2AA-) decoding to lone surrogates in the subject, a name, html, a filename",
 }
 FUZZ_EXAMPLES = int(os.environ.get("INBOXD_FUZZ_EXAMPLES", "150"))
 # Hang guard: a parse of these samples takes milliseconds to ~2 s; only a loop or a quadratic blow-up gets near this.

@@ -268,11 +268,22 @@ def _lookup_charset(charset: str | None) -> str | None:
     return info.name
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(text: str) -> str:
+    """Lone surrogates (UTF-7's "+2AA-" decodes to one) as U+FFFD: no database can store them (UTF-8 cannot encode
+    them), and one in a batch failed that batch, and so the account's sync, on every attempt; nh3 refused them."""
+    if text.isascii() or _LONE_SURROGATE.search(text) is None:
+        return text
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def _decode_text(data: bytes, charset: str | None) -> tuple[str, bool]:
     """Decode with the declared charset, else UTF-8, else Latin-1; the flag says the declaration held."""
     codec = _lookup_charset(charset) or "us-ascii"
     try:
-        return data.decode(codec), True
+        return _without_surrogates(data.decode(codec)), True
     except (UnicodeDecodeError, LookupError, ValueError):
         pass
     try:
@@ -281,7 +292,7 @@ def _decode_text(data: bytes, charset: str | None) -> tuple[str, bool]:
         pass
     if codec not in ("us-ascii", "ascii", "utf-8"):
         try:
-            return data.decode(codec, "replace"), False
+            return _without_surrogates(data.decode(codec, "replace")), False
         except (LookupError, ValueError):
             pass
     return data.decode("latin-1"), False
@@ -335,7 +346,7 @@ def decode_header_value(value: str | bytes | None) -> str | None:
     if pending:
         pieces.append(_decode_text(bytes(pending[1]), pending[0])[0])
     pieces.append(text[position:])
-    return _WHITESPACE_OR_CONTROL.sub(" ", "".join(pieces)).strip()
+    return _without_surrogates(_WHITESPACE_OR_CONTROL.sub(" ", "".join(pieces)).strip())
 
 
 _MSGID_IN_BRACKETS = re.compile(r"<([^<>]*)>")
