@@ -17,6 +17,7 @@ from email.message import Message
 from email.parser import BytesParser
 from email.utils import collapse_rfc2231_value
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -538,7 +539,7 @@ def _corpus_address_values() -> list[str]:
 def _fast_and_strict(value: str) -> tuple[list[tuple[str | None, str]] | None, list[tuple[str | None, str]]]:
     text = parse._FOLD.sub("", parse._undo_surrogates(value))
     fast = parse._fast_address_pairs(text)
-    strict = parse._normalize_address_pairs(parse._strict_address_pairs(text))
+    strict = parse._normalize_address_pairs(parse._strict_address_pairs(text, parse.AddressBudget()))
     return (None if fast is None else parse._normalize_address_pairs(fast)), strict
 
 
@@ -652,6 +653,36 @@ def test_corpus_parses_the_same_with_the_stdlib_parameter_splitter(monkeypatch: 
     ours = {path.name: parse_or_reason(path.read_bytes()) for path in CORPUS_FILES}
     monkeypatch.setattr(email_message, "_parseparam", parse.STDLIB_PARSEPARAM)
     assert {path.name: parse_or_reason(path.read_bytes()) for path in CORPUS_FILES} == ours
+
+
+def test_the_slow_address_parsers_read_at_most_a_budget_of_each_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hostile address headers of up to 4 KB each, many of them, cost the slow parsers 70 s per MB; each message
+    now gives them at most AddressBudget's characters (counted here as they are handed over), the rest is skipped
+    with a defect, and plain lists (the regex fast path) are never cut."""
+    handed = {"strict": 0, "fallback": 0}
+    real_factory, real_getaddresses = parse.policy.default.header_factory, parse.getaddresses
+
+    def factory(name: str, value: str) -> object:
+        handed["strict"] += len(value)
+        return real_factory(name, value)
+
+    def counting_getaddresses(values: list[str]) -> list[tuple[str, str]]:
+        handed["fallback"] += sum(map(len, values))
+        return real_getaddresses(values)
+
+    fake_policy = SimpleNamespace(default=SimpleNamespace(header_factory=factory), compat32=policy.compat32)
+    monkeypatch.setattr(parse, "policy", fake_policy)
+    monkeypatch.setattr(parse, "getaddresses", counting_getaddresses)
+    hostile = b"".join(b"To: Bob (c%d) <b%d@example.test>, " % (i, i) + b'"' * 4000 + b"\r\n" for i in range(200))
+    raw = b"From: a@example.test\r\n" + hostile + b"To: " + b", ".join(b"u%d@example.test" % i for i in range(5000))
+    parsed = parse_message(raw + b"\r\n\r\nbody")
+    budget = parse.AddressBudget()
+    assert 0 < handed["strict"] <= budget.strict
+    assert 0 < handed["fallback"] <= budget.fallback
+    assert "address headers too long or malformed: some addresses not read" in parsed.defects
+    emails = {p.email for p in parsed.participants}
+    assert {f"u{i}@example.test" for i in range(5000)} <= emails, "the plain list is read whole"
+    assert "b0@example.test" in emails, "the first hostile headers are still read"
 
 
 def parse_or_reason(raw: bytes) -> ParsedMessage | str:

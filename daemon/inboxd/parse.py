@@ -191,7 +191,12 @@ def _parse(raw: bytes, *, max_attachment_bytes: int, max_body_chars: int) -> Par
     defects = _Defects()
     try:
         split = mimesplit.parse_bytes(raw)  # the same tree, faster, for the usual shape; else None
-        message = split if split is not None else BytesParser(policy=policy.compat32).parsebytes(raw)
+        if split is None and _too_nested_for_the_feed_parser(raw):
+            message = BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
+            defects.add("MIME structure too nested for its size: body not parsed")
+            message.set_payload("")
+        else:
+            message = split if split is not None else BytesParser(policy=policy.compat32).parsebytes(raw)
     except RecursionError:
         # The stdlib feed parser recurses once per multipart level; ~1000 levels exhaust the stack.
         message = BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
@@ -202,7 +207,7 @@ def _parse(raw: bytes, *, max_attachment_bytes: int, max_body_chars: int) -> Par
 
     headers = _Headers(message)
     subject = decode_header_value(headers.first("Subject")) or None
-    participants = _participants(headers)
+    participants = _participants(headers, defects)
     sender = next((p for p in participants if p.role == "from"), None)
     references = _references(headers, defects)
     walk = _walk(message, defects)
@@ -234,6 +239,22 @@ def _parse(raw: bytes, *, max_attachment_bytes: int, max_body_chars: int) -> Par
         size_bytes=len(raw),
         defects=defects.as_tuple(),
     )
+
+
+# lines x boundaries above which the feed parser is not given a body (about 3 s of it on the development machine)
+_FEED_PARSER_WORK_LIMIT: Final = 20_000_000
+
+
+def _too_nested_for_the_feed_parser(raw: bytes) -> bool:
+    """Whether the stdlib feed parser would take too long over ``raw``: it checks every line of a part against the
+    boundary of every multipart around it, so its time is lines x nesting depth, and hostile mail nests a hundred
+    multiparts around a megabyte of empty lines (13 s). The boundary parameters counted bound the depth; ordinary
+    mail, even 25 MB with a dozen multiparts, stays far below the limit."""
+    boundaries = raw.count(b"oundary")  # "boundary" in any case of its first letter, cheaply
+    if boundaries < 2:
+        return False
+    lines = raw.count(b"\n") + raw.count(b"\r")
+    return lines * boundaries > _FEED_PARSER_WORK_LIMIT
 
 
 class _Defects:
@@ -447,7 +468,6 @@ def _sent_at(value: str | None, defects: _Defects) -> datetime | None:
 
 # --- addresses -------------------------------------------------------------------------------------
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _BARE_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@]+@[^\s<>()\[\],;:\"@]+")
 _ADDRESS_HEADERS: Final = (
     ("from", "From"), ("to", "To"), ("cc", "Cc"), ("bcc", "Bcc"), ("reply_to", "Reply-To"),
@@ -488,31 +508,51 @@ def _fast_address_pairs(text: str) -> list[tuple[str, str]] | None:
         position = match.end()
 
 
-def _strict_address_pairs(text: str) -> list[tuple[str, str]]:
+@dataclass
+class AddressBudget:
+    """Characters of one message's address headers that the slow parsers may still read. policy.default's parser
+    costs up to 0.3 s for a hostile 4 KB value and compat32's ``getaddresses`` about 5 s per MB: a message of many
+    such headers (70 s per MB of them) would hold its account's sync. Plain lists take the regex fast path, which
+    has no budget; past the budget the rest is skipped (``exhausted``: the caller notes a defect)."""
+
+    strict: int = 16 * 1024
+    fallback: int = 256 * 1024
+    exhausted: bool = False
+
+
+def _strict_address_pairs(text: str, budget: AddressBudget) -> list[tuple[str, str]]:
     """policy.default's parser for short values, compat32's ``getaddresses`` for long or unparseable ones,
-    and a bare "x@y" scan as the last resort. Never raises."""
-    if len(text) <= _MAX_DEFAULT_POLICY_ADDRESS_CHARS:
+    and a bare "x@y" scan as the last resort, each within ``budget``. Never raises."""
+    if len(text) <= min(_MAX_DEFAULT_POLICY_ADDRESS_CHARS, budget.strict):
+        budget.strict -= len(text)
         try:
             header = policy.default.header_factory("to", text)
             return [(address.display_name, address.addr_spec) for address in header.addresses]
         except Exception:  # noqa: S110 - the compat32 parser below is the documented fallback
             pass
+    if len(text) > budget.fallback:
+        budget.exhausted = True
+        return []
+    budget.fallback -= len(text)
     try:
         return getaddresses([text])
     except Exception:  # RecursionError on nested comments, among others
         return [("", match.group(0)) for match in _BARE_ADDRESS.finditer(text)]
 
 
-def parse_address_list(value: str | None) -> list[tuple[str | None, str]]:
+def parse_address_list(value: str | None, budget: AddressBudget | None = None) -> list[tuple[str | None, str]]:
     """(display name, email) pairs from an address header; emails lowercased, entries without '@', with
     NUL, lone surrogates or longer than 320 characters dropped, names RFC 2047 decoded (None when empty). Groups
     ("undisclosed-recipients:;") are fine.
-    Never raises: a regex fast path for plain lists (see _FAST_ADDRESS_ELEMENT), else _strict_address_pairs."""
+    Never raises: a regex fast path for plain lists (see _FAST_ADDRESS_ELEMENT), else _strict_address_pairs, within
+    ``budget`` (one message's, shared by its headers; a fresh one when not given)."""
     if not value:
         return []
     text = _FOLD.sub("", _undo_surrogates(value))
     pairs = _fast_address_pairs(text)
-    return _normalize_address_pairs(_strict_address_pairs(text) if pairs is None else pairs)
+    if pairs is None:
+        pairs = _strict_address_pairs(text, budget if budget is not None else AddressBudget())
+    return _normalize_address_pairs(pairs)
 
 
 def _normalize_address_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str | None, str]]:
@@ -527,13 +567,16 @@ def _normalize_address_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str | N
     return result
 
 
-def _participants(headers: _Headers) -> tuple[Participant, ...]:
+def _participants(headers: _Headers, defects: _Defects) -> tuple[Participant, ...]:
     seen: dict[tuple[str, str], Participant] = {}
+    budget = AddressBudget()
     for role, header in _ADDRESS_HEADERS:
         values = headers.all(header)
         for value in values[:1] if role == "from" else values:
-            for name, email in parse_address_list(value):
+            for name, email in parse_address_list(value, budget):
                 seen.setdefault((role, email), Participant(role=role, email=email, name=name))
+    if budget.exhausted:
+        defects.add("address headers too long or malformed: some addresses not read")
     return tuple(seen.values())
 
 
