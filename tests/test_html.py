@@ -224,3 +224,35 @@ def test_markup_with_many_elements_or_plaintext_takes_the_tag_walk() -> None:
     assert html_module._defuse("<div>" * 1000).count("<div>") == 128
     assert not html_module._few_elements("<PlainText><b title='<'>")
     assert html_module._defuse("<plaintext><b title='<'>") == "<plaintext>&lt;b title='&lt;'>"  # raw text to the end
+
+
+# --- three more of html5ever's quadratic paths (found by fuzzing; timed by hand: 30-95 s per MB before) -----------
+
+
+def test_a_tag_with_too_many_attributes_is_passed_on_without_them() -> None:
+    """html5ever checks each attribute of a tag against the others: 1 MB of them in one tag took 54 s."""
+    names = " ".join(f"a{i}" for i in range(10_000))  # 58 KB: past the shortcut for short markup
+    assert html_module._defuse(f"<b {names}>bold</b>") == "<b>bold</b>"
+    assert sanitize_html(f"<b {names}>bold</b>") == "<b>bold</b>"
+    long_link = '<a href="https://example.test/?' + "x" * 3000 + '" title="t">link</a>'
+    assert html_module._defuse(long_link) == long_link, "a long tag with few attributes is kept as it is"
+
+
+def test_no_break_spaces_in_attribute_values_become_spaces() -> None:
+    """U+00A0 in an attribute value made html5ever's serializer quadratic (1 MB: 30 s)."""
+    markup = '<a title="' + "\u00a0" * 1000 + 'x" href="https://example.test/">l</a>'
+    assert html_module._defuse(markup) == '<a title="' + " " * 1000 + 'x" href="https://example.test/">l</a>'
+    assert "\u00a0" not in sanitize_html(markup)
+
+
+def test_past_a_limit_formatting_tags_are_dropped_and_their_text_kept() -> None:
+    """A closing block tag makes html5ever re-open the formatting elements left open inside it, so the real
+    nesting grew with every repetition while the markup looked flat (500 KB: 44 s)."""
+    unit = "<div><b><i><u><s><em><tt><big><small><strong><code><font><nobr><strike></div>t"
+    many = unit * 400  # 5,600 formatting start tags
+    defused = html_module._defuse(many)
+    assert "<b>" not in defused and "<font>" not in defused
+    assert defused.count("<div>") == 400 and defused.count("t") >= 400
+    assert html_to_text(many) == "\n".join(["t"] * 400)
+    few = unit * 200  # 2,800: under the limit, kept
+    assert html_module._defuse(few).count("<b>") == 200

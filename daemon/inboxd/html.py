@@ -114,6 +114,19 @@ _IMPLIED_END: Final = {
 }  # fmt: skip
 
 
+# Three more of html5ever's quadratic paths, found by fuzzing: a tag with thousands of attributes (each checked
+# against the others), U+00A0 in an attribute value, and formatting elements that a closing block tag re-opens
+# (the "active formatting elements" are rebuilt inside every new block, so the real nesting grows while the markup
+# looks flat). The walk gives such tags no attributes, U+00A0 in attributes becomes a space, and past
+# _MAX_FORMATTING formatting start tags all formatting tags are dropped (their text stays).
+_MAX_ATTRIBUTES: Final = 64
+_LONG_TAG: Final = 1024  # attributes are only counted in tags longer than this
+_MAX_FORMATTING: Final = 4096
+_FORMATTING: Final = frozenset(
+    {"a", "b", "big", "code", "em", "font", "i", "nobr", "s", "small", "strike", "strong", "tt", "u"}
+)
+_FORMATTING_START = re.compile(r"<(?:a|b|big|code|em|font|i|nobr|s|small|strike|strong|tt|u)[\s/>]", re.IGNORECASE)
+_SHORTCUT_MAX_CHARS: Final = 32 * 1024  # longer markup always takes the walk (a few ms), whatever its tag count
 _START_TAG = re.compile(r"<[A-Za-z]")
 _PLAINTEXT = re.compile(r"<plaintext", re.IGNORECASE)
 
@@ -137,9 +150,10 @@ def _defuse(html: str) -> str:
     """
     html = _BARE_AMPERSAND.sub("&amp;", html)
     split_text = html.count("&") + html.count("\u00a0") > _TEXT_NODE_ESCAPES  # else no text node needs it
-    if not split_text and _few_elements(html):
+    if not split_text and len(html) <= _SHORTCUT_MAX_CHARS and _few_elements(html):
         return html
-    return _walk_tags(html, split_text=split_text)
+    formatting = sum(1 for _ in itertools.islice(_FORMATTING_START.finditer(html), _MAX_FORMATTING + 1))
+    return _walk_tags(html, split_text=split_text, drop_formatting=formatting > _MAX_FORMATTING)
 
 
 def _few_elements(html: str) -> bool:
@@ -148,7 +162,7 @@ def _few_elements(html: str) -> bool:
     return start_tags <= _MAX_DEPTH and _PLAINTEXT.search(html) is None
 
 
-def _walk_tags(html: str, *, split_text: bool) -> str:
+def _walk_tags(html: str, *, split_text: bool, drop_formatting: bool = False) -> str:
     """_defuse's rewrite of markup with '&' already escaped: one pass over its tags."""
     out: list[str] = []
     stack: list[str] = []
@@ -166,19 +180,12 @@ def _walk_tags(html: str, *, split_text: bool) -> str:
             continue
         is_end, name = bool(match.group(2)), match.group(3).lower()
         pos = _tag_end(html, name_end)
-        kept = True
-        if is_end:
-            _close(stack, name)
-        elif name not in _VOID:
-            if stack and stack[-1] in _IMPLIED_END.get(name, ()):
-                stack.pop()
-            kept = len(stack) < _MAX_DEPTH
-            if kept:
-                stack.append(name)
-        if not kept or html.find("<", name_end, pos) >= 0:
+        kept = _open_or_close(stack, name, is_end=is_end, drop_formatting=drop_formatting)
+        attributes = html[name_end:pos]
+        if not kept or "<" in attributes or "\u00a0" in attributes or _too_many_attributes(attributes):
             out.append(html[copied:start])
             if kept:
-                out.append(html[start:name_end] + html[name_end:pos].replace("<", "&lt;"))
+                out.append(html[start:name_end] + _safe_attributes(attributes))
             copied = pos
         if not is_end and name in _RAWTEXT:
             close = _RAWTEXT_END[name].search(html, pos) if name != "plaintext" else None
@@ -192,6 +199,36 @@ def _walk_tags(html: str, *, split_text: bool) -> str:
         copied = length
     out.append(html[copied:])
     return "".join(out)
+
+
+def _open_or_close(stack: list[str], name: str, *, is_end: bool, drop_formatting: bool) -> bool:
+    """The walk's model of the open elements after tag ``name``; False when the tag is to be dropped (nested
+    deeper than _MAX_DEPTH, or a formatting tag when those are dropped)."""
+    if drop_formatting and name in _FORMATTING:
+        return False
+    if is_end:
+        _close(stack, name)
+        return True
+    if name in _VOID:
+        return True
+    if stack and stack[-1] in _IMPLIED_END.get(name, ()):
+        stack.pop()
+    if len(stack) >= _MAX_DEPTH:
+        return False
+    stack.append(name)
+    return True
+
+
+def _too_many_attributes(attributes: str) -> bool:
+    return len(attributes) > _LONG_TAG and len(attributes.split(maxsplit=_MAX_ATTRIBUTES)) > _MAX_ATTRIBUTES
+
+
+def _safe_attributes(attributes: str) -> str:
+    """A tag's attributes (up to its '>') as the walk passes them on: none at all when there are too many, else
+    with '<' escaped and U+00A0 as a space."""
+    if _too_many_attributes(attributes):
+        return ">" if attributes.endswith(">") else ""
+    return attributes.replace("<", "&lt;").replace("\u00a0", " ")
 
 
 def _split_text_node(text: str) -> str:
