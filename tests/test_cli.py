@@ -648,3 +648,19 @@ def test_progress_writes_nothing_when_not_a_tty() -> None:
     display.update("ana@example.test", 100, 100)
     display.finish()
     assert stream.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", "", "status"], "argument --config: expected the path of the config file, got an empty string"),
+        (["--config", "x.toml", "connect", "a@example.test", "--timeout", "1e-9"], "expected 1 to 3600 seconds"),
+        (["--config", "x.toml", "connect", "a@example.test", "--timeout", "nan"], "expected 1 to 3600 seconds"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_argument(args: list[str], message: str) -> None:
+    """--config "" read the current directory ("Is a directory"); a timeout of 1e-9 or nan was accepted although
+    the message says 1 to 3600."""
+    result = run_script(*args)
+    assert result.returncode == 2
+    assert message in result.stderr

@@ -54,7 +54,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inboxd", description="Mailbox sync daemon for HR and recruiting apps.")
-    parser.add_argument("--config", type=Path, help="config file (default: $INBOXD_CONFIG)")
+    parser.add_argument("--config", type=_config_path, help="config file (default: $INBOXD_CONFIG)")
     parser.add_argument("--version", action="version", version=f"inboxd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -122,12 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_path(value: str) -> Path:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected the path of the config file, got an empty string")
+    return Path(value)
+
+
 def _seconds(value: str) -> float:
     try:
         seconds = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
-    if not 0 < seconds <= 3600:
+    if not 1 <= seconds <= 3600:  # also NaN
         raise argparse.ArgumentTypeError(f"expected 1 to 3600 seconds, got {value!r}")
     return seconds
 
