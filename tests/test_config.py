@@ -568,10 +568,11 @@ def test_a_reload_keeps_what_only_a_restart_applies_and_names_it(tmp_path: Path)
         ("[sync]\nmax_attachment_bytes = 9007199254740993", "sync.max_attachment_bytes", "must be"),
         ('[sync]\nattachments_dir = "a\\u0000b"', "sync.attachments_dir", "must be a directory path"),
         ('state_dir = "x\\u0000y"', "state_dir", "must be a directory path"),
-        ('[database]\nurl = "postgresql ://u@h/db"', "database.url", "which SQLAlchemy cannot use"),
-        ('[database]\nurl = "postgresql+psycopg://u@h:5432x/hr"', "database.url", "which SQLAlchemy cannot use"),
-        ('[database]\nurl = "postgresql+psycopg3://u@h/db"', "database.url", "which SQLAlchemy cannot use"),
-        ('[database]\nurl = "sqlitex://foo"', "database.url", "which SQLAlchemy cannot use"),
+        ('[database]\nurl = "postgresql ://u@h/db"', "database.url", "SQLAlchemy cannot use this one"),
+        ('[database]\nurl = "postgresql+psycopg://u@h:5432x/hr"', "database.url", "SQLAlchemy cannot use this one"),
+        ('[database]\nurl = "postgresql+psycopg3://u@h/db"', "database.url", "SQLAlchemy cannot use this one"),
+        ('[database]\nurl = "sqlitex://foo"', "database.url", "SQLAlchemy cannot use this one"),
+        ('[database]\nurl = "postgresql+psycopg://u@h:99999/hr"', "database.url", "its port is not 1-65535"),
         ('[http]\npublic_url = "https://inboxd.example.com:abc"', "http.public_url", "must be"),
         ('[http]\npublic_url = "https://inboxd.example.com:99999"', "http.public_url", "must be"),
         ('[http]\nreturn_to_origins = ["https://hr.example.com:abc"]', "http.return_to_origins", "must be"),
@@ -609,12 +610,21 @@ def test_a_deeply_nested_client_secret_file_is_not_valid_json(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    "url", ["postgresql+psycopg//inboxd:s3cretPW@db.internal/hr", "postgresql+psycopg3://inboxd:s3cretPW@db/hr"]
+    "url",
+    [
+        "postgresql+psycopg//inboxd:s3cretPW@db.internal/hr",
+        "postgresql+psycopg3://inboxd:s3cretPW@db/hr",
+        "postgresql+nosuch://inboxd:s3cret/PW@db/hr",
+        "postgresql+psycopg3://db/hr?password=s3cretPW",
+        "postgresql+psycopg://inboxd:s3cretPW@db:99999/hr",
+    ],
 )
-def test_a_bad_database_url_is_shown_without_its_password(tmp_path: Path, url: str) -> None:
+def test_a_bad_database_url_is_refused_without_showing_it(tmp_path: Path, url: str) -> None:
+    """The URL may hold a password in forms no redaction foresees (a '/' in it, a query parameter): an error
+    names its scheme at most."""
     err = error(tmp_path, f'[database]\nurl = "{url}"')
-    assert "s3cretPW" not in str(err)
-    assert "inboxd:***@" in str(err)
+    assert err.key == "database.url"
+    assert "s3cret" not in str(err)
 
 
 @pytest.mark.parametrize("name", ["x" * 201, "Rita\\u0000R", "Rita\\nR", "=?utf-8?q?Rita=0D=0AX:_1?="])

@@ -381,7 +381,8 @@ def test_http_disconnect_refuses_hostile_bodies_with_400(listener: Listener) -> 
 
 def test_clients_that_never_finish_a_request_are_capped_and_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """Slowloris: connections that send half a request held a thread and a descriptor each, forever. At most
-    MAX_CONNECTIONS are served at once (more are closed at once), and each is cut off after REQUEST_TIMEOUT."""
+    MAX_CONNECTIONS are served at once (more are closed at once), and each must send its whole request within
+    REQUEST_TIMEOUT."""
     assert 0 < http_module._Handler.timeout == http_module.REQUEST_TIMEOUT <= 30
     monkeypatch.setattr(http_module, "MAX_CONNECTIONS", 4)
     monkeypatch.setattr(http_module._Handler, "timeout", 60.0)  # the cap alone, first
@@ -404,6 +405,18 @@ def test_clients_that_never_finish_a_request_are_capped_and_cut_off(monkeypatch:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
             slow.sendall(b"GET /healthz HTTP/1.1\r\n")
             assert slow.recv(100) == b"", "cut off after the (shortened) timeout"
+        # a client trickling a byte now and then, each read within the timeout, is cut off all the same
+        with socket.create_connection(("127.0.0.1", server.port), timeout=3) as trickle:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                trickle.sendall(b"GET /healthz HTTP/1.1\r\n")
+                for _ in range(10):
+                    time.sleep(0.2)
+                    trickle.sendall(b"X")
+            try:
+                answer = trickle.recv(100)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b"", "a request must be sent whole within the timeout"
     finally:
         for sock in hanging:
             sock.close()

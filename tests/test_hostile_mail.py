@@ -10,6 +10,7 @@ random sequences of server changes. INBOXD_FUZZ_EXAMPLES=5000 makes the property
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 from collections.abc import Callable
@@ -70,6 +71,7 @@ HOSTILE_FILES = {
     "empty_boundary_and_boundary_in_body.eml": 'boundary="" and body lines that look like boundaries',
     "header_only_no_body.eml": "headers only, no blank line, no final CRLF",
     "utf7_lone_surrogates.eml": "UTF-7 (+2AA-) decoding to lone surrogates in the subject, a name, html, a filename",
+    "utf7_rfc2231_filename.eml": "an RFC 2231 file name in UTF-7 that decodes to lone surrogates (was quarantined)",
 }
 FUZZ_EXAMPLES = int(os.environ.get("INBOXD_FUZZ_EXAMPLES", "150"))
 # Hang guard: a parse of these samples takes milliseconds to ~2 s; only a loop or a quadratic blow-up gets near this.
@@ -124,6 +126,22 @@ def nested_rfc822(depth: int) -> bytes:
         b"From: x@example.org\r\nContent-Type: message/rfc822\r\n\r\n" * depth + b"From: x@example.org\r\n\r\nend\r\n"
     )
     return _headers("rfc822") + b"Subject: forwarded 1000 times\r\nContent-Type: message/rfc822\r\n\r\n" + inner
+
+
+def forwarded_applications(count: int) -> bytes:
+    """``count`` CVs forwarded as attached messages, each a multipart with a 250 KB base64 attachment."""
+    attachment = base64.encodebytes(bytes(range(256)) * 1000).replace(b"\n", b"\r\n")
+    parts = [
+        b"--outer\r\nContent-Type: message/rfc822\r\n\r\nFrom: c%d@example.org\r\nSubject: CV %d\r\n"
+        b'Content-Type: multipart/mixed; boundary="in%d"\r\n\r\n--in%d\r\nContent-Type: text/plain\r\n\r\nhi\r\n'
+        b"--in%d\r\nContent-Type: application/pdf; name=cv.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        % (i, i, i, i, i)
+        + attachment
+        + b"--in%d--\r\n" % i
+        for i in range(count)
+    ]
+    head = _headers("forwarded") + b'Subject: CVs\r\nContent-Type: multipart/mixed; boundary="outer"\r\n\r\n'
+    return head + b"--outer\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n" + b"".join(parts) + b"--outer--\r\n"
 
 
 def many_parts(count: int) -> bytes:
@@ -288,6 +306,9 @@ def test_what_inboxd_makes_of_specific_hostile_mail() -> None:
     assert lines.defects == ("MIME structure too nested for its size: body not parsed",)
     assert (lines.subject, lines.body_text, lines.attachments) == ("nested", "", ())
     assert not any("too nested" in d for d in parse_message(nested_multipart(101)).defects), "small: parsed"
+    # wide is not deep: 60 forwarded applications side by side (21 MB, 61 multiparts) are parsed whole
+    wide = parse_message(forwarded_applications(60))
+    assert (len(wide.attachments), wide.body_text, wide.defects) == (60, "see attached", ())
     many = parse_message(many_parts(10_000))
     assert len(many.attachments) < MAX_MIME_PARTS and any("MIME parts" in d for d in many.defects)
 

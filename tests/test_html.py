@@ -256,3 +256,15 @@ def test_past_a_limit_formatting_tags_are_dropped_and_their_text_kept() -> None:
     assert html_to_text(many) == "\n".join(["t"] * 400)
     few = unit * 200  # 2,800: under the limit, kept
     assert html_module._defuse(few).count("<b>") == 200
+
+
+def test_long_tags_with_few_attributes_and_many_links_are_kept() -> None:
+    """Counting attributes leaves quoted values out (a long inline style is one attribute), and links are never
+    among the formatting tags dropped past the limit."""
+    style = "font-size: 0px; color: #333; " * 60
+    link = f'<a href="https://example.test/apply" style="{style}">Apply</a>'
+    image = f'<img src="https://example.test/x.png" alt="x" style="{style}">'
+    out = sanitize_html("<p>hello</p>" * 4000 + link + image)
+    assert 'href="https://example.test/apply"' in out and 'src="https://example.test/x.png"' in out
+    links = "".join(f'<a href="https://example.test/{i}">l{i}</a> ' for i in range(5000))
+    assert sanitize_html(links + "<b>x</b>" * 5000).count('href="https://example.test/') == 5000

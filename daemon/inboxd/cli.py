@@ -421,6 +421,7 @@ def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
     finally:
         if parser is not None:
             parser.close()
+        gc.unfreeze()  # for a caller that goes on (the tests run main() in their own process)
 
 
 def _run_with(

@@ -301,11 +301,6 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def _hide_password(text: str) -> str:
-    """``user:secret@host`` -> ``user:***@host`` in any text shaped like a URL, even one that does not parse."""
-    return re.sub(r":[^:@/]*@", ":***@", text)
-
-
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ``***``."""
     parts = urlsplit(url)
@@ -561,16 +556,18 @@ def _database(table: _Table, state_dir: Path) -> DatabaseConfig:
     url: str = table.string(
         "url", default, expected='a database URL like "postgresql+psycopg://inboxd@db/inboxd"'
     ).strip()
+    # the URL may hold a password, in forms no redaction foresees: an error shows its scheme at most
+    expected = 'a database URL like "postgresql+psycopg://inboxd@db/inboxd" or "sqlite:///inboxd.db"'
     if "://" not in url:
-        raise table.error("url", f'must be a database URL like "sqlite:///inboxd.db", got {_show(_hide_password(url))}')
+        raise table.error("url", f'must be {expected}, got a value without "://"')
+    scheme = _show(url.split("://", 1)[0][:40])
     try:
-        make_url(url).get_dialect()
+        parsed = make_url(url)
+        parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError):
-        raise table.error(
-            "url",
-            f'must be a database URL like "postgresql+psycopg://inboxd@db/inboxd" or "sqlite:///inboxd.db", got '
-            f"{_show(redact_url(_hide_password(url)))}, which SQLAlchemy cannot use",
-        ) from None
+        raise table.error("url", f"must be {expected}; SQLAlchemy cannot use this one (scheme {scheme})") from None
+    if parsed.port is not None and not 0 < parsed.port <= 65535:
+        raise table.error("url", f"must be {expected}; its port is not 1-65535 (scheme {scheme})")
     sqlite = _SQLITE_RE.match(url)
     if sqlite:
         file_part = sqlite.group(2)

@@ -122,10 +122,12 @@ _IMPLIED_END: Final = {
 _MAX_ATTRIBUTES: Final = 64
 _LONG_TAG: Final = 1024  # attributes are only counted in tags longer than this
 _MAX_FORMATTING: Final = 4096
+# "a" is a formatting element too, but one never holds another (a new <a> closes the open one): it is kept
 _FORMATTING: Final = frozenset(
-    {"a", "b", "big", "code", "em", "font", "i", "nobr", "s", "small", "strike", "strong", "tt", "u"}
+    {"b", "big", "code", "em", "font", "i", "nobr", "s", "small", "strike", "strong", "tt", "u"}
 )
-_FORMATTING_START = re.compile(r"<(?:a|b|big|code|em|font|i|nobr|s|small|strike|strong|tt|u)[\s/>]", re.IGNORECASE)
+_FORMATTING_START = re.compile(r"<(?:b|big|code|em|font|i|nobr|s|small|strike|strong|tt|u)[\s/>]", re.IGNORECASE)
+_ATTRIBUTE_VALUE = re.compile(r"\s*=\s*(?:\"[^\"]*\"|'[^']*'|[^\s>]*)")
 _SHORTCUT_MAX_CHARS: Final = 32 * 1024  # longer markup always takes the walk (a few ms), whatever its tag count
 _START_TAG = re.compile(r"<[A-Za-z]")
 _PLAINTEXT = re.compile(r"<plaintext", re.IGNORECASE)
@@ -220,7 +222,12 @@ def _open_or_close(stack: list[str], name: str, *, is_end: bool, drop_formatting
 
 
 def _too_many_attributes(attributes: str) -> bool:
-    return len(attributes) > _LONG_TAG and len(attributes.split(maxsplit=_MAX_ATTRIBUTES)) > _MAX_ATTRIBUTES
+    """More than _MAX_ATTRIBUTES attribute names in a long tag: quoted values and "=value" left out of the count, so
+    a long style or link with spaces is one attribute."""
+    if len(attributes) <= _LONG_TAG:
+        return False
+    names = _ATTRIBUTE_VALUE.sub(" ", attributes)
+    return len(names.split(maxsplit=_MAX_ATTRIBUTES)) > _MAX_ATTRIBUTES
 
 
 def _safe_attributes(attributes: str) -> str:

@@ -6,14 +6,17 @@ Served by a stdlib ThreadingHTTPServer on a daemon thread; `start` binds (port 0
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import html
 import json
+import math
 import os
 import re
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -139,12 +142,19 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._refused = 0
+        self._refusals_logged = -math.inf
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """A thread per request, up to MAX_CONNECTIONS: clients that open connections and never finish them
-        (slowloris) must not take every thread and file descriptor of the daemon, whose IMAP connections need them."""
+        (slowloris) must not take every thread and file descriptor of the daemon, whose IMAP connections need them.
+        Each has REQUEST_TIMEOUT to send its request (_Handler), so a full house empties within that."""
         if not self._slots.acquire(blocking=False):
-            log.warning("http.too_many_connections", limit=MAX_CONNECTIONS)
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._refusals_logged >= 60:  # one line a minute, not one per refused connection
+                log.warning("http.too_many_connections", limit=MAX_CONNECTIONS, refused=self._refused)
+                self._refusals_logged, self._refused = now, 0
             self.shutdown_request(request)
             return
         try:
@@ -169,9 +179,30 @@ class _Handler(BaseHTTPRequestHandler):
     health: HealthCheck
     hr: HrEndpoints | None
     server_version = f"inboxd/{__version__}"
-    timeout = REQUEST_TIMEOUT  # the socket's: a client that stops sending is cut off, its thread freed
+    timeout = REQUEST_TIMEOUT  # the socket's, per read; _deadline bounds the whole request
+
+    def setup(self) -> None:
+        super().setup()
+        # a deadline for sending the whole request, not only per read: a client trickling one byte every few
+        # seconds would otherwise hold its thread (and one of MAX_CONNECTIONS) for as long as it likes
+        self._deadline = threading.Timer(self.timeout or REQUEST_TIMEOUT, self._cut_off)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut_off(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _request_read(self) -> None:
+        """The request is in: answering may take longer (an OAuth exchange with the provider)."""
+        self._deadline.cancel()
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def do_GET(self) -> None:
+        self._request_read()
         url = urlsplit(self.path)
         path = url.path
         if path in ("/connect/start", "/oauth/callback"):
@@ -190,6 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         if urlsplit(self.path).path != "/accounts/disconnect":
+            self._request_read()
             self._reply(HTTPStatus.NOT_FOUND, b'{"error": "not found"}\n', "application/json")
             return
         self._disconnect()
@@ -250,8 +282,10 @@ class _Handler(BaseHTTPRequestHandler):
             length = -1
         if not 0 <= length <= MAX_BODY:
             return f"Content-Length must be 0-{MAX_BODY}"
+        data = self.rfile.read(length)
+        self._request_read()
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
+            body = json.loads(data or b"null")
         except (ValueError, RecursionError):
             body = None
         email = body.get("email") if isinstance(body, dict) else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import binascii
 import codecs
 import hashlib
+import itertools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -245,16 +246,33 @@ def _parse(raw: bytes, *, max_attachment_bytes: int, max_body_chars: int) -> Par
 _FEED_PARSER_WORK_LIMIT: Final = 20_000_000
 
 
+_BOUNDARY_PARAMETER = re.compile(rb'(?i)boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))')
+_MAX_BOUNDARIES_WEIGHED: Final = 500
+
+
 def _too_nested_for_the_feed_parser(raw: bytes) -> bool:
     """Whether the stdlib feed parser would take too long over ``raw``: it checks every line of a part against the
-    boundary of every multipart around it, so its time is lines x nesting depth, and hostile mail nests a hundred
-    multiparts around a megabyte of empty lines (13 s). The boundary parameters counted bound the depth; ordinary
-    mail, even 25 MB with a dozen multiparts, stays far below the limit."""
-    boundaries = raw.count(b"oundary")  # "boundary" in any case of its first letter, cheaply
-    if boundaries < 2:
+    boundary of every multipart around it, so its time is the lines inside each multipart, summed over the
+    multiparts (lines x nesting depth), and hostile mail nests a hundred multiparts around a megabyte of empty
+    lines (13 s). Each declared boundary is weighed by the lines from its declaration to its close delimiter (or the
+    end): mail with many multiparts side by side (40 forwarded messages) weighs little, deep nesting a lot."""
+    declared = list(itertools.islice(_BOUNDARY_PARAMETER.finditer(raw), _MAX_BOUNDARIES_WEIGHED + 1))
+    if len(declared) < 2:
         return False
-    lines = raw.count(b"\n") + raw.count(b"\r")
-    return lines * boundaries > _FEED_PARSER_WORK_LIMIT
+    if len(declared) > _MAX_BOUNDARIES_WEIGHED:  # too many to weigh one by one: every line inside each, at worst
+        return _lines(raw, 0, len(raw)) * len(declared) > _FEED_PARSER_WORK_LIMIT
+    work = 0
+    for match in declared:
+        close = raw.find(b"--" + (match.group(1) or match.group(2)) + b"--", match.end())
+        work += _lines(raw, match.end(), len(raw) if close < 0 else close)
+        if work > _FEED_PARSER_WORK_LIMIT:
+            return True
+    return False
+
+
+def _lines(raw: bytes, start: int, end: int) -> int:
+    """Lines as the feed parser splits them: LF, CRLF and a lone CR each end one."""
+    return raw.count(b"\n", start, end) + raw.count(b"\r", start, end) - raw.count(b"\r\n", start, end)
 
 
 class _Defects:
@@ -304,7 +322,10 @@ def _undo_surrogates(value: str) -> str:
     """The parser keeps raw 8-bit header bytes as surrogate escapes: read them as UTF-8, else Latin-1."""
     if value.isascii() or _SURROGATE_ESCAPE.search(value) is None:
         return value
-    return _decode_8bit(value.encode("utf-8", "surrogateescape"))
+    try:
+        return _decode_8bit(value.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:  # other lone surrogates beside the escapes (an RFC 2231 value decoded as UTF-7)
+        return _without_surrogates(value)
 
 
 def _decode_8bit(data: bytes) -> str:
@@ -656,6 +677,8 @@ def _filename(part: Message) -> str | None:
         filename = None
     if isinstance(filename, tuple):  # an RFC 2231 value get_param did not collapse
         filename = collapse_rfc2231_value(filename)
+    if isinstance(filename, str):  # RFC 2231 decodes with the value's own charset: UTF-7 can give lone surrogates
+        filename = _without_surrogates(filename)
     return (decode_header_value(filename) or None) if isinstance(filename, str) else None
 
 
