@@ -107,6 +107,7 @@ class BlobStore:
         missing from the result had its staged file swept (sweep_staging): its row must not say the file is
         stored."""
         stored: set[str] = set()
+        directories = {self.root}
         for sha256, name in staged:
             target = self.path(sha256)
             source = self.root / STAGING / name
@@ -124,9 +125,9 @@ class BlobStore:
             # a file already in place may be an earlier call's whose directory fsync never came (it raised, or
             # the process died): its directories are synced again, which costs next to nothing when clean
             stored.add(sha256)
+            directories.add(target.parent)
         if not stored:
             return stored, lambda: None
-        directories = {self.path(sha256).parent for sha256 in stored} | {self.root}
         writers = self._writers()
         futures = [writers.submit(_fsync_directory, directory) for directory in sorted(directories)]
 

@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from inboxd.errors import ConfigError
+from inboxd.mime import MAX_NAME_CHARS, InvalidDraft, check_from_name
 
 Scope = Literal["all", "contacts"]
 ProviderKind = Literal["gmail", "microsoft", "imap"]
@@ -923,12 +924,16 @@ def _oauth_client(table: _Table, kind: str, default_uri: str | None) -> tuple[st
 
 
 def _display_name(value: Any) -> str:
-    """The From name of sent mail, as the outbox will accept it (inboxd.mime's limits): checked here, so that a
-    bad one is a config error, not every outbox row of the account failing."""
+    """The From name of sent mail, as the outbox will accept it (inboxd.mime.check_from_name), and without any
+    encoded word: checked here, so that a bad one is a config error, not every outbox row of the account failing."""
     if not isinstance(value, str) or not value.strip():
         raise TypeError(value)
-    if len(value) > 200 or re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", value) or "=?" in value:
+    if "=?" in value:
         raise ValueError(value)
+    try:
+        check_from_name(value)
+    except InvalidDraft:
+        raise ValueError(value) from None
     return value
 
 
@@ -1006,7 +1011,7 @@ def _accounts(table: _Table) -> Mapping[str, AccountPolicy]:
                 "display_name",
                 None,
                 _display_name,
-                "the sender's name: at most 200 characters, no control characters or line breaks",
+                f"the sender's name: at most {MAX_NAME_CHARS} characters, no control characters or line breaks",
             ),
         )
     return MappingProxyType(accounts)

@@ -164,6 +164,14 @@ def _parse_mailbox(item: str, field: str) -> _Mailbox:
     return _Mailbox(name=name, address=address)
 
 
+def check_from_name(value: str) -> None:
+    """The sender's display name (the config's ``display_name``): no header injection, no control characters, at
+    most MAX_NAME_CHARS. Raises InvalidDraft (field from_name)."""
+    _check_header_value(value, "from_name")
+    if _CONTROL.search(value) or len(value) > MAX_NAME_CHARS:
+        raise InvalidDraft(f"control characters or longer than {MAX_NAME_CHARS} characters", field="from_name")
+
+
 def _recipients(draft: Draft) -> list[tuple[str, _Mailbox]]:
     parsed: list[tuple[str, _Mailbox]] = []
     for field, items in (("to", draft.to), ("cc", draft.cc), ("bcc", draft.bcc)):
@@ -195,9 +203,7 @@ def validate(draft: Draft, *, max_attachment_bytes: int, max_recipients: int = 1
     if from_mailbox.name is not None:
         raise InvalidDraft("must be a bare address; the display name goes in from_name", field="from_email")
     if draft.from_name is not None:
-        _check_header_value(draft.from_name, "from_name")
-        if _CONTROL.search(draft.from_name) or len(draft.from_name) > MAX_NAME_CHARS:
-            raise InvalidDraft(f"control characters or longer than {MAX_NAME_CHARS} characters", field="from_name")
+        check_from_name(draft.from_name)
     _check_header_value(draft.subject, "subject")
     if _CONTROL.search(draft.subject.replace("\t", " ")):
         raise InvalidDraft("contains control characters", field="subject")

@@ -242,9 +242,7 @@ class Outbox:
             try:
                 size = self._blobs.path(item["sha256"]).stat().st_size
             except (OSError, ValueError):
-                raise InvalidDraft(
-                    f"{field}: no stored bytes for sha256 {item['sha256'][:70]} in the attachment store", field=field
-                ) from None
+                raise _no_stored_bytes(field, item["sha256"]) from None
             if size > limit:
                 raise InvalidDraft(
                     f"{item['filename'][:100]!r} is {size} bytes, over the limit of {limit}", field=f"{field}.data"
@@ -261,9 +259,7 @@ class Outbox:
             try:
                 data = self._blobs.read(item["sha256"])
             except (OSError, ValueError):
-                raise InvalidDraft(
-                    f"{field}: no stored bytes for sha256 {item['sha256'][:70]} in the attachment store", field=field
-                ) from None
+                raise _no_stored_bytes(field, item["sha256"]) from None
             content_type = item.get("content_type") or "application/octet-stream"
             out.append(OutgoingAttachment(filename=item["filename"], content_type=str(content_type), data=data))
         return tuple(out)
@@ -339,6 +335,10 @@ class Outbox:
         self._outbox.record(row.id, update, uncertain=uncertain, claimed_at=row.claimed_at)
         log.info("outbox.attempt", row=row.id, outcome=outcome.value, status=update.status, error=error)
         return SendReport(row.id, update.status, error)
+
+
+def _no_stored_bytes(field: str, sha256: str) -> InvalidDraft:
+    return InvalidDraft(f"{field}: no stored bytes for sha256 {sha256[:70]} in the attachment store", field=field)
 
 
 def _addresses(value: Any, field: str) -> tuple[str, ...]:
