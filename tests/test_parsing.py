@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
 import signal
@@ -27,6 +28,7 @@ from inboxd.errors import UnparseableMessage
 from inboxd.models import MailAttachment, MailMessage
 from inboxd.parse import ParsedMessage
 from inboxd.parsing import MIN_POOL_RUN, InlineParser, ParseOutcome, ParserPool
+from inboxd.pipe_io import PIPE_SIZE
 from inboxd.planner import Capabilities
 from inboxd.store import Credential, Store
 from inboxd.sync import AccountSync, SyncSettings
@@ -66,6 +68,15 @@ def test_a_pool_parses_a_run_as_the_sync_thread_would(pool: ParserPool) -> None:
     inline = InlineParser().start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
     assert comparable(pooled) == comparable(inline)
     assert sum(isinstance(o, UnparseableMessage) for o in pooled.values()) >= 8
+
+
+def test_the_pipes_to_and_from_a_worker_hold_a_mebibyte(pool: ParserPool) -> None:
+    """A run crosses in writes of up to PIPE_SIZE, not the default pipe's 64 KiB (fewer wake-ups on both ends)."""
+    pool.start(bodies(MIN_POOL_RUN), max_attachment_bytes=MAX_ATTACHMENT).result()
+    for pid in pool.worker_pids():
+        for fd in (0, 1):  # the worker's stdin and stdout are the pipes' other ends
+            with open(f"/proc/{pid}/fd/{fd}", "rb", buffering=0) as end:
+                assert fcntl.fcntl(end.fileno(), fcntl.F_GETPIPE_SZ) == PIPE_SIZE
 
 
 def test_small_runs_are_parsed_in_the_calling_thread(pool: ParserPool) -> None:

@@ -26,7 +26,7 @@ import structlog
 from inboxd.errors import UnparseableMessage
 from inboxd.parse import ParsedMessage
 from inboxd.parse_worker import Answer, ParseOutcome, parse_all
-from inboxd.pipe_io import PipeReader, PipeWriter
+from inboxd.pipe_io import PipeReader, PipeWriter, widen_pipe
 
 log = structlog.get_logger(__name__)
 
@@ -116,6 +116,8 @@ class _Worker:
         )
         assert self.process.stdin is not None
         assert self.process.stdout is not None
+        for pipe in (self.process.stdin, self.process.stdout):
+            widen_pipe(pipe.fileno())
         self._requests = PipeWriter(self.process.stdin.fileno())
         self._answers = PipeReader(self.process.stdout.fileno())
 
