@@ -112,6 +112,22 @@ def test_html_only_draft_becomes_multipart_alternative_with_text_derived_from_th
     assert parsed.body_html is not None and "<b>Jane</b>" in parsed.body_html
 
 
+class _PanickingCleaner:
+    def clean(self, html: str) -> str:
+        raise _Panic("byte index 3 is not a char boundary")  # what pyo3 raises for a Rust panic: a BaseException
+
+
+class _Panic(BaseException):
+    pass
+
+
+def test_html_the_sanitizer_panics_on_fails_the_draft_not_the_sender(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("inboxd.html._STRUCTURE_ONLY", _PanickingCleaner())
+    with pytest.raises(InvalidDraft, match="body_html: the HTML sanitizer failed: _Panic; send body_text along"):
+        build(draft(body_text=None, body_html="<p>Hello</p>"))
+    assert b"<p>Hello</p>" in build(draft(body_html="<p>Hello</p>"))  # with a text body the HTML is sent as given
+
+
 def test_text_and_html_keep_both_bodies_as_given() -> None:
     raw = build(draft(body_text="Plain version", body_html="<p>Rich version</p>"))
     parsed = parse_message(raw)

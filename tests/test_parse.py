@@ -249,6 +249,45 @@ def test_nothing_usable_is_unparseable(raw: bytes) -> None:
         parse_message(raw)
 
 
+class PanicException(BaseException):
+    """What pyo3 raises when a Rust library (nh3) panics: a BaseException, which `except Exception` lets by."""
+
+
+class PanickingCleaner:
+    def clean(self, html: str) -> str:
+        raise PanicException("called `Option::unwrap()` on a `None` value")
+
+
+def test_a_panic_in_the_html_sanitizer_drops_the_html_not_the_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("inboxd.html._CLEANER", PanickingCleaner())
+    parsed = parse_message(CORPUS.joinpath("alternative.eml").read_bytes())
+    assert parsed.body_html is None
+    assert parsed.body_text  # the text/plain alternative
+    assert "HTML body dropped: the HTML sanitizer failed: PanicException" in parsed.defects
+
+
+def test_a_panic_anywhere_else_makes_the_message_unparseable_not_the_caller_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def panic(*args: object, **kwargs: object) -> None:
+        raise PanicException("index out of bounds")
+
+    monkeypatch.setattr("inboxd.mimesplit.parse_bytes", panic)
+    with pytest.raises(UnparseableMessage, match="parser failed: PanicException"):
+        parse_message(CORPUS.joinpath("alternative.eml").read_bytes())
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_interrupts_are_not_taken_for_a_bad_message(monkeypatch: pytest.MonkeyPatch, interrupt: type) -> None:
+    class Interrupted:
+        def clean(self, html: str) -> str:
+            raise interrupt()
+
+    monkeypatch.setattr("inboxd.html._CLEANER", Interrupted())
+    with pytest.raises(interrupt):
+        parse_message(CORPUS.joinpath("alternative.eml").read_bytes())
+
+
 def test_empty_message_reason() -> None:
     with pytest.raises(UnparseableMessage, match="empty message"):
         parse_message(b"")

@@ -72,6 +72,21 @@ _CLEANER: Final = nh3.Cleaner(
 )
 
 
+class SanitizerFailed(ValueError):
+    """nh3 (Rust) panicked on this markup. pyo3 raises a panic as PanicException, a BaseException that
+    ``except Exception`` lets by: up the sync thread or the outbox's sender, past every "one bad input fails
+    alone" guard. Here it becomes an ordinary error about that input."""
+
+
+def _clean(cleaner: nh3.Cleaner, html: str) -> str:
+    try:
+        return cleaner.clean(html)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 (the panic's class is not importable: pyo3_runtime.PanicException)
+        raise SanitizerFailed(f"the HTML sanitizer failed: {type(exc).__name__}") from exc
+
+
 def sanitize_html(html: str) -> str:
     """Return ``html`` reduced to markup the HR app can render in a browser without running anything.
 
@@ -80,7 +95,7 @@ def sanitize_html(html: str) -> str:
     attributes, and every other URL scheme (javascript:, vbscript:, data:, ...). Links get
     ``rel="noopener noreferrer nofollow"``.
     """
-    return _CLEANER.clean(_defuse(html))
+    return _clean(_CLEANER, _defuse(html))
 
 
 # html5ever/ammonia (inside nh3) is quadratic in three places a hostile mail can reach: element nesting
@@ -362,7 +377,7 @@ def html_to_text(html: str) -> str:
     extractor = _TextExtractor()
     # html.parser is quadratic on some unclosed constructs ("<!--" * n); nh3 first turns any input into
     # well-formed markup of the structural tags only, which html.parser then reads in linear time.
-    extractor.feed(_STRUCTURE_ONLY.clean(_defuse(html)))
+    extractor.feed(_clean(_STRUCTURE_ONLY, _defuse(html)))
     extractor.close()
     text = "".join(extractor.chunks)
     lines = [_INLINE_SPACE.sub(" ", line).strip() for line in text.split("\n")]

@@ -18,7 +18,7 @@ from email.utils import format_datetime
 from typing import Final
 
 from inboxd.errors import InboxdError
-from inboxd.html import html_to_text
+from inboxd.html import SanitizerFailed, html_to_text
 from inboxd.parse import normalize_msgid
 
 # 7bit: the stdlib would otherwise send UTF-8 bodies as raw 8bit, which needs the server's 8BITMIME.
@@ -363,7 +363,10 @@ def _set_bodies(message: EmailMessage, draft: Draft) -> None:
     if html is not None and not html.strip():
         html = None
     if html is not None and not (text or "").strip():
-        text = html_to_text(html)
+        try:
+            text = html_to_text(html)
+        except SanitizerFailed as exc:
+            raise InvalidDraft(f"{exc}; send body_text along with it", field="body_html") from exc
     message.set_content(_normalize_newlines(text or ""))
     if html is not None:
         message.add_alternative(_normalize_newlines(html), subtype="html")
