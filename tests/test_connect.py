@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -421,6 +422,65 @@ def test_clients_that_never_finish_a_request_are_capped_and_cut_off(monkeypatch:
         for sock in hanging:
             sock.close()
         server.close()
+
+
+OUT_OF_DESCRIPTORS_CHILD = """
+import json, os, resource, sys, time
+import structlog
+from inboxd.http import Health, OpsServer
+from inboxd.metrics import Metrics
+
+with structlog.testing.capture_logs() as logs:
+    server = OpsServer("127.0.0.1", 0, metrics=Metrics(), health=lambda: Health(True))
+    calls = 0
+    handle = server._server.handle_request
+
+    def counted():
+        global calls
+        calls += 1
+        handle()
+
+    server._server.handle_request = counted
+    server.start()
+    time.sleep(0.2)
+    in_use = len(os.listdir("/proc/self/fd")) + 1  # listdir's own descriptor
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 2, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    print(server.port, flush=True)
+    sys.stdin.readline()  # the parent has queued more connections than there are descriptors left
+    calls = 0
+    time.sleep(2.0)
+    spun = calls
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    time.sleep(1.2)  # the back-off ends; the queued connections are accepted now
+    server.close()
+print(json.dumps({"calls": spun, "events": [e["event"] for e in logs if e["event"].startswith("http.")]}))
+"""
+
+
+def test_a_listener_out_of_descriptors_pauses_instead_of_spinning_and_recovers() -> None:
+    """accept() failing with EMFILE leaves the connection queued and the socket readable: the serving loop
+    went round thousands of times a second, a core at 100%, for as long as the process was out of descriptors."""
+    clients = []
+    with subprocess.Popen(
+        [sys.executable, "-c", OUT_OF_DESCRIPTORS_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            port = int(child.stdout.readline())
+            for _ in range(8):
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            clients[-1].sendall(b"GET /healthz HTTP/1.0\r\n\r\n")  # queued behind the limit: answered after it
+            answer = clients[-1].recv(100)
+            report = json.loads(child.stdout.read())
+        finally:
+            for sock in clients:
+                sock.close()
+            child.kill()
+    assert report["calls"] <= 2 / http_module.ACCEPT_BACKOFF + 3, report  # 312,278 before the pause
+    assert report["events"].count("http.accept_failed") == 1, report  # once a minute at most
+    assert answer.startswith(b"HTTP/1.0 200"), answer
 
 
 # -- disconnect over HTTP ----------------------------------------------------------------------------------------

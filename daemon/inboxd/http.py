@@ -7,12 +7,14 @@ Served by a stdlib ThreadingHTTPServer on a daemon thread; `start` binds (port 0
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import html
 import json
 import math
 import os
 import re
+import select
 import selectors
 import socket
 import threading
@@ -123,6 +125,11 @@ class OpsServer:
                     return
                 if ready:  # accept and hand the request to a thread; timeout 0: never blocks here
                     self._server.handle_request()
+                if self._server.out_of_descriptors():
+                    # the connection is still queued, so the socket stays readable: without a pause this loop
+                    # spun a core for as long as the daemon had no descriptor to spare
+                    if select.select([self._wake_r], [], [], ACCEPT_BACKOFF)[0]:
+                        return
 
     def __enter__(self) -> OpsServer:
         return self.start()
@@ -134,6 +141,8 @@ class OpsServer:
 MAX_CONNECTIONS = 64  # requests served at once; more are closed at once (each holds a thread and a descriptor)
 REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request or read the answer
 MAX_BODY = 65536
+ACCEPT_BACKOFF = 0.5  # seconds the listener pauses when accept() finds the process or system out of descriptors
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Server(ThreadingHTTPServer):
@@ -144,6 +153,25 @@ class _Server(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._refused = 0
         self._refusals_logged = -math.inf
+        self._out_of_descriptors = False
+        self._accept_failures_logged = -math.inf
+
+    def get_request(self) -> tuple[Any, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:  # socketserver drops it and returns; say why, a line a minute at most
+            if exc.errno in _OUT_OF_DESCRIPTORS:
+                self._out_of_descriptors = True
+                now = time.monotonic()
+                if now - self._accept_failures_logged >= 60:
+                    log.error("http.accept_failed", error=errno.errorcode.get(exc.errno or 0, "?"), detail=str(exc))
+                    self._accept_failures_logged = now
+            raise
+
+    def out_of_descriptors(self) -> bool:
+        """Whether the last accept() failed for want of a descriptor or memory (and forget it)."""
+        out, self._out_of_descriptors = self._out_of_descriptors, False
+        return out
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """A thread per request, up to MAX_CONNECTIONS: clients that open connections and never finish them
