@@ -367,11 +367,17 @@ class Daemon:
             except Exception:
                 log.exception("outbox.drain_failed")
                 failed = True
+            timeout = 1.0
+            if not failed:
+                try:
+                    timeout = self._outbox.idle_wait()
+                except Exception:  # the database away: not the LISTEN connection, which the next block is about
+                    log.exception("outbox.drain_failed")
             try:
                 if wake is None:
                     wake = OutboxWake(self._store.engine, interrupt=self._outbox_stop_r)
                 # asleep until a new row (NOTIFY / data_version), the next retry or the stop; a second after a failure
-                wake.wait(timeout=1.0 if failed else self._outbox.idle_wait())
+                wake.wait(timeout=timeout)
             except Exception:  # LISTEN connection lost: poll until it can be reopened
                 log.warning("outbox.listen_lost")
                 if wake is not None:

@@ -141,15 +141,18 @@ class OutboxStore:
         row) or a 'sending' claim turning stale. A queued row without a retry time is due at once (now); None when
         no row waits. Lets the sender sleep until then instead of asking every second."""
         with self.engine.connect() as conn:
-            retry, waiting_now, claimed = conn.execute(
-                sa.select(
-                    sa.func.min(outbox_t.c.next_attempt_at).filter(outbox_t.c.status == "queued"),
-                    sa.func.count()
-                    .filter(outbox_t.c.status == "queued", outbox_t.c.next_attempt_at.is_(None))
-                    .label("waiting_now"),
-                    sa.func.min(outbox_t.c.claimed_at).filter(outbox_t.c.status == "sending"),
-                ).where(outbox_t.c.status.in_(("queued", "sending")))
-            ).one()
+            try:
+                retry, waiting_now, claimed = conn.execute(
+                    sa.select(
+                        sa.func.min(outbox_t.c.next_attempt_at).filter(outbox_t.c.status == "queued"),
+                        sa.func.count()
+                        .filter(outbox_t.c.status == "queued", outbox_t.c.next_attempt_at.is_(None))
+                        .label("waiting_now"),
+                        sa.func.min(outbox_t.c.claimed_at).filter(outbox_t.c.status == "sending"),
+                    ).where(outbox_t.c.status.in_(("queued", "sending")))
+                ).one()
+            except (ValueError, TypeError):  # SQLite: a time that is no time; claim_next takes that row and fails it
+                return self._clock.now()
         times = [t for t in (retry, claimed + self._policy.stale_after if claimed else None) if t is not None]
         if waiting_now:
             times.append(self._clock.now())
