@@ -205,6 +205,48 @@ def test_generic_imap_provider_defaults(tmp_path: Path) -> None:
     assert (dev.imap_port, dev.smtp_port) == (143, 25)
 
 
+@pytest.mark.parametrize(
+    ("given", "host"),
+    [
+        ("mail.example.com", "mail.example.com"),
+        ("mail.example.com.", "mail.example.com."),
+        ("[::1]", "::1"),
+        (" ::1 ", "::1"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("imap_1.corp", "imap_1.corp"),
+        ("[fe80::1%eth0]", "fe80::1%eth0"),
+    ],
+)
+def test_a_host_is_what_a_socket_connects_to(tmp_path: Path, given: str, host: str) -> None:
+    text = f'[providers.dev]\nkind = "imap"\nimap_host = "{given}"\nimap_tls = "tls"\nsmtp_host = "{given}"'
+    provider = parse(tmp_path, text).providers["dev"]
+    assert (provider.imap_host, provider.smtp_host) == (host, host)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "[::1",
+        "::1]",
+        "imap.example.com:993",
+        "127.0.0.1:143",
+        "a..b",
+        "-a.example",
+        "a-.example",
+        "[127.0.0.1]",
+        "x" * 64 + ".example",
+        "[]",
+        "",
+        ".",
+        "mail.example.com/imap",
+        "1:2:3",
+    ],
+)
+def test_a_host_that_no_socket_could_connect_to_is_a_config_error(tmp_path: Path, given: str) -> None:
+    with pytest.raises(ConfigError, match=r"providers\.dev\.imap_host: must be a host name or IP address"):
+        parse(tmp_path, f'[providers.dev]\nkind = "imap"\nimap_host = "{given}"')
+
+
 def test_client_secret_never_in_repr(tmp_path: Path) -> None:
     config = parse(tmp_path, GMAIL)
     assert "gmail-client-secret" not in repr(config.providers["gmail"])

@@ -312,6 +312,35 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{netloc[1]}").geturl()
 
 
+_HOST_EXPECTED = 'a host name or IP address like "imap.example.com" (the port is a key of its own)'
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _host_name(value: Any) -> str | None:
+    """``value`` as a host to connect to, or None when it is none: a DNS name (labels of letters, digits, '-' and
+    '_', an optional final dot), an IPv4 address, or an IPv6 address, bracketed or not (returned without)."""
+    if not isinstance(value, str):
+        return None
+    host = value.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        return host if _is_ipv6(host) else None
+    if ":" in host:
+        return host if _is_ipv6(host) else None
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        return None
+    return host
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 # --- validation machinery -----------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -422,11 +451,10 @@ class _Table:
         return None if value is None else float(value)
 
     def host(self, name: str, default: Any = _MISSING) -> Any:
-        def ok(v: Any) -> bool:
-            return isinstance(v, str) and re.fullmatch(r"\[?[A-Za-z0-9.:_-]+\]?", v.strip()) is not None
-
-        value = self._get(name, default, ok, 'a host name or IP address like "imap.example.com"')
-        return value.strip() if isinstance(value, str) else value
+        """A DNS name, an IPv4 address or an IPv6 address (brackets optional, dropped): what a socket connects to.
+        No port: "imap.example.com:993" or "[::1" is an error, not a name that fails at the first connection."""
+        value = self._get(name, default, lambda v: _host_name(v) is not None, _HOST_EXPECTED)
+        return _host_name(value) if isinstance(value, str) else value
 
     def converted(self, name: str, default: Any, convert: Callable[[Any], T], expected: str) -> T:
         if name not in self.data:

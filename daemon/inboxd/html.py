@@ -83,7 +83,7 @@ def _clean(cleaner: nh3.Cleaner, html: str) -> str:
         return cleaner.clean(html)
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except BaseException as exc:  # noqa: BLE001 (the panic's class is not importable: pyo3_runtime.PanicException)
+    except BaseException as exc:  # the panic's class is not importable (pyo3_runtime.PanicException)
         raise SanitizerFailed(f"the HTML sanitizer failed: {type(exc).__name__}") from exc
 
 

@@ -125,11 +125,10 @@ class OpsServer:
                     return
                 if ready:  # accept and hand the request to a thread; timeout 0: never blocks here
                     self._server.handle_request()
-                if self._server.out_of_descriptors():
-                    # the connection is still queued, so the socket stays readable: without a pause this loop
-                    # spun a core for as long as the daemon had no descriptor to spare
-                    if select.select([self._wake_r], [], [], ACCEPT_BACKOFF)[0]:
-                        return
+                # out of descriptors, the connection stays queued and the socket readable: without a pause this
+                # loop spun a core for as long as the daemon had no descriptor to spare
+                if self._server.out_of_descriptors() and select.select([self._wake_r], [], [], ACCEPT_BACKOFF)[0]:
+                    return
 
     def __enter__(self) -> OpsServer:
         return self.start()
