@@ -11,6 +11,7 @@ import pytest
 from inboxd.config import (
     AccountPolicy,
     Config,
+    default_parse_workers,
     load_config,
     parse_config,
     parse_duration,
@@ -245,6 +246,23 @@ def test_a_host_is_what_a_socket_connects_to(tmp_path: Path, given: str, host: s
 def test_a_host_that_no_socket_could_connect_to_is_a_config_error(tmp_path: Path, given: str) -> None:
     with pytest.raises(ConfigError, match=r"providers\.dev\.imap_host: must be a host name or IP address"):
         parse(tmp_path, f'[providers.dev]\nkind = "imap"\nimap_host = "{given}"')
+
+
+@pytest.mark.parametrize("value", ['"0s"', '"2h"', "60", '"soon"'])
+def test_parse_time_limit_is_a_duration_from_a_second_to_an_hour(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"sync\.parse_time_limit: must be a duration from \"1s\" to \"1h\""):
+        parse(tmp_path, f"[sync]\nparse_time_limit = {value}")
+    assert parse(tmp_path, '[sync]\nparse_time_limit = "2m"').sync.parse_time_limit == timedelta(minutes=2)
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(None, 1), (1, 1), (2, 1), (3, 2), (16, 4)])
+def test_there_is_a_parser_worker_even_on_one_core(
+    monkeypatch: pytest.MonkeyPatch, cores: int | None, workers: int
+) -> None:
+    """On one core a worker adds copying, but it is what keeps a hostile message from stalling or crashing the
+    daemon (the time limit, the crash isolation): one at least."""
+    monkeypatch.setattr("inboxd.config.os.cpu_count", lambda: cores)
+    assert default_parse_workers() == workers
 
 
 def test_client_secret_never_in_repr(tmp_path: Path) -> None:
@@ -576,12 +594,20 @@ def test_a_reload_keeps_what_only_a_restart_applies_and_names_it(tmp_path: Path)
     changed = parse(
         tmp_path,
         '[sync]\nscope = "all"\nattachments_dir = "/srv/files"\nparse_workers = 3\nlease = "90s"\n'
+        'parse_time_limit = "5m"\n'
         '[database]\nurl = "sqlite:////srv/other.db"\n'
         f'[http]\nlisten = "127.0.0.1:9999"\napi_token_file = "{token}"\n'
         'return_to_origins = ["https://hr.example.com"]\n',
     )
     keys, applied = keep_start_values(running, changed)
-    assert keys == ["database.url", "http.listen", "sync.attachments_dir", "sync.parse_workers", "sync.lease"]
+    assert keys == [
+        "database.url",
+        "http.listen",
+        "sync.attachments_dir",
+        "sync.parse_workers",
+        "sync.parse_time_limit",
+        "sync.lease",
+    ]
     assert applied.http.listen == running.http.listen
     # the rest of those sections applies: the HR app's token and origins are read per request
     assert applied.http.api_token == "a" * 40
@@ -589,6 +615,7 @@ def test_a_reload_keeps_what_only_a_restart_applies_and_names_it(tmp_path: Path)
     assert applied.database == running.database
     assert applied.sync.attachments_dir == running.sync.attachments_dir
     assert applied.sync.parse_workers == running.sync.parse_workers
+    assert applied.sync.parse_time_limit == running.sync.parse_time_limit == timedelta(seconds=60)
     assert applied.sync.lease == running.sync.lease
     assert applied.sync.scope == "all", "the rest of the reloaded config applies"
     same, untouched = keep_start_values(running, parse(tmp_path, '[sync]\nscope = "all"\n'))

@@ -9,6 +9,7 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -21,13 +22,14 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
+from inboxd import parsing
 from inboxd.blobs import STAGING, BlobStore
 from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
 from inboxd.errors import UnparseableMessage
 from inboxd.models import MailAttachment, MailMessage
 from inboxd.parse import ParsedMessage
-from inboxd.parsing import MIN_POOL_RUN, InlineParser, ParseOutcome, ParserPool
+from inboxd.parsing import InlineParser, ParseOutcome, ParserPool
 from inboxd.pipe_io import PIPE_SIZE
 from inboxd.planner import Capabilities
 from inboxd.store import Credential, Store
@@ -72,23 +74,28 @@ def test_a_pool_parses_a_run_as_the_sync_thread_would(pool: ParserPool) -> None:
 
 def test_the_pipes_to_and_from_a_worker_hold_a_mebibyte(pool: ParserPool) -> None:
     """A run crosses in writes of up to PIPE_SIZE, not the default pipe's 64 KiB (fewer wake-ups on both ends)."""
-    pool.start(bodies(MIN_POOL_RUN), max_attachment_bytes=MAX_ATTACHMENT).result()
+    pool.start(bodies(16), max_attachment_bytes=MAX_ATTACHMENT).result()
     for pid in pool.worker_pids():
         for fd in (0, 1):  # the worker's stdin and stdout are the pipes' other ends
             with open(f"/proc/{pid}/fd/{fd}", "rb", buffering=0) as end:
                 assert fcntl.fcntl(end.fileno(), fcntl.F_GETPIPE_SZ) == PIPE_SIZE
 
 
-def test_small_runs_are_parsed_in_the_calling_thread(pool: ParserPool) -> None:
-    job = pool.start(bodies(MIN_POOL_RUN - 1), max_attachment_bytes=MAX_ATTACHMENT)
-    assert type(job).__name__ == "_Deferred"
-    assert len(job.result()) == MIN_POOL_RUN - 1
+def test_even_one_message_is_parsed_in_a_worker(pool: ParserPool) -> None:
+    """A message found by IDLE is parsed where a hostile one can do no harm either (with a time limit)."""
+    job = pool.start(bodies(1), max_attachment_bytes=MAX_ATTACHMENT)
+    assert type(job).__name__ == "_Pooled"
+    assert len(job.result()) == 1
 
 
-def test_a_dead_worker_costs_a_retry_in_the_calling_thread_not_the_run() -> None:
+def test_a_run_without_bodies_parses_to_nothing(pool: ParserPool) -> None:
+    assert pool.start({}, max_attachment_bytes=MAX_ATTACHMENT).result() == {}
+
+
+def test_a_dead_worker_costs_a_retry_in_new_workers_not_the_run() -> None:
     parser = ParserPool(1)
     try:
-        parser.start(bodies(MIN_POOL_RUN), max_attachment_bytes=MAX_ATTACHMENT).result()  # the worker is up
+        parser.prestart()
         pids = parser.worker_pids()
         assert len(pids) == 1
         for pid in pids:
@@ -100,12 +107,79 @@ def test_a_dead_worker_costs_a_retry_in_the_calling_thread_not_the_run() -> None
             InlineParser().start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
         )
         assert any(e["event"] == "parse.pool_failed" for e in logs)
-        # and the next run gets a new pool
+        assert not any(e["event"].startswith("parse.worker_died") for e in logs), "no message is blamed"
+        assert parser.worker_pids() and parser.worker_pids() != pids, "parsed again in a new worker"
+        # and the next run goes to it
         again = parser.start(run, max_attachment_bytes=MAX_ATTACHMENT)
         assert type(again).__name__ == "_Pooled"
         assert len(again.result()) == 40
     finally:
         parser.close()
+
+
+def slow_html(size: int) -> bytes:
+    """A message html5ever (in nh3) takes seconds over: linear, but about 3 s per MB here."""
+    html = "<table>" + "x<td>" * (size // 5)
+    head = "From: a@example.test\r\nSubject: slow\r\nMessage-ID: <slow@example.test>\r\nContent-Type: text/html"
+    return f"{head}\r\n\r\n{html}\r\n".encode()
+
+
+def test_a_message_over_the_time_limit_is_quarantined_alone_and_the_rest_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A parser path that is slow on some input (super-linear ones take hours) held the sync of the account, and
+    with one worker every account's, for as long as it took. The worker is killed at the time limit and the
+    chunk parsed again a message at a time: only that message is quarantined."""
+    monkeypatch.setattr(parsing, "SECONDS_PER_MIB", 0.0)  # the limit alone, so that a test-sized message overruns it
+    run = bodies(30)
+    run[5] = slow_html(2_000_000)
+    parser = ParserPool(1, time_limit=1.0)
+    try:
+        parser.prestart()
+        first = parser.worker_pids()
+        with structlog.testing.capture_logs() as logs:
+            outcomes = parser.start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
+        slow = outcomes.pop(5)
+        assert isinstance(slow, UnparseableMessage)
+        assert slow.message == "parsing took longer than 1 s (sync.parse_time_limit)"
+        del run[5]
+        expected = comparable(InlineParser().start(run, max_attachment_bytes=MAX_ATTACHMENT).result())
+        assert comparable(outcomes) == expected
+        timed_out = [e for e in logs if e["event"] == "parse.timed_out"]
+        assert [(e["uid"], e["size"]) for e in timed_out] == [(5, len(slow_html(2_000_000)))]
+        assert parser.worker_pids() != first, "the stalled worker was killed and replaced"
+        for pid in first:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    finally:
+        parser.close()
+
+
+def test_a_worker_that_dies_on_the_same_message_twice_gets_it_quarantined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message that kills its worker (a crash in C or Rust code, memory) is tried in a fresh worker once more,
+    then quarantined; the messages beside it are parsed. The crash here: workers whose address space is capped
+    below what that message needs, so that reading the request (before parse_message, which would turn a
+    MemoryError into UnparseableMessage itself) kills the process."""
+    real_popen = subprocess.Popen
+
+    def capped(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        cap = 400 << 20
+        return real_popen(*args, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)), **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("inboxd.parsing.subprocess.Popen", capped)
+    run = bodies(20)
+    run[3] = b"Subject: huge\r\n\r\n" + b"x" * (350 << 20)
+    parser = ParserPool(1)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            outcomes = parser.start(run, max_attachment_bytes=MAX_ATTACHMENT).result()
+    finally:
+        parser.close()
+    huge = outcomes.pop(3)
+    assert isinstance(huge, UnparseableMessage)
+    assert huge.message == "the parser process died on it, twice"
+    del run[3]
+    assert comparable(outcomes) == comparable(InlineParser().start(run, max_attachment_bytes=MAX_ATTACHMENT).result())
+    assert [e["uid"] for e in logs if e["event"] == "parse.worker_died_on_message"] == [3]
 
 
 STOP_CONT_STORM = """
@@ -130,6 +204,7 @@ def test_stopping_and_continuing_both_processes_loses_no_byte_between_them() -> 
     run = {**bodies(40), **{1000 + uid: body for uid, body in big.items()}}
     expected = comparable(InlineParser().start(run, max_attachment_bytes=MAX_ATTACHMENT).result())
     parser = ParserPool(1)
+    parser.prestart()
     parser.start(run, max_attachment_bytes=MAX_ATTACHMENT).result()  # the worker is up
     worker = parser.worker_pids()[0]
     storm = subprocess.Popen([sys.executable, "-c", STOP_CONT_STORM, str(os.getpid()), str(worker)])
@@ -351,7 +426,7 @@ def test_a_first_sync_with_workers_writing_blobs_stores_what_the_inline_parser_s
                 store,
                 account,
                 FakeSession(mailbox, Capabilities(True, True)),
-                settings=SyncSettings(batch_size=45),  # two runs of 45, both for the pool (MIN_POOL_RUN)
+                settings=SyncSettings(batch_size=45),  # two runs of 45, both for the pool
                 clock=clock,
                 parser=parser,
             ).run()

@@ -408,10 +408,14 @@ def _run(args: argparse.Namespace, config: Config, store: Store) -> int:
     clock = SystemClock()
     metrics = Metrics()
     stop = threading.Event()  # SIGTERM/SIGINT in `run`: finish the batch or send in flight, then exit
-    # bodies of big syncs are parsed in worker processes, on the other cores (the sync threads share one: the GIL)
-    # they stage the attachments they decode in the store's blob directory themselves (the store adopts them)
+    # bodies are parsed in worker processes, on the other cores (the sync threads share one: the GIL), within a time
+    # limit; they stage the attachments they decode in the store's blob directory themselves (the store adopts them)
     workers = config.sync.parse_workers
-    parser = ParserPool(workers, blob_dir=config.sync.attachments_dir) if workers else None
+    parser = None
+    if workers:
+        limit = config.sync.parse_time_limit.total_seconds()
+        parser = ParserPool(workers, blob_dir=config.sync.attachments_dir, time_limit=limit)
+        parser.prestart()
     store.sweep_staged_attachments()  # left by runs that a stop or a crash kept from being stored
     # what start-up built (imported modules, the schema, config) lives as long as the process: out of the cyclic
     # collector's walks during the first cycle too (the daemon's settle_heap does the same after each cycle)

@@ -61,6 +61,7 @@ def keep_start_values(running: Config, loaded: Config) -> tuple[list[str], Confi
             ("http.listen", running.http.listen, loaded.http.listen),
             ("sync.attachments_dir", running.sync.attachments_dir, loaded.sync.attachments_dir),
             ("sync.parse_workers", running.sync.parse_workers, loaded.sync.parse_workers),
+            ("sync.parse_time_limit", running.sync.parse_time_limit, loaded.sync.parse_time_limit),
             ("sync.lease", running.sync.lease, loaded.sync.lease),
         )
         if old != fresh
@@ -70,6 +71,7 @@ def keep_start_values(running: Config, loaded: Config) -> tuple[list[str], Confi
         loaded.sync,
         attachments_dir=running.sync.attachments_dir,
         parse_workers=running.sync.parse_workers,
+        parse_time_limit=running.sync.parse_time_limit,
         lease=running.sync.lease,
     )
     http = replace(loaded.http, listen=running.http.listen)

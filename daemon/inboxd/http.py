@@ -127,8 +127,13 @@ class OpsServer:
                     self._server.handle_request()
                 # out of descriptors, the connection stays queued and the socket readable: without a pause this
                 # loop spun a core for as long as the daemon had no descriptor to spare
-                if self._server.out_of_descriptors() and select.select([self._wake_r], [], [], ACCEPT_BACKOFF)[0]:
+                if self._server.out_of_descriptors() and self._woken_within(ACCEPT_BACKOFF):
                     return
+
+    def _woken_within(self, seconds: float) -> bool:
+        poller = select.poll()  # not select.select: it fails on descriptors past 1023
+        poller.register(self._wake_r, select.POLLIN)
+        return bool(poller.poll(seconds * 1000))
 
     def __enter__(self) -> OpsServer:
         return self.start()

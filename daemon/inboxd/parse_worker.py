@@ -28,6 +28,7 @@ from inboxd.pipe_io import PipeReader, PipeWriter
 
 ParseOutcome = ParsedMessage | UnparseableMessage
 Answer = list[tuple[int, ParsedMessage | str]]  # what a worker sends back: UID, and the message or the reason
+READY = b"R"  # the worker's first byte on its stdout, once it has imported what it needs, before any answer
 
 
 def parse_all(bodies: Mapping[int, bytes], max_attachment_bytes: int) -> dict[int, ParseOutcome]:
@@ -95,8 +96,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal reaches the daemon, which closes our stdin
     exit_with(int(argv[0]))
     # the raw descriptors, not sys.stdin/sys.stdout's buffered objects (inboxd.pipe_io says why)
-    requests, answers = PipeReader(sys.stdin.fileno()), PipeWriter(sys.stdout.fileno())
+    answers_fd = sys.stdout.fileno()
+    requests, answers = PipeReader(sys.stdin.fileno()), PipeWriter(answers_fd)
     sys.stdout = sys.stderr  # the answer pipe carries answers only
+    os.write(answers_fd, READY)  # imported and listening: the daemon's time limits start from here
     blobs: BlobStore | None = None
     while True:
         try:

@@ -2,9 +2,10 @@
 
 Parsing (inboxd.parse, the stdlib's pure-Python MIME parser and the HTML sanitizer) is most of a first sync's CPU,
 and Python threads share one core for it: with a pool, runs of bodies are parsed on other cores while the sync
-thread stores the previous run and the fetch thread receives the next one. A worker that dies (a parser crash on a
-hostile message, the OOM killer) costs nothing but time: the pool is rebuilt and that run is parsed in the sync
-thread, where parse_message's own guarantees hold (a ParsedMessage or UnparseableMessage, never a crash).
+thread stores the previous run and the fetch thread receives the next one. A worker is also where a hostile message
+can do no harm: one that dies (a parser crash, the OOM killer) or overruns its time limit (a parser path that is
+super-linear on some input) is replaced, and its chunk parsed again a message at a time in fresh workers, so that
+the message that does it again is quarantined with the reason and the rest are stored.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import os
 import pickle
 import queue
+import select
 import subprocess
 import sys
 import threading
@@ -25,14 +27,11 @@ import structlog
 
 from inboxd.errors import UnparseableMessage
 from inboxd.parse import ParsedMessage
-from inboxd.parse_worker import Answer, ParseOutcome, parse_all
+from inboxd.parse_worker import READY, Answer, ParseOutcome, parse_all
 from inboxd.pipe_io import PipeReader, PipeWriter, widen_pipe
 
 log = structlog.get_logger(__name__)
 
-# Below this many bodies a run is parsed in the sync thread: shipping a few messages to a worker and back costs
-# more than it saves, and an incremental sync (a message or two) never waits for a process.
-MIN_POOL_RUN = 16
 # A run is cut into about this many chunks per worker, so that workers finish together.
 _CHUNKS_PER_WORKER = 2
 
@@ -84,21 +83,56 @@ class _Pooled:
         outcomes: dict[int, ParseOutcome] = {}
         for bodies, future in self._chunks:
             try:
-                parsed = future.result()
-            except Exception as exc:  # a dead worker, or anything else that went wrong on the way: parse here
+                outcomes.update(_outcomes(future.result()))
+            except Exception as exc:  # a worker that died or ran out of time, or anything else on the way
                 if isinstance(exc, _WORKER_GONE):
                     self._pool.broken(exc, self._processes)
                 else:
                     log.warning("parse.worker_failed", error_kind=type(exc).__name__)
-                outcomes.update(parse_all(dict(bodies), self._max_attachment_bytes))
-                continue
-            for uid, outcome in parsed:
-                outcomes[uid] = outcome if isinstance(outcome, ParsedMessage) else UnparseableMessage(outcome)
+                # not in this thread: the message that killed or stalled the worker would do the same here
+                outcomes.update(self._pool.isolate(bodies, self._max_attachment_bytes))
         return outcomes
 
 
-# What a request to a dead (or dying) worker raises: a closed pipe on the way there, none or half an answer back.
+def _outcomes(answer: Answer) -> dict[int, ParseOutcome]:
+    return {uid: o if isinstance(o, ParsedMessage) else UnparseableMessage(o) for uid, o in answer}
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` has something to read (or its end) within ``timeout`` seconds. poll, not select: select
+    fails on descriptors past 1023, which a daemon with hundreds of IMAP connections reaches."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+class WorkerDidNotStart(OSError):
+    """A new worker did not say it was ready (an import hanging, no memory): not the fault of any message."""
+
+
+class ParseTimedOut(OSError):
+    """A worker did not answer within its time limit: it was killed."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(f"no answer from the parser worker within {limit:.0f} s")
+        self.limit = limit
+
+
+# What a request to a dead (or dying) worker raises: a closed pipe on the way there, none or half an answer back;
+# ParseTimedOut (an OSError) when it was killed for taking too long.
 _WORKER_GONE = (OSError, EOFError, pickle.UnpicklingError)
+
+# How long a worker may take over a chunk: the configured limit (sync.parse_time_limit) plus this per MiB of the
+# chunk's bodies. Ordinary mail parses at several MB/s; the slowest linear shapes known take 3-6 s per MB
+# (CHANGELOG, "Not yet"); super-linear ones, which this stops, take minutes to hours.
+SECONDS_PER_MIB = 10.0
+DEFAULT_TIME_LIMIT = 60.0  # sync.parse_time_limit's default (inboxd.config)
+START_TIME_LIMIT = 60.0  # for a new worker's imports, before its first chunk
+
+
+def time_limit(bodies: list[tuple[int, bytes]], base: float) -> float:
+    """The seconds a worker has to answer for ``bodies``."""
+    return base + SECONDS_PER_MIB * sum(len(raw) for _, raw in bodies) / (1 << 20)
 
 
 class _Worker:
@@ -119,10 +153,25 @@ class _Worker:
         for pipe in (self.process.stdin, self.process.stdout):
             widen_pipe(pipe.fileno())
         self._requests = PipeWriter(self.process.stdin.fileno())
-        self._answers = PipeReader(self.process.stdout.fileno())
+        self._answers_fd = self.process.stdout.fileno()
+        self._started = False
+        self._answers = PipeReader(self._answers_fd)
 
-    def parse(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int, blob_dir: str | None) -> Answer:
+    def parse(
+        self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int, blob_dir: str | None, limit: float
+    ) -> Answer:
+        """The worker's answer; ParseTimedOut (the worker killed) when none has begun within ``limit`` seconds. The
+        worker reads the whole request before it parses and writes its answer only when done, so waiting for
+        the first byte of the answer is waiting for the parsing."""
+        if not self._started:  # its imports are not its parsing: the clock starts once it says it is ready
+            if not _readable(self._answers_fd, START_TIME_LIMIT) or os.read(self._answers_fd, 1) != READY:
+                self.process.kill()
+                raise WorkerDidNotStart(f"the parser worker was not ready within {START_TIME_LIMIT:.0f} s")
+            self._started = True
         pickle.dump((chunk, max_attachment_bytes, blob_dir), self._requests, protocol=pickle.HIGHEST_PROTOCOL)
+        if not _readable(self._answers_fd, limit):
+            self.process.kill()
+            raise ParseTimedOut(limit)
         answer: Answer = pickle.load(self._answers)  # noqa: S301 (our own worker's answer)
         return answer
 
@@ -145,8 +194,9 @@ class _Processes:
     I/O releases the GIL). A worker that fails is not replaced here: every later chunk of this generation fails fast
     on it, and the pool starts a new generation (ParserPool.broken)."""
 
-    def __init__(self, count: int, blob_dir: str | None) -> None:
+    def __init__(self, count: int, blob_dir: str | None, time_limit: float) -> None:
         self.blob_dir = blob_dir
+        self.time_limit = time_limit
         self.workers: list[_Worker] = []
         try:
             for _ in range(count):
@@ -166,7 +216,7 @@ class _Processes:
     def _parse(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int) -> Answer:
         worker = self._idle.get()
         try:
-            return worker.parse(chunk, max_attachment_bytes, self.blob_dir)
+            return worker.parse(chunk, max_attachment_bytes, self.blob_dir, time_limit(chunk, self.time_limit))
         except BaseException:
             with contextlib.suppress(OSError):
                 worker.process.kill()  # half a request or half an answer may be in the pipes: the worker is done
@@ -181,26 +231,31 @@ class _Processes:
 
 
 class ParserPool:
-    """Parse runs of at least MIN_POOL_RUN bodies in ``workers`` processes, started on first use; smaller runs
-    inline. Workers are separate interpreters started with ``python -m inboxd.parse_worker`` (not forked: a fork of
-    the threaded daemon could inherit a lock held by another thread) and exit by themselves when the daemon dies.
+    """Parse every run in ``workers`` processes (started by prestart() or on first use), each chunk within a time
+    limit (``time_limit`` seconds plus SECONDS_PER_MIB per MiB): a worker that takes longer is killed, and so is
+    one that crashes; the chunk is then parsed again one message at a time (isolate), so that only the message that
+    does it is quarantined, with the reason. Even a run of one message found by IDLE goes to a worker: a round
+    trip of about a millisecond, against a hostile message stalling or crashing the daemon. Workers are separate
+    interpreters started with ``python -m inboxd.parse_worker`` (not forked: a fork of the threaded daemon could
+    inherit a lock held by another thread) and exit by themselves when the daemon dies.
 
     With ``blob_dir`` (the store's BlobStore directory) the workers stage the attachments they decode there
     themselves, durably, and send the parts back with the staged file's name instead of their bytes (see
     inboxd.parse_worker.stash_attachments; the store adopts them); a run parsed inline keeps its bytes for the store
     to write."""
 
-    def __init__(self, workers: int, *, blob_dir: Path | None = None) -> None:
+    def __init__(self, workers: int, *, blob_dir: Path | None = None, time_limit: float = DEFAULT_TIME_LIMIT) -> None:
         if workers < 1:
             raise ValueError("a parser pool needs at least one worker")
         self.workers = workers
         self.blob_dir = str(blob_dir) if blob_dir is not None else None
+        self.time_limit = time_limit
         self._lock = threading.Lock()
         self._processes: _Processes | None = None
         self._closed = False
 
     def start(self, bodies: Mapping[int, bytes], *, max_attachment_bytes: int) -> ParseJob:
-        if len(bodies) < MIN_POOL_RUN:
+        if not bodies:  # a run whose bodies all went (expunged meanwhile, or only headers were wanted)
             return _Deferred(bodies, max_attachment_bytes)
         items = list(bodies.items())
         size = -(-len(items) // (self.workers * _CHUNKS_PER_WORKER))
@@ -215,6 +270,42 @@ class ParserPool:
             self.broken(exc, processes)
             return _Deferred(bodies, max_attachment_bytes)
         return _Pooled(self, processes, submitted, max_attachment_bytes)
+
+    def isolate(self, bodies: list[tuple[int, bytes]], max_attachment_bytes: int) -> dict[int, ParseOutcome]:
+        """Parse ``bodies`` one message per request, after a chunk of them killed or stalled its worker (or went
+        down with a worker another chunk killed): the message that does it again is found and quarantined with the
+        reason, the others parse as ever. Only when no worker can be started are they parsed in this thread."""
+        return {uid: self._alone(uid, raw, max_attachment_bytes) for uid, raw in bodies}
+
+    def _alone(self, uid: int, raw: bytes, max_attachment_bytes: int) -> ParseOutcome:
+        died: BaseException | None = None
+        for _ in range(2):  # a worker can die of something else (the OOM killer): a second try before blaming it
+            try:
+                processes = self._running()
+            except (RuntimeError, OSError) as exc:  # no worker can start (or the pool is closed): as before
+                self.broken(exc, None)
+                return parse_all({uid: raw}, max_attachment_bytes)[uid]
+            try:
+                return _outcomes(processes.submit([(uid, raw)], max_attachment_bytes).result())[uid]
+            except WorkerDidNotStart as exc:  # the message never reached it: parsed here, as with no workers
+                self.broken(exc, processes)
+                return parse_all({uid: raw}, max_attachment_bytes)[uid]
+            except ParseTimedOut as exc:
+                self.broken(exc, processes)
+                log.warning("parse.timed_out", uid=uid, size=len(raw), limit_s=round(exc.limit))
+                return UnparseableMessage(f"parsing took longer than {exc.limit:.0f} s (sync.parse_time_limit)")
+            except _WORKER_GONE as exc:
+                self.broken(exc, processes)
+                died = exc
+        log.warning("parse.worker_died_on_message", uid=uid, size=len(raw), error_kind=type(died).__name__)
+        return UnparseableMessage("the parser process died on it, twice")
+
+    def prestart(self) -> None:
+        """Start the workers now rather than for the first run (they import while the daemon connects)."""
+        try:
+            self._running()
+        except (RuntimeError, OSError) as exc:
+            self.broken(exc, None)  # logged; the first run tries again
 
     def worker_pids(self) -> list[int]:
         """The process ids of the running workers (none before the first big run)."""
@@ -247,6 +338,6 @@ class ParserPool:
             if self._closed:
                 raise RuntimeError("the parser pool is closed")
             if self._processes is None:
-                self._processes = _Processes(self.workers, self.blob_dir)
+                self._processes = _Processes(self.workers, self.blob_dir, self.time_limit)
                 log.info("parse.pool_started", workers=self.workers)
             return self._processes
