@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar, cast
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -534,16 +534,28 @@ def _public_url(value: Any) -> str:
     return _origin(value.strip().rstrip("/"))
 
 
+def _split_url(value: str) -> SplitResult:
+    """urlsplit, with a ValueError for a port that is no number 0-65535 (urlsplit checks it only when asked)."""
+    parts = urlsplit(value)
+    parts.port  # noqa: B018
+    return parts
+
+
+def _https_or_loopback(parts: SplitResult) -> bool:
+    """An https:// URL, or http:// to this host: a token, an OAuth code or a signed link must not cross the network
+    in clear text."""
+    if not parts.hostname:
+        return False
+    return parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname))
+
+
 def _origin(value: str) -> str:
     """``scheme://host[:port]`` lowercased; anything else (a path, a query, another scheme) is a ValueError."""
-    parts = urlsplit(value)
-    parts.port  # noqa: B018 (ValueError for a port that is no number 0-65535)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+    parts = _split_url(value)
+    if not _https_or_loopback(parts) or parts.path not in ("", "/"):
         raise ValueError(value)
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(value)
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-        raise ValueError(value)  # an OAuth code or a signed link must not cross the network in clear text
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
@@ -905,11 +917,7 @@ def _consent(table: _Table, kind: str, defaults: Mapping[str, Any]) -> _Consent:
 def _endpoint_url(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(value)
-    parts = urlsplit(value.strip())
-    parts.port  # noqa: B018 (ValueError for a port that is no number 0-65535)
-    if not parts.hostname or not (
-        parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname))
-    ):
+    if not _https_or_loopback(_split_url(value.strip())):
         raise ValueError(value)
     return value.strip()
 
@@ -994,15 +1002,11 @@ def _tenant(value: Any) -> str:
 def _check_token_uri(table: _Table, uri: str) -> None:
     key = "token_uri" if table.has("token_uri") else "client_secret_file"
     try:
-        parts = urlsplit(uri)
-        parts.port  # noqa: B018 (ValueError for a port that is no number 0-65535)
+        parts = _split_url(uri)
     except ValueError:
         raise table.error(key, f"must be an https:// URL, got {_show(uri)}, which cannot be parsed") from None
-    if parts.scheme == "https" and parts.hostname:
-        return
-    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
-        return
-    raise table.error(key, f"must be an https:// URL (http:// only on loopback), got {_show(uri)}")
+    if not _https_or_loopback(parts):
+        raise table.error(key, f"must be an https:// URL (http:// only on loopback), got {_show(uri)}")
 
 
 def _read_client_secret_file(table: _Table) -> tuple[str | None, str, str | None]:
