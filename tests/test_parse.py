@@ -264,6 +264,13 @@ def test_a_panic_in_the_html_sanitizer_drops_the_html_not_the_message(monkeypatc
     assert parsed.body_html is None
     assert parsed.body_text  # the text/plain alternative
     assert "HTML body dropped: the HTML sanitizer failed: PanicException" in parsed.defects
+    html_only = parse_message(CORPUS.joinpath("html_only.eml").read_bytes())
+    assert html_only.body_html is None
+    assert html_only.body_text == "First paragraph & more\n\n- one\n- two", "the text is made by the other cleaner"
+    monkeypatch.setattr("inboxd.html._STRUCTURE_ONLY", PanickingCleaner())
+    html_only = parse_message(CORPUS.joinpath("html_only.eml").read_bytes())
+    assert (html_only.body_html, html_only.body_text) == (None, None)
+    assert "text of the HTML body dropped: the HTML sanitizer failed: PanicException" in html_only.defects
 
 
 def test_a_panic_anywhere_else_makes_the_message_unparseable_not_the_caller_crash(

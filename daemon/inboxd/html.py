@@ -72,6 +72,10 @@ _CLEANER: Final = nh3.Cleaner(
 )
 
 
+# What a guard that takes every BaseException lets through: the process being stopped, not the input being bad.
+INTERRUPTS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
 class SanitizerFailed(ValueError):
     """nh3 (Rust) panicked on this markup. pyo3 raises a panic as PanicException, a BaseException that
     ``except Exception`` lets by: up the sync thread or the outbox's sender, past every "one bad input fails
@@ -81,7 +85,7 @@ class SanitizerFailed(ValueError):
 def _clean(cleaner: nh3.Cleaner, html: str) -> str:
     try:
         return cleaner.clean(html)
-    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+    except INTERRUPTS:
         raise
     except BaseException as exc:  # the panic's class is not importable (pyo3_runtime.PanicException)
         raise SanitizerFailed(f"the HTML sanitizer failed: {type(exc).__name__}") from exc

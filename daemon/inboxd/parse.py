@@ -30,7 +30,7 @@ import pybase64
 
 from inboxd import mimesplit
 from inboxd.errors import UnparseableMessage
-from inboxd.html import SanitizerFailed, html_to_text, sanitize_html
+from inboxd.html import INTERRUPTS, SanitizerFailed, html_to_text, sanitize_html
 
 MAX_MIME_DEPTH: Final = 50
 MAX_MIME_PARTS: Final = 1000
@@ -168,10 +168,6 @@ class ParsedMessage:
     __reduce__ = _as_constructor_call
 
 
-# What parse_message lets through untouched: the process being stopped, not the message being bad.
-_INTERRUPTS = (KeyboardInterrupt, SystemExit, GeneratorExit)
-
-
 def parse_message(
     raw: bytes, *, max_attachment_bytes: int = 25 * 1024 * 1024, max_body_chars: int = 2_000_000
 ) -> ParsedMessage:
@@ -191,7 +187,7 @@ def parse_message(
         raise
     except Exception as exc:  # a safety net: the stdlib parser has had crash bugs on garbage
         raise UnparseableMessage(f"parser failed: {type(exc).__name__}") from exc
-    except _INTERRUPTS:
+    except INTERRUPTS:  # the process being stopped, not the message being bad
         raise
     except BaseException as exc:  # a Rust library's panic (pyo3's PanicException) is a BaseException
         raise UnparseableMessage(f"parser failed: {type(exc).__name__}") from exc
@@ -787,13 +783,15 @@ def _select_bodies(leaves: list[_Leaf], defects: _Defects, *, max_body_chars: in
     raw_html = _part_text(html_part, defects) if html_part is not None else None
     html = None
     if raw_html is not None:
-        try:
+        try:  # a failure drops what it would have made, not the message
             html = _truncate(sanitize_html(raw_html[:max_body_chars]), max_body_chars, defects)
-            if text is None:
-                text = html_to_text(raw_html[:max_body_chars])
-        except SanitizerFailed as exc:  # the message is kept, without its HTML (and its text when that came from it)
+        except SanitizerFailed as exc:
             defects.add(f"HTML body dropped: {exc}")
-            html = None
+        if text is None:
+            try:
+                text = html_to_text(raw_html[:max_body_chars])
+            except SanitizerFailed as exc:
+                defects.add(f"text of the HTML body dropped: {exc}")
     if text is not None:
         text = text.replace("\r\n", "\n")
         if len(text) > max_body_chars:
