@@ -291,14 +291,35 @@ class ProcSample:
 
 
 def proc_sample(pid: int) -> ProcSample:
+    """`pid` and its children together (inboxd run's parser workers): what the service costs the host."""
     at = time.monotonic()
-    with open(f"/proc/{pid}/stat") as fh:
-        # the command name may hold spaces: fields are counted after its closing parenthesis
-        fields = fh.read().rsplit(")", 1)[1].split()
-    status = Path(f"/proc/{pid}/status").read_text()
-    rss = int(re.search(r"^VmRSS:\s+(\d+)", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
-    threads = int(re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
-    return ProcSample(at, int(fields[11]) + int(fields[12]), rss, threads, len(os.listdir(f"/proc/{pid}/fd")))
+    ticks = rss = threads = fds = 0
+    for one in (pid, *_children(pid)):
+        try:
+            with open(f"/proc/{one}/stat") as fh:
+                # the command name may hold spaces: fields are counted after its closing parenthesis
+                fields = fh.read().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{one}/status").read_text()
+            count = len(os.listdir(f"/proc/{one}/fd"))
+        except OSError:  # a child that just exited
+            if one == pid:
+                raise
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+        rss += int(re.search(r"^VmRSS:\s+(\d+)", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
+        threads += int(re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
+        fds += count
+    return ProcSample(at, ticks, rss, threads, fds)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as fh:
+                if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
 
 
 def cpu_percent(first: ProcSample, last: ProcSample) -> float:

@@ -1,5 +1,6 @@
 """B6, many idle accounts in one process: 200 accounts on the stack, `inboxd run` until every one is synced and its
-IDLE watcher connected, then RSS, CPU at rest, threads, fds and connections sampled from /proc once a second.
+IDLE watcher connected, then RSS, CPU at rest, threads, fds and connections sampled from /proc once a second. RSS,
+CPU, threads and fds are the daemon's and its parser workers' together; connections are the daemon's.
 """
 
 from __future__ import annotations

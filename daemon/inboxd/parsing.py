@@ -130,7 +130,7 @@ DEFAULT_TIME_LIMIT = 60.0  # sync.parse_time_limit's default (inboxd.config)
 START_TIME_LIMIT = 60.0  # for a new worker's imports, before its first chunk
 
 
-def time_limit(bodies: list[tuple[int, bytes]], base: float) -> float:
+def chunk_time_limit(bodies: list[tuple[int, bytes]], base: float) -> float:
     """The seconds a worker has to answer for ``bodies``."""
     return base + SECONDS_PER_MIB * sum(len(raw) for _, raw in bodies) / (1 << 20)
 
@@ -216,7 +216,7 @@ class _Processes:
     def _parse(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int) -> Answer:
         worker = self._idle.get()
         try:
-            return worker.parse(chunk, max_attachment_bytes, self.blob_dir, time_limit(chunk, self.time_limit))
+            return worker.parse(chunk, max_attachment_bytes, self.blob_dir, chunk_time_limit(chunk, self.time_limit))
         except BaseException:
             with contextlib.suppress(OSError):
                 worker.process.kill()  # half a request or half an answer may be in the pipes: the worker is done
@@ -308,7 +308,7 @@ class ParserPool:
             self.broken(exc, None)  # logged; the first run tries again
 
     def worker_pids(self) -> list[int]:
-        """The process ids of the running workers (none before the first big run)."""
+        """The process ids of the running workers (none before prestart() or the first run)."""
         with self._lock:
             processes = self._processes
         return [worker.process.pid for worker in processes.workers] if processes is not None else []
