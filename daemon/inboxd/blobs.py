@@ -7,22 +7,35 @@ whose row was committed.
 Parser processes stage the files they decode under <attachments_dir>/.staging/ (written and fsynced), and the sync
 thread moves each into place (adopt) just before it commits the rows that name it: a run that is never stored (a
 stop, a lost lease, a failed batch) leaves its files there, out of the store, and sweep_staging removes them.
+Files that no row names any more are removed by inboxd.blob_gc; a put or adopt of bytes the store already has
+refreshes the file's modification time, which tells the collection that a row is about to name it again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 # put_all's writers: file writes and fsyncs release the GIL, and the filesystem commits concurrent fsyncs together
 _WRITERS = 8
 STAGING = ".staging"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    sha256: str
+    mtime: float  # seconds since the epoch: when it was written, or last claimed by a put or adopt
+    size: int
 
 
 class BlobStore:
@@ -44,7 +57,7 @@ class BlobStore:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ValueError("attachment bytes do not match their sha256")
         target = self.path(sha256)
-        if not target.is_file():
+        if not _claim(target):
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = _durable_file(target.parent, ".tmp-", data)
             try:
@@ -113,7 +126,7 @@ class BlobStore:
             source = self.root / STAGING / name
             if not name.startswith(f"{sha256}.") or "/" in name:
                 raise ValueError("not a staged file of this digest")
-            if target.is_file():
+            if _claim(target):
                 source.unlink(missing_ok=True)
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +175,49 @@ class BlobStore:
                 continue
         return removed
 
+    def stored_files(self) -> Iterator[StoredFile]:
+        """Every file in the store's layout (<sha256[0:2]>/<sha256>) with its modification time and size; not the
+        staging directory, not a put's temporary files."""
+        try:
+            shards = [e for e in os.scandir(self.root) if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return
+        for shard in sorted(shards, key=lambda e: e.name):
+            try:
+                entries = list(os.scandir(shard.path))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if not (entry.name.startswith(shard.name) and _SHA256_HEX.fullmatch(entry.name)):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    yield StoredFile(entry.name, info.st_mtime, info.st_size)
+
+    def remove_unused(self, sha256: str, *, unchanged_since: float) -> bool:
+        """Delete the file of ``sha256`` unless it was modified after ``unchanged_since`` (a put or adopt of the
+        same bytes refreshes it: a row is about to name it again); True when it went. Race-free against such a put
+        or adopt: the file is first moved out of the store, then its time read again, and it is moved back when it
+        changed meanwhile; a put or adopt that comes after the move finds no file and writes its own."""
+        target = self.path(sha256)
+        aside_dir = self.root / STAGING
+        aside_dir.mkdir(parents=True, exist_ok=True)
+        aside = aside_dir / f"gc-{sha256}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            if target.stat().st_mtime > unchanged_since:
+                return False  # the common case of a file in use, without a rename
+            os.rename(target, aside)
+        except FileNotFoundError:
+            return False
+        if aside.stat().st_mtime > unchanged_since:
+            os.replace(aside, target)
+            return False
+        aside.unlink()
+        return True
+
     def _writers(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
@@ -170,6 +226,19 @@ class BlobStore:
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
+
+
+def _claim(target: Path) -> bool:
+    """Whether ``target`` is in the store, refreshing its modification time when it is: "a row is about to name it",
+    which keeps a garbage collection running meanwhile from deleting it (BlobStore.remove_unused). False when it is
+    not there, or went at this moment: the caller writes it."""
+    try:
+        os.utime(target)
+    except FileNotFoundError:
+        return False
+    except OSError:  # not ours to touch (EPERM): there all the same
+        return target.is_file()
+    return True
 
 
 def _fsync_directory(path: Path) -> None:

@@ -119,7 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forget.add_argument("email")
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _add_attachments_parser(sub)
     return parser
+
+
+def _add_attachments_parser(sub: Any) -> None:
+    attachments = sub.add_parser("attachments", help="the attachment store (sync.attachments_dir)")
+    attachments_sub = attachments.add_subparsers(dest="action", required=True, metavar="ACTION")
+    gc_cmd = attachments_sub.add_parser(
+        "gc", help="delete the files no message or outbox row names (inboxd run does it once a day)"
+    )
+    gc_cmd.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
+    gc_cmd.add_argument("--json", action="store_true")
 
 
 def _config_path(value: str) -> Path:
@@ -201,6 +212,7 @@ def _dispatch_db(args: argparse.Namespace, config: Config, engine: sa.Engine) ->
         "status": _status,
         "run": _run,
         "contacts": _contacts_forget,
+        "attachments": _attachments_gc,
         "connect": _connect,
         "disconnect": _disconnect,
     }
@@ -392,6 +404,23 @@ def _contacts_forget(args: argparse.Namespace, config: Config, store: Store) -> 
             print("nothing deleted")
             return EXIT_OK
     _print_forget(forget_contact(store.engine, blobs, args.email))
+    return EXIT_OK
+
+
+def _attachments_gc(args: argparse.Namespace, config: Config, store: Store) -> int:
+    report = store.collect_attachment_garbage(dry_run=args.dry_run)
+    if report is None:
+        raise UsageError(f"the attachment store {config.sync.attachments_dir} could not be read: see the log above")
+    if args.json:
+        print(json.dumps(report.as_dict()))
+        return EXIT_OK
+    verb = "would delete" if report.dry_run else "deleted"
+    print(
+        f"{report.files_checked} files in {config.sync.attachments_dir}: {verb} {report.files_deleted} "
+        f"({report.bytes_freed / 1e6:.1f} MB) that no message or outbox row names"
+    )
+    if report.files_recent:
+        print(f"{report.files_recent} unnamed file(s) written within the last hour kept: a sync may be storing them")
     return EXIT_OK
 
 

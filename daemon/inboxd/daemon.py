@@ -20,6 +20,7 @@ from dataclasses import replace
 import sqlalchemy as sa
 import structlog
 
+from inboxd.blob_gc import GcSchedule
 from inboxd.clock import Clock
 from inboxd.config import Config, load_config
 from inboxd.errors import ConfigError
@@ -110,6 +111,8 @@ class Daemon:
         self._leases = Leases(store.engine, clock=clock, lease=config.sync.lease)
         self._owned: set[int] = set()
         self._cycle_failed = False  # the last sync raised (the database was away): run the cycle again soon
+        self._gc_schedule = GcSchedule(clock)
+        self._gc_thread: threading.Thread | None = None
         self._keeper_stop = threading.Event()  # the keeper outlives SIGTERM until syncs are done, then stops
         self._keeper = threading.Thread(target=self._keep_leases, name="inboxd-leases", daemon=True)
         self.sender = threading.Thread(target=self._serve_outbox, name="inboxd-outbox", daemon=True)
@@ -134,10 +137,21 @@ class Daemon:
                 self._runner.retain_sessions(self._owned)  # log out of the accounts another node took
                 self._cycle()
                 self._store.sweep_staged_attachments()  # staged by parser processes for runs never stored
+                self._collect_attachment_garbage()
                 settle_heap()
                 self._between_cycles(watermark)
         finally:
             self._shut_down()
+
+    def _collect_attachment_garbage(self) -> None:
+        """Once a day (GcSchedule), in a thread of its own: a store of millions of files takes a while to list, and
+        the syncs go on meanwhile."""
+        if not self._gc_schedule.take(running=self._gc_thread is not None and self._gc_thread.is_alive()):
+            return
+        self._gc_thread = threading.Thread(
+            target=self._store.collect_attachment_garbage, name="inboxd-attachment-gc", daemon=True
+        )
+        self._gc_thread.start()
 
     def _between_cycles(self, watermark: object) -> None:
         """Until the next full cycle is due: sync the accounts whose watcher reported news, and check every 5 s

@@ -8,6 +8,7 @@ their files, unless another row needs them), folders and the account row itself 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -79,13 +80,14 @@ def purge_account(engine: sa.Engine, blobs: BlobStore | None, account_id: int) -
     """Delete the account and everything stored for it, in one transaction; then the attachment files no other
     row needs."""
     report = ForgetReport(address_key="")
+    started = time.time()  # the files' clock (see delete_unused_blobs)
     with engine.begin() as conn:
         ids = conn.execute(sa.select(messages_t.c.id).where(messages_t.c.account_id == account_id)).scalars().all()
         delete_messages(conn, ids, report)
         threads = conn.execute(threads_t.delete().where(threads_t.c.account_id == account_id)).rowcount
         # folders, locations, quarantine, outbox rows, backfills, leases and credentials go with the row (CASCADE)
         conn.execute(accounts_t.delete().where(accounts_t.c.id == account_id))
-    delete_unused_blobs(engine, blobs, report)
+    delete_unused_blobs(engine, blobs, report, unchanged_since=started)
     return {
         "messages": report.messages,
         "participants": report.participants,

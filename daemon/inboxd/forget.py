@@ -6,6 +6,7 @@ and the removal of attachment bytes that no remaining row needs, after the commi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -120,12 +121,13 @@ def forget_contact(engine: sa.Engine, blobs: BlobStore | None, email: str, *, dr
     """
     key = normalize_address(email)
     report = ForgetReport(address_key=key, dry_run=dry_run)
+    started = time.time()  # the files' clock, not an injected one: compared with their modification times
     with engine.connect() as conn, conn.begin() as tx:
         _erase(conn, key, report)
         if dry_run:
             tx.rollback()
     if not dry_run:
-        delete_unused_blobs(engine, blobs, report)
+        delete_unused_blobs(engine, blobs, report, unchanged_since=started)
         log.info("contacts.forgotten", **report.counts())  # counts only: the erased address stays out of the logs
     return report
 
@@ -221,7 +223,11 @@ def _refresh_threads(conn: sa.Connection, thread_ids: Iterable[int], report: For
         report.threads_updated += 1
 
 
-def delete_unused_blobs(engine: sa.Engine, blobs: BlobStore | None, report: ForgetReport) -> None:
+def delete_unused_blobs(
+    engine: sa.Engine, blobs: BlobStore | None, report: ForgetReport, *, unchanged_since: float
+) -> None:
+    """Delete the files of the erased attachments that no row names any more, unless a sync claimed one after
+    ``unchanged_since`` (the same bytes arriving again: its row is about to name it; see BlobStore.remove_unused)."""
     if blobs is None or not report.attachment_shas:
         return
     with engine.connect() as conn:
@@ -229,11 +235,10 @@ def delete_unused_blobs(engine: sa.Engine, blobs: BlobStore | None, report: Forg
     for sha256 in sorted(report.attachment_shas):
         if sha256 in still_used:
             report.blobs_kept += 1
-            continue
-        path = blobs.path(sha256)
-        if path.is_file():
-            path.unlink()
+        elif blobs.remove_unused(sha256, unchanged_since=unchanged_since):
             report.blobs_deleted += 1
+        elif blobs.has(sha256):
+            report.blobs_kept += 1
 
 
 def _shas_in_use(conn: sa.Connection, shas: Sequence[str] | set[str]) -> set[str]:

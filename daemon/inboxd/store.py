@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
+from inboxd.blob_gc import GcReport, collect_garbage
 from inboxd.blobs import BlobStore
 from inboxd.bulk import among, chunks, insert_returning_ids, insert_rows
 from inboxd.clock import Clock
@@ -878,6 +880,20 @@ class Store:
         if removed:
             log.info("store.staging_swept", files=removed)
         return removed
+
+    def collect_attachment_garbage(self, *, dry_run: bool = False) -> GcReport | None:
+        """Delete the attachment files no row names (inboxd.blob_gc); None without an attachment store. Logs
+        ``store.attachments_collected``; a filesystem error is logged (``store.attachment_gc_failed``) and None."""
+        if self._blobs is None:
+            return None
+        try:
+            # the files' clock, not the injected one: it is compared with their modification times
+            report = collect_garbage(self.engine, self._blobs, now=time.time(), dry_run=dry_run)
+        except OSError as exc:
+            log.warning("store.attachment_gc_failed", error=exc.strerror or type(exc).__name__)
+            return None
+        log.info("store.attachments_collected", **report.as_dict())
+        return report
 
     def _put_blobs(self, messages: Sequence[NewMessage]) -> Callable[[], None]:
         """Start writing the attachments' bytes (see BlobStore.put_all); returns the wait."""

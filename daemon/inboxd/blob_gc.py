@@ -1,0 +1,123 @@
+"""Attachment garbage collection: delete the files of the attachment store that nothing names any more.
+
+A file is in use while a mail_attachments row has its sha256, or a mail_outbox row lists it among its attachments (the
+HR app's, any status: a failed row may be sent again). Files get orphaned when the HR app deletes rows, when a
+`contacts forget` or `disconnect --purge` was interrupted between its commit and its file deletions, or when a row was
+rolled back after its file was moved in. A file modified within GRACE is kept whatever the rows say: a sync moves a
+file into the store (or claims one already there, refreshing its time) before it commits the row that names it, and
+the HR app writes an outbox attachment's file before its row.
+
+`inboxd attachments gc [--dry-run]`, and `inboxd run` once a day (GcSchedule). The decision (collectable) is pure;
+the store's files and the rows are read in chunks of CHUNK, so memory stays flat with millions of files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import sqlalchemy as sa
+import structlog
+
+from inboxd.blobs import BlobStore, StoredFile
+from inboxd.clock import Clock
+from inboxd.models import MailAttachment, MailOutbox
+
+log = structlog.get_logger(__name__)
+
+attachments_t = MailAttachment.__table__  # type: ignore[attr-defined]
+outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
+
+GRACE = timedelta(hours=1)  # a file modified this recently is kept: its row may not be committed yet
+GC_INTERVAL = timedelta(days=1)  # how often `inboxd run` collects
+GC_FIRST_DELAY = timedelta(minutes=10)  # and the first time after it starts: never in `run --once` or a restart loop
+CHUNK = 500
+_SHA256_IN_TEXT = re.compile(r"[0-9a-fA-F]{64}")
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    files_checked: int = 0
+    files_deleted: int = 0  # (or that would be, in a dry run)
+    bytes_freed: int = 0
+    files_recent: int = 0  # unnamed, but modified within GRACE: kept for now
+
+    def as_dict(self) -> dict[str, int | bool]:
+        return {
+            "dry_run": self.dry_run,
+            "files_checked": self.files_checked,
+            "files_deleted": self.files_deleted,
+            "bytes_freed": self.bytes_freed,
+            "files_recent": self.files_recent,
+        }
+
+
+class GcSchedule:
+    """When `inboxd run` collects: GC_FIRST_DELAY after start, then every GC_INTERVAL, never two at once."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._due = clock.monotonic() + GC_FIRST_DELAY.total_seconds()
+
+    def take(self, *, running: bool) -> bool:
+        """Whether to start a collection now (and if so, the next is GC_INTERVAL away)."""
+        now = self._clock.monotonic()
+        if running or now < self._due:
+            return False
+        self._due = now + GC_INTERVAL.total_seconds()
+        return True
+
+
+def collectable(files: Iterable[StoredFile], in_use: set[str], *, cutoff: float) -> tuple[list[StoredFile], int]:
+    """The files no row names and not modified after ``cutoff`` (seconds since the epoch), and how many unnamed ones
+    are too recent to tell."""
+    unnamed = [f for f in files if f.sha256 not in in_use]
+    old = [f for f in unnamed if f.mtime <= cutoff]
+    return old, len(unnamed) - len(old)
+
+
+def collect_garbage(
+    engine: sa.Engine, blobs: BlobStore, *, now: float, grace: timedelta = GRACE, dry_run: bool = False
+) -> GcReport:
+    """Delete (or, with ``dry_run``, count) the store's files that no row names, older than ``grace`` at ``now``."""
+    report = GcReport(dry_run=dry_run)
+    cutoff = now - grace.total_seconds()
+    with engine.connect() as conn:
+        in_outbox = outbox_shas(conn)
+    for chunk in _chunked(blobs.stored_files(), CHUNK):
+        report.files_checked += len(chunk)
+        with engine.connect() as conn:
+            named = attachment_shas_among(conn, [f.sha256 for f in chunk])
+        doomed, recent = collectable(chunk, named | in_outbox, cutoff=cutoff)
+        report.files_recent += recent
+        for stored in doomed:
+            if dry_run or blobs.remove_unused(stored.sha256, unchanged_since=cutoff):
+                report.files_deleted += 1
+                report.bytes_freed += stored.size
+    return report
+
+
+def attachment_shas_among(conn: sa.Connection, shas: list[str]) -> set[str]:
+    """Which of ``shas`` a mail_attachments row names."""
+    column = attachments_t.c.sha256
+    return set(conn.execute(sa.select(column).distinct().where(column.in_(shas))).scalars())
+
+
+def outbox_shas(conn: sa.Connection) -> set[str]:
+    """Every sha256 the mail_outbox rows' attachments name: the JSON read as text, so that a row whose JSON cannot
+    be parsed (SQLite keeps any text) still protects what it names."""
+    text = sa.cast(outbox_t.c.attachments, sa.Text)
+    found: set[str] = set()
+    for value in conn.execute(sa.select(text).where(outbox_t.c.attachments.is_not(None))).scalars():
+        found.update(sha.lower() for sha in _SHA256_IN_TEXT.findall(value or ""))
+    return found
+
+
+def _chunked(items: Iterable[StoredFile], size: int) -> Iterator[list[StoredFile]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk

@@ -1,0 +1,199 @@
+"""Attachment garbage collection (inboxd.blob_gc): files no mail_attachments or mail_outbox row names are deleted
+once older than the grace period; a put or adopt of bytes already stored claims the file (its modification time),
+and a collection or a forget running meanwhile keeps it. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from inboxd.blob_gc import GC_FIRST_DELAY, GC_INTERVAL, GRACE, GcSchedule, collect_garbage, collectable
+from inboxd.blobs import STAGING, BlobStore, StoredFile
+from inboxd.cli import main
+from inboxd.clock import FakeClock
+from inboxd.crypto import SecretBox
+from inboxd.forget import ForgetReport, delete_unused_blobs
+from inboxd.models import MailOutbox
+from inboxd.store import Credential, Store
+from test_contacts import REC, Mailbox, write_config
+
+outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
+HOURS_AGO = time.time() - 2 * 3600
+
+
+@pytest.fixture
+def box(engine: sa.Engine, secret_box: SecretBox, tmp_path: Path) -> Mailbox:
+    """A recruiter's mailbox filled through Store.store_batch (test_contacts.Mailbox), its files in tmp_path."""
+    blobs = BlobStore(tmp_path / "attachments")
+    store = Store(engine, clock=FakeClock(), secret_box=secret_box, blobs=blobs)
+    account = store.add_account(REC, "fake", Credential("password", "x"))
+    return Mailbox(store, account, store.ensure_folder(account.id, "INBOX", None).id, blobs)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def put_old(blobs: BlobStore, data: bytes, *, at: float = HOURS_AGO) -> Path:
+    path = blobs.put(sha(data), data)
+    os.utime(path, (at, at))
+    return path
+
+
+def queue_outbox(engine: sa.Engine, account_id: int, key: str, attachments: object) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            outbox_t.insert().values(account_id=account_id, to=["cand@example.org"], idempotency_key=key, subject="s")
+        )
+        # as the HR app writes it: the JSON text itself (on SQLite it may be no JSON at all)
+        conn.execute(
+            sa.text("UPDATE mail_outbox SET attachments = :a WHERE idempotency_key = :k"),
+            {"a": attachments if isinstance(attachments, str) else json.dumps(attachments), "k": key},
+        )
+
+
+def test_collectable_is_the_unnamed_files_old_enough() -> None:
+    files = [StoredFile("a" * 64, 100.0, 1), StoredFile("b" * 64, 100.0, 2), StoredFile("c" * 64, 300.0, 3)]
+    doomed, recent = collectable(files, {"a" * 64}, cutoff=200.0)
+    assert (doomed, recent) == ([StoredFile("b" * 64, 100.0, 2)], 1)
+
+
+def test_inboxd_run_collects_ten_minutes_after_start_then_daily_never_twice_at_once() -> None:
+    clock = FakeClock()
+    schedule = GcSchedule(clock)
+    assert not schedule.take(running=False), "not at start: `run --once` and restarts never collect"
+    clock.sleep(GC_FIRST_DELAY.total_seconds() - 1)
+    assert not schedule.take(running=False)
+    clock.sleep(1)
+    assert not schedule.take(running=True), "one at a time"
+    assert schedule.take(running=False)
+    assert not schedule.take(running=False)
+    clock.sleep(GC_INTERVAL.total_seconds() - 1)
+    assert not schedule.take(running=False)
+    clock.sleep(1)
+    assert schedule.take(running=False)
+
+
+def test_a_collection_deletes_only_old_files_that_no_row_names(box: Mailbox, engine: sa.Engine) -> None:
+    cv = b"%PDF cv of the candidate"
+    box.deliver("m1", sender="Jane <jane@example.org>", to=REC, attachments=(("cv.pdf", cv, False),))
+    os.utime(box.blobs.path(sha(cv)), (HOURS_AGO, HOURS_AGO))
+    offer, offer_upper, orphan, fresh = b"offer letter", b"contract", b"nobody's file", b"being stored right now"
+    for data in (offer, offer_upper, orphan):
+        put_old(box.blobs, data)
+    box.blobs.put(sha(fresh), fresh)  # no row yet, and new: a sync may be about to commit one
+    queue_outbox(engine, box.account.id, "k1", [{"sha256": sha(offer), "filename": "offer.pdf"}])
+    queue_outbox(engine, box.account.id, "k2", [{"sha256": sha(offer_upper).upper(), "filename": "c.pdf"}])
+
+    dry = collect_garbage(engine, box.blobs, now=time.time(), dry_run=True)
+    assert dry.as_dict() == {
+        "dry_run": True,
+        "files_checked": 5,
+        "files_deleted": 1,
+        "bytes_freed": len(orphan),
+        "files_recent": 1,
+    }
+    assert box.blobs.has(sha(orphan)), "a dry run deletes nothing"
+
+    report = collect_garbage(engine, box.blobs, now=time.time())
+    assert (report.files_deleted, report.bytes_freed, report.files_recent) == (1, len(orphan), 1)
+    assert not box.blobs.has(sha(orphan))
+    for kept in (cv, offer, offer_upper, fresh):
+        assert box.blobs.read(sha(kept)) == kept
+    assert list((box.blobs.root / STAGING).iterdir()) == []
+    # an hour later the fresh file, still unnamed, goes too
+    later = collect_garbage(engine, box.blobs, now=time.time() + GRACE.total_seconds() + 1)
+    assert later.files_deleted == 1 and not box.blobs.has(sha(fresh))
+
+
+def test_an_outbox_row_whose_json_is_broken_still_keeps_its_files(box: Mailbox, engine: sa.Engine) -> None:
+    """SQLite keeps any text in a JSON column: the row fails when sent, but the file it names stays."""
+    data = b"attachment of a broken row"
+    put_old(box.blobs, data)
+    broken = f'[{{"sha256": "{sha(data)}", oops'
+    if engine.dialect.name == "postgresql":
+        with pytest.raises(sa.exc.DataError):  # PostgreSQL refuses it: nothing to protect there
+            queue_outbox(engine, box.account.id, "k1", broken)
+        return
+    queue_outbox(engine, box.account.id, "k1", broken)
+    assert collect_garbage(engine, box.blobs, now=time.time()).files_deleted == 0
+    assert box.blobs.has(sha(data))
+
+
+def test_storing_bytes_the_store_has_claims_the_file(tmp_path: Path) -> None:
+    """put and adopt of bytes already stored refresh the file's time: the row about to name it is not committed
+    yet, and a collection must not take the file from under it."""
+    blobs = BlobStore(tmp_path / "attachments")
+    data = b"the same CV, sent again"
+    path = put_old(blobs, data)
+    blobs.put(sha(data), data)
+    assert path.stat().st_mtime > time.time() - 60
+    os.utime(path, (HOURS_AGO, HOURS_AGO))
+    names = blobs.stage_all([(sha(data), data)])()
+    stored, durable = blobs.adopt_all([(sha(data), names[sha(data)])])
+    durable()
+    assert stored == {sha(data)} and path.stat().st_mtime > time.time() - 60
+    assert not blobs.remove_unused(sha(data), unchanged_since=time.time() - 3600)
+    assert blobs.read(sha(data)) == data
+
+
+def test_a_claim_while_the_file_is_being_removed_puts_it_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race remove_unused closes: a sync claims the file after the collection read its old time. The claim
+    lands before the move (simulated here inside it): the file is moved back. After the move, a claim finds no
+    file and the sync writes its own copy."""
+    blobs = BlobStore(tmp_path / "attachments")
+    data = b"claimed at the last moment"
+    path = put_old(blobs, data)
+    real_rename = os.rename
+
+    def claimed_then_renamed(src: object, dst: object) -> None:
+        os.utime(src)  # type: ignore[arg-type]
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("inboxd.blobs.os.rename", claimed_then_renamed)
+    assert not blobs.remove_unused(sha(data), unchanged_since=time.time() - 60)
+    assert path.read_bytes() == data
+    assert list((blobs.root / STAGING).iterdir()) == []
+    monkeypatch.undo()
+    assert blobs.remove_unused(sha(data), unchanged_since=time.time() + 1)
+    assert not path.exists()
+    blobs.put(sha(data), data)  # what a claim after the move does: the bytes are written again
+    assert path.read_bytes() == data
+
+
+def test_forget_keeps_a_file_claimed_after_it_began(tmp_path: Path, engine: sa.Engine) -> None:
+    blobs = BlobStore(tmp_path / "attachments")
+    old, claimed = b"the forgotten CV", b"the CV that just came again"
+    for data in (old, claimed):
+        put_old(blobs, data)
+    began = time.time() - 1
+    blobs.put(sha(claimed), claimed)  # a sync storing the same bytes again, after forget began
+    report = ForgetReport(address_key="x", attachment_shas={sha(old), sha(claimed)})
+    delete_unused_blobs(engine, blobs, report, unchanged_since=began)
+    assert (report.blobs_deleted, report.blobs_kept) == (1, 1)
+    assert not blobs.has(sha(old)) and blobs.has(sha(claimed))
+
+
+def test_cli_gc(box: Mailbox, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, db_url)  # attachments_dir = tmp_path/attachments, the mailbox's store
+    put_old(box.blobs, b"orphan one")
+    code = main(["--config", str(config), "attachments", "gc", "--dry-run", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out) == {
+        "dry_run": True,
+        "files_checked": 1,
+        "files_deleted": 1,
+        "bytes_freed": 10,
+        "files_recent": 0,
+    }
+    assert main(["--config", str(config), "attachments", "gc"]) == 0
+    out, _ = capsys.readouterr()
+    assert "deleted 1 (0.0 MB) that no message or outbox row names" in out
+    assert not box.blobs.has(sha(b"orphan one"))
