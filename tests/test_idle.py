@@ -12,7 +12,7 @@ import pytest
 from gmail.server import GmailServer
 from harness import MailStack, make_message
 from inboxd.clock import SystemClock
-from inboxd.idle import IdleWatcher, backoff, is_bye, is_change
+from inboxd.idle import POLL_OTHERS, IdleWatcher, backoff, is_bye, is_change
 from inboxd.imap import ImapEndpoint, connect
 
 
@@ -33,14 +33,16 @@ def test_is_change() -> None:
     assert not is_bye([(3, b"EXISTS")])
 
 
-def _watch(host: str, port: int, user: str, stack: MailStack) -> tuple[IdleWatcher, threading.Event]:
+def _watch(
+    host: str, port: int, user: str, stack: MailStack, *, poll_others: float = POLL_OTHERS
+) -> tuple[IdleWatcher, threading.Event]:
     changed = threading.Event()
     endpoint = ImapEndpoint(host=host, port=port, tls="starttls", ca_file=stack.ca_cert, timeout=10)
 
     def session():  # type: ignore[no-untyped-def]
         return connect(endpoint, username=user, access_token=lambda: stack.access_token(user))
 
-    watcher = IdleWatcher(user, session, changed.set, clock=SystemClock())
+    watcher = IdleWatcher(user, session, changed.set, clock=SystemClock(), poll_others=poll_others)
     watcher.start()
     assert watcher.idling.wait(10), "IDLE started"
     assert changed.is_set(), "a fresh connection catches up once (mail may have come before IDLE began)"
@@ -59,6 +61,30 @@ def test_dovecot_push_arrives_within_seconds(mailstack: MailStack) -> None:
         assert changed.wait(10)
         assert time.monotonic() - started < 5
     finally:
+        watcher.stop()
+
+
+@pytest.mark.mailstack
+def test_a_reply_sent_from_another_client_is_noticed_in_sent_within_the_poll(mailstack: MailStack) -> None:
+    """IDLE watches INBOX; a recruiter's reply sent from Outlook or a phone lands in Sent, which IDLE never
+    reports. The watcher checks Sent's STATUS between IDLE slices (every POLL_OTHERS, 30 s; 0.5 s here)."""
+    user = mailstack.new_user("idlesent")
+    mailstack.deliver(user, make_message("c@example.org", user, "first", "x"))
+    watcher, changed = _watch(mailstack.host, mailstack.imap_port, user, mailstack, poll_others=0.5)
+    endpoint = ImapEndpoint(
+        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
+    )
+    other_client = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    try:
+        assert not changed.wait(2.0), "several polls of an unchanged Sent are no news"
+        assert watcher.idling.wait(5), "back in IDLE after each poll"
+        other_client._client.append("Sent", make_message(user, "c@example.org", "Re: your application", "y"))
+        assert changed.wait(10), "the reply in Sent was noticed"
+        changed.clear()
+        mailstack.deliver(user, make_message("c@example.org", user, "and INBOX still pushes", "x"), wait=False)
+        assert changed.wait(10)
+    finally:
+        other_client.close()
         watcher.stop()
 
 

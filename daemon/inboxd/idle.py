@@ -1,6 +1,12 @@
 """Push: one IMAP IDLE connection per account on the folder where new mail appears first (INBOX; All Mail on
 Gmail), telling the daemon "this account changed" within a second of the server's notice.
 
+IDLE covers one folder. On Gmail that is All Mail, which holds sent mail too; elsewhere a reply the recruiter sends
+from another client (Outlook, Thunderbird, a phone) lands in the Sent folder, which IDLE on INBOX never reports. So
+between IDLE slices, every POLL_OTHERS seconds, the watcher leaves IDLE for one STATUS of the Sent folder and
+signals when it changed: a candidate's thread shows the recruiter's reply within about half a minute, not at the
+next full cycle (sync.interval).
+
 IDLE is re-issued at most every IDLE_RENEW (Gmail and RFC 2177 drop idle sessions after ~10-29 min); a lost
 connection is reopened with capped exponential backoff. The watcher only signals; the sync engine does the work.
 """
@@ -15,9 +21,11 @@ import threading
 from collections.abc import Callable
 
 import structlog
+from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from inboxd.clock import Clock
+from inboxd.dialect import GenericImap
 from inboxd.errors import InboxdError, RetryLater, SessionExpired
 from inboxd.gmail import Gmail
 from inboxd.imap import ImapClientSession, ImapSession
@@ -29,6 +37,8 @@ IDLE_RENEW = 9 * 60.0  # seconds; under the ~10 min after which servers may end 
 # socket down, which ends the wait at once; a dropped connection ends it too)
 CHECK_SLICE = 30.0
 CHANGE_RESPONSES = (b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED")
+# seconds between STATUS checks of the folders IDLE does not cover (Sent, outside Gmail)
+POLL_OTHERS = CHECK_SLICE
 # the peer closed or reset the connection (POLLRDHUP: it shut down its side, Linux)
 HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
@@ -52,6 +62,17 @@ def peer_closed(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
+def _pending_change(client: IMAPClient) -> bool:
+    """Whether the server reported a change of the selected folder while the watcher was out of IDLE (between DONE
+    and the next IDLE, in a STATUS's untagged responses). imaplib keeps those until some command asks for them,
+    which none does here: they are taken out, so that they neither pile up for days nor count twice."""
+    pending = client._imap.untagged_responses
+    found = False
+    for kind in ("EXISTS", "EXPUNGE", "FETCH", "VANISHED", "RECENT"):
+        found = bool(pending.pop(kind, None)) or found
+    return found
+
+
 def is_change(responses: list[tuple[object, ...]]) -> bool:
     """Whether untagged responses seen while idling mean the mailbox changed."""
     return any(len(r) > 1 and r[1] in CHANGE_RESPONSES for r in responses)
@@ -67,8 +88,10 @@ class IdleWatcher:
         on_change: Callable[[], None],
         *,
         clock: Clock,
+        poll_others: float = POLL_OTHERS,
     ) -> None:
         self._name = name
+        self._poll_others = poll_others
         self._connect = connect
         self._on_change = on_change
         self._clock = clock
@@ -116,38 +139,65 @@ class IdleWatcher:
             if not isinstance(session, ImapClientSession):
                 return
             folder = self._folder(session)
+            others = self._other_folders(session)
+            seen = [session.status(name) for name in others]  # before the catch-up: what it syncs is not news
             session.select(folder)
             if catch_up:  # mail may have arrived while the connection was down
                 self._on_change()
             client = session._client
+            _pending_change(client)  # SELECT's own EXISTS and RECENT: the catch-up covers them
             self._socket = client.socket()
             if self._stop.is_set():
                 return
+            slice_s = min(CHECK_SLICE, self._poll_others)
+            polled = self._clock.monotonic()
             while not self._stop.is_set():
-                started = self._clock.monotonic()
-                client.idle()
-                self.idling.set()
-                changed = False
-                try:
-                    while not self._stop.is_set() and self._clock.monotonic() - started < IDLE_RENEW:
-                        responses = client.idle_check(timeout=CHECK_SLICE)
-                        if is_bye(responses):
-                            raise SessionExpired("the server ended the idle session")
-                        if not responses and peer_closed(client.socket()):
-                            raise RetryLater("the server closed the idle connection")
-                        if is_change(responses):
-                            changed = True
-                            break
-                finally:
-                    self.idling.clear()
-                    with contextlib.suppress(IMAPClientError, OSError):
-                        client.idle_done()
+                changed, poll = self._idle(client, slice_s, poll_at=polled + self._poll_others if others else None)
+                if poll:
+                    now = [session.status(name) for name in others]
+                    changed = changed or now != seen
+                    seen, polled = now, self._clock.monotonic()
+                changed = _pending_change(client) or changed  # told while out of IDLE (and forgotten here)
                 if changed:
                     log.debug("idle.changed", account=self._name, folder=folder)
                     self._on_change()
         finally:
             self._socket = None
             session.close()
+
+    def _idle(self, client: IMAPClient, slice_s: float, *, poll_at: float | None) -> tuple[bool, bool]:
+        """One IDLE command, until the folder changes (True, _), the other folders are due for a STATUS at
+        ``poll_at`` (_, True), IDLE_RENEW passes or the watcher stops (False, False)."""
+        started = self._clock.monotonic()
+        client.idle()
+        self.idling.set()
+        changed = poll = False
+        try:
+            while not self._stop.is_set() and self._clock.monotonic() - started < IDLE_RENEW:
+                responses = client.idle_check(timeout=slice_s)
+                if is_bye(responses):
+                    raise SessionExpired("the server ended the idle session")
+                if not responses and peer_closed(client.socket()):
+                    raise RetryLater("the server closed the idle connection")
+                if is_change(responses):
+                    changed = True
+                    break
+                if poll_at is not None and self._clock.monotonic() >= poll_at:
+                    poll = True
+                    break
+        finally:
+            self.idling.clear()
+            with contextlib.suppress(IMAPClientError, OSError):
+                _, done = client.idle_done()
+                changed = changed or is_change(done)  # news between the last check and DONE
+        return changed, poll
+
+    @staticmethod
+    def _other_folders(session: ImapSession) -> list[str]:
+        """The synced folders IDLE does not cover: Sent, on a server other than Gmail (whose All Mail has it)."""
+        if session.capabilities.gmail:
+            return []
+        return [f.name for f in GenericImap().folders(session.list_folders()) if f.special_use == "\\Sent"]
 
     @staticmethod
     def _folder(session: ImapSession) -> str:
