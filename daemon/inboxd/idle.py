@@ -150,7 +150,9 @@ class IdleWatcher:
             if self._stop.is_set():
                 return
             slice_s = min(CHECK_SLICE, self._poll_others)
-            polled = self._clock.monotonic()
+            # the first poll at a random point of the period: 200 watchers started together spread their STATUS
+            # commands over it instead of sending them in one burst every 30 s
+            polled = self._clock.monotonic() - random.uniform(0, self._poll_others)
             while not self._stop.is_set():
                 changed, poll = self._idle(client, slice_s, poll_at=polled + self._poll_others if others else None)
                 if poll:
