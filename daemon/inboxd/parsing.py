@@ -19,13 +19,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 import structlog
 
-from inboxd.errors import UnparseableMessage
+from inboxd.errors import RetryLater, UnparseableMessage
 from inboxd.parse import ParsedMessage
 from inboxd.parse_worker import READY, Answer, ParseOutcome, parse_all
 from inboxd.pipe_io import PipeReader, PipeWriter, widen_pipe
@@ -84,11 +84,11 @@ class _Pooled:
         for bodies, future in self._chunks:
             try:
                 outcomes.update(_outcomes(future.result()))
+            except WorkerDidNotStart as exc:  # the chunk never reached a worker: nobody's fault, parsed here
+                self._pool.broken(exc, self._processes)
+                outcomes.update(parse_all(dict(bodies), self._max_attachment_bytes))
             except Exception as exc:  # a worker that died or ran out of time, or anything else on the way
-                if isinstance(exc, _WORKER_GONE):
-                    self._pool.broken(exc, self._processes)
-                else:
-                    log.warning("parse.worker_failed", error_kind=type(exc).__name__)
+                log.warning("parse.worker_failed", error_kind=type(exc).__name__, messages=len(bodies))
                 # not in this thread: the message that killed or stalled the worker would do the same here
                 outcomes.update(self._pool.isolate(bodies, self._max_attachment_bytes))
         return outcomes
@@ -128,6 +128,7 @@ _WORKER_GONE = (OSError, EOFError, pickle.UnpicklingError)
 SECONDS_PER_MIB = 10.0
 DEFAULT_TIME_LIMIT = 60.0  # sync.parse_time_limit's default (inboxd.config)
 START_TIME_LIMIT = 60.0  # for a new worker's imports, before its first chunk
+_ALONE_ATTEMPTS = 5  # requests for one message under isolation: two strikes, and room for a pool that is changing
 
 
 def chunk_time_limit(bodies: list[tuple[int, bytes]], base: float) -> float:
@@ -191,8 +192,9 @@ class _Worker:
 
 class _Processes:
     """One generation of workers, and a thread per worker that hands it chunks and waits for the answers (the pipe
-    I/O releases the GIL). A worker that fails is not replaced here: every later chunk of this generation fails fast
-    on it, and the pool starts a new generation (ParserPool.broken)."""
+    I/O releases the GIL). A worker that fails (killed at its time limit, or dead) is replaced in place at once, so
+    the chunks of other syncs in flight are not disturbed; only when no worker can start does the pool drop the
+    generation (ParserPool.broken) and start a new one for the next run."""
 
     def __init__(self, count: int, blob_dir: str | None, time_limit: float) -> None:
         self.blob_dir = blob_dir
@@ -205,6 +207,7 @@ class _Processes:
             for worker in self.workers:
                 worker.stop()
             raise
+        self._lock = threading.Lock()
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         for worker in self.workers:
             self._idle.put(worker)
@@ -216,13 +219,32 @@ class _Processes:
     def _parse(self, chunk: list[tuple[int, bytes]], max_attachment_bytes: int) -> Answer:
         worker = self._idle.get()
         try:
+            if worker.process.poll() is not None:  # died while idle (the OOM killer): not this chunk's doing
+                worker = self._replace(worker)
+                if worker.process.poll() is not None:
+                    raise WorkerDidNotStart("no parser worker could be started in place of one that died")
             return worker.parse(chunk, max_attachment_bytes, self.blob_dir, chunk_time_limit(chunk, self.time_limit))
         except BaseException:
             with contextlib.suppress(OSError):
                 worker.process.kill()  # half a request or half an answer may be in the pipes: the worker is done
+            worker = self._replace(worker)
             raise
         finally:
             self._idle.put(worker)
+
+    def _replace(self, dead: _Worker) -> _Worker:
+        """A new worker in the place of ``dead`` (reaped), so that the other chunks in flight and the next ones go on
+        without a new generation; ``dead`` itself when none can start (the next request on it then raises
+        WorkerDidNotStart)."""
+        dead.stop()
+        try:
+            fresh = _Worker()
+        except OSError as exc:
+            log.warning("parse.worker_replace_failed", error_kind=type(exc).__name__)
+            return dead
+        with self._lock:
+            self.workers = [fresh if w is dead else w for w in self.workers]
+        return fresh
 
     def shutdown(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=True)
@@ -278,27 +300,37 @@ class ParserPool:
         return {uid: self._alone(uid, raw, max_attachment_bytes) for uid, raw in bodies}
 
     def _alone(self, uid: int, raw: bytes, max_attachment_bytes: int) -> ParseOutcome:
-        died: BaseException | None = None
-        for _ in range(2):  # a worker can die of something else (the OOM killer): a second try before blaming it
+        """One message in a worker of its own request. A timeout or a dead worker is a strike against it (a second
+        try first: a stall of the machine or the OOM killer can do either once); two strikes quarantine it. When no
+        worker can start it is not parsed here, where it could do what it did to the worker: the run fails for
+        this cycle (RetryLater) and is fetched and parsed again in the next."""
+        strikes: list[str] = []
+        for _ in range(_ALONE_ATTEMPTS):
             try:
                 processes = self._running()
-            except (RuntimeError, OSError) as exc:  # no worker can start (or the pool is closed): as before
+            except (RuntimeError, OSError) as exc:  # closing, or no worker can start: not this message's doing
                 self.broken(exc, None)
-                return parse_all({uid: raw}, max_attachment_bytes)[uid]
+                raise RetryLater(
+                    f"no parser worker ({type(exc).__name__}); the run is parsed again next cycle"
+                ) from exc
             try:
                 return _outcomes(processes.submit([(uid, raw)], max_attachment_bytes).result())[uid]
-            except WorkerDidNotStart as exc:  # the message never reached it: parsed here, as with no workers
+            except WorkerDidNotStart as exc:
                 self.broken(exc, processes)
-                return parse_all({uid: raw}, max_attachment_bytes)[uid]
+                raise RetryLater(f"no parser worker could start ({exc}); the run is parsed again next cycle") from exc
             except ParseTimedOut as exc:
-                self.broken(exc, processes)
-                log.warning("parse.timed_out", uid=uid, size=len(raw), limit_s=round(exc.limit))
-                return UnparseableMessage(f"parsing took longer than {exc.limit:.0f} s (sync.parse_time_limit)")
+                strikes.append(f"parsing took longer than {exc.limit:.0f} s (sync.parse_time_limit)")
+                log.warning("parse.timed_out", uid=uid, size=len(raw), limit_s=round(exc.limit), strike=len(strikes))
+            except (CancelledError, RuntimeError) as exc:  # the pool closing, or a generation dropped meanwhile
+                if self._closed:
+                    raise RetryLater("the parser pool is closing") from exc
+                continue
             except _WORKER_GONE as exc:
-                self.broken(exc, processes)
-                died = exc
-        log.warning("parse.worker_died_on_message", uid=uid, size=len(raw), error_kind=type(died).__name__)
-        return UnparseableMessage("the parser process died on it, twice")
+                strikes.append("the parser process died on it")
+                log.warning("parse.worker_died_on_message", uid=uid, size=len(raw), error_kind=type(exc).__name__)
+            if len(strikes) == 2:
+                return UnparseableMessage(strikes[-1] + ", twice" if strikes[0] == strikes[1] else "; ".join(strikes))
+        raise RetryLater("the parser pool kept changing under this run; it is parsed again next cycle")
 
     def prestart(self) -> None:
         """Start the workers now rather than for the first run (they import while the daemon connects)."""
