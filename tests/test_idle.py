@@ -8,11 +8,12 @@ import threading
 import time
 
 import pytest
+import structlog
 
 from gmail.server import GmailServer
 from harness import MailStack, make_message
 from inboxd.clock import SystemClock
-from inboxd.idle import POLL_OTHERS, IdleWatcher, backoff, is_bye, is_change
+from inboxd.idle import POLL_OTHERS, IdleWatcher, backoff, is_bye, is_change, pending_change
 from inboxd.imap import ImapEndpoint, connect
 
 
@@ -31,6 +32,19 @@ def test_is_change() -> None:
     assert not is_change([])
     assert is_bye([(b"BYE", b"Session expired, please login again.")])
     assert not is_bye([(3, b"EXISTS")])
+
+
+def test_pending_change_counts_what_imaplib_kept_while_out_of_idle() -> None:
+    """imaplib's untagged dict after a DONE or STATUS: an EXISTS repeating the known count is no news, RECENT never
+    is; what it held is taken out either way (it piled up for the connection's lifetime)."""
+    pending: dict[str, list[object]] = {"EXISTS": [b"12"], "RECENT": [b"0"], "STATUS": [b"x"]}
+    assert pending_change(pending, 12) == (False, 12)
+    assert pending == {"STATUS": [b"x"]}
+    assert pending_change({"EXISTS": [b"12", b"13"]}, 12) == (True, 13)
+    assert pending_change({"EXPUNGE": [b"4"]}, 12) == (True, 12)
+    assert pending_change({"VANISHED": [b"1:3"]}, 12) == (True, 12)
+    assert pending_change({"EXISTS": [b"garbage"]}, 12) == (True, 12)
+    assert pending_change({}, None) == (False, None)
 
 
 def _watch(
@@ -86,6 +100,27 @@ def test_a_reply_sent_from_another_client_is_noticed_in_sent_within_the_poll(mai
     finally:
         other_client.close()
         watcher.stop()
+
+
+@pytest.mark.mailstack
+def test_a_folder_the_server_refuses_a_status_of_reads_as_gone_not_as_a_lost_connection(mailstack: MailStack) -> None:
+    """STATUS of a Sent folder deleted or renamed meanwhile fails (NO): it reads as None (news once, then none),
+    instead of ending the watcher, and INBOX's push with it, to reconnect every 30 s."""
+    user = mailstack.new_user("idlegone")
+    endpoint = ImapEndpoint(
+        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
+    )
+    session = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    watcher = IdleWatcher(user, lambda: session, lambda: None, clock=SystemClock())
+    try:
+        with structlog.testing.capture_logs() as logs:
+            first = watcher._statuses(session, ["Sent", "No Such Folder"])
+            again = watcher._statuses(session, ["Sent", "No Such Folder"])
+        assert first == again and first[0] is not None and first[1] is None
+        assert [e["folder"] for e in logs if e["event"] == "idle.status_failed"] == ["No Such Folder"] * 2
+        assert session.status("INBOX").messages == 0, "the connection is still good"
+    finally:
+        session.close()
 
 
 @pytest.mark.mailstack

@@ -14,11 +14,13 @@ connection is reopened with capped exponential backoff. The watcher only signals
 from __future__ import annotations
 
 import contextlib
+import imaplib
 import random
 import select
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from imapclient import IMAPClient
@@ -62,15 +64,24 @@ def peer_closed(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
-def _pending_change(client: IMAPClient) -> bool:
+def pending_change(pending: dict[str, list[Any]], exists: int | None) -> tuple[bool, int | None]:
     """Whether the server reported a change of the selected folder while the watcher was out of IDLE (between DONE
-    and the next IDLE, in a STATUS's untagged responses). imaplib keeps those until some command asks for them,
-    which none does here: they are taken out, so that they neither pile up for days nor count twice."""
-    pending = client._imap.untagged_responses
+    and the next IDLE, in a STATUS's untagged responses), and the folder's message count as last reported. imaplib
+    keeps those responses until some command asks for them, which none does here: they are taken out, so that they
+    neither pile up for days nor count twice. An EXISTS that repeats the known count is no news (nor is RECENT)."""
     found = False
-    for kind in ("EXISTS", "EXPUNGE", "FETCH", "VANISHED", "RECENT"):
+    for kind in ("EXPUNGE", "FETCH", "VANISHED"):
         found = bool(pending.pop(kind, None)) or found
-    return found
+    pending.pop("RECENT", None)
+    for value in pending.pop("EXISTS", None) or []:  # imaplib keeps b"12" for "* 12 EXISTS"
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            found = True  # unreadable: rather a sync too many
+            continue
+        found = found or count != exists
+        exists = count
+    return found, exists
 
 
 def is_change(responses: list[tuple[object, ...]]) -> bool:
@@ -99,6 +110,7 @@ class IdleWatcher:
         self._socket: socket.socket | None = None  # of the IDLE connection, shut down by request_stop()
         self._thread = threading.Thread(target=self._run, name=f"inboxd-idle-{name}", daemon=True)
         self.idling = threading.Event()  # set while an IDLE command is active (tests wait on it)
+        self._idled = False  # IDLE was reached since the last failure: the backoff starts again from its base
 
     def start(self) -> None:
         self._thread.start()
@@ -124,7 +136,8 @@ class IdleWatcher:
             except (InboxdError, IMAPClientError, OSError) as exc:
                 if self._stop.is_set():
                     break  # the socket was shut down to stop: not a failure
-                failures += 1
+                failures = 1 if self._idled else failures + 1  # the count is of failures in a row
+                self._idled = False
                 wait = backoff(failures)
                 log.info("idle.reconnect", account=self._name, error=str(exc)[:200], wait_s=round(wait, 1))
                 self._stop.wait(wait)
@@ -140,12 +153,13 @@ class IdleWatcher:
                 return
             folder = self._folder(session)
             others = self._other_folders(session)
-            seen = [session.status(name) for name in others]  # before the catch-up: what it syncs is not news
-            session.select(folder)
+            seen = self._statuses(session, others)  # before the catch-up: what it syncs is not news
+            selected = session.select(folder)
             if catch_up:  # mail may have arrived while the connection was down
                 self._on_change()
             client = session._client
-            _pending_change(client)  # SELECT's own EXISTS and RECENT: the catch-up covers them
+            # SELECT's own EXISTS and RECENT are no news (and SELECT gave imaplib a fresh dict for them)
+            _, exists = pending_change(client._imap.untagged_responses, selected.exists)
             self._socket = client.socket()
             if self._stop.is_set():
                 return
@@ -156,10 +170,11 @@ class IdleWatcher:
             while not self._stop.is_set():
                 changed, poll = self._idle(client, slice_s, poll_at=polled + self._poll_others if others else None)
                 if poll:
-                    now = [session.status(name) for name in others]
+                    now = self._statuses(session, others)
                     changed = changed or now != seen
                     seen, polled = now, self._clock.monotonic()
-                changed = _pending_change(client) or changed  # told while out of IDLE (and forgotten here)
+                told, exists = pending_change(client._imap.untagged_responses, exists)  # kept while out of IDLE
+                changed = changed or told
                 if changed:
                     log.debug("idle.changed", account=self._name, folder=folder)
                     self._on_change()
@@ -173,10 +188,12 @@ class IdleWatcher:
         started = self._clock.monotonic()
         client.idle()
         self.idling.set()
+        self._idled = True
         changed = poll = False
         try:
             while not self._stop.is_set() and self._clock.monotonic() - started < IDLE_RENEW:
-                responses = client.idle_check(timeout=slice_s)
+                wait = slice_s if poll_at is None else max(0.0, min(slice_s, poll_at - self._clock.monotonic()))
+                responses = client.idle_check(timeout=wait)
                 if is_bye(responses):
                     raise SessionExpired("the server ended the idle session")
                 if not responses and peer_closed(client.socket()):
@@ -193,6 +210,23 @@ class IdleWatcher:
                 _, done = client.idle_done()
                 changed = changed or is_change(done)  # news between the last check and DONE
         return changed, poll
+
+    def _statuses(self, session: ImapSession, others: list[str]) -> list[object]:
+        """STATUS of each folder; one the server refuses (deleted, renamed: NO) reads as None and is logged, rather
+        than ending the watcher and INBOX's push with it (the next full cycle lists the folders again)."""
+        found: list[object] = []
+        for name in others:
+            try:
+                found.append(session.status(name))
+            except RetryLater as exc:
+                refused = isinstance(exc.__cause__, IMAPClientError) and not isinstance(
+                    exc.__cause__, imaplib.IMAP4.abort
+                )
+                if not refused:
+                    raise  # the connection itself is gone: reconnect
+                log.info("idle.status_failed", account=self._name, folder=name, error=str(exc)[:200])
+                found.append(None)
+        return found
 
     @staticmethod
     def _other_folders(session: ImapSession) -> list[str]:
