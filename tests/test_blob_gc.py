@@ -18,7 +18,7 @@ from inboxd.blobs import STAGING, BlobStore, StoredFile
 from inboxd.cli import main
 from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
-from inboxd.forget import ForgetReport, delete_unused_blobs
+from inboxd.forget import IN_FLIGHT, ForgetReport, delete_unused_blobs
 from inboxd.models import MailOutbox
 from inboxd.store import Credential, Store
 from test_contacts import REC, Mailbox, write_config
@@ -98,6 +98,7 @@ def test_a_collection_deletes_only_old_files_that_no_row_names(box: Mailbox, eng
         "files_deleted": 1,
         "bytes_freed": len(orphan),
         "files_recent": 1,
+        "files_failed": 0,
     }
     assert box.blobs.has(sha(orphan)), "a dry run deletes nothing"
 
@@ -124,6 +125,33 @@ def test_an_outbox_row_whose_json_is_broken_still_keeps_its_files(box: Mailbox, 
     queue_outbox(engine, box.account.id, "k1", broken)
     assert collect_garbage(engine, box.blobs, now=time.time()).files_deleted == 0
     assert box.blobs.has(sha(data))
+
+
+def test_a_row_the_hr_app_inserts_while_a_collection_runs_keeps_its_file(
+    box: Mailbox, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox is read once when a collection starts, which can be hours before it reaches a given file: the
+    HR app may attach an old file (a template its earlier rows used) meanwhile. The candidates are checked against
+    the outbox again just before they go."""
+    template = b"the company's standard offer template"
+    put_old(box.blobs, template)
+    queue_outbox(engine, box.account.id, "k1", [{"sha256": sha(template).upper(), "filename": "offer.pdf"}])
+    monkeypatch.setattr("inboxd.blob_gc.outbox_shas", lambda conn: set())  # the snapshot from before that row
+    report = collect_garbage(engine, box.blobs, now=time.time())
+    assert (report.files_checked, report.files_deleted) == (1, 0)
+    assert box.blobs.has(sha(template))
+
+
+def test_a_file_moved_aside_by_a_collection_is_not_swept_as_staging(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "attachments")
+    (blobs.root / STAGING).mkdir(parents=True)
+    aside = blobs.root / STAGING / f"gc-{'a' * 64}.1.2"
+    leftover = blobs.root / STAGING / f"{'b' * 64}.x"
+    for path in (aside, leftover):
+        path.write_bytes(b"x")
+        os.utime(path, (HOURS_AGO, HOURS_AGO))
+    assert blobs.sweep_staging(older_than=60) == 1
+    assert aside.exists() and not leftover.exists()
 
 
 def test_storing_bytes_the_store_has_claims_the_file(tmp_path: Path) -> None:
@@ -167,17 +195,21 @@ def test_a_claim_while_the_file_is_being_removed_puts_it_back(tmp_path: Path, mo
     assert path.read_bytes() == data
 
 
-def test_forget_keeps_a_file_claimed_after_it_began(tmp_path: Path, engine: sa.Engine) -> None:
+def test_forget_keeps_a_file_claimed_shortly_before_or_after_it_began(tmp_path: Path, engine: sa.Engine) -> None:
+    """A sync claims a file (the same bytes arriving again) before it commits the row naming it: a claim within
+    IN_FLIGHT before the erasure began, or after, keeps the file for the daily collection."""
     blobs = BlobStore(tmp_path / "attachments")
-    old, claimed = b"the forgotten CV", b"the CV that just came again"
-    for data in (old, claimed):
+    old, just_before, after = b"the forgotten CV", b"the CV that came again a minute ago", b"and again just now"
+    for data in (old, just_before, after):
         put_old(blobs, data)
-    began = time.time() - 1
-    blobs.put(sha(claimed), claimed)  # a sync storing the same bytes again, after forget began
-    report = ForgetReport(address_key="x", attachment_shas={sha(old), sha(claimed)})
+    began = time.time()
+    os.utime(blobs.path(sha(just_before)), (began - 60, began - 60))
+    blobs.put(sha(after), after)
+    report = ForgetReport(address_key="x", attachment_shas={sha(old), sha(just_before), sha(after)})
     delete_unused_blobs(engine, blobs, report, unchanged_since=began)
-    assert (report.blobs_deleted, report.blobs_kept) == (1, 1)
-    assert not blobs.has(sha(old)) and blobs.has(sha(claimed))
+    assert (report.blobs_deleted, report.blobs_kept) == (1, 2)
+    assert not blobs.has(sha(old)) and blobs.has(sha(just_before)) and blobs.has(sha(after))
+    assert IN_FLIGHT.total_seconds() > 60
 
 
 def test_cli_gc(box: Mailbox, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -192,6 +224,7 @@ def test_cli_gc(box: Mailbox, db_url: str, tmp_path: Path, capsys: pytest.Captur
         "files_deleted": 1,
         "bytes_freed": 10,
         "files_recent": 0,
+        "files_failed": 0,
     }
     assert main(["--config", str(config), "attachments", "gc"]) == 0
     out, _ = capsys.readouterr()

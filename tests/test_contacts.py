@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -338,7 +340,17 @@ def scene(mailbox: Mailbox, engine: sa.Engine) -> Scene:
     mailbox.deliver("a4", sender="jane.doe@gmail.com", to=REC, reply_to="ab")
     mailbox.deliver("c1", sender="carol@example.net", to=REC, attachments=(("b.pdf", SHARED, False),))
     mailbox.store.mark_backfilled(mailbox.account.id, ["janedoe@gmail.com", "carol@example.net"])
+    age_files(mailbox.blobs.root)
     return scene
+
+
+def age_files(root: Path, seconds: float = 3600) -> None:
+    """Files stored an hour ago: forgetting keeps a file written less than forget.IN_FLIGHT before it began (a sync
+    storing the same bytes may not have committed the row yet), for the daily collection to take."""
+    past = time.time() - seconds
+    for path in root.rglob("*"):
+        if path.is_file():
+            os.utime(path, (past, past))
 
 
 def sha(data: bytes) -> str:

@@ -45,6 +45,7 @@ class GcReport:
     files_deleted: int = 0  # (or that would be, in a dry run)
     bytes_freed: int = 0
     files_recent: int = 0  # unnamed, but modified within GRACE: kept for now
+    files_failed: int = 0  # could not be deleted (permissions): logged once, counted
 
     def as_dict(self) -> dict[str, int | bool]:
         return {
@@ -53,6 +54,7 @@ class GcReport:
             "files_deleted": self.files_deleted,
             "bytes_freed": self.bytes_freed,
             "files_recent": self.files_recent,
+            "files_failed": self.files_failed,
         }
 
 
@@ -94,11 +96,36 @@ def collect_garbage(
             named = attachment_shas_among(conn, [f.sha256 for f in chunk])
         doomed, recent = collectable(chunk, named | in_outbox, cutoff=cutoff)
         report.files_recent += recent
+        if doomed and not dry_run:  # the outbox again, for these only: the HR app may have named one meanwhile
+            with engine.connect() as conn:
+                late = outbox_shas_among(conn, [f.sha256 for f in doomed])
+            doomed = [f for f in doomed if f.sha256 not in late]
         for stored in doomed:
-            if dry_run or blobs.remove_unused(stored.sha256, unchanged_since=cutoff):
+            if dry_run or _remove(blobs, stored.sha256, cutoff, report):
                 report.files_deleted += 1
                 report.bytes_freed += stored.size
     return report
+
+
+def _remove(blobs: BlobStore, sha256: str, cutoff: float, report: GcReport) -> bool:
+    """One file; a failure (permissions, a file gone meanwhile) is counted and the collection goes on."""
+    try:
+        return blobs.remove_unused(sha256, unchanged_since=cutoff)
+    except OSError as exc:
+        report.files_failed += 1
+        if report.files_failed == 1:  # one line per run: the rest are counted
+            log.warning("store.attachment_gc_file_failed", error=exc.strerror or type(exc).__name__)
+        return False
+
+
+def outbox_shas_among(conn: sa.Connection, shas: list[str]) -> set[str]:
+    """Which of ``shas`` some mail_outbox row names now (its attachments' text, lower-cased, contains it)."""
+    text = sa.func.lower(sa.cast(outbox_t.c.attachments, sa.Text))
+    return {
+        sha256
+        for sha256 in shas
+        if conn.execute(sa.select(outbox_t.c.id).where(text.contains(sha256)).limit(1)).first() is not None
+    }
 
 
 def attachment_shas_among(conn: sa.Connection, shas: list[str]) -> set[str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 # put_all's writers: file writes and fsyncs release the GIL, and the filesystem commits concurrent fsyncs together
 _WRITERS = 8
 STAGING = ".staging"
+GC_ASIDE = "gc-"  # a file a collection moved out of the store for a moment (BlobStore.remove_unused)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -167,6 +168,8 @@ class BlobStore:
         except FileNotFoundError:
             return 0
         for entry in entries:
+            if entry.name.startswith(GC_ASIDE):  # keeps its old time, and may be about to go back into the store
+                continue
             try:
                 if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
                     os.unlink(entry.path)
@@ -200,12 +203,13 @@ class BlobStore:
     def remove_unused(self, sha256: str, *, unchanged_since: float) -> bool:
         """Delete the file of ``sha256`` unless it was modified after ``unchanged_since`` (a put or adopt of the
         same bytes refreshes it: a row is about to name it again); True when it went. Race-free against such a put
-        or adopt: the file is first moved out of the store, then its time read again, and it is moved back when it
-        changed meanwhile; a put or adopt that comes after the move finds no file and writes its own."""
+        or adopt: the file is first moved out of the store, then its time read again, and it is moved back (and its
+        directory fsynced) when it changed meanwhile; a put or adopt that comes after the move finds no file and
+        writes its own."""
         target = self.path(sha256)
         aside_dir = self.root / STAGING
         aside_dir.mkdir(parents=True, exist_ok=True)
-        aside = aside_dir / f"gc-{sha256}.{os.getpid()}.{threading.get_ident()}"
+        aside = aside_dir / f"{GC_ASIDE}{sha256}.{os.getpid()}.{threading.get_ident()}"
         try:
             if target.stat().st_mtime > unchanged_since:
                 return False  # the common case of a file in use, without a rename
@@ -214,6 +218,7 @@ class BlobStore:
             return False
         if aside.stat().st_mtime > unchanged_since:
             os.replace(aside, target)
+            _fsync_directory(target.parent)
             return False
         aside.unlink()
         return True

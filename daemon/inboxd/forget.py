@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 import structlog
@@ -36,6 +36,8 @@ contacts_t = MailContact.__table__  # type: ignore[attr-defined]
 locations_t = MailLocation.__table__  # type: ignore[attr-defined]
 messages_t = MailMessage.__table__  # type: ignore[attr-defined]
 outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
+# how long before a file's row is committed a sync may have written or claimed the file: a batch's store, seconds
+IN_FLIGHT = timedelta(minutes=5)
 participants_t = MailParticipant.__table__  # type: ignore[attr-defined]
 threads_t = MailThread.__table__  # type: ignore[attr-defined]
 
@@ -121,7 +123,8 @@ def forget_contact(engine: sa.Engine, blobs: BlobStore | None, email: str, *, dr
     """
     key = normalize_address(email)
     report = ForgetReport(address_key=key, dry_run=dry_run)
-    started = time.time()  # the files' clock, not an injected one: compared with their modification times
+    # the files' clock, not an injected one: compared with their modification times (see delete_unused_blobs)
+    started = time.time()
     with engine.connect() as conn, conn.begin() as tx:
         _erase(conn, key, report)
         if dry_run:
@@ -226,8 +229,12 @@ def _refresh_threads(conn: sa.Connection, thread_ids: Iterable[int], report: For
 def delete_unused_blobs(
     engine: sa.Engine, blobs: BlobStore | None, report: ForgetReport, *, unchanged_since: float
 ) -> None:
-    """Delete the files of the erased attachments that no row names any more, unless a sync claimed one after
-    ``unchanged_since`` (the same bytes arriving again: its row is about to name it; see BlobStore.remove_unused)."""
+    """Delete the files of the erased attachments that no row names any more, unless one was written or claimed
+    less than IN_FLIGHT before ``unchanged_since`` (when the erasure began) or after it: a sync storing the same
+    bytes again claims the file before it commits the row naming it (BlobStore.remove_unused), and that row may
+    not be committed yet. Such a file is counted as kept; the daily collection (inboxd.blob_gc) removes it once
+    no row names it."""
+    cutoff = unchanged_since - IN_FLIGHT.total_seconds()
     if blobs is None or not report.attachment_shas:
         return
     with engine.connect() as conn:
@@ -235,7 +242,7 @@ def delete_unused_blobs(
     for sha256 in sorted(report.attachment_shas):
         if sha256 in still_used:
             report.blobs_kept += 1
-        elif blobs.remove_unused(sha256, unchanged_since=unchanged_since):
+        elif blobs.remove_unused(sha256, unchanged_since=cutoff):
             report.blobs_deleted += 1
         elif blobs.has(sha256):
             report.blobs_kept += 1

@@ -892,6 +892,9 @@ class Store:
         except OSError as exc:
             log.warning("store.attachment_gc_failed", error=exc.strerror or type(exc).__name__)
             return None
+        except Exception as exc:  # the database away, or a bug: logged here, in a thread of its own otherwise unseen
+            log.warning("store.attachment_gc_failed", error=type(exc).__name__)
+            return None
         log.info("store.attachments_collected", **report.as_dict())
         return report
 
