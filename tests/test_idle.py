@@ -4,6 +4,7 @@ and survives a server that ends the session."""
 from __future__ import annotations
 
 import random
+import select
 import threading
 import time
 
@@ -13,7 +14,7 @@ import structlog
 from gmail.server import GmailServer
 from harness import MailStack, make_message
 from inboxd.clock import SystemClock
-from inboxd.idle import POLL_OTHERS, IdleWatcher, backoff, is_bye, is_change, pending_change
+from inboxd.idle import POLL_OTHERS, IdleWatcher, backoff, is_bye, is_change, pending_change, read_ahead
 from inboxd.imap import ImapEndpoint, connect
 
 
@@ -119,6 +120,34 @@ def test_a_folder_the_server_refuses_a_status_of_reads_as_gone_not_as_a_lost_con
         assert first == again and first[0] is not None and first[1] is None
         assert [e["folder"] for e in logs if e["event"] == "idle.status_failed"] == ["No Such Folder"] * 2
         assert session.status("INBOX").messages == 0, "the connection is still good"
+    finally:
+        session.close()
+
+
+@pytest.mark.mailstack
+def test_read_ahead_sees_a_response_the_socket_poll_cannot(mailstack: MailStack) -> None:
+    """A response imaplib has already read into its buffer (with the one before it) is invisible to a poll of the
+    socket, which idle_check waits on: the watcher missed an EXISTS sent right after "+ idling" until the next
+    renewal (seen in CI: a delivery at the moment IDLE restarted after a Sent poll)."""
+    user = mailstack.new_user("readahead")
+    endpoint = ImapEndpoint(
+        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
+    )
+    session = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    try:
+        client = session._client
+        client.select_folder("INBOX")
+        assert not read_ahead(client), "nothing sent: nothing to read, and no wait"
+        client._imap.send(b"T1 NOOP\r\n")
+        time.sleep(0.5)
+        assert read_ahead(client), "the answer, in the socket"
+        poller = select.poll()
+        poller.register(client.socket().fileno(), select.POLLIN)
+        assert not poller.poll(0), "read into the buffer: a poll of the socket no longer sees it"
+        assert read_ahead(client), "but read_ahead does"
+        while not client._imap._get_line().startswith(b"T1 OK"):
+            pass
+        assert not read_ahead(client)
     finally:
         session.close()
 

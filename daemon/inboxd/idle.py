@@ -18,6 +18,7 @@ import imaplib
 import random
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +83,25 @@ def pending_change(pending: dict[str, list[Any]], exists: int | None) -> tuple[b
         found = found or count != exists
         exists = count
     return found, exists
+
+
+def read_ahead(client: IMAPClient) -> bool:
+    """Whether bytes of the server's next response already sit in imaplib's buffered reader or the TLS layer. imaplib
+    reads the socket in blocks: "+ idling" and an "* 12 EXISTS" sent right after it (mail that came while the
+    watcher was out of IDLE) can arrive in one read, and idle_check, which waits on the socket itself, would then
+    sleep through the EXISTS until the next renewal. Checked with the socket non-blocking: never waits."""
+    imap = client._imap
+    sock = imap.sock
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    saved = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return bool(imap.file.peek(1))  # what is buffered; else one read that finds nothing, or raises
+    except (OSError, ValueError):
+        return False
+    finally:
+        sock.settimeout(saved)
 
 
 def is_change(responses: list[tuple[object, ...]]) -> bool:
@@ -192,6 +212,8 @@ class IdleWatcher:
         changed = poll = False
         try:
             while not self._stop.is_set() and self._clock.monotonic() - started < IDLE_RENEW:
+                if read_ahead(client):  # idle_check polls the socket, which cannot see it: DONE reads it
+                    break
                 wait = slice_s if poll_at is None else max(0.0, min(slice_s, poll_at - self._clock.monotonic()))
                 responses = client.idle_check(timeout=wait)
                 if is_bye(responses):
