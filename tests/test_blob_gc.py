@@ -99,6 +99,7 @@ def test_a_collection_deletes_only_old_files_that_no_row_names(box: Mailbox, eng
         "bytes_freed": len(orphan),
         "files_recent": 1,
         "files_failed": 0,
+        "temporary_deleted": 0,
     }
     assert box.blobs.has(sha(orphan)), "a dry run deletes nothing"
 
@@ -111,6 +112,19 @@ def test_a_collection_deletes_only_old_files_that_no_row_names(box: Mailbox, eng
     # an hour later the fresh file, still unnamed, goes too
     later = collect_garbage(engine, box.blobs, now=time.time() + GRACE.total_seconds() + 1)
     assert later.files_deleted == 1 and not box.blobs.has(sha(fresh))
+
+
+def test_the_temporary_files_of_puts_that_died_go_with_a_collection(box: Mailbox, engine: sa.Engine) -> None:
+    shard = box.blobs.root / "ab"
+    shard.mkdir(parents=True)
+    dead, live = shard / ".tmp-dead", shard / ".tmp-writing"
+    for path in (dead, live):
+        path.write_bytes(b"half a file")
+    os.utime(dead, (HOURS_AGO, HOURS_AGO))
+    assert collect_garbage(engine, box.blobs, now=time.time(), dry_run=True).temporary_deleted == 1
+    assert dead.exists()
+    assert collect_garbage(engine, box.blobs, now=time.time()).temporary_deleted == 1
+    assert not dead.exists() and live.exists(), "a put in progress keeps its file"
 
 
 def test_an_outbox_row_whose_json_is_broken_still_keeps_its_files(box: Mailbox, engine: sa.Engine) -> None:
@@ -171,6 +185,31 @@ def test_storing_bytes_the_store_has_claims_the_file(tmp_path: Path) -> None:
     assert blobs.read(sha(data)) == data
 
 
+def test_a_file_whose_time_cannot_be_refreshed_is_replaced_by_a_fresh_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file the HR app wrote (an outbox attachment, its owner another user) refuses a new modification time
+    (EPERM; root, which runs the tests, is never refused, hence the injected error): storing the same bytes puts
+    inboxd's own copy over it, which is new, so the claim holds all the same."""
+    blobs = BlobStore(tmp_path / "attachments")
+    data = b"a template the HR app stored"
+    path = put_old(blobs, data)
+    before = path.stat().st_ino
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("inboxd.blobs.os.utime", refused)
+    blobs.put(sha(data), data)
+    assert path.stat().st_ino != before and path.stat().st_mtime > time.time() - 60
+    assert path.read_bytes() == data
+    names = blobs.stage_all([(sha(data), data)])()
+    stored, durable = blobs.adopt_all([(sha(data), names[sha(data)])])
+    durable()
+    assert stored == {sha(data)} and path.read_bytes() == data
+    assert list((blobs.root / STAGING).iterdir()) == []
+
+
 def test_a_claim_while_the_file_is_being_removed_puts_it_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The race remove_unused closes: a sync claims the file after the collection read its old time. The claim
     lands before the move (simulated here inside it): the file is moved back. After the move, a claim finds no
@@ -225,6 +264,7 @@ def test_cli_gc(box: Mailbox, db_url: str, tmp_path: Path, capsys: pytest.Captur
         "bytes_freed": 10,
         "files_recent": 0,
         "files_failed": 0,
+        "temporary_deleted": 0,
     }
     assert main(["--config", str(config), "attachments", "gc"]) == 0
     out, _ = capsys.readouterr()

@@ -46,6 +46,7 @@ class GcReport:
     bytes_freed: int = 0
     files_recent: int = 0  # unnamed, but modified within GRACE: kept for now
     files_failed: int = 0  # could not be deleted (permissions): logged once, counted
+    temporary_deleted: int = 0  # left by a put that died before its rename (.tmp-*), older than GRACE
 
     def as_dict(self) -> dict[str, int | bool]:
         return {
@@ -55,6 +56,7 @@ class GcReport:
             "bytes_freed": self.bytes_freed,
             "files_recent": self.files_recent,
             "files_failed": self.files_failed,
+            "temporary_deleted": self.temporary_deleted,
         }
 
 
@@ -88,6 +90,7 @@ def collect_garbage(
     """Delete (or, with ``dry_run``, count) the store's files that no row names, older than ``grace`` at ``now``."""
     report = GcReport(dry_run=dry_run)
     cutoff = now - grace.total_seconds()
+    report.temporary_deleted = blobs.sweep_temporary(unchanged_since=cutoff, dry_run=dry_run)
     with engine.connect() as conn:
         in_outbox = outbox_shas(conn)
     for chunk in _chunked(blobs.stored_files(), CHUNK):

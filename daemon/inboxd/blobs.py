@@ -13,6 +13,7 @@ refreshes the file's modification time, which tells the collection that a row is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -28,6 +29,7 @@ from pathlib import Path
 # put_all's writers: file writes and fsyncs release the GIL, and the filesystem commits concurrent fsyncs together
 _WRITERS = 8
 STAGING = ".staging"
+_PUT_TEMPORARY = ".tmp-"  # put's file in the making, beside its target
 GC_ASIDE = "gc-"  # a file a collection moved out of the store for a moment (BlobStore.remove_unused)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -60,7 +62,7 @@ class BlobStore:
         target = self.path(sha256)
         if not _claim(target):
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _durable_file(target.parent, ".tmp-", data)
+            tmp = _durable_file(target.parent, _PUT_TEMPORARY, data)
             try:
                 os.replace(tmp, target)
             except BaseException:
@@ -200,6 +202,26 @@ class BlobStore:
                 if stat.S_ISREG(info.st_mode):
                     yield StoredFile(entry.name, info.st_mtime, info.st_size)
 
+    def sweep_temporary(self, *, unchanged_since: float, dry_run: bool = False) -> int:
+        """Delete the temporary files of puts that died before their rename (``.tmp-*`` in the <sha256[0:2]>
+        directories) last modified before ``unchanged_since``; returns how many (would) go."""
+        removed = 0
+        try:
+            shards = [e for e in os.scandir(self.root) if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return 0
+        for shard in shards:
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(shard.path):
+                    if not entry.name.startswith(_PUT_TEMPORARY):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        if entry.stat(follow_symlinks=False).st_mtime <= unchanged_since:
+                            if not dry_run:
+                                os.unlink(entry.path)
+                            removed += 1
+        return removed
+
     def remove_unused(self, sha256: str, *, unchanged_since: float) -> bool:
         """Delete the file of ``sha256`` unless it was modified after ``unchanged_since`` (a put or adopt of the
         same bytes refreshes it: a row is about to name it again); True when it went. Race-free against such a put
@@ -236,13 +258,13 @@ class BlobStore:
 def _claim(target: Path) -> bool:
     """Whether ``target`` is in the store, refreshing its modification time when it is: "a row is about to name it",
     which keeps a garbage collection running meanwhile from deleting it (BlobStore.remove_unused). False when it is
-    not there, or went at this moment: the caller writes it."""
+    not there, went at this moment, or its time cannot be changed: the caller writes it (over it, atomically)."""
     try:
         os.utime(target)
     except FileNotFoundError:
         return False
-    except OSError:  # not ours to touch (EPERM): there all the same
-        return target.is_file()
+    except OSError:  # not ours to touch (EPERM: the HR app wrote it): the caller puts its own copy over it, new
+        return False
     return True
 
 

@@ -421,6 +421,10 @@ def _attachments_gc(args: argparse.Namespace, config: Config, store: Store) -> i
     )
     if report.files_recent:
         print(f"{report.files_recent} unnamed file(s) written within the last hour kept: a sync may be storing them")
+    if report.temporary_deleted:
+        print(f"{verb} {report.temporary_deleted} temporary file(s) of writes that never finished")
+    if report.files_failed:
+        print(f"{report.files_failed} file(s) could not be deleted: see the log (store.attachment_gc_file_failed)")
     return EXIT_OK
 
 
