@@ -42,10 +42,12 @@ def test_pending_change_counts_what_imaplib_kept_while_out_of_idle() -> None:
     assert pending_change(pending, 12) == (False, 12)
     assert pending == {"STATUS": [b"x"]}
     assert pending_change({"EXISTS": [b"12", b"13"]}, 12) == (True, 13)
-    assert pending_change({"EXPUNGE": [b"4"]}, 12) == (True, 12)
-    assert pending_change({"VANISHED": [b"1:3"]}, 12) == (True, 12)
+    assert pending_change({"EXPUNGE": [b"4"]}, 12) == (True, None), "the count is unknown after an EXPUNGE"
+    assert pending_change({"VANISHED": [b"1:3"]}, 12) == (True, None)
     assert pending_change({"EXISTS": [b"garbage"]}, 12) == (True, 12)
     assert pending_change({}, None) == (False, None)
+    assert pending_change({"EXPUNGE": [b"37"], "EXISTS": [b"100"]}, 100) == (True, 100)
+    assert pending_change({"EXISTS": [b"100"]}, None) == (True, 100), "an unknown count: any EXISTS is news"
 
 
 def _watch(

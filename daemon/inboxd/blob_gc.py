@@ -99,12 +99,17 @@ def collect_garbage(
             named = attachment_shas_among(conn, [f.sha256 for f in chunk])
         doomed, recent = collectable(chunk, named | in_outbox, cutoff=cutoff)
         report.files_recent += recent
-        if doomed and not dry_run:  # the outbox again, for these only: the HR app may have named one meanwhile
-            with engine.connect() as conn:
-                late = outbox_shas_among(conn, [f.sha256 for f in doomed])
-            doomed = [f for f in doomed if f.sha256 not in late]
         for stored in doomed:
-            if dry_run or _remove(blobs, stored.sha256, cutoff, report):
+            if dry_run:
+                report.files_deleted += 1
+                report.bytes_freed += stored.size
+                continue
+            # the outbox again, for this file, just before it goes: the HR app may have named it meanwhile (it
+            # writes the file anew first, which remove_unused honours; this covers one that did not)
+            with engine.connect() as conn:
+                if outbox_shas_among(conn, [stored.sha256]):
+                    continue
+            if _remove(blobs, stored.sha256, cutoff, report):
                 report.files_deleted += 1
                 report.bytes_freed += stored.size
     return report

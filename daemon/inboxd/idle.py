@@ -71,8 +71,10 @@ def pending_change(pending: dict[str, list[Any]], exists: int | None) -> tuple[b
     keeps those responses until some command asks for them, which none does here: they are taken out, so that they
     neither pile up for days nor count twice. An EXISTS that repeats the known count is no news (nor is RECENT)."""
     found = False
-    for kind in ("EXPUNGE", "FETCH", "VANISHED"):
-        found = bool(pending.pop(kind, None)) or found
+    for kind in ("EXPUNGE", "VANISHED"):  # the count went down by an unknown amount: any EXISTS is news after this
+        if pending.pop(kind, None):
+            found, exists = True, None
+    found = bool(pending.pop("FETCH", None)) or found
     pending.pop("RECENT", None)
     for value in pending.pop("EXISTS", None) or []:  # imaplib keeps b"12" for "* 12 EXISTS"
         try:
@@ -94,6 +96,9 @@ def read_ahead(client: IMAPClient) -> bool:
     sock = imap.sock
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
+    own_buffer = getattr(imap, "_readbuf", None)  # imaplib of Python 3.14 buffers reads itself (IMAP4.file unused)
+    if own_buffer is not None:
+        return bool(own_buffer)
     saved = sock.gettimeout()
     sock.setblocking(False)
     try:
@@ -189,6 +194,8 @@ class IdleWatcher:
             polled = self._clock.monotonic() - random.uniform(0, self._poll_others)
             while not self._stop.is_set():
                 changed, poll = self._idle(client, slice_s, poll_at=polled + self._poll_others if others else None)
+                if changed:  # the count moved in ways _idle does not track: the next EXISTS is news whatever it says
+                    exists = None
                 if poll:
                     now = self._statuses(session, others)
                     changed = changed or now != seen
@@ -208,7 +215,6 @@ class IdleWatcher:
         started = self._clock.monotonic()
         client.idle()
         self.idling.set()
-        self._idled = True
         changed = poll = False
         try:
             while not self._stop.is_set() and self._clock.monotonic() - started < IDLE_RENEW:
@@ -216,6 +222,7 @@ class IdleWatcher:
                     break
                 wait = slice_s if poll_at is None else max(0.0, min(slice_s, poll_at - self._clock.monotonic()))
                 responses = client.idle_check(timeout=wait)
+                self._idled = True  # a slice of IDLE went by: the connection holds, the backoff starts over
                 if is_bye(responses):
                     raise SessionExpired("the server ended the idle session")
                 if not responses and peer_closed(client.socket()):
