@@ -13,10 +13,10 @@ the store's files and the rows are read in chunks of CHUNK, so memory stays flat
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -38,7 +38,7 @@ CHUNK = 500
 _SHA256_IN_TEXT = re.compile(r"[0-9a-fA-F]{64}")
 
 
-@dataclass
+@dataclasses.dataclass
 class GcReport:
     dry_run: bool
     files_checked: int = 0
@@ -49,15 +49,7 @@ class GcReport:
     temporary_deleted: int = 0  # left by a put that died before its rename (.tmp-*), older than GRACE
 
     def as_dict(self) -> dict[str, int | bool]:
-        return {
-            "dry_run": self.dry_run,
-            "files_checked": self.files_checked,
-            "files_deleted": self.files_deleted,
-            "bytes_freed": self.bytes_freed,
-            "files_recent": self.files_recent,
-            "files_failed": self.files_failed,
-            "temporary_deleted": self.temporary_deleted,
-        }
+        return dataclasses.asdict(self)
 
 
 class GcSchedule:

@@ -183,11 +183,7 @@ class BlobStore:
     def stored_files(self) -> Iterator[StoredFile]:
         """Every file in the store's layout (<sha256[0:2]>/<sha256>) with its modification time and size; not the
         staging directory, not a put's temporary files."""
-        try:
-            shards = [e for e in os.scandir(self.root) if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
-        except FileNotFoundError:
-            return
-        for shard in sorted(shards, key=lambda e: e.name):
+        for shard in self._shards():
             try:
                 entries = list(os.scandir(shard.path))
             except FileNotFoundError:
@@ -202,15 +198,19 @@ class BlobStore:
                 if stat.S_ISREG(info.st_mode):
                     yield StoredFile(entry.name, info.st_mtime, info.st_size)
 
+    def _shards(self) -> list[os.DirEntry[str]]:
+        """The <sha256[0:2]> directories, in name order; none while the store does not exist yet."""
+        try:
+            shards = [e for e in os.scandir(self.root) if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(shards, key=lambda e: e.name)
+
     def sweep_temporary(self, *, unchanged_since: float, dry_run: bool = False) -> int:
         """Delete the temporary files of puts that died before their rename (``.tmp-*`` in the <sha256[0:2]>
         directories) last modified before ``unchanged_since``; returns how many (would) go."""
         removed = 0
-        try:
-            shards = [e for e in os.scandir(self.root) if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
-        except FileNotFoundError:
-            return 0
-        for shard in shards:
+        for shard in self._shards():
             with contextlib.suppress(FileNotFoundError):
                 for entry in os.scandir(shard.path):
                     if not entry.name.startswith(_PUT_TEMPORARY):
