@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import select
 import selectors
 import socket
 import threading
@@ -35,6 +34,7 @@ from inboxd.connect import ConnectEndpoints
 from inboxd.disconnect import DisconnectReport
 from inboxd.errors import ConnectFailed, InboxdError, UsageError
 from inboxd.metrics import Metrics
+from inboxd.pipe_io import readable
 
 log = structlog.get_logger(__name__)
 
@@ -127,13 +127,8 @@ class OpsServer:
                     self._server.handle_request()
                 # out of descriptors, the connection stays queued and the socket readable: without a pause this
                 # loop spun a core for as long as the daemon had no descriptor to spare
-                if self._server.out_of_descriptors() and self._woken_within(ACCEPT_BACKOFF):
+                if self._server.out_of_descriptors() and readable(self._wake_r, ACCEPT_BACKOFF):
                     return
-
-    def _woken_within(self, seconds: float) -> bool:
-        poller = select.poll()  # not select.select: it fails on descriptors past 1023
-        poller.register(self._wake_r, select.POLLIN)
-        return bool(poller.poll(seconds * 1000))
 
     def __enter__(self) -> OpsServer:
         return self.start()

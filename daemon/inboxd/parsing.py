@@ -14,7 +14,6 @@ import contextlib
 import os
 import pickle
 import queue
-import select
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ import structlog
 from inboxd.errors import RetryLater, UnparseableMessage
 from inboxd.parse import ParsedMessage
 from inboxd.parse_worker import READY, Answer, ParseOutcome, parse_all
-from inboxd.pipe_io import PipeReader, PipeWriter, widen_pipe
+from inboxd.pipe_io import PipeReader, PipeWriter, readable, widen_pipe
 
 log = structlog.get_logger(__name__)
 
@@ -98,14 +97,6 @@ def _outcomes(answer: Answer) -> dict[int, ParseOutcome]:
     return {uid: o if isinstance(o, ParsedMessage) else UnparseableMessage(o) for uid, o in answer}
 
 
-def _readable(fd: int, timeout: float) -> bool:
-    """Whether ``fd`` has something to read (or its end) within ``timeout`` seconds. poll, not select: select
-    fails on descriptors past 1023, which a daemon with hundreds of IMAP connections reaches."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
-
-
 class WorkerDidNotStart(OSError):
     """A new worker did not say it was ready (an import hanging, no memory): not the fault of any message."""
 
@@ -165,12 +156,12 @@ class _Worker:
         worker reads the whole request before it parses and writes its answer only when done, so waiting for
         the first byte of the answer is waiting for the parsing."""
         if not self._started:  # its imports are not its parsing: the clock starts once it says it is ready
-            if not _readable(self._answers_fd, START_TIME_LIMIT) or os.read(self._answers_fd, 1) != READY:
+            if not readable(self._answers_fd, START_TIME_LIMIT) or os.read(self._answers_fd, 1) != READY:
                 self.process.kill()
                 raise WorkerDidNotStart(f"the parser worker was not ready within {START_TIME_LIMIT:.0f} s")
             self._started = True
         pickle.dump((chunk, max_attachment_bytes, blob_dir), self._requests, protocol=pickle.HIGHEST_PROTOCOL)
-        if not _readable(self._answers_fd, limit):
+        if not readable(self._answers_fd, limit):
             self.process.kill()
             raise ParseTimedOut(limit)
         answer: Answer = pickle.load(self._answers)  # noqa: S301 (our own worker's answer)
@@ -296,7 +287,7 @@ class ParserPool:
     def isolate(self, bodies: list[tuple[int, bytes]], max_attachment_bytes: int) -> dict[int, ParseOutcome]:
         """Parse ``bodies`` one message per request, after a chunk of them killed or stalled its worker (or went
         down with a worker another chunk killed): the message that does it again is found and quarantined with the
-        reason, the others parse as ever. Only when no worker can be started are they parsed in this thread."""
+        reason, the others parse as ever. None is parsed in this thread: when no worker can start, RetryLater."""
         return {uid: self._alone(uid, raw, max_attachment_bytes) for uid, raw in bodies}
 
     def _alone(self, uid: int, raw: bytes, max_attachment_bytes: int) -> ParseOutcome:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 
 Buffer = bytes | bytearray | memoryview
 
@@ -27,6 +28,14 @@ def widen_pipe(fd: int, size: int = PIPE_SIZE) -> None:
     quota (EPERM), the pipe keeps its size and only the number of writes differs."""
     with contextlib.suppress(AttributeError, OSError):  # F_SETPIPE_SZ is Linux's
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+
+
+def readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` has something to read (or its end) within ``timeout`` seconds. poll, not select: select
+    fails on descriptors past 1023, which a daemon with hundreds of IMAP connections reaches."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 class PipeWriter:
