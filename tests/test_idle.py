@@ -14,7 +14,16 @@ import structlog
 from gmail.server import GmailServer
 from harness import MailStack, make_message
 from inboxd.clock import SystemClock
-from inboxd.idle import POLL_OTHERS, IdleWatcher, backoff, is_bye, is_change, pending_change, read_ahead
+from inboxd.idle import (
+    POLL_OTHERS,
+    IdleWatcher,
+    backoff,
+    is_bye,
+    is_change,
+    pending_change,
+    polled_folders,
+    read_ahead,
+)
 from inboxd.imap import ImapEndpoint, connect
 
 
@@ -50,8 +59,27 @@ def test_pending_change_counts_what_imaplib_kept_while_out_of_idle() -> None:
     assert pending_change({"EXISTS": [b"100"]}, None) == (True, 100), "an unknown count: any EXISTS is news"
 
 
+def test_polled_folders_take_sent_every_time_and_the_rest_in_turns() -> None:
+    rest = [f"F{i}" for i in range(25)]
+    assert polled_folders(["Sent"], ["A", "B"], turn=7, budget=10) == ["Sent", "A", "B"]
+    assert polled_folders([], [], turn=3) == []
+    turns = [polled_folders(["Sent"], rest, turn=t, budget=10) for t in range(6)]
+    assert all(t[0] == "Sent" and len(t) == 11 for t in turns), "Sent each time, at most the budget besides"
+    for start in range(len(turns) - 2):  # any 3 polls in a row (ceil(25 / 10)) check every folder
+        assert {name for t in turns[start : start + 3] for name in t[1:]} == set(rest)
+    assert turns[2][1:] == [*rest[20:], *rest[:5]], "the window wraps round"
+    assert polled_folders([], rest, turn=1, budget=1) == ["F1"]
+
+
 def _watch(
-    host: str, port: int, user: str, stack: MailStack, *, poll_others: float = POLL_OTHERS
+    host: str,
+    port: int,
+    user: str,
+    stack: MailStack,
+    *,
+    poll_others: float = POLL_OTHERS,
+    poll_budget: int = 10,
+    list_every: int = 10,
 ) -> tuple[IdleWatcher, threading.Event]:
     changed = threading.Event()
     endpoint = ImapEndpoint(host=host, port=port, tls="starttls", ca_file=stack.ca_cert, timeout=10)
@@ -59,7 +87,15 @@ def _watch(
     def session():  # type: ignore[no-untyped-def]
         return connect(endpoint, username=user, access_token=lambda: stack.access_token(user))
 
-    watcher = IdleWatcher(user, session, changed.set, clock=SystemClock(), poll_others=poll_others)
+    watcher = IdleWatcher(
+        user,
+        session,
+        changed.set,
+        clock=SystemClock(),
+        poll_others=poll_others,
+        poll_budget=poll_budget,
+        list_every=list_every,
+    )
     watcher.start()
     assert watcher.idling.wait(10), "IDLE started"
     assert changed.is_set(), "a fresh connection catches up once (mail may have come before IDLE began)"
@@ -100,6 +136,56 @@ def test_a_reply_sent_from_another_client_is_noticed_in_sent_within_the_poll(mai
         changed.clear()
         mailstack.deliver(user, make_message("c@example.org", user, "and INBOX still pushes", "x"), wait=False)
         assert changed.wait(10)
+    finally:
+        other_client.close()
+        watcher.stop()
+
+
+@pytest.mark.mailstack
+def test_mail_a_rule_files_into_another_folder_is_noticed_in_turn(mailstack: MailStack) -> None:
+    """A server-side rule files a candidate's mail into a folder of its own, which IDLE on INBOX never reports. The
+    folders besides Sent are polled a budget at a time (1 here, of 3): a change in the last of them is still
+    noticed within a few polls; several polls of unchanged folders are no news."""
+    user = mailstack.new_user("idlerule")
+    mailstack.deliver(user, make_message("c@example.org", user, "first", "x"))
+    endpoint = ImapEndpoint(
+        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
+    )
+    other_client = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    for name in ("Alpha", "Beta", "Candidates"):
+        other_client._client.create_folder(name)
+    watcher, changed = _watch(mailstack.host, mailstack.imap_port, user, mailstack, poll_others=0.3, poll_budget=1)
+    try:
+        assert not changed.wait(2.0), "polls of unchanged folders are no news"
+        other_client._client.append("Candidates", make_message("c@example.org", user, "Re: the offer", "y"))
+        assert changed.wait(10), "the mail filed in Candidates was noticed"
+        changed.clear()
+        assert not changed.wait(1.5), "and once only"
+    finally:
+        other_client.close()
+        watcher.stop()
+
+
+@pytest.mark.mailstack
+def test_a_folder_created_while_the_watcher_idles_is_found_by_its_list(mailstack: MailStack) -> None:
+    """A folder made after the watcher connected (a new rule's target) is found by the LIST every few polls: its
+    appearance is news (the account's sync takes it up), and from then on it is polled like the others."""
+    user = mailstack.new_user("idlenew")
+    mailstack.deliver(user, make_message("c@example.org", user, "first", "x"))
+    endpoint = ImapEndpoint(
+        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
+    )
+    other_client = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    watcher, changed = _watch(mailstack.host, mailstack.imap_port, user, mailstack, poll_others=0.3, list_every=2)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            other_client._client.create_folder("Later")
+            assert changed.wait(10), "the new folder was found"
+        assert [(e["added"], e["removed"]) for e in logs if e["event"] == "idle.folders_changed"] == [(1, 0)]
+        changed.clear()
+        assert not changed.wait(1.5), "found once"
+        other_client._client.append("Later", make_message("c@example.org", user, "filed", "y"))
+        assert changed.wait(10), "mail in the new folder was noticed"
     finally:
         other_client.close()
         watcher.stop()

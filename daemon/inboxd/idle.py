@@ -2,10 +2,12 @@
 Gmail), telling the daemon "this account changed" within a second of the server's notice.
 
 IDLE covers one folder. On Gmail that is All Mail, which holds sent mail too; elsewhere a reply the recruiter sends
-from another client (Outlook, Thunderbird, a phone) lands in the Sent folder, which IDLE on INBOX never reports. So
-between IDLE slices, every POLL_OTHERS seconds, the watcher leaves IDLE for one STATUS of the Sent folder and
-signals when it changed: a candidate's thread shows the recruiter's reply within about half a minute, not at the
-next full cycle (sync.interval).
+from another client (Outlook, Thunderbird, a phone) lands in the Sent folder, and a server-side rule can file a
+candidate's mail straight into a folder of its own, neither of which IDLE on INBOX reports. So between IDLE slices,
+every POLL_OTHERS seconds, the watcher leaves IDLE for a STATUS of the other synced folders and signals when one
+changed: Sent every time, the rest POLL_BUDGET at a time in turns (``polled_folders``), and every LIST_EVERY polls
+a LIST, so that a folder created meanwhile is synced too. A candidate's thread shows such mail within about half a
+minute (a few minutes for a mailbox of hundreds of folders), not at the next full cycle (sync.interval).
 
 IDLE is re-issued at most every IDLE_RENEW (Gmail and RFC 2177 drop idle sessions after ~10-29 min); a lost
 connection is reopened with capped exponential backoff. The watcher only signals; the sync engine does the work.
@@ -20,7 +22,8 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -40,8 +43,13 @@ IDLE_RENEW = 9 * 60.0  # seconds; under the ~10 min after which servers may end 
 # socket down, which ends the wait at once; a dropped connection ends it too)
 CHECK_SLICE = 30.0
 CHANGE_RESPONSES = (b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED")
-# seconds between STATUS checks of the folders IDLE does not cover (Sent, outside Gmail)
+# seconds between STATUS checks of the folders IDLE does not cover (outside Gmail)
 POLL_OTHERS = CHECK_SLICE
+# folders besides Sent checked per poll: a mailbox of 200 folders costs 11 STATUS commands every 30 s, not 200,
+# and each folder is checked every 10 minutes
+POLL_BUDGET = 10
+# polls between LISTs of the folders (about 5 minutes): one created meanwhile (a new rule's target) is found
+LIST_EVERY = 10
 # the peer closed or reset the connection (POLLRDHUP: it shut down its side, Linux)
 HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
@@ -87,6 +95,17 @@ def pending_change(pending: dict[str, list[Any]], exists: int | None) -> tuple[b
     return found, exists
 
 
+def polled_folders(always: Sequence[str], rotating: Sequence[str], turn: int, budget: int = POLL_BUDGET) -> list[str]:
+    """The folders to STATUS at poll number ``turn`` (pure): ``always`` (Sent) every time, and a window of at most
+    ``budget`` of ``rotating`` that moves on by ``budget`` each poll, wrapping round, so that each of them is checked
+    at least every ceil(len(rotating) / budget) polls."""
+    if len(rotating) <= budget:
+        return [*always, *rotating]
+    start = (turn * budget) % len(rotating)
+    window = [*rotating[start : start + budget], *rotating[: max(0, start + budget - len(rotating))]]
+    return [*always, *window]
+
+
 def read_ahead(client: IMAPClient) -> bool:
     """Whether bytes of the server's next response already sit in imaplib's buffered reader or the TLS layer. imaplib
     reads the socket in blocks: "+ idling" and an "* 12 EXISTS" sent right after it (mail that came while the
@@ -114,6 +133,23 @@ def is_change(responses: list[tuple[object, ...]]) -> bool:
     return any(len(r) > 1 and r[1] in CHANGE_RESPONSES for r in responses)
 
 
+_UNSEEN = object()  # no STATUS of the folder yet (not None: a refused STATUS reads as None)
+
+
+@dataclass
+class _Others:
+    """The synced folders a watcher polls (outside Gmail), and what their last STATUS said."""
+
+    always: list[str]  # Sent: polled every time
+    rotating: list[str]  # the rest, POLL_BUDGET per poll
+    seen: dict[str, object] = field(default_factory=dict)
+    turn: int = 0  # polls so far
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.always, *self.rotating]
+
+
 class IdleWatcher:
     """A daemon thread per account: IDLE, and call `on_change()` when the server says the folder changed."""
 
@@ -125,9 +161,13 @@ class IdleWatcher:
         *,
         clock: Clock,
         poll_others: float = POLL_OTHERS,
+        poll_budget: int = POLL_BUDGET,
+        list_every: int = LIST_EVERY,
     ) -> None:
         self._name = name
         self._poll_others = poll_others
+        self._poll_budget = poll_budget
+        self._list_every = list_every
         self._connect = connect
         self._on_change = on_change
         self._clock = clock
@@ -178,7 +218,8 @@ class IdleWatcher:
                 return
             folder = self._folder(session)
             others = self._other_folders(session)
-            seen = self._statuses(session, others)  # before the catch-up: what it syncs is not news
+            if others is not None:  # before the catch-up: what it syncs is not news
+                others.seen = dict(zip(others.names, self._statuses(session, others.names), strict=True))
             selected = session.select(folder)
             if catch_up:  # mail may have arrived while the connection was down
                 self._on_change()
@@ -193,13 +234,12 @@ class IdleWatcher:
             # commands over it instead of sending them in one burst every 30 s
             polled = self._clock.monotonic() - random.uniform(0, self._poll_others)
             while not self._stop.is_set():
-                changed, poll = self._idle(client, slice_s, poll_at=polled + self._poll_others if others else None)
+                changed, poll = self._idle(client, slice_s, poll_at=self._next_poll(others, polled))
                 if changed:  # the count moved in ways _idle does not track: the next EXISTS is news whatever it says
                     exists = None
-                if poll:
-                    now = self._statuses(session, others)
-                    changed = changed or now != seen
-                    seen, polled = now, self._clock.monotonic()
+                if poll and others is not None:
+                    others, news = self._poll(session, others)
+                    changed, polled = changed or news, self._clock.monotonic()
                 told, exists = pending_change(client._imap.untagged_responses, exists)  # kept while out of IDLE
                 changed = changed or told
                 if changed:
@@ -240,6 +280,38 @@ class IdleWatcher:
                 changed = changed or is_change(done)  # news between the last check and DONE
         return changed, poll
 
+    def _next_poll(self, others: _Others | None, polled: float) -> float | None:
+        """When the next poll is due: POLL_OTHERS after the last; for a mailbox with no other folder, only its LIST
+        is due, LIST_EVERY times less often. None on Gmail."""
+        if others is None:
+            return None
+        return polled + self._poll_others * (1 if others.names else self._list_every)
+
+    def _poll(self, session: ImapSession, others: _Others) -> tuple[_Others, bool]:
+        """One poll out of IDLE: every ``list_every`` polls a LIST, where a folder that appeared or went is news
+        (the account's sync takes it up or lets it go, and a new folder's STATUS now is its baseline); then the
+        STATUS of this turn's folders (``polled_folders``), news when one differs from the last seen."""
+        others.turn += 1
+        news = False
+        if not others.names or others.turn % self._list_every == 0:
+            fresh = self._other_folders(session)
+            if fresh is not None and set(fresh.names) != set(others.names):
+                added = [name for name in fresh.names if name not in others.seen]
+                log.info(
+                    "idle.folders_changed",
+                    account=self._name,
+                    added=len(added),
+                    removed=len(set(others.names) - set(fresh.names)),
+                )
+                fresh.seen = {name: others.seen[name] for name in fresh.names if name in others.seen}
+                fresh.seen.update(zip(added, self._statuses(session, added), strict=True))
+                fresh.turn, others, news = others.turn, fresh, True
+        names = polled_folders(others.always, others.rotating, others.turn, self._poll_budget)
+        now = self._statuses(session, names)
+        news = news or any(others.seen.get(name, _UNSEEN) != status for name, status in zip(names, now, strict=True))
+        others.seen.update(zip(names, now, strict=True))
+        return others, news
+
     def _statuses(self, session: ImapSession, others: list[str]) -> list[object]:
         """STATUS of each folder; one the server refuses (deleted, renamed: NO) reads as None and is logged, rather
         than ending the watcher and INBOX's push with it (the next full cycle lists the folders again)."""
@@ -258,11 +330,15 @@ class IdleWatcher:
         return found
 
     @staticmethod
-    def _other_folders(session: ImapSession) -> list[str]:
-        """The synced folders IDLE does not cover: Sent, on a server other than Gmail (whose All Mail has it)."""
+    def _other_folders(session: ImapSession) -> _Others | None:
+        """The synced folders IDLE on INBOX does not cover, Sent apart; None on Gmail, whose All Mail has them all."""
         if session.capabilities.gmail:
-            return []
-        return [f.name for f in GenericImap().folders(session.list_folders()) if f.special_use == "\\Sent"]
+            return None
+        folders = [f for f in GenericImap().folders(session.list_folders()) if f.special_use != "\\Inbox"]
+        return _Others(
+            always=[f.name for f in folders if f.special_use == "\\Sent"],
+            rotating=[f.name for f in folders if f.special_use != "\\Sent"],
+        )
 
     @staticmethod
     def _folder(session: ImapSession) -> str:
