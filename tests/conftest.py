@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 # tests/ on sys.path makes the harness package importable as `harness` (pyproject stays untouched)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -18,6 +20,20 @@ from harness.oauth import oauth_server  # noqa: F401 (a fixture, as above)
 
 # database fixtures (engine/store over SQLite and PostgreSQL) live in tests/dbs.py
 pytest_plugins = ["dbs", "fs_calls", "secret_scan"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """inboxd's main() points structlog and the root logger at the (captured) stderr of the test that calls it; undo
+    that after every test, so that no later one logs into a closed capture stream (which failed whichever test
+    came next, depending on the order). INBOXD_CONFIG from the caller's shell must not leak into a test."""
+    monkeypatch.delenv("INBOXD_CONFIG", raising=False)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -168,6 +168,50 @@ def test_a_file_moved_aside_by_a_collection_is_not_swept_as_staging(tmp_path: Pa
     assert aside.exists() and not leftover.exists()
 
 
+def test_a_file_a_dead_collection_left_aside_is_put_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collection that dies (kill -9, OOM) between moving a file aside and deciding on it leaves it in the staging
+    directory, and a row may name it (claimed just before the move): the next sweep puts it back. One the store has
+    again meanwhile goes; one a live collection holds (set aside less than a minute ago), or a name the collection
+    does not make, stays."""
+    blobs = BlobStore(tmp_path / "attachments")
+    kept, rewritten = b"the CV a row still names", b"written again meanwhile"
+    staging = blobs.root / STAGING
+    staging.mkdir(parents=True)
+    for data in (kept, rewritten):
+        put_old(blobs, data)
+        os.rename(blobs.path(sha(data)), staging / f"gc-{sha(data)}.999.1")  # what remove_unused does first
+    blobs.put(sha(rewritten), rewritten)
+    stranger = staging / "gc-not-a-digest.1.2"
+    stranger.write_bytes(b"?")
+    assert blobs.restore_abandoned() == 0, "set aside just now: a live collection may be deciding on them"
+    assert len(list(staging.iterdir())) == 3
+    monkeypatch.setattr("inboxd.blobs.ASIDE_ABANDONED", -1.0)  # a minute later (ctime cannot be set back)
+    assert blobs.restore_abandoned() == 1
+    assert blobs.read(sha(kept)) == kept and blobs.read(sha(rewritten)) == rewritten
+    assert list(staging.iterdir()) == [stranger]
+    assert blobs.path(sha(kept)).stat().st_mtime < time.time() - 3600, "its old time: still collectable if unnamed"
+
+
+def test_a_sweep_that_puts_a_file_back_while_its_collection_lives_keeps_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """remove_unused held up for over a minute between its move and its check (a stalled disk): the sweep takes the
+    file for abandoned and puts it back; the collection then finds no file aside and keeps it."""
+    blobs = BlobStore(tmp_path / "attachments")
+    data = b"an attachment in a stalled collection"
+    path = put_old(blobs, data)
+    real_rename = os.rename
+
+    def renamed_then_swept(src: object, dst: object) -> None:
+        real_rename(src, dst)  # type: ignore[arg-type]
+        monkeypatch.setattr("inboxd.blobs.ASIDE_ABANDONED", -1.0)
+        assert blobs.restore_abandoned() == 1
+
+    monkeypatch.setattr("inboxd.blobs.os.rename", renamed_then_swept)
+    assert not blobs.remove_unused(sha(data), unchanged_since=time.time() - 60)
+    assert path.read_bytes() == data
+
+
 def test_storing_bytes_the_store_has_claims_the_file(tmp_path: Path) -> None:
     """put and adopt of bytes already stored refresh the file's time: the row about to name it is not committed
     yet, and a collection must not take the file from under it."""

@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import secrets
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 from harness import MailStack, make_message
 from harness.config import write_stack_config
@@ -83,19 +80,6 @@ class Cli:
         assert self.transcript, "nothing was run"
         leaks = [text for text in self.transcript if secret in text]
         assert not leaks, f"secret printed: {leaks!r}"
-
-
-@pytest.fixture(autouse=True)
-def _isolated_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """main() points structlog and the root logger at the (captured) stderr; undo that so no later test logs into a
-    closed capture stream. INBOXD_CONFIG from the caller's shell must not leak into these tests."""
-    monkeypatch.delenv("INBOXD_CONFIG", raising=False)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture

@@ -5,10 +5,8 @@ Gmail dot/+tag variants included, once each, in one indexed query), the address 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -18,7 +16,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 from alembic import command
 
 from inboxd import db
@@ -427,18 +424,6 @@ def test_forget_after_the_hr_app_deleted_the_contact_still_erases_the_mail(
 
 
 # --- the command --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _isolated_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """main() configures structlog and the root logger; undo that for the tests that follow."""
-    monkeypatch.delenv("INBOXD_CONFIG", raising=False)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def write_config(tmp_path: Path, db_url: str, *, scope: str = "contacts") -> Path:

@@ -31,6 +31,9 @@ _WRITERS = 8
 STAGING = ".staging"
 _PUT_TEMPORARY = ".tmp-"  # put's file in the making, beside its target
 GC_ASIDE = "gc-"  # a file a collection moved out of the store for a moment (BlobStore.remove_unused)
+# a file set aside that long ago (by its change time, which the move set) was left by a collection that died between
+# its move and its decision: it goes back (sweep_staging). A live collection keeps one aside for microseconds.
+ASIDE_ABANDONED = 60.0
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -180,6 +183,37 @@ class BlobStore:
                 continue
         return removed
 
+    def restore_abandoned(self) -> int:
+        """Put back the files a collection moved aside (``gc-<sha256>.<pid>.<thread>`` in the staging directory) and
+        did not live to decide on: it died between the move and the check (a row may have claimed the file just
+        before the move). A live collection holds a file aside for microseconds; one set aside ASIDE_ABANDONED ago
+        (by its change time, which the move set) is abandoned. Back in the store a file is at worst unused until
+        the next collection; when the store has it again (written anew meanwhile), the copy aside goes. Returns how
+        many went back."""
+        staging = self.root / STAGING
+        cutoff = time.time() - ASIDE_ABANDONED
+        restored = 0
+        try:
+            entries = [e for e in os.scandir(staging) if e.name.startswith(GC_ASIDE)]
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            sha256 = entry.name[len(GC_ASIDE) :].split(".", 1)[0]
+            if not _SHA256_HEX.fullmatch(sha256):
+                continue  # not a name remove_unused makes: left alone
+            with contextlib.suppress(FileNotFoundError):  # decided on meanwhile by its collection, which lives
+                if entry.stat(follow_symlinks=False).st_ctime >= cutoff:
+                    continue
+                target = self.path(sha256)
+                if target.exists():
+                    os.unlink(entry.path)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(entry.path, target)
+                _fsync_directory(target.parent)
+                restored += 1
+        return restored
+
     def stored_files(self) -> Iterator[StoredFile]:
         """Every file in the store's layout (<sha256[0:2]>/<sha256>) with its modification time and size; not the
         staging directory, not a put's temporary files."""
@@ -238,11 +272,14 @@ class BlobStore:
             os.rename(target, aside)
         except FileNotFoundError:
             return False
-        if aside.stat().st_mtime > unchanged_since:
-            os.replace(aside, target)
-            _fsync_directory(target.parent)
+        try:
+            if aside.stat().st_mtime > unchanged_since:
+                os.replace(aside, target)
+                _fsync_directory(target.parent)
+                return False
+            aside.unlink()
+        except FileNotFoundError:  # put back by a sweep that took it for abandoned (held here for a minute): kept
             return False
-        aside.unlink()
         return True
 
     def _writers(self) -> ThreadPoolExecutor:

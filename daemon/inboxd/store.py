@@ -869,14 +869,18 @@ class Store:
 
     def sweep_staged_attachments(self) -> int:
         """Delete attachment files that parser processes staged for runs never stored (BlobStore.sweep_staging),
-        once they are STAGED_MAX_AGE old; a failure is logged, not raised. Returns how many went."""
+        once they are STAGED_MAX_AGE old, after putting back those a dead collection left aside
+        (BlobStore.restore_abandoned); a failure is logged, not raised. Returns how many were deleted."""
         if self._blobs is None:
             return 0
         try:
+            restored = self._blobs.restore_abandoned()
             removed = self._blobs.sweep_staging(STAGED_MAX_AGE.total_seconds())
         except OSError as exc:
             log.warning("store.staging_sweep_failed", error=exc.strerror or type(exc).__name__)
             return 0
+        if restored:  # a collection died between moving a file aside and putting it back or deleting it
+            log.warning("store.attachments_restored", files=restored)
         if removed:
             log.info("store.staging_swept", files=removed)
         return removed
