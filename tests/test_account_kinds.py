@@ -25,7 +25,6 @@ from inboxd import db
 from inboxd.delegation import APP_ONLY_GRANTS
 from test_cli import (
     Cli,
-    _isolated_logging,  # noqa: F401 (autouse: main() reconfigures logging; undo it after each test)
     by_email,
 )
 

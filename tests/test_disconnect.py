@@ -24,7 +24,6 @@ from inboxd import db
 from inboxd.blobs import BlobStore
 from test_cli import (
     Cli,
-    _isolated_logging,  # noqa: F401 (autouse: main() reconfigures logging; undo it after each test)
     add_account,
     deliver,
 )
