@@ -7,13 +7,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from inboxd.blob_gc import GC_FIRST_DELAY, GC_INTERVAL, GRACE, GcSchedule, collect_garbage, collectable
+from inboxd.blobs import _HOST as HOST
 from inboxd.blobs import STAGING, BlobStore, StoredFile
 from inboxd.cli import main
 from inboxd.clock import FakeClock
@@ -100,6 +103,7 @@ def test_a_collection_deletes_only_old_files_that_no_row_names(box: Mailbox, eng
         "files_recent": 1,
         "files_failed": 0,
         "temporary_deleted": 0,
+        "files_restored": 0,
     }
     assert box.blobs.has(sha(orphan)), "a dry run deletes nothing"
 
@@ -168,35 +172,65 @@ def test_a_file_moved_aside_by_a_collection_is_not_swept_as_staging(tmp_path: Pa
     assert aside.exists() and not leftover.exists()
 
 
+def _set_aside(blobs: BlobStore, data: bytes, *, pid: int, host: str = HOST) -> Path:
+    """What remove_unused does first: the file moved to .staging/gc-<sha256>.<pid>.<random>.<host>."""
+    (blobs.root / STAGING).mkdir(parents=True, exist_ok=True)
+    aside = blobs.root / STAGING / f"gc-{sha(data)}.{pid}.0a1b2c3d.{host}"
+    os.rename(blobs.path(sha(data)), aside)
+    return aside
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 def test_a_file_a_dead_collection_left_aside_is_put_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A collection that dies (kill -9, OOM) between moving a file aside and deciding on it leaves it in the staging
-    directory, and a row may name it (claimed just before the move): the next sweep puts it back. One the store has
-    again meanwhile goes; one a live collection holds (set aside less than a minute ago), or a name the collection
-    does not make, stays."""
+    directory, and a row may name it (claimed just before the move): the next check puts it back, with a fresh time
+    (as a claim leaves it), at once when the process that set it aside is gone from this host (a restart comes
+    30 s after a kill), else a minute later. One the store has again meanwhile is not overwritten: the copy aside
+    goes. Left alone: one this process, or another live one, may be deciding on, one from another host (until the
+    minute), and names or entries the collection does not make."""
     blobs = BlobStore(tmp_path / "attachments")
-    kept, rewritten = b"the CV a row still names", b"written again meanwhile"
-    staging = blobs.root / STAGING
-    staging.mkdir(parents=True)
-    for data in (kept, rewritten):
+    dead = _dead_pid()
+    kept, rewritten, live, remote, old = (b"the CV a row still names", b"written again", b"ours", b"node 2", b"x")
+    for data in (kept, rewritten, live, remote, old):
         put_old(blobs, data)
-        os.rename(blobs.path(sha(data)), staging / f"gc-{sha(data)}.999.1")  # what remove_unused does first
-    blobs.put(sha(rewritten), rewritten)
-    stranger = staging / "gc-not-a-digest.1.2"
+    asides = {
+        kept: _set_aside(blobs, kept, pid=dead),
+        rewritten: _set_aside(blobs, rewritten, pid=dead),
+        live: _set_aside(blobs, live, pid=os.getpid()),
+        remote: _set_aside(blobs, remote, pid=dead, host="another-node"),
+    }
+    old_style = blobs.root / STAGING / f"gc-{sha(old)}.1.2"  # the name before this version: pid and thread
+    os.rename(blobs.path(sha(old)), old_style)
+    blobs.put(sha(rewritten), b"written again")  # a sync wrote it anew after the move
+    fresh_copy = blobs.path(sha(rewritten)).stat()
+    stranger = blobs.root / STAGING / "gc-not-a-digest.1.2"
     stranger.write_bytes(b"?")
-    assert blobs.restore_abandoned() == 0, "set aside just now: a live collection may be deciding on them"
-    assert len(list(staging.iterdir())) == 3
+    (blobs.root / STAGING / f"gc-{'c' * 64}.{dead}.00.{HOST}").mkdir()
+
+    assert blobs.restore_abandoned() == (1, 0)
+    assert blobs.read(sha(kept)) == kept and blobs.path(sha(kept)).stat().st_mtime > time.time() - 60
+    assert blobs.path(sha(rewritten)).stat().st_ino == fresh_copy.st_ino, "the file written meanwhile stays"
+    assert not asides[rewritten].exists() and not asides[kept].exists()
+    assert asides[live].exists() and asides[remote].exists() and old_style.exists() and stranger.exists()
+
     monkeypatch.setattr("inboxd.blobs.ASIDE_ABANDONED", -1.0)  # a minute later (ctime cannot be set back)
-    assert blobs.restore_abandoned() == 1
-    assert blobs.read(sha(kept)) == kept and blobs.read(sha(rewritten)) == rewritten
-    assert list(staging.iterdir()) == [stranger]
-    assert blobs.path(sha(kept)).stat().st_mtime < time.time() - 3600, "its old time: still collectable if unnamed"
+    assert blobs.restore_abandoned() == (3, 0)
+    assert all(blobs.read(sha(data)) == data for data in (live, remote, old))
+    assert sorted(p.name for p in (blobs.root / STAGING).iterdir()) == sorted(
+        [stranger.name, f"gc-{'c' * 64}.{dead}.00.{HOST}"]
+    )
 
 
 def test_a_sweep_that_puts_a_file_back_while_its_collection_lives_keeps_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """remove_unused held up for over a minute between its move and its check (a stalled disk): the sweep takes the
-    file for abandoned and puts it back; the collection then finds no file aside and keeps it."""
+    file for abandoned and puts it back, refreshed; the collection then keeps it."""
     blobs = BlobStore(tmp_path / "attachments")
     data = b"an attachment in a stalled collection"
     path = put_old(blobs, data)
@@ -205,11 +239,58 @@ def test_a_sweep_that_puts_a_file_back_while_its_collection_lives_keeps_the_file
     def renamed_then_swept(src: object, dst: object) -> None:
         real_rename(src, dst)  # type: ignore[arg-type]
         monkeypatch.setattr("inboxd.blobs.ASIDE_ABANDONED", -1.0)
-        assert blobs.restore_abandoned() == 1
+        assert blobs.restore_abandoned() == (1, 0)
 
     monkeypatch.setattr("inboxd.blobs.os.rename", renamed_then_swept)
     assert not blobs.remove_unused(sha(data), unchanged_since=time.time() - 60)
     assert path.read_bytes() == data
+
+
+def test_the_collection_and_the_sweep_put_back_what_a_dead_collection_left(
+    tmp_path: Path, engine: sa.Engine, secret_box: SecretBox
+) -> None:
+    """`inboxd attachments gc` restores first (not in a dry run), and the daemon's sweep at start and after each
+    cycle does (store.attachments_restored)."""
+    blobs = BlobStore(tmp_path / "attachments")
+    data = b"set aside by a collection killed a moment ago"
+    put_old(blobs, data)
+    _set_aside(blobs, data, pid=_dead_pid())
+    assert collect_garbage(engine, blobs, now=time.time(), dry_run=True).files_restored == 0
+    assert not blobs.has(sha(data))
+    report = collect_garbage(engine, blobs, now=time.time())
+    assert report.files_restored == 1 and report.files_deleted == 0, "fresh again: kept for the grace"
+    assert blobs.read(sha(data)) == data
+    put_old(blobs, data)
+    _set_aside(blobs, data, pid=_dead_pid())
+    store = Store(engine, clock=FakeClock(), secret_box=secret_box, blobs=blobs)
+    with structlog.testing.capture_logs() as logs:
+        store.sweep_staged_attachments()
+    assert blobs.has(sha(data))
+    assert [e["files"] for e in logs if e["event"] == "store.attachments_restored"] == [1]
+
+
+def test_adopting_finds_a_file_written_meanwhile_and_claims_it(tmp_path: Path) -> None:
+    """The staged copy was swept, but the store has the file (another sync, or a restore, put it there): it counts
+    as stored only with its time refreshed, so that a collection does not take it before the row commits."""
+    blobs = BlobStore(tmp_path / "attachments")
+    data = b"staged, swept, and in the store all the same"
+    names = blobs.stage_all([(sha(data), data)])()
+    path = put_old(blobs, data)
+    real_utime = os.utime
+    calls = []
+
+    def first_claim_misses(target: object, *args: object) -> None:  # the file arrives just after the first claim
+        calls.append(target)
+        if len(calls) == 1:
+            raise FileNotFoundError(target)
+        real_utime(target, *args)  # type: ignore[arg-type]
+
+    (blobs.root / STAGING / names[sha(data)]).unlink()  # swept
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("inboxd.blobs.os.utime", first_claim_misses)
+        stored, durable = blobs.adopt_all([(sha(data), names[sha(data)])])
+    durable()
+    assert stored == {sha(data)} and path.stat().st_mtime > time.time() - 60
 
 
 def test_storing_bytes_the_store_has_claims_the_file(tmp_path: Path) -> None:
@@ -309,6 +390,7 @@ def test_cli_gc(box: Mailbox, db_url: str, tmp_path: Path, capsys: pytest.Captur
         "files_recent": 0,
         "files_failed": 0,
         "temporary_deleted": 0,
+        "files_restored": 0,
     }
     assert main(["--config", str(config), "attachments", "gc"]) == 0
     out, _ = capsys.readouterr()

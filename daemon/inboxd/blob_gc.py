@@ -47,6 +47,7 @@ class GcReport:
     files_recent: int = 0  # unnamed, but modified within GRACE: kept for now
     files_failed: int = 0  # could not be deleted (permissions): logged once, counted
     temporary_deleted: int = 0  # left by a put that died before its rename (.tmp-*), older than GRACE
+    files_restored: int = 0  # set aside by a collection that died before putting them back (restore_abandoned)
 
     def as_dict(self) -> dict[str, int | bool]:
         return dataclasses.asdict(self)
@@ -82,6 +83,8 @@ def collect_garbage(
     """Delete (or, with ``dry_run``, count) the store's files that no row names, older than ``grace`` at ``now``."""
     report = GcReport(dry_run=dry_run)
     cutoff = now - grace.total_seconds()
+    if not dry_run:
+        report.files_restored = restore_abandoned(blobs)
     report.temporary_deleted = blobs.sweep_temporary(unchanged_since=cutoff, dry_run=dry_run)
     with engine.connect() as conn:
         in_outbox = outbox_shas(conn)
@@ -105,6 +108,21 @@ def collect_garbage(
                 report.files_deleted += 1
                 report.bytes_freed += stored.size
     return report
+
+
+def restore_abandoned(blobs: BlobStore) -> int:
+    """BlobStore.restore_abandoned, logged (``store.attachments_restored``, ``store.attachment_restore_failed``);
+    never raises OSError: the caller's sweep or collection goes on. Returns how many files went back."""
+    try:
+        restored, failed = blobs.restore_abandoned()
+    except OSError as exc:  # the staging directory itself unreadable
+        log.warning("store.attachment_restore_failed", error=exc.strerror or type(exc).__name__)
+        return 0
+    if restored:  # a collection died between moving a file aside and deciding on it
+        log.warning("store.attachments_restored", files=restored)
+    if failed:
+        log.warning("store.attachment_restore_failed", files=failed)
+    return restored
 
 
 def _remove(blobs: BlobStore, sha256: str, cutoff: float, report: GcReport) -> bool:

@@ -14,9 +14,12 @@ refreshes the file's modification time, which tells the collection that a row is
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
+import secrets
+import socket
 import stat
 import tempfile
 import threading
@@ -30,10 +33,14 @@ from pathlib import Path
 _WRITERS = 8
 STAGING = ".staging"
 _PUT_TEMPORARY = ".tmp-"  # put's file in the making, beside its target
-GC_ASIDE = "gc-"  # a file a collection moved out of the store for a moment (BlobStore.remove_unused)
-# a file set aside that long ago (by its change time, which the move set) was left by a collection that died between
-# its move and its decision: it goes back (sweep_staging). A live collection keeps one aside for microseconds.
+# A file a collection moved out of the store for a moment (BlobStore.remove_unused), named
+# gc-<sha256>.<pid>.<random>.<host>: unique across threads, processes and nodes sharing the store.
+GC_ASIDE = "gc-"
+# A file set aside that long ago (by its change time, which the move set) was left by a collection that died between
+# its move and its decision (restore_abandoned); so is one whose process, on this host, is gone. A live collection
+# keeps one aside for microseconds.
 ASIDE_ABANDONED = 60.0
+_HOST = socket.gethostname().replace("/", "_") or "localhost"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -139,8 +146,8 @@ class BlobStore:
                 try:
                     os.replace(source, target)
                 except FileNotFoundError:
-                    if not target.is_file():
-                        continue  # swept
+                    if not _claim(target):  # swept; a copy written meanwhile counts only once claimed
+                        continue
             # a file already in place may be an earlier call's whose directory fsync never came (it raised, or
             # the process died): its directories are synced again, which costs next to nothing when clean
             stored.add(sha256)
@@ -183,36 +190,61 @@ class BlobStore:
                 continue
         return removed
 
-    def restore_abandoned(self) -> int:
-        """Put back the files a collection moved aside (``gc-<sha256>.<pid>.<thread>`` in the staging directory) and
-        did not live to decide on: it died between the move and the check (a row may have claimed the file just
-        before the move). A live collection holds a file aside for microseconds; one set aside ASIDE_ABANDONED ago
-        (by its change time, which the move set) is abandoned. Back in the store a file is at worst unused until
-        the next collection; when the store has it again (written anew meanwhile), the copy aside goes. Returns how
-        many went back."""
+    def restore_abandoned(self) -> tuple[int, int]:
+        """Put back the files a collection moved aside (``gc-*`` in the staging directory) and did not live to decide
+        on: it died between the move and the check, and a row may have claimed the file just before the move. One is
+        abandoned when its process, on this host, is gone (a restart finds its own at once), or when it was set
+        aside ASIDE_ABANDONED ago. It goes back with a fresh time, as a claim leaves it (a row about to name it is
+        not committed yet), and never over a file written meanwhile: then the copy aside goes. Back in the store a
+        file is at worst unused until a later collection. Returns (restored, failed): an entry that cannot be
+        handled (permissions) is counted and the rest go on."""
         staging = self.root / STAGING
         cutoff = time.time() - ASIDE_ABANDONED
-        restored = 0
+        restored = failed = 0
         try:
             entries = [e for e in os.scandir(staging) if e.name.startswith(GC_ASIDE)]
         except FileNotFoundError:
-            return 0
+            return 0, 0
         for entry in entries:
-            sha256 = entry.name[len(GC_ASIDE) :].split(".", 1)[0]
+            sha256, owner = _aside_owner(entry.name)
             if not _SHA256_HEX.fullmatch(sha256):
                 continue  # not a name remove_unused makes: left alone
-            with contextlib.suppress(FileNotFoundError):  # decided on meanwhile by its collection, which lives
-                if entry.stat(follow_symlinks=False).st_ctime >= cutoff:
-                    continue
-                target = self.path(sha256)
-                if target.exists():
-                    os.unlink(entry.path)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(entry.path, target)
-                _fsync_directory(target.parent)
-                restored += 1
-        return restored
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(info.st_mode) or (info.st_ctime >= cutoff and not _gone(owner)):
+                    continue  # a live collection may be deciding on it
+                if self._put_back(Path(entry.path), self.path(sha256)):
+                    restored += 1
+            except FileNotFoundError:  # decided on meanwhile by its collection, which lives
+                continue
+            except OSError:
+                failed += 1
+        return restored, failed
+
+    def _put_back(self, aside: Path, target: Path) -> bool:
+        """Move ``aside`` back to ``target`` with a fresh time, unless ``target`` exists (written anew meanwhile):
+        True when it went back. A hard link does it without a window in which a new file could be overwritten;
+        where the filesystem has none, a rename after a check."""
+        os.utime(aside)
+        if not target.parent.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_directory(self.root)
+        try:
+            os.link(aside, target)
+        except FileExistsError:
+            aside.unlink()
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+                raise
+            if target.exists():
+                aside.unlink()
+                return False
+            os.replace(aside, target)
+        else:
+            aside.unlink()
+        _fsync_directory(target.parent)
+        return True
 
     def stored_files(self) -> Iterator[StoredFile]:
         """Every file in the store's layout (<sha256[0:2]>/<sha256>) with its modification time and size; not the
@@ -265,7 +297,7 @@ class BlobStore:
         target = self.path(sha256)
         aside_dir = self.root / STAGING
         aside_dir.mkdir(parents=True, exist_ok=True)
-        aside = aside_dir / f"{GC_ASIDE}{sha256}.{os.getpid()}.{threading.get_ident()}"
+        aside = aside_dir / f"{GC_ASIDE}{sha256}.{os.getpid()}.{secrets.token_hex(4)}.{_HOST}"
         try:
             if target.stat().st_mtime > unchanged_since:
                 return False  # the common case of a file in use, without a rename
@@ -290,6 +322,28 @@ class BlobStore:
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
+
+
+def _aside_owner(name: str) -> tuple[str, tuple[int, str] | None]:
+    """(sha256, (pid, host) of the process that set it aside, or None for a name without them)."""
+    parts = name[len(GC_ASIDE) :].split(".", 3)
+    if len(parts) == 4 and parts[1].isdigit():
+        return parts[0], (int(parts[1]), parts[3])
+    return parts[0], None
+
+
+def _gone(owner: tuple[int, str] | None) -> bool:
+    """Whether the process that set a file aside is known to be gone: it ran on this host, is not this process (whose
+    collection may be running), and no process has its pid. A pid taken again since keeps the file for the time rule."""
+    if owner is None or owner[1] != _HOST or owner[0] == os.getpid():
+        return False
+    try:
+        os.kill(owner[0], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: a process of another user has that pid
+        return False
+    return False
 
 
 def _claim(target: Path) -> bool:

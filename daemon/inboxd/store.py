@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
-from inboxd.blob_gc import GcReport, collect_garbage
+from inboxd.blob_gc import GcReport, collect_garbage, restore_abandoned
 from inboxd.blobs import BlobStore
 from inboxd.bulk import among, chunks, insert_returning_ids, insert_rows
 from inboxd.clock import Clock
@@ -873,14 +873,12 @@ class Store:
         (BlobStore.restore_abandoned); a failure is logged, not raised. Returns how many were deleted."""
         if self._blobs is None:
             return 0
+        restore_abandoned(self._blobs)
         try:
-            restored = self._blobs.restore_abandoned()
             removed = self._blobs.sweep_staging(STAGED_MAX_AGE.total_seconds())
         except OSError as exc:
             log.warning("store.staging_sweep_failed", error=exc.strerror or type(exc).__name__)
             return 0
-        if restored:  # a collection died between moving a file aside and putting it back or deleting it
-            log.warning("store.attachments_restored", files=restored)
         if removed:
             log.info("store.staging_swept", files=removed)
         return removed
