@@ -376,6 +376,31 @@ def test_forget_keeps_a_file_claimed_shortly_before_or_after_it_began(tmp_path: 
     assert IN_FLIGHT.total_seconds() > 60
 
 
+def test_forget_goes_on_past_a_file_it_may_not_delete(
+    tmp_path: Path, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The erasure's rows are committed before its files go: a file that cannot be deleted (permissions; injected,
+    as root is never refused) is counted as kept and logged once, and the other files still go."""
+    blobs = BlobStore(tmp_path / "attachments")
+    files = [b"first CV", b"a file of another user", b"third CV"]
+    for data in files:
+        put_old(blobs, data)
+    real_rename = os.rename
+
+    def refused_for_one(src: object, dst: object) -> None:
+        if str(src).endswith(sha(files[1])):
+            raise PermissionError(1, "Operation not permitted")
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("inboxd.blobs.os.rename", refused_for_one)
+    report = ForgetReport(address_key="x", attachment_shas={sha(data) for data in files})
+    with structlog.testing.capture_logs() as logs:
+        delete_unused_blobs(engine, blobs, report, unchanged_since=time.time())
+    assert (report.blobs_deleted, report.blobs_kept) == (2, 1)
+    assert [blobs.has(sha(data)) for data in files] == [False, True, False]
+    assert [e["event"] for e in logs] == ["forget.attachment_delete_failed"]
+
+
 def test_cli_gc(box: Mailbox, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, db_url)  # attachments_dir = tmp_path/attachments, the mailbox's store
     put_old(box.blobs, b"orphan one")

@@ -239,10 +239,20 @@ def delete_unused_blobs(
         return
     with engine.connect() as conn:
         still_used = _shas_in_use(conn, report.attachment_shas)
+    failed = 0
     for sha256 in sorted(report.attachment_shas):
         if sha256 in still_used:
             report.blobs_kept += 1
-        elif blobs.remove_unused(sha256, unchanged_since=cutoff):
+            continue
+        try:
+            removed = blobs.remove_unused(sha256, unchanged_since=cutoff)
+        except OSError as exc:  # permissions: the rows are gone already; the other files still go
+            failed += 1
+            if failed == 1:
+                log.warning("forget.attachment_delete_failed", error=exc.strerror or type(exc).__name__)
+            report.blobs_kept += 1  # still there: the daily collection tries again
+            continue
+        if removed:
             report.blobs_deleted += 1
         elif blobs.has(sha256):
             report.blobs_kept += 1
