@@ -60,15 +60,32 @@ def test_pending_change_counts_what_imaplib_kept_while_out_of_idle() -> None:
 
 
 def test_polled_folders_take_sent_every_time_and_the_rest_in_turns() -> None:
-    rest = [f"F{i}" for i in range(25)]
-    assert polled_folders(["Sent"], ["A", "B"], turn=7, budget=10) == ["Sent", "A", "B"]
-    assert polled_folders([], [], turn=3) == []
-    turns = [polled_folders(["Sent"], rest, turn=t, budget=10) for t in range(6)]
+    rest = [f"F{i:02}" for i in range(25)]
+    assert polled_folders(["Sent"], ["A", "B"], "A", budget=10) == ["Sent", "A", "B"]
+    assert polled_folders([], [], None) == []
+    turns, after = [], None
+    for _ in range(6):
+        turns.append(polled_folders(["Sent"], rest, after, budget=10))
+        after = turns[-1][-1]
     assert all(t[0] == "Sent" and len(t) == 11 for t in turns), "Sent each time, at most the budget besides"
     for start in range(len(turns) - 2):  # any 3 polls in a row (ceil(25 / 10)) check every folder
         assert {name for t in turns[start : start + 3] for name in t[1:]} == set(rest)
     assert turns[2][1:] == [*rest[20:], *rest[:5]], "the window wraps round"
-    assert polled_folders([], rest, turn=1, budget=1) == ["F1"]
+    assert polled_folders([], rest, "F00", budget=1) == ["F01"]
+
+
+def test_a_folder_added_or_removed_does_not_hold_up_the_others_turns() -> None:
+    """The turns go by name: after a LIST adds folders (or takes some away) the next window starts after the last
+    folder polled, so no folder waits more than one poll longer than ceil(n / budget)."""
+    rest = [f"F{i:02}" for i in range(10)]
+    first = polled_folders([], rest, None, budget=4)
+    assert first == ["F00", "F01", "F02", "F03"]
+    grown = sorted([*rest, "A-new", "Z-new"])
+    assert polled_folders([], grown, first[-1], budget=4) == ["F04", "F05", "F06", "F07"]
+    shrunk = [name for name in rest if name != "F04"]
+    assert polled_folders([], shrunk, "F03", budget=4) == ["F05", "F06", "F07", "F08"]
+    assert polled_folders([], shrunk, "F04", budget=4) == ["F05", "F06", "F07", "F08"], "the last one polled went"
+    assert polled_folders([], rest, "F09", budget=4) == ["F00", "F01", "F02", "F03"]
 
 
 def _watch(
@@ -192,9 +209,12 @@ def test_a_folder_created_while_the_watcher_idles_is_found_by_its_list(mailstack
 
 
 @pytest.mark.mailstack
-def test_a_folder_the_server_refuses_a_status_of_reads_as_gone_not_as_a_lost_connection(mailstack: MailStack) -> None:
-    """STATUS of a Sent folder deleted or renamed meanwhile fails (NO): it reads as None (news once, then none),
-    instead of ending the watcher, and INBOX's push with it, to reconnect every 30 s."""
+def test_a_folder_the_server_refuses_a_status_of_is_left_out_not_taken_for_a_lost_connection(
+    mailstack: MailStack,
+) -> None:
+    """STATUS of a folder deleted or renamed meanwhile fails (NO): it is left out, logged once per connection, and
+    is no news (the LIST finds a folder that went), instead of ending the watcher, and INBOX's push with it, to
+    reconnect every 30 s."""
     user = mailstack.new_user("idlegone")
     endpoint = ImapEndpoint(
         host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
@@ -205,11 +225,38 @@ def test_a_folder_the_server_refuses_a_status_of_reads_as_gone_not_as_a_lost_con
         with structlog.testing.capture_logs() as logs:
             first = watcher._statuses(session, ["Sent", "No Such Folder"])
             again = watcher._statuses(session, ["Sent", "No Such Folder"])
-        assert first == again and first[0] is not None and first[1] is None
-        assert [e["folder"] for e in logs if e["event"] == "idle.status_failed"] == ["No Such Folder"] * 2
+        assert first == again and list(first) == ["Sent"]
+        assert [e["folder"] for e in logs if e["event"] == "idle.status_failed"] == ["No Such Folder"]
         assert session.status("INBOX").messages == 0, "the connection is still good"
     finally:
         session.close()
+
+
+@pytest.mark.mailstack
+def test_a_folder_deleted_while_the_watcher_idles_is_news_once(mailstack: MailStack) -> None:
+    """A folder deleted (or renamed) meanwhile: its STATUS is refused, which is no news, and the next LIST finds it
+    gone, which is, once; the watcher stays in IDLE and INBOX still pushes."""
+    user = mailstack.new_user("idledel")
+    mailstack.deliver(user, make_message("c@example.org", user, "first", "x"))
+    endpoint = ImapEndpoint(
+        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
+    )
+    other_client = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    other_client._client.create_folder("Old rule")
+    watcher, changed = _watch(mailstack.host, mailstack.imap_port, user, mailstack, poll_others=0.3, list_every=3)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            other_client._client.delete_folder("Old rule")
+            assert changed.wait(10), "the folder's going was noticed"
+            changed.clear()
+            assert not changed.wait(2.0), "once"
+        assert [(e["added"], e["removed"]) for e in logs if e["event"] == "idle.folders_changed"] == [(0, 1)]
+        assert not [e for e in logs if e["event"] in ("idle.reconnect", "idle.crashed")]
+        mailstack.deliver(user, make_message("c@example.org", user, "and INBOX still pushes", "x"), wait=False)
+        assert changed.wait(10)
+    finally:
+        other_client.close()
+        watcher.stop()
 
 
 @pytest.mark.mailstack

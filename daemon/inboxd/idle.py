@@ -5,9 +5,10 @@ IDLE covers one folder. On Gmail that is All Mail, which holds sent mail too; el
 from another client (Outlook, Thunderbird, a phone) lands in the Sent folder, and a server-side rule can file a
 candidate's mail straight into a folder of its own, neither of which IDLE on INBOX reports. So between IDLE slices,
 every POLL_OTHERS seconds, the watcher leaves IDLE for a STATUS of the other synced folders and signals when one
-changed: Sent every time, the rest POLL_BUDGET at a time in turns (``polled_folders``), and every LIST_EVERY polls
-a LIST, so that a folder created meanwhile is synced too. A candidate's thread shows such mail within about half a
-minute (a few minutes for a mailbox of hundreds of folders), not at the next full cycle (sync.interval).
+changed: the folder(s) marked \\Sent every time, the rest POLL_BUDGET at a time in turns (``polled_folders``), and
+every LIST_EVERY polls a LIST, so that a folder created meanwhile is synced too. A candidate's thread shows such
+mail within about half a minute, or ceil(N / POLL_BUDGET) polls for N other folders (200: 10 minutes), not at the
+next full cycle (sync.interval). Each (re)connection takes one STATUS of every such folder as the baseline.
 
 IDLE is re-issued at most every IDLE_RENEW (Gmail and RFC 2177 drop idle sessions after ~10-29 min); a lost
 connection is reopened with capped exponential backoff. The watcher only signals; the sync engine does the work.
@@ -15,6 +16,7 @@ connection is reopened with capped exponential backoff. The watcher only signals
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import imaplib
 import random
@@ -95,13 +97,16 @@ def pending_change(pending: dict[str, list[Any]], exists: int | None) -> tuple[b
     return found, exists
 
 
-def polled_folders(always: Sequence[str], rotating: Sequence[str], turn: int, budget: int = POLL_BUDGET) -> list[str]:
-    """The folders to STATUS at poll number ``turn`` (pure): ``always`` (Sent) every time, and a window of at most
-    ``budget`` of ``rotating`` that moves on by ``budget`` each poll, wrapping round, so that each of them is checked
-    at least every ceil(len(rotating) / budget) polls."""
+def polled_folders(
+    always: Sequence[str], rotating: Sequence[str], after: str | None, budget: int = POLL_BUDGET
+) -> list[str]:
+    """The folders to STATUS at the next poll (pure): ``always`` (Sent) every time, and at most ``budget`` of
+    ``rotating`` (sorted) taking turns: those after ``after`` (the last one polled before), wrapping round. Going by
+    name, not by position, a folder added or removed by a LIST does not make any other wait longer: each is checked
+    at least every ceil(len(rotating) / budget) polls (one more across such a change)."""
     if len(rotating) <= budget:
         return [*always, *rotating]
-    start = (turn * budget) % len(rotating)
+    start = bisect.bisect_right(rotating, after) % len(rotating) if after is not None else 0
     window = [*rotating[start : start + budget], *rotating[: max(0, start + budget - len(rotating))]]
     return [*always, *window]
 
@@ -133,21 +138,25 @@ def is_change(responses: list[tuple[object, ...]]) -> bool:
     return any(len(r) > 1 and r[1] in CHANGE_RESPONSES for r in responses)
 
 
-_UNSEEN = object()  # no STATUS of the folder yet (not None: a refused STATUS reads as None)
+_UNSEEN = object()  # no STATUS of the folder yet
 
 
 @dataclass
 class _Others:
     """The synced folders a watcher polls (outside Gmail), and what their last STATUS said."""
 
-    always: list[str]  # Sent: polled every time
-    rotating: list[str]  # the rest, POLL_BUDGET per poll
-    seen: dict[str, object] = field(default_factory=dict)
+    always: list[str]  # Sent (marked \Sent): polled every time
+    rotating: list[str]  # the rest, sorted, POLL_BUDGET per poll
+    seen: dict[str, object] = field(default_factory=dict)  # the last STATUS each answered (not refusals)
     turn: int = 0  # polls so far
+    after: str | None = None  # the last of ``rotating`` polled: the next poll goes on from there
 
     @property
     def names(self) -> list[str]:
         return [*self.always, *self.rotating]
+
+    def same_folders(self, other: _Others) -> bool:
+        return (self.always, self.rotating) == (other.always, other.rotating)
 
 
 class IdleWatcher:
@@ -176,6 +185,7 @@ class IdleWatcher:
         self._thread = threading.Thread(target=self._run, name=f"inboxd-idle-{name}", daemon=True)
         self.idling = threading.Event()  # set while an IDLE command is active (tests wait on it)
         self._idled = False  # IDLE was reached since the last failure: the backoff starts again from its base
+        self._refusals: set[str] = set()  # folders whose STATUS was refused on this connection (logged once)
 
     def start(self) -> None:
         self._thread.start()
@@ -216,17 +226,20 @@ class IdleWatcher:
         try:
             if not isinstance(session, ImapClientSession):
                 return
+            client = session._client
+            self._socket = client.socket()  # from now on a stop shuts it down, ending any command at once
+            self._refusals = set()
             folder = self._folder(session)
             others = self._other_folders(session)
             if others is not None:  # before the catch-up: what it syncs is not news
-                others.seen = dict(zip(others.names, self._statuses(session, others.names), strict=True))
+                others.seen = self._statuses(session, others.names)
+            if self._stop.is_set():
+                return
             selected = session.select(folder)
             if catch_up:  # mail may have arrived while the connection was down
                 self._on_change()
-            client = session._client
             # SELECT's own EXISTS and RECENT are no news (and SELECT gave imaplib a fresh dict for them)
             _, exists = pending_change(client._imap.untagged_responses, selected.exists)
-            self._socket = client.socket()
             if self._stop.is_set():
                 return
             slice_s = min(CHECK_SLICE, self._poll_others)
@@ -288,46 +301,58 @@ class IdleWatcher:
         return polled + self._poll_others * (1 if others.names else self._list_every)
 
     def _poll(self, session: ImapSession, others: _Others) -> tuple[_Others, bool]:
-        """One poll out of IDLE: every ``list_every`` polls a LIST, where a folder that appeared or went is news
-        (the account's sync takes it up or lets it go, and a new folder's STATUS now is its baseline); then the
-        STATUS of this turn's folders (``polled_folders``), news when one differs from the last seen."""
+        """One poll out of IDLE: every ``list_every`` polls a LIST, where a folder that appeared, went or changed its
+        role is news (the account's sync takes it up or lets it go; a new folder's STATUS now is its baseline); then
+        the STATUS of this turn's folders (``polled_folders``), news when one differs from the last answer. A
+        refused STATUS is no news (a folder that went is the LIST's to find)."""
         others.turn += 1
         news = False
         if not others.names or others.turn % self._list_every == 0:
             fresh = self._other_folders(session)
-            if fresh is not None and set(fresh.names) != set(others.names):
+            if fresh is not None and not fresh.same_folders(others):
                 added = [name for name in fresh.names if name not in others.seen]
                 log.info(
                     "idle.folders_changed",
                     account=self._name,
-                    added=len(added),
+                    added=len(set(fresh.names) - set(others.names)),
                     removed=len(set(others.names) - set(fresh.names)),
                 )
                 fresh.seen = {name: others.seen[name] for name in fresh.names if name in others.seen}
-                fresh.seen.update(zip(added, self._statuses(session, added), strict=True))
-                fresh.turn, others, news = others.turn, fresh, True
-        names = polled_folders(others.always, others.rotating, others.turn, self._poll_budget)
+                fresh.seen.update(self._statuses(session, added))
+                fresh.turn, fresh.after = others.turn, others.after
+                others, news = fresh, True
+        names = polled_folders(others.always, others.rotating, others.after, self._poll_budget)
+        if len(others.rotating) > self._poll_budget:
+            others.after = names[-1]
         now = self._statuses(session, names)
-        news = news or any(others.seen.get(name, _UNSEEN) != status for name, status in zip(names, now, strict=True))
-        others.seen.update(zip(names, now, strict=True))
+        news = news or any(others.seen.get(name, _UNSEEN) != status for name, status in now.items())
+        others.seen.update(now)
         return others, news
 
-    def _statuses(self, session: ImapSession, others: list[str]) -> list[object]:
-        """STATUS of each folder; one the server refuses (deleted, renamed: NO) reads as None and is logged, rather
-        than ending the watcher and INBOX's push with it (the next full cycle lists the folders again)."""
-        found: list[object] = []
-        for name in others:
+    def _statuses(self, session: ImapSession, names: list[str]) -> dict[str, object]:
+        """The STATUS of each folder that answers one. A folder the server refuses (deleted or renamed meanwhile,
+        \\Noselect, no read right: NO) or answers without the counts is left out and logged once per connection
+        (``idle.status_failed``), rather than ending the watcher, and INBOX's push with it; a lost connection
+        raises (reconnect). Stops early when the watcher is asked to stop."""
+        found: dict[str, object] = {}
+        for name in names:
+            if self._stop.is_set():
+                break
             try:
-                found.append(session.status(name))
+                found[name] = session.status(name)
             except RetryLater as exc:
-                refused = isinstance(exc.__cause__, IMAPClientError) and not isinstance(
-                    exc.__cause__, imaplib.IMAP4.abort
-                )
-                if not refused:
+                cause = exc.__cause__
+                if not isinstance(cause, IMAPClientError) or isinstance(cause, imaplib.IMAP4.abort):
                     raise  # the connection itself is gone: reconnect
-                log.info("idle.status_failed", account=self._name, folder=name, error=str(exc)[:200])
-                found.append(None)
+                self._refused(name, str(exc))
+            except (KeyError, ValueError, TypeError) as exc:  # a reply without UIDNEXT, or not a number
+                self._refused(name, f"unreadable STATUS reply: {type(exc).__name__}")
         return found
+
+    def _refused(self, name: str, error: str) -> None:
+        if name not in self._refusals:
+            self._refusals.add(name)
+            log.info("idle.status_failed", account=self._name, folder=name, error=error[:200])
 
     @staticmethod
     def _other_folders(session: ImapSession) -> _Others | None:
@@ -337,7 +362,7 @@ class IdleWatcher:
         folders = [f for f in GenericImap().folders(session.list_folders()) if f.special_use != "\\Inbox"]
         return _Others(
             always=[f.name for f in folders if f.special_use == "\\Sent"],
-            rotating=[f.name for f in folders if f.special_use != "\\Sent"],
+            rotating=sorted(f.name for f in folders if f.special_use != "\\Sent"),
         )
 
     @staticmethod
