@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from gmail.model import GOOGLE_MAIL_DE_NAMES
 from gmail.server import GmailServer, IntrospectValidator
@@ -358,3 +359,20 @@ def test_received_at_is_the_internaldate_in_utc_whatever_the_hosts_time_zone(
     run(config, store, recruiter)
     received = [row.received_at for row in rows(store, recruiter)]
     assert received == [utc, datetime(2026, 11, 25, 10, 0, tzinfo=UTC)]
+
+
+def test_a_folder_name_that_is_not_modified_utf7_is_left_out_not_the_account(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """A server that lists a label as raw "R&D" (modified UTF-7 says "R&-D") failed imapclient's decoding of the
+    whole LIST, and so every sync of the account. The unreadable name is left out and logged; the rest syncs."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    gmail_server.deliver(application(recruiter), labels=["\\Inbox"])
+    gmail_server.deliver(application(recruiter, 2), labels=["R&D"])
+    gmail_server.raw_folder_names(recruiter)
+    with structlog.testing.capture_logs() as logs:
+        result = run(config, store, recruiter)
+    assert result.ok, result.reason
+    assert len(rows(store, recruiter)) == 2, "All Mail, found all the same, holds both"
+    [event] = [e for e in logs if e["event"] == "imap.folder_names_unreadable"]
+    assert event["folders"] == 1 and event["names"] == ["R&D"]

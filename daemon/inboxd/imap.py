@@ -148,8 +148,33 @@ class ImapClientSession:
         return self._caps
 
     def list_folders(self) -> list[FolderListing]:
-        rows = self._call(self._client.list_folders)
+        try:
+            rows = self._call(self._client.list_folders)
+        except UnicodeError:  # one name that is no modified UTF-7 failed imapclient's decoding of the whole LIST
+            rows = self._readable_folders()
         return [FolderListing(name=_text(name), flags=frozenset(_text(f) for f in flags)) for flags, _, name in rows]
+
+    def _readable_folders(self) -> list[tuple[Any, Any, Any]]:
+        """The LIST without the names that are not modified UTF-7 (a raw "&" or 8-bit bytes from a non-compliant
+        server), which imapclient cannot decode, nor encode again to select them: they are left out and logged
+        (``imap.folder_names_unreadable``), and the other folders sync."""
+        self._client.folder_encode = False
+        try:
+            raw = self._call(self._client.list_folders)
+        finally:
+            self._client.folder_encode = True
+        rows, unreadable = [], []
+        for flags, delimiter, name in raw:
+            try:
+                rows.append((flags, delimiter, imap_utf7.decode(name) if isinstance(name, bytes) else name))
+            except UnicodeError:
+                unreadable.append(name)
+        log.warning(
+            "imap.folder_names_unreadable",
+            folders=len(unreadable),
+            names=[_text(name)[:80] for name in unreadable[:5]],
+        )
+        return rows
 
     def status(self, folder: str) -> FolderStatus:
         what = ["UIDVALIDITY", "UIDNEXT", "MESSAGES"] + (["HIGHESTMODSEQ"] if self._caps.condstore else [])

@@ -22,6 +22,7 @@ class Faults:
     bye: dict[str | None, int] = field(default_factory=dict)  # user -> commands left before "* BYE"
     connection_limit: dict[str | None, int] = field(default_factory=dict)
     imap_disabled: set[str | None] = field(default_factory=set)
+    raw_folder_names: set[str | None] = field(default_factory=set)  # LIST names as raw UTF-8, not modified UTF-7
     daily_limit: set[str | None] = field(default_factory=set)
     temp_fail: int = 0
     drop_after_data: int = 0
@@ -89,6 +90,7 @@ class Faults:
             self.bye.clear()
             self.connection_limit.clear()
             self.imap_disabled.clear()
+            self.raw_folder_names.clear()
             self.daily_limit.clear()
             self.temp_fail = self.drop_after_data = 0
 

@@ -285,6 +285,8 @@ class ImapSession(SelectedState):
         return name if self.utf8 else decode_mutf7(name)
 
     def _folder_out(self, name: str) -> bytes:
+        if self.server.faults.has(self.server.faults.raw_folder_names, self.user):
+            return quoted(name)  # a non-compliant server: "R&D" as is, where modified UTF-7 says "R&-D"
         return quoted(name if self.utf8 else encode_mutf7(name))
 
     def _require(self) -> Account:

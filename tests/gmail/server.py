@@ -396,6 +396,10 @@ class GmailServer:
     def imap_disabled(self, user: str, disabled: bool = True) -> None:
         self.faults.set_flag(self.faults.imap_disabled, user, disabled)
 
+    def raw_folder_names(self, user: str | None = None, enabled: bool = True) -> None:
+        """LIST sends folder names as raw UTF-8 (``"R&D"``), not modified UTF-7 (``"R&-D"``), as some servers do."""
+        self.faults.set_flag(self.faults.raw_folder_names, user, enabled)
+
     def daily_limit(self, user: str | None = None, enabled: bool = True) -> None:
         """SMTP MAIL FROM answers 550 5.4.5 Daily user sending limit exceeded."""
         self.faults.set_flag(self.faults.daily_limit, user, enabled)
