@@ -282,3 +282,65 @@ def test_a_slow_worker_whose_claim_was_taken_over_changes_nothing(engine: sa.Eng
     with engine.connect() as conn:
         row = conn.execute(sa.select(outbox_t).where(outbox_t.c.id == fast.id)).one()
     assert (row.status, row.last_error, row.delivery_uncertain) == ("sending", None, True)
+
+
+def test_a_possible_delivery_waits_minutes_before_sent_is_searched() -> None:
+    """Gmail's search and Exchange's Sent Items can take minutes to show a message just accepted: a search 30 s
+    after an ambiguous attempt found nothing and the row was sent again."""
+    update = after_attempt(Outcome.AMBIGUOUS, attempts=1, now=NOW, error="uncertain", policy=POLICY)
+    assert update.next_attempt_at == NOW + POLICY.check_sent_after >= NOW + timedelta(minutes=5)
+    temporary = after_attempt(Outcome.TEMPORARY, attempts=1, now=NOW, error="421", policy=POLICY)
+    assert temporary.next_attempt_at == NOW + timedelta(seconds=30), "other retries keep their backoff"
+
+
+def test_a_time_the_hr_app_writes_in_iso_form_comes_due_on_time(engine: sa.Engine, account_id: int) -> None:
+    """SQLite compared the times as text: "2026-11-25T11:00:00Z" (the HR app's ISO form) sorted after inboxd's
+    "2026-11-25 12:00:00.000000", so a row an hour overdue came due only the next day (and the sender polled
+    every 50 ms meanwhile). Any form SQLite reads as a time counts as that time; PostgreSQL parses them anyway."""
+    outbox = OutboxStore(engine, clock=FakeClock(NOW), policy=POLICY)
+    with engine.begin() as conn:
+        for key, when in (("overdue", "2026-11-25T11:00:00Z"), ("offset", "2026-11-25T13:30:00+02:00")):
+            conn.execute(
+                outbox_t.insert().values(account_id=account_id, to=["c@example.org"], subject=key, idempotency_key=key),
+            )
+            conn.execute(
+                sa.text("UPDATE mail_outbox SET next_attempt_at = :t WHERE idempotency_key = :k"), {"t": when, "k": key}
+            )
+        conn.execute(
+            outbox_t.insert().values(
+                account_id=account_id,
+                to=["c@example.org"],
+                subject="later",
+                idempotency_key="later",
+                next_attempt_at=NOW + timedelta(minutes=1),
+            )
+        )
+    claimed = [outbox.claim_next(), outbox.claim_next(), outbox.claim_next()]
+    assert sorted(r.subject for r in claimed if r is not None) == ["offset", "overdue"], "11:30 UTC and 11:00 UTC"
+
+
+def test_the_daily_limit_does_not_bring_a_later_row_forward(engine: sa.Engine, account_id: int) -> None:
+    """Every queued row of the account was set to now + 24 h, also one the HR app had scheduled three days on."""
+    outbox = OutboxStore(engine, clock=FakeClock(NOW), policy=POLICY)
+    _queue(engine, account_id, 2)
+    later = NOW + timedelta(days=3)
+    with engine.begin() as conn:
+        conn.execute(outbox_t.update().where(outbox_t.c.idempotency_key == "k1").values(next_attempt_at=later))
+    outbox.defer_account(account_id, NOW + timedelta(hours=24), "550 5.4.5 daily limit")
+    with engine.connect() as conn:
+        times = dict(conn.execute(sa.select(outbox_t.c.idempotency_key, outbox_t.c.next_attempt_at)).all())
+    assert times == {"k0": NOW + timedelta(hours=24), "k1": later}
+
+
+def test_a_final_row_is_never_left_marked_uncertain(engine: sa.Engine, account_id: int) -> None:
+    """delivery_uncertain is false on a final row (schema.md): a row that gave up after an attempt that left the
+    mark (an internal error, Sent not searchable) kept it."""
+    outbox = OutboxStore(engine, clock=FakeClock(NOW), policy=POLICY)
+    _queue(engine, account_id, 1)
+    row = outbox.claim_next()
+    assert row is not None
+    assert outbox.mark_uncertain(row.id, claimed_at=row.claimed_at)
+    gave_up = after_attempt(Outcome.TEMPORARY, attempts=POLICY.max_attempts, now=NOW, error="x", policy=POLICY)
+    outbox.record(row.id, gave_up, uncertain=None, claimed_at=row.claimed_at)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(outbox_t.c.status, outbox_t.c.delivery_uncertain)).one() == ("failed", False)

@@ -102,6 +102,27 @@ def test_lost_connection_after_data_is_resolved_by_the_sent_copy_not_a_resend(
     assert _copies(gmail_server, candidate, row.message_id_header) == 1
 
 
+def test_a_possible_delivery_is_not_sent_again_when_all_mail_is_hidden_from_imap(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """With All Mail hidden from IMAP (Gmail's "Show in IMAP" unticked) the Sent copy cannot be searched for: that
+    proves nothing, and the row fails as uncertain instead of being sent a second time."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    candidate = mailstack.new_user("cand")
+    row_id = queue(store, recruiter, "hidden", to=[candidate])
+    gmail_server.drop_after_data()
+    gmail_server.hide_all_mail(recruiter)
+    clock = FakeClock(SystemClock().now())
+    assert [r.status for r in make_outbox(config, store, clock).drain()] == ["queued"]
+    clock.advance(3600)
+    [second] = make_outbox(config, store, clock).drain()
+    row = outbox_row(store, row_id)
+    assert (second.status, row.status) == ("failed", "failed")
+    assert "delivery uncertain" in row.last_error and "no Sent folder" in row.last_error
+    assert len(gmail_server.smtp_sent(recruiter)) == 1, "one SMTP delivery in all"
+    assert not row.delivery_uncertain, "a final row"
+
+
 def test_daily_sending_limit_defers_the_accounts_rows_a_day(
     store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
 ) -> None:

@@ -23,6 +23,7 @@ from harness.smtp_proxy import SmtpFaultProxy
 from inboxd.blobs import BlobStore
 from inboxd.clock import FakeClock, SystemClock
 from inboxd.config import Config, load_config
+from inboxd.errors import SecretsError
 from inboxd.models import MailMessage, MailOutbox
 from inboxd.outbox_policy import RetryPolicy
 from inboxd.outbox_store import OutboxStore
@@ -425,4 +426,40 @@ def test_temporary_failure_then_hold_then_send_delivers_once(
     working = write_config(tmp_path / "c", db_url, mailstack)
     assert [r.status for r in make_outbox(working, store, clock).drain()] == ["sent"]
     assert outbox_row(store, row_id).attempts == 2
+    assert len(inbox(mailstack, candidate)) == 1
+
+
+def test_a_failure_before_the_message_went_out_leaves_no_doubt(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attempt that failed before the message reached SMTP (the credentials unreadable: a wrong secrets key; an
+    unexpected error while the token was fetched, before DATA) is retried as a plain temporary failure. Before,
+    the write-ahead mark stayed set, and on a server that keeps no Sent copy the next attempt failed the row as
+    "delivery uncertain" although nothing had been sent. Then the row goes out, once."""
+    config = write_config(tmp_path, db_url, mailstack)
+    candidate = mailstack.new_user("cand")
+    row_id = queue(store, recruiter, "pre", to=[candidate], subject="x", body_text="x")
+    clock = FakeClock(SystemClock().now())
+
+    def wrong_key(*args: object) -> None:
+        raise SecretsError("the secrets key does not decrypt the stored credentials")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("inboxd.connections.Connections.smtp", wrong_key)
+        assert [r.status for r in make_outbox(config, store, clock).drain()] == ["queued"]
+    row = outbox_row(store, row_id)
+    assert row.last_error.startswith("temporary: ") and not row.delivery_uncertain
+
+    def token_crash(self: object) -> str:
+        raise RuntimeError("the token store's database went away")
+
+    clock.advance(3600)
+    with monkeypatch.context() as patch:
+        patch.setattr("inboxd.tokens.CachedTokenSource.access_token", token_crash)
+        assert [r.status for r in make_outbox(config, store, clock).drain()] == ["queued"]
+    row = outbox_row(store, row_id)
+    assert "internal error (RuntimeError)" in row.last_error and not row.delivery_uncertain
+    assert inbox(mailstack, candidate) == []
+    clock.advance(3600)
+    assert [r.status for r in make_outbox(config, store, clock).drain()] == ["sent"]
     assert len(inbox(mailstack, candidate)) == 1

@@ -140,10 +140,18 @@ class Outbox:
         files_sent_itself = provider.kind in SERVER_FILES_SENT
         if row.delivery_uncertain:  # an earlier attempt may have delivered (lost after DATA, or a crash)
             try:
-                if self._in_sent(account, provider, message_id):
-                    return self._sent(row, account, raw, provider, already_filed=True)
+                found = self._in_sent(account, provider, message_id)
             except RetryLater as exc:
                 return self._finish(row, Outcome.TEMPORARY, f"{TEMPORARY}cannot check Sent: {exc}", uncertain=True)
+            if found:
+                return self._sent(row, account, raw, provider, already_filed=True)
+            if found is None:  # no folder to look in (All Mail hidden from IMAP, no folder marked \Sent)
+                return self._finish(
+                    row,
+                    Outcome.INVALID,
+                    "delivery uncertain: the connection was lost after the message was handed to the server, and "
+                    "the mailbox shows no Sent folder over IMAP to check; not sent again to avoid a duplicate",
+                )
             if not files_sent_itself:
                 return self._finish(
                     row,
@@ -163,12 +171,17 @@ class Outbox:
         *,
         files_sent_itself: bool,
     ) -> SendReport:
+        try:  # the credentials first: a failure to read them is known not to have reached SMTP
+            sender = self._connections.smtp(account, provider)
+        except AccountFailed as exc:
+            return self._finish(row, Outcome.REJECTED, str(exc))
+        except InboxdError as exc:  # the secrets key unreadable or wrong, the database away
+            return self._finish(row, Outcome.TEMPORARY, f"{TEMPORARY}{exc}")
         # write-ahead: if this process dies from here on, the next attempt checks Sent before sending again
         if not self._outbox.mark_uncertain(row.id, claimed_at=row.claimed_at):
             log.warning("outbox.claim_lost", row=row.id)  # another worker took the row over: it sends, not us
             return SendReport(row.id, "sending", "claim lost to another worker")
         try:
-            sender = self._connections.smtp(account, provider)
             result = asyncio.run(sender.send(sender=account.email, recipients=envelope_recipients(draft), message=raw))
         except SendAmbiguous as exc:
             return self._finish(row, Outcome.AMBIGUOUS, f"uncertain: {exc}", uncertain=True)
@@ -185,6 +198,11 @@ class Outbox:
             return self._finish(row, Outcome.REJECTED, str(exc))
         except RetryLater as exc:
             return self._finish(row, Outcome.TEMPORARY, f"{TEMPORARY}{exc}")
+        except Exception as exc:  # a bug, or the token source's database away: before the message went, known safe
+            if getattr(sender, "data_sent", True):
+                raise  # it may have reached the server: the row keeps its mark (Outbox.drain)
+            log.exception("outbox.send_crashed", row=row.id)
+            return self._finish(row, Outcome.TEMPORARY, f"{TEMPORARY}internal error ({type(exc).__name__})")
         note = None
         if result.refused:
             note = "refused by the server: " + ", ".join(f"{a} ({c} {t})" for a, (c, t) in result.refused.items())
@@ -264,11 +282,13 @@ class Outbox:
             out.append(OutgoingAttachment(filename=item["filename"], content_type=str(content_type), data=data))
         return tuple(out)
 
-    def _in_sent(self, account: Account, provider: ProviderConfig, message_id: str) -> bool:
+    def _in_sent(self, account: Account, provider: ProviderConfig, message_id: str) -> bool | None:
+        """Whether the Sent mail (All Mail on Gmail) holds ``message_id``; None when the mailbox shows no such
+        folder over IMAP, which proves nothing either way."""
         session = self._imap(account, provider)
         try:
             folder = _sent_folder(session)
-            return folder is not None and session.find_message_id(folder, message_id)
+            return None if folder is None else session.find_message_id(folder, message_id)
         finally:
             session.close()
 
@@ -294,7 +314,8 @@ class Outbox:
                 self._file_in_sent(account, provider, raw)
             except Exception as exc:  # sent is sent: a missing Sent copy must not cause a second delivery
                 reason = str(exc) if isinstance(exc, InboxdError) else type(exc).__name__
-                note = f"sent, but the copy in Sent could not be filed: {reason}"
+                copy_note = f"sent, but the copy in Sent could not be filed: {reason}"
+                note = f"{note}; {copy_note}" if note else copy_note  # the refused recipients stay named
                 log.warning("outbox.sent_copy_failed", row=row.id, error=reason)
         try:
             parsed = parse_message(raw, max_attachment_bytes=self._config.sync.max_attachment_bytes)

@@ -37,6 +37,9 @@ class RetryPolicy:
     max_attempts: int = 8
     daily_limit_pause: timedelta = timedelta(hours=24)
     stale_after: timedelta = timedelta(minutes=10)  # a 'sending' row older than this was left by a crash
+    # after an attempt that may have delivered, the wait before Sent is searched for it: Gmail's search and
+    # Exchange's Sent Items can take a few minutes to show a message just accepted
+    check_sent_after: timedelta = timedelta(minutes=5)
 
     def delay(self, attempts: int) -> timedelta:
         """Backoff before attempt `attempts + 1`: first_delay doubling per attempt, capped."""
@@ -60,7 +63,10 @@ def after_attempt(
         return RowUpdate("queued", now + policy.max_delay, error)
     if attempts >= policy.max_attempts:
         return RowUpdate("failed", None, f"gave up after {attempts} attempts: {error}")
-    return RowUpdate("queued", now + policy.delay(attempts), error)
+    delay = policy.delay(attempts)
+    if outcome is Outcome.AMBIGUOUS:
+        delay = max(delay, policy.check_sent_after)
+    return RowUpdate("queued", now + delay, error)
 
 
 def is_stale(claimed_at: datetime | None, now: datetime, policy: RetryPolicy) -> bool:

@@ -85,7 +85,7 @@ class OutboxStore:
         due = sa.or_(
             sa.and_(
                 outbox_t.c.status == "queued",
-                sa.or_(outbox_t.c.next_attempt_at.is_(None), outbox_t.c.next_attempt_at <= now),
+                sa.or_(outbox_t.c.next_attempt_at.is_(None), self._not_after(outbox_t.c.next_attempt_at, now)),
             ),
             sa.and_(outbox_t.c.status == "sending", outbox_t.c.claimed_at <= now - self._policy.stale_after),
         )
@@ -113,6 +113,20 @@ class OutboxStore:
         with self.engine.begin() as conn:
             row_id = conn.execute(stmt).scalar()
         return self._load(row_id) if row_id is not None else None
+
+    def _not_after(self, column: Any, when: datetime) -> Any:
+        """``column <= when`` as times. SQLite keeps timestamps as text and compares them as text: the HR app's
+        "2026-01-01T11:00:00Z" sorted after inboxd's "2026-01-01 12:00:00.000000" (a "T" after a space), so such a
+        row came due only the next day; julianday() reads both forms (and an offset) as the same instant."""
+        if self.engine.dialect.name != "sqlite":
+            return column <= when
+        return sa.func.julianday(column) <= sa.func.julianday(sa.literal(when, column.type))
+
+    def _before(self, column: Any, when: datetime) -> Any:
+        """``column < when`` as times (see _not_after)."""
+        if self.engine.dialect.name != "sqlite":
+            return column < when
+        return sa.func.julianday(column) < sa.func.julianday(sa.literal(when, column.type))
 
     def _load(self, row_id: int) -> OutboxRow:
         """A claimed row, read after its claim committed: a value that cannot be read (SQLite keeps any text in a
@@ -200,7 +214,9 @@ class OutboxStore:
             "next_attempt_at": update.next_attempt_at,
             "last_error": error[:2000] if error else None,
         }
-        if uncertain is not None:  # None: leave the mark as the interrupted attempt left it
+        if update.status in ("sent", "failed"):  # a final row: nothing is left to check (schema.md)
+            values["delivery_uncertain"] = False
+        elif uncertain is not None:  # None: leave the mark as the interrupted attempt left it
             values["delivery_uncertain"] = uncertain
         if update.status == "sent":
             values["sent_at"] = self._clock.now()
@@ -233,11 +249,17 @@ class OutboxStore:
             )
 
     def defer_account(self, account_id: int, until: datetime, reason: str) -> None:
-        """Push every queued row of an account (daily sending limit reached)."""
+        """Push the queued rows of an account that would come due before ``until`` to it (daily sending limit
+        reached); a row the HR app scheduled later keeps its time."""
+        column = outbox_t.c.next_attempt_at
         with self.engine.begin() as conn:
             conn.execute(
                 outbox_t.update()
-                .where(outbox_t.c.account_id == account_id, outbox_t.c.status == "queued")
+                .where(
+                    outbox_t.c.account_id == account_id,
+                    outbox_t.c.status == "queued",
+                    sa.or_(column.is_(None), self._before(column, until)),
+                )
                 .values(next_attempt_at=until, last_error=reason)
             )
 

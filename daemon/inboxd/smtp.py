@@ -231,6 +231,9 @@ class AioSmtpSender:
         self._tls: ssl.SSLContext | None = None
         self._secrets: list[str] = [password] if password else []
         self._where = f"{endpoint.host}:{endpoint.port}"
+        # whether the last send() began writing the message after DATA: until then a failure is known not to have
+        # delivered it (the outbox clears its write-ahead mark), from then on it may have
+        self.data_sent = False
 
     def __repr__(self) -> str:
         return f"AioSmtpSender({self._where}, username={self._username!r})"
@@ -238,6 +241,7 @@ class AioSmtpSender:
     async def send(self, *, sender: str, recipients: list[str], message: bytes) -> SendResult:
         """See SmtpSender.send. ValueError for an address aiosmtplib will not put on the wire (use
         inboxd.mime.envelope_recipients, which validates)."""
+        self.data_sent = False
         if not recipients:
             raise ValueError("no recipients")
         client = await self._connect()
@@ -365,6 +369,7 @@ class AioSmtpSender:
             protocol = client.protocol
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            self.data_sent = True
             protocol.write(payload)  # raises SMTPServerDisconnected, having sent nothing, if the connection is gone
 
         # From here on the server may have the whole message. (A CancelledError propagates as it is: the
