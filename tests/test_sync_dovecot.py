@@ -15,6 +15,7 @@ from harness import MailStack, make_message
 from harness.config import write_stack_config
 from inboxd.clock import SystemClock
 from inboxd.config import Config, load_config
+from inboxd.imap import ImapEndpoint, _flag_update, _header_info, connect, header_fields
 from inboxd.models import MailMessage, MailParticipant, MailQuarantine, MailThread
 from inboxd.runner import Runner
 from inboxd.store import Credential, Store
@@ -409,3 +410,33 @@ def test_rest_of_a_candidate_thread_is_kept(
     got = rows(store, recruiter)
     assert [r.subject for r in got] == ["application", "Re: application"]
     assert got[0].thread_id == got[1].thread_id
+
+
+def test_the_expunge_check_of_a_sparse_folder_stays_within_the_servers_line_limit(
+    mailstack: MailStack, recruiter: str
+) -> None:
+    """existing_uids asked for every stored UID in one SEARCH: the UIDs kept from a sparse folder (scope
+    "contacts", many deletions) made a line longer than Dovecot takes (64 KB: BAD), so every incremental sync of
+    the folder failed. It asks in chunks now."""
+    for n in range(3):
+        mailstack.deliver(recruiter, make_message("c@example.org", recruiter, f"m{n}", "x"))
+    endpoint = ImapEndpoint(
+        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
+    )
+    session = connect(endpoint, username=recruiter, access_token=lambda: mailstack.access_token(recruiter))
+    try:
+        session.select("INBOX")
+        sparse = list(range(100_001, 100_001 + 2 * 12_000, 2))  # "100001,100003,...": about 84 KB in one line
+        assert session.existing_uids([1, 2, 3, *sparse]) == {1, 2, 3}
+    finally:
+        session.close()
+
+
+def test_nil_items_in_a_fetch_reply_read_as_absent() -> None:
+    """FETCH items may be NIL (an nstring): BODY[HEADER.FIELDS ...] NIL raised AttributeError and FLAGS NIL a
+    TypeError, an internal error on every cycle at that message, so no folder after it synced."""
+    header = _header_info(7, {b"FLAGS": None, b"INTERNALDATE": None, b"X-GM-LABELS": None}, header_fields(b""))
+    assert (header.uid, header.flags, header.internaldate, header.gm_labels, header.message_id) == (
+        7, (), None, None, None,
+    )  # fmt: skip
+    assert _flag_update(7, {b"FLAGS": None, b"MODSEQ": (12,)}).flags == ()

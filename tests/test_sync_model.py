@@ -3,19 +3,21 @@ equal to the mailbox (no loss, no duplicates), on SQLite and PostgreSQL, for eve
 
 from __future__ import annotations
 
+import imaplib
 import uuid
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
-from inboxd.errors import SessionExpired
-from inboxd.models import MailMessage
+from inboxd.errors import RetryLater, SessionExpired
+from inboxd.models import MailFolder, MailLocation, MailMessage
 from inboxd.planner import Capabilities, message_identity
 from inboxd.scope import contact_set
 from inboxd.store import Credential, Store
@@ -23,6 +25,8 @@ from inboxd.sync import AccountSync, SyncSettings
 from inboxd.testing import FakeMailbox, FakeSession, message_id_of
 
 messages_t = MailMessage.__table__  # type: ignore[attr-defined]
+locations_t = MailLocation.__table__  # type: ignore[attr-defined]
+folders_t = MailFolder.__table__  # type: ignore[attr-defined]
 
 CAPS = {
     "qresync": Capabilities(condstore=True, qresync=True),
@@ -168,7 +172,8 @@ def test_uidvalidity_change_remaps_without_downloading_bodies(store: Store) -> N
 
 
 class DropsOneBody(FakeSession):
-    """A server that once answers a body FETCH without the body of one message."""
+    """A server that once answers a body FETCH without the body of its lowest message (bodies-first, as in a first
+    sync, and header-first)."""
 
     dropped = False
 
@@ -179,23 +184,155 @@ class DropsOneBody(FakeSession):
             bodies.pop(min(bodies))
         return bodies
 
+    def fetch_messages(self, uids):  # type: ignore[no-untyped-def]
+        fetched = super().fetch_messages(uids)
+        if not DropsOneBody.dropped and fetched:
+            DropsOneBody.dropped = True
+            uid = min(fetched)
+            fetched[uid] = (None, fetched[uid][1])
+        return fetched
 
-def test_a_missing_body_is_fetched_again_not_skipped(store: Store) -> None:
+
+def _stored(store: Store, account_id: int) -> int:
+    with store.engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.select(sa.func.count()).select_from(messages_t).where(messages_t.c.account_id == account_id)
+            ).scalar_one()
+        )
+
+
+@pytest.mark.parametrize("bodies_first", [True, False])
+def test_a_missing_body_is_fetched_again_not_skipped(store: Store, bodies_first: bool) -> None:
+    """The body of the first batch's first message did not come: the cursor stays below it through the later
+    batches of the same sync (a later batch's cursor used to jump past it, and it was never fetched again)."""
     DropsOneBody.dropped = False
-    account = store.add_account("gaps@example.test", "fake", Credential("password", "x"))
+    account = store.add_account(f"gaps-{bodies_first}@example.test", "fake", Credential("password", "x"))
     mb = FakeMailbox()
-    for n in range(4):
+    for n in range(8):
         mb.append("INBOX", raw_message(n))
     clock = FakeClock()
     caps = CAPS["qresync"]
+    settings = SyncSettings(batch_size=2, bodies_first=bodies_first)
+    AccountSync(store, account, DropsOneBody(mb, caps), settings=settings, clock=clock).run()
+    assert DropsOneBody.dropped
+    assert _stored(store, account.id) == 7
+    AccountSync(store, account, FakeSession(mb, caps), settings=settings, clock=clock).run()
+    assert _stored(store, account.id) == 8, "the cursor stopped before the message whose body did not come"
+
+
+def test_flags_change_above_a_held_cursor_is_not_lost(store: Store) -> None:
+    """While the cursor is held below a message that did not come, the messages above it are stored: a flag change
+    on one of them (CHANGEDSINCE, asked only up to the cursor) was lost once HIGHESTMODSEQ moved on."""
+    DropsOneBody.dropped = False
+    account = store.add_account("held@example.test", "fake", Credential("password", "x"))
+    mb = FakeMailbox()
+    uids = [mb.append("INBOX", raw_message(n)) for n in range(4)]
+    clock = FakeClock()
+    caps = CAPS["qresync"]
     AccountSync(store, account, DropsOneBody(mb, caps), settings=SyncSettings(), clock=clock).run()
-    first = AccountSync(store, account, FakeSession(mb, caps), settings=SyncSettings(), clock=clock)
-    first.run()
+    mb.set_flags("INBOX", uids[2], ["\\Seen"])
+    DropsOneBody.dropped = False  # and the first body is missing once more
+    clock.advance(1)
+    AccountSync(store, account, DropsOneBody(mb, caps), settings=SyncSettings(), clock=clock).run()
     with store.engine.connect() as conn:
-        count = conn.execute(
-            sa.select(sa.func.count()).select_from(messages_t).where(messages_t.c.account_id == account.id)
+        flags = conn.execute(
+            sa.select(locations_t.c.flags)
+            .join(folders_t, folders_t.c.id == locations_t.c.folder_id)
+            .where(folders_t.c.account_id == account.id, locations_t.c.uid == uids[2])
         ).scalar_one()
-    assert count == 4, "the cursor stopped before the message whose body did not come"
+    assert "\\Seen" in flags
+
+
+class LosesOneReply(FakeSession):
+    """A server whose FETCH reply for one message never arrives (or imapclient merged it into another's after a
+    mid-FETCH EXPUNGE renumbered them), although the message is there."""
+
+    def __init__(self, mailbox: FakeMailbox, caps: Capabilities, lost: int) -> None:
+        super().__init__(mailbox, caps)
+        self._lost = lost
+
+    def fetch_messages(self, uids):  # type: ignore[no-untyped-def]
+        return {uid: v for uid, v in super().fetch_messages(uids).items() if uid != self._lost}
+
+    def fetch_headers(self, uids, *, fields=True):  # type: ignore[no-untyped-def]
+        return {uid: v for uid, v in super().fetch_headers(uids, fields=fields).items() if uid != self._lost}
+
+
+@pytest.mark.parametrize("bodies_first", [True, False])
+def test_a_message_without_a_reply_holds_the_cursor_unless_it_is_gone(store: Store, bodies_first: bool) -> None:
+    """A UID listed but not answered was taken for expunged and the cursor passed it: lost for good when it was
+    there. It is checked with one SEARCH: still there, it holds the cursor (fetched by the next sync); gone, not."""
+    account = store.add_account(f"lost-{bodies_first}@example.test", "fake", Credential("password", "x"))
+    mb = FakeMailbox()
+    uids = [mb.append("INBOX", raw_message(n)) for n in range(5)]
+    clock = FakeClock()
+    caps = CAPS["qresync"]
+    settings = SyncSettings(batch_size=2, bodies_first=bodies_first)
+    AccountSync(store, account, LosesOneReply(mb, caps, uids[1]), settings=settings, clock=clock).run()
+    assert _stored(store, account.id) == 4
+    AccountSync(store, account, FakeSession(mb, caps), settings=settings, clock=clock).run()
+    assert _stored(store, account.id) == 5, "fetched again by the next sync"
+
+    other = store.add_account(f"gone-{bodies_first}@example.test", "fake", Credential("password", "x"))
+    mb2 = FakeMailbox()
+    uids2 = [mb2.append("INBOX", raw_message(n)) for n in range(5)]
+
+    class ExpungedMidFetch(FakeSession):
+        def fetch_messages(self, wanted):  # type: ignore[no-untyped-def]
+            if uids2[1] in mb2.folders["INBOX"].messages:
+                mb2.expunge("INBOX", uids2[1])
+            return super().fetch_messages(wanted)
+
+        def fetch_headers(self, wanted, *, fields=True):  # type: ignore[no-untyped-def]
+            if uids2[1] in mb2.folders["INBOX"].messages:
+                mb2.expunge("INBOX", uids2[1])
+            return super().fetch_headers(wanted, fields=fields)
+
+    stats = AccountSync(store, other, ExpungedMidFetch(mb2, caps), settings=settings, clock=clock).run()
+    assert _stored(store, other.id) == 4
+    with store.engine.connect() as conn:
+        last_uid = conn.execute(
+            sa.select(folders_t.c.last_uid).where(folders_t.c.account_id == other.id, folders_t.c.name == "INBOX")
+        ).scalar_one()
+    assert last_uid == max(uids2), "an expunged message does not hold the cursor"
+    assert stats.new_messages == 4
+
+
+class RefusesOneFolder(FakeSession):
+    """A server that answers NO to the STATUS of one folder (no read right, [UNAVAILABLE], deleted meanwhile)."""
+
+    def __init__(self, mailbox: FakeMailbox, caps: Capabilities, refused: set[str]) -> None:
+        super().__init__(mailbox, caps)
+        self._refused = refused
+
+    def status(self, folder: str):  # type: ignore[no-untyped-def]
+        if folder in self._refused:
+            try:
+                raise imaplib.IMAP4.error("STATUS command error: BAD [b'NO [UNAVAILABLE] try later']")
+            except imaplib.IMAP4.error as exc:
+                raise RetryLater(f"IMAP command failed: {exc}") from exc
+        return super().status(folder)
+
+
+def test_a_folder_the_server_refuses_does_not_keep_the_others_from_syncing(store: Store) -> None:
+    account = store.add_account("refused@example.test", "fake", Credential("password", "x"))
+    mb = FakeMailbox()
+    mb.add_folder("Archive", "\\Archive")
+    mb.add_folder("Zeta")
+    for folder in ("INBOX", "Archive", "Zeta"):
+        mb.append(folder, raw_message(len(mb.folders[folder].messages) + hash(folder) % 1000))
+    clock = FakeClock()
+    caps = CAPS["qresync"]
+    with structlog.testing.capture_logs() as logs:
+        stats = AccountSync(
+            store, account, RefusesOneFolder(mb, caps, {"Archive"}), settings=SyncSettings(), clock=clock
+        ).run()
+    assert stats.new_messages == 2, "INBOX and Zeta, before and after the refused folder"
+    assert [e["folder"] for e in logs if e["event"] == "sync.folder_refused"] == ["Archive"]
+    everything = RefusesOneFolder(mb, caps, {"INBOX", "Archive", "Zeta"})
+    with pytest.raises(RetryLater):
+        AccountSync(store, account, everything, settings=SyncSettings(), clock=clock).run()
 
 
 @pytest.mark.parametrize("caps_name", ["condstore", "plain"])

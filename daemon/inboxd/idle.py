@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import imaplib
 import random
 import select
 import socket
@@ -36,7 +35,7 @@ from inboxd.clock import Clock
 from inboxd.dialect import GenericImap
 from inboxd.errors import InboxdError, RetryLater, SessionExpired
 from inboxd.gmail import Gmail
-from inboxd.imap import ImapClientSession, ImapSession
+from inboxd.imap import ImapClientSession, ImapSession, is_refusal
 
 log = structlog.get_logger(__name__)
 
@@ -341,8 +340,7 @@ class IdleWatcher:
             try:
                 found[name] = session.status(name)
             except RetryLater as exc:
-                cause = exc.__cause__
-                if not isinstance(cause, IMAPClientError) or isinstance(cause, imaplib.IMAP4.abort):
+                if not is_refusal(exc):
                     raise  # the connection itself is gone: reconnect
                 self._refused(name, str(exc))
             except (KeyError, ValueError, TypeError) as exc:  # a reply without UIDNEXT, or not a number

@@ -129,6 +129,13 @@ class ImapEndpoint:
     timeout: float = 30.0
 
 
+def is_refusal(exc: RetryLater) -> bool:
+    """Whether a failed command was refused by the server (NO, BAD: the connection still works), not lost with the
+    connection (abort, a network error, a timeout)."""
+    cause = exc.__cause__
+    return isinstance(cause, IMAPClientError) and not isinstance(cause, imaplib.IMAP4.abort)
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -203,11 +210,14 @@ class ImapClientSession:
         return sorted(uid for uid in found if uid > last_uid)
 
     def existing_uids(self, uids: Iterable[int]) -> set[int]:
-        wanted = set(uids)
-        if not wanted:
-            return set()
-        found = self._call(self._client.search, ["UID", sequence_set(wanted)])
-        return {uid for uid in found if uid in wanted}
+        """Which of ``uids`` the selected folder still has. Asked in chunks: the UIDs stored from a sparse folder
+        (scope "contacts", many deletions) made one SEARCH line longer than servers take (Dovecot: 64 KB, BAD)."""
+        wanted = sorted(set(uids))
+        found: set[int] = set()
+        for start in range(0, len(wanted), EXISTING_UIDS_CHUNK):
+            chunk = wanted[start : start + EXISTING_UIDS_CHUNK]
+            found.update(self._call(self._client.search, ["UID", sequence_set(chunk)]))
+        return found & set(wanted)
 
     def search_addresses(self, addresses: Iterable[str]) -> set[int]:
         found: set[int] = set()
@@ -232,7 +242,7 @@ class ImapClientSession:
         for uid, data in self._fetch(sequence_set(wanted), items).items():
             if uid not in wanted:  # an unsolicited flag update (with its UID under QRESYNC), not a message asked for
                 continue
-            header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER.FIELDS")), b"")
+            header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER.FIELDS")), b"") or b""  # NIL
             out[uid] = _header_info(uid, data, header_fields(header))  # no fields: no Message-ID, addresses, refs
         return out
 
@@ -390,7 +400,7 @@ def _header_info(uid: int, data: Mapping[bytes, Any], values: Mapping[str, str],
         else (),
         references=reference_ids(values) if values else (),
         size=data.get(b"RFC822.SIZE") if size is None else size,
-        flags=tuple(_text(f) for f in data.get(b"FLAGS", ())),
+        flags=tuple(_text(f) for f in data.get(b"FLAGS") or ()),  # NIL or missing: none
         modseq=_modseq(data),
         internaldate=_aware(data.get(b"INTERNALDATE")),
         gm_msgid=_int_or_none(data.get(b"X-GM-MSGID")),
@@ -412,7 +422,7 @@ def _labels(data: Mapping[bytes, Any]) -> tuple[str, ...] | None:
 
 
 def _flag_update(uid: int, data: Mapping[bytes, Any]) -> FlagUpdate:
-    return FlagUpdate(uid, tuple(_text(f) for f in data.get(b"FLAGS", ())), _modseq(data), _labels(data))
+    return FlagUpdate(uid, tuple(_text(f) for f in data.get(b"FLAGS") or ()), _modseq(data), _labels(data))
 
 
 def _modseq(data: Mapping[bytes, Any]) -> int | None:
@@ -422,6 +432,7 @@ def _modseq(data: Mapping[bytes, Any]) -> int | None:
     return int(value) if value is not None else None
 
 
+EXISTING_UIDS_CHUNK = 2000  # UIDs per SEARCH: at most ~20 KB of sequence set, whatever the gaps
 ADDRESS_FIELDS = ("from", "to", "cc", "bcc", "reply-to")
 HEADER_FIELDS = ("MESSAGE-ID", "FROM", "TO", "CC", "BCC", "REPLY-TO", "IN-REPLY-TO", "REFERENCES")
 

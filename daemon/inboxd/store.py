@@ -525,6 +525,12 @@ class Store:
         with self.engine.connect() as conn:
             return set(conn.execute(sa.select(locations_t.c.uid).where(locations_t.c.folder_id == folder_id)).scalars())
 
+    def highest_uid(self, folder_id: int) -> int:
+        """The highest UID stored for the folder (0 when none)."""
+        with self.engine.connect() as conn:
+            found = conn.execute(sa.select(sa.func.max(locations_t.c.uid)).where(locations_t.c.folder_id == folder_id))
+            return int(found.scalar() or 0)
+
     def remove_locations(self, folder_id: int, uids: Iterable[int]) -> list[int]:
         """Forget expunged UIDs; returns the affected message ids."""
         uid_list = sorted(uids)

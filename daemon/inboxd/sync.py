@@ -9,7 +9,7 @@ The decisions come from planner.py; this module carries them out against an Imap
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -18,9 +18,9 @@ import structlog
 
 from inboxd.clock import Clock
 from inboxd.dialect import Dialect, GenericImap
-from inboxd.errors import Interrupted, UnparseableMessage
+from inboxd.errors import Interrupted, RetryLater, UnparseableMessage
 from inboxd.gmail import Gmail
-from inboxd.imap import FlagUpdate, HeaderInfo, ImapSession, SelectInfo
+from inboxd.imap import FlagUpdate, HeaderInfo, ImapSession, SelectInfo, is_refusal
 from inboxd.parsing import InlineParser, MessageParser, ParseJob
 from inboxd.planner import (
     ExpungeCheck,
@@ -135,9 +135,20 @@ class AccountSync:
         folders = self._store.prepare_folders(self._account.id, specs)
         first_sync = all(f.cursor.uidvalidity is None for f in folders.values())
         self._bodies_first = self._header_fields_decide_nothing(first_sync=first_sync)
+        refused: list[RetryLater] = []
         for spec in specs:
             self._check_stop()
-            self._sync_folder(folders[spec.name])
+            try:
+                self._sync_folder(folders[spec.name])
+            except RetryLater as exc:
+                if not is_refusal(exc):
+                    raise  # the connection is gone: the account's sync is retried
+                # one folder the server will not open (NO: no read right, [UNAVAILABLE], deleted meanwhile) must
+                # not keep the folders after it from syncing, cycle after cycle; what was stored stays stored
+                self._log.warning("sync.folder_refused", folder=spec.name, error=str(exc)[:200])
+                refused.append(exc)
+        if refused and len(refused) == len(specs):
+            raise refused[0]  # nothing synced: the account reports the error
         if self._settings.backfill and not first_sync:  # a first sync has just seen every message anyway
             for spec in specs:
                 self._backfill(spec, self._settings.backfill)
@@ -194,7 +205,8 @@ class AccountSync:
                 plan.flags_changed_since,
                 plan.refresh_all_flags,
                 plan.expunge_check,
-                up_to_uid=folder.cursor.last_uid,
+                # every stored UID, also those above a cursor held back by a message that did not come
+                up_to_uid=max(folder.cursor.last_uid, selected.uidnext - 1, self._store.highest_uid(folder.id)),
             )
         # a folder left incomplete (a body did not come) must not look "unchanged" to the next STATUS check
         self._store.finish_folder(
@@ -308,13 +320,14 @@ class AccountSync:
         for batch in uid_batches:
             self._check_stop()
             headers, identities, known, need_body, out_of_scope = self._header_phase(folder, batch)
+            unanswered = self._unanswered(batch, headers)  # held like a missing body (see _fetch_runs_bodies_first)
             runs = _runs_by_size(need_body, headers, self._settings.max_fetch_bytes)
             for index, run in enumerate(runs):
                 last = index + 1 == len(runs)
                 bodies = self._session.fetch_bodies(run) if run else {}
                 yield _FetchedRun(
                     batch=batch,
-                    uids=run,
+                    uids=sorted([*run, *unanswered]) if index == 0 else run,
                     bodies=bodies,
                     parsed=self._parser.start(bodies, max_attachment_bytes=self._settings.max_attachment_bytes),
                     headers=headers,
@@ -344,8 +357,9 @@ class AccountSync:
                 headers = {uid: header for uid, (_, header) in fetched.items()}
                 yield _FetchedRun(
                     batch=batch,
-                    # a UID without any reply was expunged after it was listed: nothing to wait for
-                    uids=sorted(fetched),
+                    # a UID without any reply was expunged after it was listed, unless the server still has it
+                    # (a reply lost or merged into another's): that one holds the cursor like a missing body
+                    uids=sorted([*fetched, *self._unanswered(run, fetched)]),
                     bodies=bodies,
                     parsed=self._parser.start(bodies, max_attachment_bytes=self._settings.max_attachment_bytes),
                     headers=headers,
@@ -356,19 +370,32 @@ class AccountSync:
                     out_of_scope=0,
                 )
 
+    def _unanswered(self, asked: list[int], answered: Mapping[int, object]) -> list[int]:
+        """The UIDs of ``asked`` the server gave no FETCH reply for and still has: one more UID SEARCH, only when a
+        reply is missing. Usually none (the message was expunged after the UIDs were listed); a reply lost, or
+        merged into another's by a mid-FETCH EXPUNGE renumbering (imapclient keys replies by sequence number),
+        must not let the cursor pass a message that is there."""
+        absent = [uid for uid in asked if uid not in answered]
+        return sorted(self._session.existing_uids(absent)) if absent else []
+
     def _store_runs(self, folder: StoredFolder, selected: SelectInfo, runs: Iterable[_FetchedRun]) -> None:
         missing: list[int] = []
+        held: int | None = None  # the lowest UID of this ingest that should have been stored and was not
         remapped = 0
         batch_open = False
         for run in runs:
             if not batch_open:  # between batches: a stop leaves a fetched-ahead batch unstored, the cursor before it
                 self._check_stop()
                 batch_open = True
-            # the cursor never passes a message that should have been stored but whose body did not come
-            cursor = min(run.cursor, min(missing) - 1) if missing else run.cursor
+            # the cursor never passes a message that should have been stored but whose body did not come, in this
+            # batch or any before it: a later batch's cursor would otherwise skip it for good
+            cursor = min(run.cursor, held - 1) if held is not None else run.cursor
             self.stats.out_of_scope += run.out_of_scope
             remapped += len(run.known)
-            missing += self._store_run(folder, selected, run, cursor=cursor)
+            lost = self._store_run(folder, selected, run, cursor=cursor)
+            missing += lost
+            if lost:
+                held = min(lost) if held is None else min(held, *lost)
             if not run.last_of_batch:
                 continue
             if missing:
