@@ -81,6 +81,7 @@ def sender_for(
     port: int | None = None,
     ca: bool = True,
     timeout: float = 10.0,
+    final_reply_timeout: float | None = None,
 ) -> AioSmtpSender:
     endpoint = SmtpEndpoint(
         host=mailstack.host,
@@ -88,6 +89,7 @@ def sender_for(
         tls=tls,
         ca_file=mailstack.ca_cert if ca else None,
         timeout=timeout,
+        final_reply_timeout=final_reply_timeout,
     )
     tokens = tokens or Tokens(mailstack, user)
     return AioSmtpSender(endpoint, username=user, access_token=tokens.access_token, invalidate_token=tokens.invalidate)
@@ -141,6 +143,7 @@ def send_via_proxy(
     *,
     tls: str = "plain",
     timeout: float = 10.0,
+    final_reply_timeout: float | None = None,
     tokens: Tokens | None = None,
 ) -> tuple[SendResult | BaseException, list[str]]:
     """Send through a fault proxy (plain SMTP on loopback: the proxy must read the dialogue); return the result or
@@ -149,7 +152,15 @@ def send_via_proxy(
     async def go() -> tuple[SendResult | BaseException, list[str]]:
         async with SmtpFaultProxy(mailstack.host, mailstack.submission_port) as proxy:
             arm(proxy)
-            sender = sender_for(mailstack, user, tls=tls, port=proxy.port, timeout=timeout, tokens=tokens)
+            sender = sender_for(
+                mailstack,
+                user,
+                tls=tls,
+                port=proxy.port,
+                timeout=timeout,
+                final_reply_timeout=final_reply_timeout,
+                tokens=tokens,
+            )
             try:
                 result: SendResult | BaseException = await sender.send(sender=user, recipients=recipients, message=raw)
             except Exception as exc:
@@ -332,10 +343,13 @@ def test_connection_cut_after_the_final_reply_to_data_is_ambiguous_and_the_messa
 
 
 def test_no_final_reply_within_the_timeout_is_ambiguous(mailstack: MailStack) -> None:
+    """The final reply's own timeout (5 minutes by default, RFC 5321; 1 s here) runs out: ambiguous."""
     user, to = mailstack.new_user("sender"), mailstack.new_user("to")
     _, raw, message_id = message_for(user, to)
     started = time.monotonic()
-    result, events = send_via_proxy(mailstack, user, [to], raw, SmtpFaultProxy.stall_after_data, timeout=1.0)
+    result, events = send_via_proxy(
+        mailstack, user, [to], raw, SmtpFaultProxy.stall_after_data, timeout=1.0, final_reply_timeout=1.0
+    )
     assert events == ["swallowed final reply 250"]
     assert isinstance(result, SendAmbiguous)
     assert time.monotonic() - started < 5

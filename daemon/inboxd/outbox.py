@@ -81,6 +81,7 @@ class Outbox:
         self._policy = policy or RetryPolicy()
         self._imap = imap_factory or connections.imap
         self._metrics = metrics or Metrics()
+        self._claimed = clock.monotonic()  # when the row being processed was claimed (drain)
 
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config (pauses, display names, providers, limits) from the next row on."""
@@ -90,7 +91,7 @@ class Outbox:
         """Send every row that is due now (until `stop` is set: the send in flight is finished first)."""
         reports: list[SendReport] = []
         while not (stop is not None and stop.is_set()) and (row := self._outbox.claim_next()) is not None:
-            claimed = self._clock.monotonic()
+            claimed = self._claimed = self._clock.monotonic()
             try:
                 reports.append(self._process(row))
             except Exception as exc:  # a bug or a database hiccup must not wedge the queue: retry with backoff
@@ -161,7 +162,7 @@ class Outbox:
                 )
         return self._send(row, account, provider, draft, raw, files_sent_itself=files_sent_itself)
 
-    def _send(  # noqa: PLR0911 (one return per outcome)
+    def _send(  # noqa: PLR0911, PLR0912 (one branch and return per outcome)
         self,
         row: OutboxRow,
         account: Account,
@@ -182,9 +183,16 @@ class Outbox:
             log.warning("outbox.claim_lost", row=row.id)  # another worker took the row over: it sends, not us
             return SendReport(row.id, "sending", "claim lost to another worker")
         try:
-            result = asyncio.run(sender.send(sender=account.email, recipients=envelope_recipients(draft), message=raw))
+            result = asyncio.run(self._send_within(sender, account.email, envelope_recipients(draft), raw))
         except SendAmbiguous as exc:
             return self._finish(row, Outcome.AMBIGUOUS, f"uncertain: {exc}", uncertain=True)
+        except TimeoutError:  # the attempt's own deadline (_send_within)
+            limit = f"the attempt took over {self._policy.stale_after.total_seconds() * 0.9:.0f} s"
+            if getattr(sender, "data_sent", True):
+                return self._finish(
+                    row, Outcome.AMBIGUOUS, f"uncertain: {limit} after the message went", uncertain=True
+                )
+            return self._finish(row, Outcome.TEMPORARY, f"{TEMPORARY}{limit}")
         except SendDailyLimit as exc:
             report = self._finish(row, Outcome.DAILY_LIMIT, str(exc))
             self._outbox.defer_account(account.id, self._clock.now() + self._policy.daily_limit_pause, str(exc))
@@ -207,6 +215,19 @@ class Outbox:
         if result.refused:
             note = "refused by the server: " + ", ".join(f"{a} ({c} {t})" for a, (c, t) in result.refused.items())
         return self._sent(row, account, raw, provider, already_filed=files_sent_itself, note=note)
+
+    def _attempt_limit(self) -> float:
+        """Seconds the send may still take: the attempt ends within 90% of stale_after from its claim, after which
+        another worker (or node) takes a row in 'sending' for abandoned and sends it itself. Each SMTP step has its
+        own timeout, but a hundred RCPTs, a slow final reply or a slow Sent check before could add up past it:
+        two deliveries. At least a second, so that a late send fails as temporary rather than not at all."""
+        spent = self._clock.monotonic() - self._claimed
+        return max(self._policy.stale_after.total_seconds() * 0.9 - spent, 1.0)
+
+    async def _send_within(self, sender: Any, from_email: str, recipients: list[str], raw: bytes) -> Any:
+        return await asyncio.wait_for(
+            sender.send(sender=from_email, recipients=recipients, message=raw), timeout=self._attempt_limit()
+        )
 
     def _hold_reason(self, account: Account) -> str | None:
         if not account.enabled:

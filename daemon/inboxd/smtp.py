@@ -32,7 +32,7 @@ import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import aiosmtplib
 import structlog
@@ -117,6 +117,9 @@ class SmtpEndpoint:
     tls: str  # 'tls' | 'starttls' | 'plain' (plain only to loopback)
     ca_file: Path | None = None
     timeout: float = 30.0
+    # for the reply to the end of the data, once the message has left (None: the larger of timeout and
+    # FINAL_REPLY_TIMEOUT; RFC 5321 allows a server 10 minutes)
+    final_reply_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.tls not in ("tls", "starttls", "plain"):
@@ -204,6 +207,25 @@ async def _discard(client: aiosmtplib.SMTP, transport: asyncio.BaseTransport | N
         transport.abort()
     client.close()  # releases aiosmtplib's connect lock and resets its state
     await asyncio.sleep(0)  # let the transport's scheduled connection_lost close the socket
+
+
+FINAL_REPLY_TIMEOUT = 300.0  # seconds for the reply to the end of the data, once it is sent (see _transaction)
+
+
+async def _drained(protocol: Any, *, stall: float) -> None:
+    """Wait until the transport has handed the whole message to the kernel; TimeoutError when it stops moving for
+    ``stall`` seconds (the peer reads nothing)."""
+    transport = protocol.transport
+    if transport is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    left, still = transport.get_write_buffer_size(), 0.0
+    while left:
+        await asyncio.sleep(0.05)
+        now = transport.get_write_buffer_size()
+        still = still + 0.05 if now >= left else 0.0
+        if still >= stall:
+            raise TimeoutError("the server stopped reading the message")
+        left = now
 
 
 class AioSmtpSender:
@@ -375,7 +397,13 @@ class AioSmtpSender:
         # From here on the server may have the whole message. (A CancelledError propagates as it is: the
         # caller must then treat the attempt as ambiguous too.)
         try:
-            reply = await protocol.read_response(timeout=self._endpoint.timeout)
+            await _drained(protocol, stall=self._endpoint.timeout)
+            # RFC 5321 4.5.3.2.6: a server may take up to 10 minutes to answer the end of the data (scanning); the
+            # timer starts once the message has left, not when it was buffered (34 MB take minutes on a slow link)
+            final = self._endpoint.final_reply_timeout
+            reply = await protocol.read_response(
+                timeout=final if final is not None else max(self._endpoint.timeout, FINAL_REPLY_TIMEOUT)
+            )
         except (aiosmtplib.SMTPException, OSError) as exc:
             log.warning("smtp.send_ambiguous", server=self._where, error=type(exc).__name__)
             raise SendAmbiguous(

@@ -19,16 +19,18 @@ from inboxd.store import Store
 outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
 
 
-def make_outbox(config: Config, store: Store, clock: Clock | None = None) -> Outbox:
+def make_outbox(config: Config, store: Store, clock: Clock | None = None, policy: RetryPolicy | None = None) -> Outbox:
     """`clock` drives claims and retries (a FakeClock skips backoffs); tokens always use the real clock."""
     clock = clock or SystemClock()
+    policy = policy or RetryPolicy()
     return Outbox(
         config,
         store,
-        OutboxStore(store.engine, clock=clock, policy=RetryPolicy()),
+        OutboxStore(store.engine, clock=clock, policy=policy),
         Connections(store, clock=SystemClock()),
         BlobStore(config.sync.attachments_dir),
         clock=clock,
+        policy=policy,
     )
 
 
