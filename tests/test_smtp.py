@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 import structlog
 
-from harness import MailStack, wait_for
+from harness import MailStack, make_message, wait_for
 from harness.smtp_proxy import SmtpFaultProxy
 from inboxd.errors import AccountFailed, ReauthRequired, RetryLater
 from inboxd.mime import Draft, OutgoingAttachment, ReplyContext, build_message, envelope_recipients, make_message_id
@@ -354,6 +354,19 @@ def test_no_final_reply_within_the_timeout_is_ambiguous(mailstack: MailStack) ->
     assert isinstance(result, SendAmbiguous)
     assert time.monotonic() - started < 5
     assert len(delivered(mailstack, to, message_id)) == 1
+
+
+def test_a_server_that_stops_reading_the_message_ends_the_send_as_ambiguous(mailstack: MailStack) -> None:
+    """The final reply's 5 minutes are counted from when the message has left; a server that stops reading it
+    (the socket buffers full, the writes not moving for `timeout`) ends the send there, as ambiguous, not after
+    the 5 minutes of the final reply."""
+    user, to = mailstack.new_user("sender"), mailstack.new_user("to")
+    big = make_message(user, to, "Offer", "x" * (24 * 1024 * 1024))  # more than loopback's socket buffers hold
+    started = time.monotonic()
+    result, events = send_via_proxy(mailstack, user, [to], big, SmtpFaultProxy.stop_reading_data, timeout=1.0)
+    assert "stopped reading the message" in events
+    assert isinstance(result, SendAmbiguous), result
+    assert time.monotonic() - started < 30
 
 
 def test_connection_lost_before_the_354_is_temporary_and_a_retry_delivers_exactly_once(mailstack: MailStack) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
 
-Fault = Literal["none", "cut_after_data_reply", "stall_after_data", "close_at_data"]
+Fault = Literal["none", "cut_after_data_reply", "stall_after_data", "close_at_data", "stop_reading_data"]
 END_OF_DATA = b"\r\n.\r\n"
 
 
@@ -54,6 +54,11 @@ class SmtpFaultProxy:
     def stall_after_data(self) -> None:
         """Swallow the final reply to the message and keep the connection open: the client times out."""
         self._fault = "stall_after_data"
+
+    def stop_reading_data(self) -> None:
+        """Stop reading from the client once the message body has begun (after the 354), keeping the connection
+        open: a big message fills the socket buffers and the client's writes stop moving."""
+        self._fault = "stop_reading_data"
 
     def close_at_data(self) -> None:
         """Close the client connection when it sends DATA, before any 354: the server never saw DATA."""
@@ -116,6 +121,10 @@ class SmtpFaultProxy:
         server: asyncio.StreamWriter,
     ) -> None:
         while data := await reader.read(65536):
+            if state.in_data and self._fault == "stop_reading_data":
+                self.events.append("stopped reading the message")
+                await state.closed.wait()  # read nothing more until the connection ends
+                return
             if state.in_data:
                 window = state.tail + data
                 if END_OF_DATA in window:
