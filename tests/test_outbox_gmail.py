@@ -4,6 +4,7 @@ daily sending limit pauses the account's rows, and the sent row is adopted by th
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from gmail.server import GmailServer
 from harness import MailStack, make_message
 from harness.config import write_gmail_config
 from harness.outbox import make_outbox, outbox_row
+from inboxd.blobs import BlobStore
 from inboxd.clock import FakeClock, SystemClock
 from inboxd.config import Config, load_config
 from inboxd.models import MailMessage, MailOutbox
@@ -121,6 +123,34 @@ def test_a_possible_delivery_is_not_sent_again_when_all_mail_is_hidden_from_imap
     assert "delivery uncertain" in row.last_error and "no Sent folder" in row.last_error
     assert len(gmail_server.smtp_sent(recruiter)) == 1, "one SMTP delivery in all"
     assert not row.delivery_uncertain, "a final row"
+
+
+def test_a_delivered_row_is_sent_even_when_it_no_longer_builds(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """After an attempt that may have delivered, Sent is searched by the Message-ID before the row is built again:
+    its attachment file deleted meanwhile failed the row ("no stored bytes") although the mail had gone out.
+    The row is sent; the sync stores the server's copy."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    candidate = mailstack.new_user("cand")
+    cv = b"%PDF-1.4 the offer letter"
+    sha = hashlib.sha256(cv).hexdigest()
+    blobs = BlobStore(config.sync.attachments_dir)
+    blobs.put(sha, cv)
+    row_id = queue(store, recruiter, "gone", to=[candidate], attachments=[{"sha256": sha, "filename": "offer.pdf"}])
+    gmail_server.drop_after_data()
+    clock = FakeClock(SystemClock().now())
+    assert [r.status for r in make_outbox(config, store, clock).drain()] == ["queued"]
+    blobs.path(sha).unlink()  # the HR app deleted the file meanwhile
+    clock.advance(3600)
+    [second] = make_outbox(config, store, clock).drain()
+    row = outbox_row(store, row_id)
+    assert (second.status, row.status, row.last_error) == ("sent", "sent", None)
+    assert len(gmail_server.smtp_sent(recruiter)) == 1, "one SMTP delivery in all"
+    assert Runner(config, store, clock=SystemClock()).sync_once()[0].ok
+    with store.engine.connect() as conn:
+        stored = conn.execute(sa.select(messages_t.c.message_id_header, messages_t.c.direction)).all()
+    assert [(m, d) for m, d in stored] == [(row.message_id_header.strip("<>"), "outbound")], "the sync stored it"
 
 
 def test_daily_sending_limit_defers_the_accounts_rows_a_day(

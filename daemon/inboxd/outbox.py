@@ -130,22 +130,16 @@ class Outbox:
             return self._finish(row, Outcome.INVALID, f"provider {account.provider!r} is not in the config")
         domain = account.email.rpartition("@")[2]
         message_id = self._outbox.fix_message_id(row.id, row.message_id_header or make_message_id(domain))
-        try:
-            draft = self._draft(row, account)
-            validate(draft, max_attachment_bytes=self._config.sync.max_attachment_bytes)
-            raw = build_message(
-                draft, message_id=message_id, date=row.created_at or self._clock.now()
-            )  # same Date on retries
-        except InvalidDraft as exc:
-            return self._finish(row, Outcome.INVALID, str(exc))
         files_sent_itself = provider.kind in SERVER_FILES_SENT
         if row.delivery_uncertain:  # an earlier attempt may have delivered (lost after DATA, or a crash)
+            # Sent first, by the Message-ID alone: the row may no longer build as it did (an attachment file
+            # deleted, a lower size limit, the replied-to message deleted), and a delivered mail is sent whatever
             try:
                 found = self._in_sent(account, provider, message_id)
             except RetryLater as exc:
                 return self._finish(row, Outcome.TEMPORARY, f"{TEMPORARY}cannot check Sent: {exc}", uncertain=True)
             if found:
-                return self._sent(row, account, raw, provider, already_filed=True)
+                return self._sent(row, account, self._built(row, account, message_id), provider, already_filed=True)
             if found is None:  # no folder to look in (All Mail hidden from IMAP, no folder marked \Sent)
                 return self._finish(
                     row,
@@ -160,7 +154,25 @@ class Outbox:
                     "delivery uncertain: the connection was lost after the message was handed to the server, and "
                     "this server keeps no Sent copy to check; not sent again to avoid a duplicate",
                 )
+        try:
+            draft = self._draft(row, account)
+            validate(draft, max_attachment_bytes=self._config.sync.max_attachment_bytes)
+            raw = build_message(
+                draft, message_id=message_id, date=row.created_at or self._clock.now()
+            )  # same Date on retries
+        except InvalidDraft as exc:
+            return self._finish(row, Outcome.INVALID, str(exc))
         return self._send(row, account, provider, draft, raw, files_sent_itself=files_sent_itself)
+
+    def _built(self, row: OutboxRow, account: Account, message_id: str) -> bytes | None:
+        """The row's message as the attempts built it, for storing the sent mail at once; None when it no longer
+        builds (the next sync stores the server's copy instead)."""
+        try:
+            draft = self._draft(row, account)
+            validate(draft, max_attachment_bytes=self._config.sync.max_attachment_bytes)
+            return build_message(draft, message_id=message_id, date=row.created_at or self._clock.now())
+        except InvalidDraft:
+            return None
 
     def _send(  # noqa: PLR0911, PLR0912 (one branch and return per outcome)
         self,
@@ -317,7 +329,7 @@ class Outbox:
         self,
         row: OutboxRow,
         account: Account,
-        raw: bytes,
+        raw: bytes | None,
         provider: ProviderConfig,
         *,
         already_filed: bool,
@@ -330,7 +342,7 @@ class Outbox:
         )
         self._outbox.record(row.id, update, note=note, claimed_at=row.claimed_at)
         log.info("outbox.sent", row=row.id, account=account.email, attempts=row.attempts)
-        if not already_filed:
+        if not already_filed and raw is not None:
             try:
                 self._file_in_sent(account, provider, raw)
             except Exception as exc:  # sent is sent: a missing Sent copy must not cause a second delivery
@@ -338,9 +350,19 @@ class Outbox:
                 copy_note = f"sent, but the copy in Sent could not be filed: {reason}"
                 note = f"{note}; {copy_note}" if note else copy_note  # the refused recipients stay named
                 log.warning("outbox.sent_copy_failed", row=row.id, error=reason)
+        message_id = None if raw is None else self._store_sent(row, account, raw)
+        try:
+            self._outbox.record(row.id, update, sent_message_id=message_id, note=note, claimed_at=row.claimed_at)
+        except Exception as exc:  # the row is already 'sent'; only the link to the stored copy is missing
+            log.warning("outbox.sent_link_failed", row=row.id, error_kind=type(exc).__name__)
+        return SendReport(row.id, "sent", note)
+
+    def _store_sent(self, row: OutboxRow, account: Account, raw: bytes) -> int | None:
+        """The sent mail in mail_messages at once (outbound, threaded); None when that failed: the next sync stores
+        the Sent copy anyway. (A row whose message no longer builds has no ``raw``: the sync's copy it is.)"""
         try:
             parsed = parse_message(raw, max_attachment_bytes=self._config.sync.max_attachment_bytes)
-            message_id = self._store.store_sent(
+            return self._store.store_sent(
                 account.id,
                 NewMessage(
                     identity=f"mid:{parsed.message_id_header}",
@@ -353,12 +375,7 @@ class Outbox:
             )
         except Exception as exc:  # the next sync stores the Sent copy anyway
             log.warning("outbox.store_sent_failed", row=row.id, error_kind=type(exc).__name__)
-            message_id = None
-        try:
-            self._outbox.record(row.id, update, sent_message_id=message_id, note=note, claimed_at=row.claimed_at)
-        except Exception as exc:  # the row is already 'sent'; only the link to the stored copy is missing
-            log.warning("outbox.sent_link_failed", row=row.id, error_kind=type(exc).__name__)
-        return SendReport(row.id, "sent", note)
+            return None
 
     def _file_in_sent(self, account: Account, provider: ProviderConfig, raw: bytes) -> None:
         session = self._imap(account, provider)
