@@ -439,4 +439,5 @@ def test_nil_items_in_a_fetch_reply_read_as_absent() -> None:
     assert (header.uid, header.flags, header.internaldate, header.gm_labels, header.message_id) == (
         7, (), None, None, None,
     )  # fmt: skip
-    assert _flag_update(7, {b"FLAGS": None, b"MODSEQ": (12,)}).flags == ()
+    update = _flag_update(7, {b"FLAGS": None, b"MODSEQ": (12,)})
+    assert (update.flags, update.gm_labels) == (None, None), "unknown, not 'no flags': kept as stored"

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
 from inboxd.errors import RetryLater, SessionExpired
+from inboxd.imap import FlagUpdate
 from inboxd.models import MailFolder, MailLocation, MailMessage
 from inboxd.planner import Capabilities, message_identity
 from inboxd.scope import contact_set
@@ -297,6 +298,35 @@ def test_a_message_without_a_reply_holds_the_cursor_unless_it_is_gone(store: Sto
         ).scalar_one()
     assert last_uid == max(uids2), "an expunged message does not hold the cursor"
     assert stats.new_messages == 4
+
+
+class ChangedFlagsWithoutItems(FakeSession):
+    """A server whose CHANGEDSINCE reply leaves FLAGS out for a message (MODSEQ alone, as an unsolicited update)."""
+
+    def changed_flags(self, up_to_uid, since_modseq, *, vanished):  # type: ignore[no-untyped-def]
+        updates, gone = super().changed_flags(up_to_uid, since_modseq, vanished=vanished)
+        return [FlagUpdate(u.uid, None, u.modseq, None) for u in updates], gone
+
+
+def test_a_flag_reply_without_flags_keeps_the_stored_ones(store: Store) -> None:
+    """A reply that carries no FLAGS said nothing about them: it was stored as "no flags", marking a read message
+    unread (and on Gmail, no X-GM-LABELS erased every label)."""
+    account = store.add_account("noflags@example.test", "fake", Credential("password", "x"))
+    mb = FakeMailbox()
+    uid = mb.append("INBOX", raw_message(0), flags=["\\Seen"])
+    clock = FakeClock()
+    caps = CAPS["condstore"]
+    AccountSync(store, account, FakeSession(mb, caps), settings=SyncSettings(), clock=clock).run()
+    mb.set_flags("INBOX", uid, ["\\Seen", "\\Flagged"])
+    clock.advance(1)
+    AccountSync(store, account, ChangedFlagsWithoutItems(mb, caps), settings=SyncSettings(), clock=clock).run()
+    with store.engine.connect() as conn:
+        flags = conn.execute(
+            sa.select(locations_t.c.flags)
+            .join(folders_t, folders_t.c.id == locations_t.c.folder_id)
+            .where(folders_t.c.account_id == account.id)
+        ).scalar_one()
+    assert flags == ["\\Seen"], "kept as stored (the next full flag read brings \\Flagged)"
 
 
 class RefusesOneFolder(FakeSession):

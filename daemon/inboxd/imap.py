@@ -62,7 +62,7 @@ class HeaderInfo:
 @dataclass(frozen=True, slots=True)
 class FlagUpdate:
     uid: int
-    flags: tuple[str, ...]
+    flags: tuple[str, ...] | None  # None: the reply carried no FLAGS (or NIL): unknown, not "none set"
     modseq: int | None
     gm_labels: tuple[str, ...] | None = None
 
@@ -422,7 +422,8 @@ def _labels(data: Mapping[bytes, Any]) -> tuple[str, ...] | None:
 
 
 def _flag_update(uid: int, data: Mapping[bytes, Any]) -> FlagUpdate:
-    return FlagUpdate(uid, tuple(_text(f) for f in data.get(b"FLAGS") or ()), _modseq(data), _labels(data))
+    flags = data.get(b"FLAGS")
+    return FlagUpdate(uid, None if flags is None else tuple(_text(f) for f in flags), _modseq(data), _labels(data))
 
 
 def _modseq(data: Mapping[bytes, Any]) -> int | None:

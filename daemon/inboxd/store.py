@@ -544,9 +544,10 @@ class Store:
         return touched
 
     def update_flags(
-        self, folder_id: int, updates: Mapping[int, tuple[tuple[str, ...], int | None, list[str] | None]]
+        self, folder_id: int, updates: Mapping[int, tuple[tuple[str, ...] | None, int | None, list[str] | None]]
     ) -> list[int]:
-        """Apply FLAGS, MODSEQ and Gmail labels of known UIDs; returns the message ids that really changed."""
+        """Apply FLAGS, MODSEQ and Gmail labels of known UIDs (None: not in the reply, kept as stored); returns the
+        message ids that really changed."""
         if not updates:
             return []
         touched: list[int] = []
@@ -559,7 +560,7 @@ class Store:
                 ).all()
                 for row in rows:
                     flags, modseq, labels = updates[row.uid]
-                    new_flags = sorted(flags)
+                    new_flags = sorted(flags if flags is not None else row.flags or [])
                     if sorted(row.flags or []) == new_flags and (labels is None or row.labels == labels):
                         continue  # unchanged: no write (a full flag scan touches every UID)
                     touched.append(row.message_id)

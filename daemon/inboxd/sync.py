@@ -281,7 +281,11 @@ class AccountSync:
             updates = self._session.all_flags(up_to_uid)
         if updates:
             changed = self._store.update_flags(
-                folder.id, {u.uid: (u.flags, u.modseq, self._dialect.labels(u.gm_labels)) for u in updates}
+                folder.id,
+                {  # an item the reply left out is unknown and stays as stored (Gmail's labels too: not "none")
+                    u.uid: (u.flags, u.modseq, None if u.gm_labels is None else self._dialect.labels(u.gm_labels))
+                    for u in updates
+                },
             )
             self.stats.flag_changes += len(changed)
         gone: set[int] = set()
