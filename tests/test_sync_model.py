@@ -18,7 +18,7 @@ from inboxd.clock import FakeClock
 from inboxd.crypto import SecretBox
 from inboxd.errors import RetryLater, SessionExpired
 from inboxd.imap import FlagUpdate
-from inboxd.models import MailFolder, MailLocation, MailMessage
+from inboxd.models import MailFolder, MailLocation, MailMessage, MailQuarantine
 from inboxd.planner import Capabilities, message_identity
 from inboxd.scope import contact_set
 from inboxd.store import Credential, Store
@@ -28,6 +28,7 @@ from inboxd.testing import FakeMailbox, FakeSession, message_id_of
 messages_t = MailMessage.__table__  # type: ignore[attr-defined]
 locations_t = MailLocation.__table__  # type: ignore[attr-defined]
 folders_t = MailFolder.__table__  # type: ignore[attr-defined]
+quarantine_t = MailQuarantine.__table__  # type: ignore[attr-defined]
 
 CAPS = {
     "qresync": Capabilities(condstore=True, qresync=True),
@@ -220,6 +221,56 @@ def test_a_missing_body_is_fetched_again_not_skipped(store: Store, bodies_first:
     assert _stored(store, account.id) == 7
     AccountSync(store, account, FakeSession(mb, caps), settings=settings, clock=clock).run()
     assert _stored(store, account.id) == 8, "the cursor stopped before the message whose body did not come"
+
+
+class NeverSendsOneBody(FakeSession):
+    """A server that never returns the body of one message (bodies-first and header-first)."""
+
+    def __init__(self, mailbox: FakeMailbox, caps: Capabilities, uid: int) -> None:
+        super().__init__(mailbox, caps)
+        self._uid = uid
+
+    def fetch_bodies(self, uids):  # type: ignore[no-untyped-def]
+        return {uid: body for uid, body in super().fetch_bodies(uids).items() if uid != self._uid}
+
+    def fetch_messages(self, uids):  # type: ignore[no-untyped-def]
+        fetched = super().fetch_messages(uids)
+        if self._uid in fetched:
+            fetched[self._uid] = (None, fetched[self._uid][1])
+        return fetched
+
+
+def test_a_body_the_server_never_sends_is_quarantined_after_three_syncs(store: Store) -> None:
+    """A missing body holds the cursor so that the next sync fetches it again; one the server never sends would
+    hold it for good, and every sync would read every UID after it again. After three syncs in a row it is
+    quarantined (no bytes) and the cursor moves on; a body that comes meanwhile starts the count over."""
+    account = store.add_account("never@example.test", "fake", Credential("password", "x"))
+    mb = FakeMailbox()
+    uids = [mb.append("INBOX", raw_message(n)) for n in range(6)]
+    clock = FakeClock()
+    caps = CAPS["qresync"]
+    misses: dict[tuple[int, str, int, int], int] = {}
+
+    def sync(session: FakeSession) -> Any:
+        clock.advance(1)
+        return AccountSync(
+            store, account, session, settings=SyncSettings(batch_size=2), clock=clock, body_misses=misses
+        ).run()
+
+    for attempt in (1, 2):
+        assert sync(NeverSendsOneBody(mb, caps, uids[1])).quarantined == 0
+        assert _stored(store, account.id) == 5, f"held after sync {attempt}"
+    stats = sync(NeverSendsOneBody(mb, caps, uids[1]))
+    assert stats.quarantined == 1 and misses == {}
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(quarantine_t.c.uid, quarantine_t.c.reason, quarantine_t.c.raw)).one()
+    assert (row.uid, row.raw) == (uids[1], None) and "no body" in row.reason
+    with store.engine.connect() as conn:
+        last_uid = conn.execute(sa.select(folders_t.c.last_uid).where(folders_t.c.account_id == account.id)).scalar()
+    assert last_uid == max(uids), "the cursor moved on"
+    mb.append("INBOX", raw_message(9))
+    assert sync(NeverSendsOneBody(mb, caps, uids[1])).new_messages == 1
+    assert _stored(store, account.id) == 6
 
 
 def test_flags_change_above_a_held_cursor_is_not_lost(store: Store) -> None:

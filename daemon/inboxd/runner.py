@@ -105,6 +105,9 @@ class Runner:
         self._config = config
         self._kept = kept  # None: every sync opens its session and logs out at the end (one-off runs, tests)
         self._parser = parser  # None: each sync parses in its own thread
+        # syncs in a row without a message's body (AccountSync._given_up); one entry per account, so no two syncs
+        # share a key, and a dict's single item updates are atomic under the GIL
+        self._body_misses: dict[tuple[int, str, int, int], int] = {}
         self._store = store
         self._stop = stop
         # set by the daemon when this node lost an account's lease: the running syncs stop between batches
@@ -238,6 +241,7 @@ class Runner:
                     progress=progress,
                     stop=self._halt,
                     parser=self._parser,
+                    body_misses=self._body_misses,
                 ).run()
                 done = True
                 return stats

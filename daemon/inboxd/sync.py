@@ -9,7 +9,7 @@ The decisions come from planner.py; this module carries them out against an Imap
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -102,6 +102,9 @@ class _FetchedRun:
     out_of_scope: int
 
 
+BODY_MISSES_TO_QUARANTINE = 3  # syncs in a row without a message's body before it is quarantined (_given_up)
+
+
 class AccountSync:
     """One sync cycle of one account over one authenticated IMAP session."""
 
@@ -116,6 +119,7 @@ class AccountSync:
         progress: Progress | None = None,
         stop: StopFlag | None = None,
         parser: MessageParser | None = None,
+        body_misses: MutableMapping[tuple[int, str, int, int], int] | None = None,
     ) -> None:
         self._store = store
         self._account = account
@@ -129,6 +133,9 @@ class AccountSync:
         self._log = log.bind(account=account.email)
         self._dialect: Dialect = Gmail() if session.capabilities.gmail else GenericImap()
         self._bodies_first = False  # this sync's new messages skip the header-field FETCH (see _ingest)
+        # syncs in a row in which a message's body did not come, by (account, folder, UIDVALIDITY, UID): kept by the
+        # caller across syncs (Runner), so that one the server never returns is quarantined (see _given_up)
+        self._body_misses = body_misses if body_misses is not None else {}
 
     def run(self) -> SyncStats:
         specs = self._dialect.folders(self._session.list_folders())
@@ -481,11 +488,34 @@ class AccountSync:
             )
         if self._bodies_first:
             new_messages = self._recognize_stored(new_messages, known)
-        missing = [uid for uid in run.uids if uid not in bodies]
+        missing = self._given_up(folder, selected, [uid for uid in run.uids if uid not in bodies], bodies)
         last_uid = min(cursor, min(missing) - 1) if missing else cursor
         inserted = self._store.store_batch(self._account.id, folder.id, new_messages, known, last_uid=last_uid)
         self.stats.new_messages += len(inserted)
         return missing
+
+    def _given_up(
+        self, folder: StoredFolder, selected: SelectInfo, missing: list[int], bodies: Mapping[int, bytes]
+    ) -> list[int]:
+        """``missing`` without the messages whose body did not come in BODY_MISSES_TO_QUARANTINE syncs in a row:
+        those are quarantined (with no bytes) and the cursor may pass them. A message the server never returns
+        would otherwise hold the cursor for good, and every sync would read again every UID after it."""
+        account, folder_name, uidvalidity = self._account.id, folder.name, selected.uidvalidity
+        for uid in bodies:
+            self._body_misses.pop((account, folder_name, uidvalidity, uid), None)
+        still: list[int] = []
+        for uid in missing:
+            key = (account, folder_name, uidvalidity, uid)
+            self._body_misses[key] = misses = self._body_misses.get(key, 0) + 1
+            if misses < BODY_MISSES_TO_QUARANTINE:
+                still.append(uid)
+                continue
+            del self._body_misses[key]
+            reason = f"the server sent no body for this message in {misses} syncs in a row"
+            self._store.quarantine(account, folder_name, uidvalidity, uid, reason=reason, raw=None)
+            self.stats.quarantined += 1
+            self._log.warning("sync.message_quarantined", folder=folder_name, uid=uid, reason=reason)
+        return still
 
     def _recognize_stored(
         self, new_messages: list[NewMessage], known: dict[int, tuple[int, NewLocation]]
