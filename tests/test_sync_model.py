@@ -204,6 +204,17 @@ def _stored(store: Store, account_id: int) -> int:
         )
 
 
+def _stored_flags(store: Store, account_id: int, uid: int) -> list[str]:
+    with store.engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.select(locations_t.c.flags)
+                .join(folders_t, folders_t.c.id == locations_t.c.folder_id)
+                .where(folders_t.c.account_id == account_id, locations_t.c.uid == uid)
+            ).scalar_one()
+        )
+
+
 @pytest.mark.parametrize("bodies_first", [True, False])
 def test_a_missing_body_is_fetched_again_not_skipped(store: Store, bodies_first: bool) -> None:
     """The body of the first batch's first message did not come: the cursor stays below it through the later
@@ -287,13 +298,7 @@ def test_flags_change_above_a_held_cursor_is_not_lost(store: Store) -> None:
     DropsOneBody.dropped = False  # and the first body is missing once more
     clock.advance(1)
     AccountSync(store, account, DropsOneBody(mb, caps), settings=SyncSettings(), clock=clock).run()
-    with store.engine.connect() as conn:
-        flags = conn.execute(
-            sa.select(locations_t.c.flags)
-            .join(folders_t, folders_t.c.id == locations_t.c.folder_id)
-            .where(folders_t.c.account_id == account.id, locations_t.c.uid == uids[2])
-        ).scalar_one()
-    assert "\\Seen" in flags
+    assert "\\Seen" in _stored_flags(store, account.id, uids[2])
 
 
 class LosesOneReply(FakeSession):
@@ -371,13 +376,7 @@ def test_a_flag_reply_without_flags_keeps_the_stored_ones(store: Store) -> None:
     mb.set_flags("INBOX", uid, ["\\Seen", "\\Flagged"])
     clock.advance(1)
     AccountSync(store, account, ChangedFlagsWithoutItems(mb, caps), settings=SyncSettings(), clock=clock).run()
-    with store.engine.connect() as conn:
-        flags = conn.execute(
-            sa.select(locations_t.c.flags)
-            .join(folders_t, folders_t.c.id == locations_t.c.folder_id)
-            .where(folders_t.c.account_id == account.id)
-        ).scalar_one()
-    assert flags == ["\\Seen"], "kept as stored (the next full flag read brings \\Flagged)"
+    assert _stored_flags(store, account.id, uid) == ["\\Seen"], "kept as stored (a full flag read brings \\Flagged)"
 
 
 class RefusesOneFolder(FakeSession):
