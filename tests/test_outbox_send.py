@@ -198,6 +198,31 @@ def test_bad_rows_fail_with_a_clear_error_and_never_reach_smtp(
     assert "temporary" in (outbox_row(store, good_id).last_error or "")
 
 
+@pytest.mark.parametrize("column", ["subject", "body_text", "body_html"])
+def test_bytes_in_a_text_column_fail_their_row_naming_it(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str, column: str
+) -> None:
+    """SQLite keeps a BLOB the HR app writes into a text column as bytes (a number it stores as text): that failed
+    deep in building the message, an internal error retried eight times. The row fails at once, naming the
+    column. PostgreSQL refuses such a value when the HR app writes it."""
+    config = write_config(tmp_path, db_url, mailstack, smtp_port=1)
+    row_id = queue(store, recruiter, "blob", to=["a@example.test"], body_text="x")
+    update = sa.text(f'UPDATE mail_outbox SET "{column}" = :value WHERE id = :id')
+    if store.engine.dialect.name == "postgresql":
+        with pytest.raises(sa.exc.ProgrammingError), store.engine.begin() as conn:
+            conn.execute(update, {"value": b"Offer", "id": row_id})
+        return
+    with store.engine.begin() as conn:
+        conn.execute(update, {"value": b"Offer", "id": row_id})
+    [report] = make_outbox(config, store).drain()
+    with store.engine.connect() as conn:
+        status, last_error = conn.execute(
+            sa.text("SELECT status, last_error FROM mail_outbox WHERE id = :id"), {"id": row_id}
+        ).one()
+    assert (report.status, status) == ("failed", "failed")
+    assert last_error == f"{column}: {column} must be text, not bytes"
+
+
 def test_attachments_over_the_limit_in_all_fail_the_row_before_they_are_read(
     store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
 ) -> None:

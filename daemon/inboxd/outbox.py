@@ -267,9 +267,9 @@ class Outbox:
             to=_addresses(row.to, "to"),
             cc=_addresses(row.cc, "cc"),
             bcc=_addresses(row.bcc, "bcc"),
-            subject=row.subject or "",
-            body_text=row.body_text,
-            body_html=row.body_html,
+            subject=_text_field(row.subject, "subject") or "",
+            body_text=_text_field(row.body_text, "body_text"),
+            body_html=_text_field(row.body_html, "body_html"),
             attachments=self._attachments(row.attachments),
             reply_to_message=reply,
         )
@@ -398,6 +398,14 @@ class Outbox:
 
 def _no_stored_bytes(field: str, sha256: str) -> InvalidDraft:
     return InvalidDraft(f"{field}: no stored bytes for sha256 {sha256[:70]} in the attachment store", field=field)
+
+
+def _text_field(value: Any, field: str) -> str | None:
+    """A text column's value, or InvalidDraft naming it: SQLite keeps a number the HR app wrote there as a number,
+    which failed deep in building the message as an internal error, retried eight times."""
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidDraft(f"{field} must be text, not {type(value).__name__}", field=field)
 
 
 def _addresses(value: Any, field: str) -> tuple[str, ...]:
