@@ -401,8 +401,8 @@ def _no_stored_bytes(field: str, sha256: str) -> InvalidDraft:
 
 
 def _text_field(value: Any, field: str) -> str | None:
-    """A text column's value, or InvalidDraft naming it: SQLite keeps a number the HR app wrote there as a number,
-    which failed deep in building the message as an internal error, retried eight times."""
+    """A text column's value, or InvalidDraft naming it: SQLite keeps a BLOB the HR app wrote there as bytes, which
+    failed deep in building the message as an internal error, retried eight times."""
     if value is None or isinstance(value, str):
         return value
     raise InvalidDraft(f"{field} must be text, not {type(value).__name__}", field=field)
