@@ -24,7 +24,7 @@ from inboxd.idle import (
     polled_folders,
     read_ahead,
 )
-from inboxd.imap import ImapEndpoint, connect
+from inboxd.imap import ImapClientSession, ImapEndpoint, connect
 
 
 def test_backoff_is_capped_exponential_with_jitter() -> None:
@@ -88,6 +88,12 @@ def test_a_folder_added_or_removed_does_not_hold_up_the_others_turns() -> None:
     assert polled_folders([], rest, "F09", budget=4) == ["F00", "F01", "F02", "F03"]
 
 
+def _session(stack: MailStack, user: str) -> ImapClientSession:
+    """A session of ``user`` on the stack's Dovecot, beside the watcher's (another client, or the test's own)."""
+    endpoint = ImapEndpoint(host=stack.host, port=stack.imap_port, tls="starttls", ca_file=stack.ca_cert, timeout=10)
+    return connect(endpoint, username=user, access_token=lambda: stack.access_token(user))
+
+
 def _watch(
     host: str,
     port: int,
@@ -141,10 +147,7 @@ def test_a_reply_sent_from_another_client_is_noticed_in_sent_within_the_poll(mai
     user = mailstack.new_user("idlesent")
     mailstack.deliver(user, make_message("c@example.org", user, "first", "x"))
     watcher, changed = _watch(mailstack.host, mailstack.imap_port, user, mailstack, poll_others=0.5)
-    endpoint = ImapEndpoint(
-        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
-    )
-    other_client = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    other_client = _session(mailstack, user)
     try:
         assert not changed.wait(2.0), "several polls of an unchanged Sent are no news"
         assert watcher.idling.wait(5), "back in IDLE after each poll"
@@ -165,10 +168,7 @@ def test_mail_a_rule_files_into_another_folder_is_noticed_in_turn(mailstack: Mai
     noticed within a few polls; several polls of unchanged folders are no news."""
     user = mailstack.new_user("idlerule")
     mailstack.deliver(user, make_message("c@example.org", user, "first", "x"))
-    endpoint = ImapEndpoint(
-        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
-    )
-    other_client = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    other_client = _session(mailstack, user)
     for name in ("Alpha", "Beta", "Candidates"):
         other_client._client.create_folder(name)
     watcher, changed = _watch(mailstack.host, mailstack.imap_port, user, mailstack, poll_others=0.3, poll_budget=1)
@@ -189,10 +189,7 @@ def test_a_folder_created_while_the_watcher_idles_is_found_by_its_list(mailstack
     appearance is news (the account's sync takes it up), and from then on it is polled like the others."""
     user = mailstack.new_user("idlenew")
     mailstack.deliver(user, make_message("c@example.org", user, "first", "x"))
-    endpoint = ImapEndpoint(
-        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
-    )
-    other_client = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    other_client = _session(mailstack, user)
     watcher, changed = _watch(mailstack.host, mailstack.imap_port, user, mailstack, poll_others=0.3, list_every=2)
     try:
         with structlog.testing.capture_logs() as logs:
@@ -216,10 +213,7 @@ def test_a_folder_the_server_refuses_a_status_of_is_left_out_not_taken_for_a_los
     is no news (the LIST finds a folder that went), instead of ending the watcher, and INBOX's push with it, to
     reconnect every 30 s."""
     user = mailstack.new_user("idlegone")
-    endpoint = ImapEndpoint(
-        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
-    )
-    session = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    session = _session(mailstack, user)
     watcher = IdleWatcher(user, lambda: session, lambda: None, clock=SystemClock())
     try:
         with structlog.testing.capture_logs() as logs:
@@ -238,10 +232,7 @@ def test_a_folder_deleted_while_the_watcher_idles_is_news_once(mailstack: MailSt
     gone, which is, once; the watcher stays in IDLE and INBOX still pushes."""
     user = mailstack.new_user("idledel")
     mailstack.deliver(user, make_message("c@example.org", user, "first", "x"))
-    endpoint = ImapEndpoint(
-        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
-    )
-    other_client = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    other_client = _session(mailstack, user)
     other_client._client.create_folder("Old rule")
     watcher, changed = _watch(mailstack.host, mailstack.imap_port, user, mailstack, poll_others=0.3, list_every=3)
     try:
@@ -265,10 +256,7 @@ def test_read_ahead_sees_a_response_the_socket_poll_cannot(mailstack: MailStack)
     socket, which idle_check waits on: the watcher missed an EXISTS sent right after "+ idling" until the next
     renewal (seen in CI: a delivery at the moment IDLE restarted after a Sent poll)."""
     user = mailstack.new_user("readahead")
-    endpoint = ImapEndpoint(
-        host=mailstack.host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
-    )
-    session = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    session = _session(mailstack, user)
     try:
         client = session._client
         client.select_folder("INBOX")
