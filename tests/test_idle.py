@@ -94,6 +94,12 @@ def _session(stack: MailStack, user: str) -> ImapClientSession:
     return connect(endpoint, username=user, access_token=lambda: stack.access_token(user))
 
 
+def _inbox_pushes(stack: MailStack, user: str, changed: threading.Event) -> bool:
+    """Whether mail delivered to INBOX now is noticed (the watcher is still in IDLE there)."""
+    stack.deliver(user, make_message("c@example.org", user, "and INBOX still pushes", "x"), wait=False)
+    return changed.wait(10)
+
+
 def _watch(
     host: str,
     port: int,
@@ -154,8 +160,7 @@ def test_a_reply_sent_from_another_client_is_noticed_in_sent_within_the_poll(mai
         other_client._client.append("Sent", make_message(user, "c@example.org", "Re: your application", "y"))
         assert changed.wait(10), "the reply in Sent was noticed"
         changed.clear()
-        mailstack.deliver(user, make_message("c@example.org", user, "and INBOX still pushes", "x"), wait=False)
-        assert changed.wait(10)
+        assert _inbox_pushes(mailstack, user, changed), "and INBOX still pushes"
     finally:
         other_client.close()
         watcher.stop()
@@ -243,8 +248,7 @@ def test_a_folder_deleted_while_the_watcher_idles_is_news_once(mailstack: MailSt
             assert not changed.wait(2.0), "once"
         assert [(e["added"], e["removed"]) for e in logs if e["event"] == "idle.folders_changed"] == [(0, 1)]
         assert not [e for e in logs if e["event"] in ("idle.reconnect", "idle.crashed")]
-        mailstack.deliver(user, make_message("c@example.org", user, "and INBOX still pushes", "x"), wait=False)
-        assert changed.wait(10)
+        assert _inbox_pushes(mailstack, user, changed), "and INBOX still pushes"
     finally:
         other_client.close()
         watcher.stop()
