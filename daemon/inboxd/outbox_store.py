@@ -82,10 +82,11 @@ class OutboxStore:
         Two workers, on one node or several, never get the same row.
         """
         now = self._clock.now()
+        retry_at, due_now = self._as_time(outbox_t.c.next_attempt_at, now)
         due = sa.or_(
             sa.and_(
                 outbox_t.c.status == "queued",
-                sa.or_(outbox_t.c.next_attempt_at.is_(None), self._not_after(outbox_t.c.next_attempt_at, now)),
+                sa.or_(outbox_t.c.next_attempt_at.is_(None), retry_at <= due_now),
             ),
             sa.and_(outbox_t.c.status == "sending", outbox_t.c.claimed_at <= now - self._policy.stale_after),
         )
@@ -114,19 +115,13 @@ class OutboxStore:
             row_id = conn.execute(stmt).scalar()
         return self._load(row_id) if row_id is not None else None
 
-    def _not_after(self, column: Any, when: datetime) -> Any:
-        """``column <= when`` as times. SQLite keeps timestamps as text and compares them as text: the HR app's
-        "2026-01-01T11:00:00Z" sorted after inboxd's "2026-01-01 12:00:00.000000" (a "T" after a space), so such a
-        row came due only the next day; julianday() reads both forms (and an offset) as the same instant."""
+    def _as_time(self, column: Any, when: datetime) -> tuple[Any, Any]:
+        """``column`` and ``when`` as comparable times. SQLite keeps timestamps as text and compares them as text: the
+        HR app's "2026-01-01T11:00:00Z" sorted after inboxd's "2026-01-01 12:00:00.000000" (a "T" after a space), so
+        such a row came due only the next day; julianday() reads both forms (and an offset) as the same instant."""
         if self.engine.dialect.name != "sqlite":
-            return column <= when
-        return sa.func.julianday(column) <= sa.func.julianday(sa.literal(when, column.type))
-
-    def _before(self, column: Any, when: datetime) -> Any:
-        """``column < when`` as times (see _not_after)."""
-        if self.engine.dialect.name != "sqlite":
-            return column < when
-        return sa.func.julianday(column) < sa.func.julianday(sa.literal(when, column.type))
+            return column, when
+        return sa.func.julianday(column), sa.func.julianday(sa.literal(when, column.type))
 
     def _load(self, row_id: int) -> OutboxRow:
         """A claimed row, read after its claim committed: a value that cannot be read (SQLite keeps any text in a
@@ -252,13 +247,14 @@ class OutboxStore:
         """Push the queued rows of an account that would come due before ``until`` to it (daily sending limit
         reached); a row the HR app scheduled later keeps its time."""
         column = outbox_t.c.next_attempt_at
+        retry_at, deferred_to = self._as_time(column, until)
         with self.engine.begin() as conn:
             conn.execute(
                 outbox_t.update()
                 .where(
                     outbox_t.c.account_id == account_id,
                     outbox_t.c.status == "queued",
-                    sa.or_(column.is_(None), self._before(column, until)),
+                    sa.or_(column.is_(None), retry_at < deferred_to),
                 )
                 .values(next_attempt_at=until, last_error=reason)
             )
