@@ -212,8 +212,12 @@ class AccountSync:
                 plan.flags_changed_since,
                 plan.refresh_all_flags,
                 plan.expunge_check,
-                # every stored UID, also those above a cursor held back by a message that did not come
-                up_to_uid=max(folder.cursor.last_uid, selected.uidnext - 1, self._store.highest_uid(folder.id)),
+                # every stored UID, also those above a cursor held back by a message that did not come: all are
+                # below UIDNEXT; a server whose SELECT gave none (0) is asked up to the highest stored
+                up_to_uid=max(
+                    folder.cursor.last_uid,
+                    selected.uidnext - 1 if selected.uidnext else self._store.highest_uid(folder.id),
+                ),
             )
         # a folder left incomplete (a body did not come) must not look "unchanged" to the next STATUS check
         self._store.finish_folder(
@@ -465,11 +469,7 @@ class AccountSync:
             header = headers[uid]
             parsed = outcomes[uid]
             if isinstance(parsed, UnparseableMessage):
-                self._store.quarantine(
-                    self._account.id, folder.name, selected.uidvalidity, uid, reason=parsed.message, raw=raw
-                )
-                self.stats.quarantined += 1
-                self._log.warning("sync.message_quarantined", folder=folder.name, uid=uid, reason=parsed.message)
+                self._quarantine(folder, selected, uid, reason=parsed.message, raw=raw)
                 continue
             identity = identities[uid] or message_identity(parsed.message_id_header or header.message_id, raw)
             assert identity is not None  # raw is given, so there is always an identity
@@ -512,10 +512,16 @@ class AccountSync:
                 continue
             del self._body_misses[key]
             reason = f"the server sent no body for this message in {misses} syncs in a row"
-            self._store.quarantine(account, folder_name, uidvalidity, uid, reason=reason, raw=None)
-            self.stats.quarantined += 1
-            self._log.warning("sync.message_quarantined", folder=folder_name, uid=uid, reason=reason)
+            self._quarantine(folder, selected, uid, reason=reason, raw=None)
         return still
+
+    def _quarantine(
+        self, folder: StoredFolder, selected: SelectInfo, uid: int, *, reason: str, raw: bytes | None
+    ) -> None:
+        """Keep a message out of mail_messages, with the reason (and its bytes when there are any): the sync goes on."""
+        self._store.quarantine(self._account.id, folder.name, selected.uidvalidity, uid, reason=reason, raw=raw)
+        self.stats.quarantined += 1
+        self._log.warning("sync.message_quarantined", folder=folder.name, uid=uid, reason=reason)
 
     def _recognize_stored(
         self, new_messages: list[NewMessage], known: dict[int, tuple[int, NewLocation]]
