@@ -155,22 +155,22 @@ class Outbox:
                     "this server keeps no Sent copy to check; not sent again to avoid a duplicate",
                 )
         try:
-            draft = self._draft(row, account)
-            validate(draft, max_attachment_bytes=self._config.sync.max_attachment_bytes)
-            raw = build_message(
-                draft, message_id=message_id, date=row.created_at or self._clock.now()
-            )  # same Date on retries
+            draft, raw = self._build(row, account, message_id)
         except InvalidDraft as exc:
             return self._finish(row, Outcome.INVALID, str(exc))
         return self._send(row, account, provider, draft, raw, files_sent_itself=files_sent_itself)
+
+    def _build(self, row: OutboxRow, account: Account, message_id: str) -> tuple[Draft, bytes]:
+        """The row's draft, checked, and its message; the same Date on every attempt. Raises InvalidDraft."""
+        draft = self._draft(row, account)
+        validate(draft, max_attachment_bytes=self._config.sync.max_attachment_bytes)
+        return draft, build_message(draft, message_id=message_id, date=row.created_at or self._clock.now())
 
     def _built(self, row: OutboxRow, account: Account, message_id: str) -> bytes | None:
         """The row's message as the attempts built it, for storing the sent mail at once; None when it no longer
         builds (the next sync stores the server's copy instead)."""
         try:
-            draft = self._draft(row, account)
-            validate(draft, max_attachment_bytes=self._config.sync.max_attachment_bytes)
-            return build_message(draft, message_id=message_id, date=row.created_at or self._clock.now())
+            return self._build(row, account, message_id)[1]
         except InvalidDraft:
             return None
 
