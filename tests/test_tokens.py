@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from inboxd.clock import FakeClock
-from inboxd.errors import ReauthRequired, RetryLater
+from inboxd.errors import AccountFailed, ReauthRequired, RetryLater
 from inboxd.tokens import ASSUMED_LIFETIME, OAuthRefreshTokenSource, TokenSource
 
 CLIENT_ID = "inboxd-test-client"
@@ -38,7 +38,8 @@ class TokenServer:
     """State of the fake authorization server; tests flip `mode` and read `calls`."""
 
     url: str = ""
-    mode: str = "ok"  # ok | unavailable | bad_gateway | invalid_client
+    # ok | unavailable | bad_gateway | invalid_client | unauthorized_client | consent_required | html_404 | no_error
+    mode: str = "ok"
     expires_in: int | None = 3600
     rotate: bool = False
     delay: float = 0.0
@@ -48,19 +49,17 @@ class TokenServer:
     seen_refresh_tokens: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def answer(self, form: dict[str, str]) -> tuple[int, dict[str, object]]:
+    def answer(self, form: dict[str, str]) -> tuple[int, dict[str, object] | str]:
         with self.lock:
             self.calls += 1
             self.seen_refresh_tokens.append(form.get("refresh_token", ""))
         if self.delay:
             time.sleep(self.delay)
-        failing = {"unavailable": (503, {"error": "temporarily_unavailable"}), "bad_gateway": (502, {})}
-        if self.mode in failing:
-            return failing[self.mode]
+        refusal = self.refusal(form)
+        if refusal is not None:
+            return refusal
         if form.get("client_id") != CLIENT_ID or form.get("client_secret") != CLIENT_SECRET:
             return 401, {"error": "invalid_client", "error_description": "Unauthorized"}
-        if self.mode == "invalid_client":
-            return 401, {"error": "invalid_client", "error_description": "The OAuth client was deleted."}
         if form.get("grant_type") != "refresh_token":
             return 400, {"error": "unsupported_grant_type"}
         with self.lock:
@@ -79,6 +78,22 @@ class TokenServer:
                 body["refresh_token"] = new
         return 200, body
 
+    def refusal(self, form: dict[str, str]) -> tuple[int, dict[str, object] | str] | None:
+        """The canned answer of a failing ``mode``; None for "ok"."""
+        # descriptions and pages echoing what was sent: the scrubbing must hold
+        echoed = f"Client {CLIENT_SECRET} may not use the grant for {form.get('refresh_token')}."
+        answers: dict[str, tuple[int, dict[str, object] | str]] = {
+            "unavailable": (503, {"error": "temporarily_unavailable"}),
+            "bad_gateway": (502, {}),
+            "invalid_client": (401, {"error": "invalid_client", "error_description": "The OAuth client was deleted."}),
+            "unauthorized_client": (400, {"error": "unauthorized_client", "error_description": echoed}),
+            "consent_required": (400, {"error": "consent_required", "error_description": "The user must consent."}),
+            # a mistyped token_uri, or a proxy's page
+            "html_404": (404, f"<html><body><h1>Not Found</h1><p>{echoed}</p></body></html>"),
+            "no_error": (400, {"message": "bad request"}),
+        }
+        return answers.get(self.mode)
+
 
 def _handler(state: TokenServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
@@ -87,9 +102,10 @@ def _handler(state: TokenServer) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(length).decode()
             form = {k: v[0] for k, v in parse_qs(raw).items()}
             status, body = state.answer(form)
-            payload = json.dumps(body).encode()
+            html = isinstance(body, str)
+            payload = body.encode() if html else json.dumps(body).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/html" if html else "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
@@ -240,9 +256,39 @@ def test_revoked_refresh_token_needs_reauth_without_leaking_secrets(
         assert secret not in repr(info.value)
 
 
-def test_refused_client_needs_reauth(token_server: TokenServer, clock: FakeClock) -> None:
-    token_server.mode = "invalid_client"
-    with pytest.raises(ReauthRequired, match=r"127\.0\.0\.1 refused the refresh: invalid_client"):
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("invalid_client", r"127\.0\.0\.1 refused this provider's OAuth client \(invalid_client: The OAuth client"),
+        ("unauthorized_client", r"127\.0\.0\.1 refused this provider's OAuth client \(unauthorized_client: "),
+        ("html_404", r"127\.0\.0\.1 gave no access token and no OAuth error; check token_uri: .*Not Found"),
+        ("no_error", r"127\.0\.0\.1 gave no access token and no OAuth error; check token_uri: .*bad request"),
+    ],
+    ids=["invalid_client", "unauthorized_client", "html_404", "no_error"],
+)
+def test_a_refusal_of_the_client_or_the_endpoint_is_an_account_failure(
+    mode: str, expected: str, token_server: TokenServer, clock: FakeClock
+) -> None:
+    """The admin's OAuth client or token_uri is wrong, not the mailbox owner's grant: AccountFailed (state "error",
+    tried again each cycle), not ReauthRequired, which would park the account until its owner reconnected it even
+    after the admin fixed the config. The texts carry the server's answer with every secret scrubbed."""
+    token_server.mode = mode
+    source = make_source(token_server.url, clock)
+    with pytest.raises(AccountFailed, match=expected) as info:
+        source.access_token()
+    assert not isinstance(info.value, ReauthRequired)
+    for secret in (REFRESH_TOKEN, CLIENT_SECRET):
+        assert secret not in str(info.value)
+    token_server.mode = "ok"  # the admin fixed it: the same source recovers, nobody reconnects
+    assert source.access_token() == "ya29.access-1"
+
+
+def test_consent_required_needs_reauth(token_server: TokenServer, clock: FakeClock) -> None:
+    """The provider wants the person to sign in or consent again: only they can, so the account waits for them."""
+    token_server.mode = "consent_required"
+    with pytest.raises(
+        ReauthRequired, match=r"connect it again \(127\.0\.0\.1: consent_required: The user must consent"
+    ):
         make_source(token_server.url, clock).access_token()
 
 

@@ -23,7 +23,14 @@ from google.auth import transport
 from google.oauth2.credentials import Credentials
 
 from inboxd.clock import Clock
-from inboxd.errors import ReauthRequired, RetryLater
+from inboxd.errors import AccountFailed, ReauthRequired, RetryLater
+
+# The refusals that mean the mailbox owner's grant is gone (revoked, expired, or the provider wants them to sign in
+# again): only a person reconnecting fixes them. Any other refusal (invalid_client, unauthorized_client, an unknown
+# code, an answer without an OAuth error such as a proxy's or a 404 page) is the admin's configuration: AccountFailed,
+# tried again every cycle, so the accounts recover by themselves once the config is fixed. ReauthRequired parks the
+# account until someone reconnects it, which no mailbox owner can do about a wrong client secret.
+GRANT_REFUSALS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required"})
 
 # Used when a token endpoint omits expires_in: short enough that a wrong guess costs little.
 ASSUMED_LIFETIME = timedelta(minutes=5)
@@ -237,18 +244,28 @@ class OAuthRefreshTokenSource(CachedTokenSource):
 
     def _translate_refresh_error(self, exc: google.auth.exceptions.RefreshError) -> Exception:
         details: Mapping[str, Any] = next((a for a in exc.args[1:] if isinstance(a, Mapping)), {})
-        code = str(details.get("error") or "unknown_error")
+        code = details.get("error")
         description = self._scrub(str(details.get("error_description") or "no description"))
         if exc.retryable:
-            return RetryLater(f"token endpoint {self._host} failed temporarily: {code} ({description})")
-        if code == "invalid_grant":
+            return RetryLater(
+                f"token endpoint {self._host} failed temporarily: {code or 'unknown_error'} ({description})"
+            )
+        if not isinstance(code, str) or not code:
+            # An HTML error page (a mistyped token_uri, a proxy) or JSON without "error": google-auth's message
+            # carries the body, which is the only clue for the admin.
+            summary = self._scrub(str(exc.args[0]) if exc.args else "")
+            return AccountFailed(
+                f"token endpoint {self._host} gave no access token and no OAuth error; check token_uri: {summary}"
+            )
+        if code in GRANT_REFUSALS:
             return ReauthRequired(
                 f"access to the mailbox was revoked or has expired; connect it again "
-                f"({self._host}: invalid_grant: {description})"
+                f"({self._host}: {code}: {description})"
             )
-        if not details:
-            description = self._scrub(str(exc.args[0]) if exc.args else "")
-        return ReauthRequired(f"token endpoint {self._host} refused the refresh: {code} ({description})")
+        return AccountFailed(
+            f"token endpoint {self._host} refused this provider's OAuth client ({code}: {description}); check "
+            f"client_id and client_secret of the provider and that the client may use the refresh token grant"
+        )
 
     def _scrub(self, text: str) -> str:
         """Error texts come from the server; make sure none of our secrets is echoed in them."""
