@@ -3,6 +3,7 @@ every use) stored atomically, so that two nodes sharing one database never stran
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from inboxd.clock import SystemClock
 from inboxd.config import ProviderConfig
 from inboxd.connections import Connections
 from inboxd.crypto import SecretBox
-from inboxd.errors import ReauthRequired
+from inboxd.errors import AccountFailed, ReauthRequired
 from inboxd.store import Credential, Store
 
 USER = "rita@example.test"
@@ -110,5 +111,65 @@ def test_rotated_token_survives_a_restart(
     engine, store, connections = node(db_url, secret_box)  # a new process reads only what was stored
     try:
         assert connections.token_source(account, provider(oauth_server), store.credential(account.id)).access_token()
+    finally:
+        engine.dispose()
+
+
+def test_rotating_refresh_tokens_refresh_once_per_expiry_not_per_connection(
+    db_url: str, secret_box: SecretBox, oauth_server: OAuthServer
+) -> None:
+    """Microsoft rotates the refresh token on every refresh; each IMAP or SMTP connection asks Connections for the
+    account's source with the credential stored now. The token the source rotated to itself is no reason for a new
+    source (which would refresh again): five connections within the access token's life cost one refresh."""
+    oauth_server.admin("config", rotate_refresh="1")
+    first = oauth_server.refresh_token(USER)
+    engine, store, connections = node(db_url, secret_box)
+    try:
+        account = store.add_account(USER, "m365", Credential("oauth2_refresh", first))
+        tokens = {
+            connections.token_source(account, provider(oauth_server), store.credential(account.id)).access_token()
+            for _ in range(5)
+        }
+        assert len(tokens) == 1
+        assert store.credential(account.id).secret != first  # it did rotate, and the rotated token was stored
+        assert oauth_server.stats()["grant:refresh_token"] == 1
+    finally:
+        engine.dispose()
+
+
+def test_a_provider_change_reaches_accounts_whose_refresh_token_did_not_change(
+    db_url: str, secret_box: SecretBox, oauth_server: OAuthServer
+) -> None:
+    """A reload that fixes the provider's client secret gets the account a new source at its next connection:
+    the old source, built with the wrong secret, is not kept because the refresh token stayed the same."""
+    engine, store, connections = node(db_url, secret_box)
+    try:
+        account = store.add_account(USER, "m365", Credential("oauth2_refresh", oauth_server.refresh_token(USER)))
+        wrong = dataclasses.replace(provider(oauth_server), client_secret="not-the-client-secret")
+        with pytest.raises(AccountFailed, match="invalid_client"):
+            connections.token_source(account, wrong, store.credential(account.id)).access_token()
+        fixed = connections.token_source(account, provider(oauth_server), store.credential(account.id))
+        assert fixed.access_token()
+        # an unchanged provider (or one whose IMAP settings alone changed) keeps the source and its token
+        moved = dataclasses.replace(provider(oauth_server), imap_host="imap.example.test")
+        assert connections.token_source(account, moved, store.credential(account.id)) is fixed
+    finally:
+        engine.dispose()
+
+
+def test_a_reconnect_gets_a_new_source_without_the_old_grants_token(
+    db_url: str, secret_box: SecretBox, oauth_server: OAuthServer
+) -> None:
+    """Connecting the mailbox again stores a refresh token the source never held: the next connection gets a new
+    source, which refreshes with the new grant instead of serving the access token of the old one."""
+    oauth_server.admin("config", rotate_refresh="1")
+    engine, store, connections = node(db_url, secret_box)
+    try:
+        account = store.add_account(USER, "m365", Credential("oauth2_refresh", oauth_server.refresh_token(USER)))
+        old = connections.token_source(account, provider(oauth_server), store.credential(account.id)).access_token()
+        store.add_account(USER, "m365", Credential("oauth2_refresh", oauth_server.refresh_token(USER)))
+        new = connections.token_source(account, provider(oauth_server), store.credential(account.id)).access_token()
+        assert new != old
+        assert oauth_server.stats()["grant:refresh_token"] == 2
     finally:
         engine.dispose()

@@ -3,7 +3,6 @@ an authenticated IMAP session, an SMTP sender. Used by the sync runner and the o
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -33,8 +32,8 @@ class Connections:
         self._metrics = metrics or Metrics()
         self._clock = clock
         self._sleep = sleep  # per-command IMAP backoff ([THROTTLED]); tests record instead of sleeping
-        # keyed by account and a digest of its refresh token: reconnecting (new token) gets a new source
-        self._tokens: dict[tuple[int, str, str], TokenSource] = {}
+        # per account: the source and what it was built from (credential kind, the provider's token settings)
+        self._tokens: dict[int, tuple[_SourceKey, TokenSource]] = {}
         self._lock = threading.Lock()
 
     def imap(self, account: Account, provider: ProviderConfig) -> ImapSession:
@@ -74,14 +73,20 @@ class Connections:
         )
 
     def token_source(self, account: Account, provider: ProviderConfig, credential: Credential) -> TokenSource:
-        """The account's one token source (so one refresh at a time), replaced when its credentials change."""
+        """The account's one token source (so one refresh at a time, and one per expiry however many connections
+        open), replaced when the provider's token settings change (a config reload) or the mailbox was reconnected.
+
+        A refresh token the provider rotated (Microsoft, on every refresh) is no reason for a new source: the source
+        reads the stored token at each refresh anyway. A stored token the source never held was written by a
+        reconnect (or by another node's rotation: then the new source costs one refresh): a new source drops the
+        access token of the old grant."""
+        key = (credential.kind, token_settings(provider))
         with self._lock:
-            key = (account.id, credential.kind, hashlib.sha256(credential.secret.encode()).hexdigest())
-            source = self._tokens.get(key)
-            if source is None:
-                source = self._new_source(account, provider, credential)
-                self._tokens = {k: v for k, v in self._tokens.items() if k[0] != account.id}
-                self._tokens[key] = source
+            cached = self._tokens.get(account.id)
+            if cached is not None and cached[0] == key and _still_current(cached[1], credential):
+                return cached[1]
+            source = self._new_source(account, provider, credential)
+            self._tokens[account.id] = (key, source)
             return source
 
     def _new_source(self, account: Account, provider: ProviderConfig, credential: Credential) -> TokenSource:
@@ -102,6 +107,30 @@ class Connections:
             on_refresh=self._metrics.token_refreshed,
             vault=lambda: self._store.refresh_slot(account.id),
         )
+
+
+_SourceKey = tuple[str, tuple[object, ...]]
+
+
+def token_settings(provider: ProviderConfig) -> tuple[object, ...]:
+    """What a token source is built from in a provider's config: a change to any of these (a reload) gets new
+    sources; a change to the IMAP or SMTP settings alone does not cost a refresh."""
+    return (
+        provider.token_uri,
+        provider.client_id,
+        provider.client_secret,
+        provider.ca_file,
+        provider.timeout,
+        provider.service_account_file,
+        provider.app_only,
+        provider.scopes,
+    )
+
+
+def _still_current(source: TokenSource, credential: Credential) -> bool:
+    if isinstance(source, OAuthRefreshTokenSource):
+        return source.holds(credential.secret)
+    return True  # delegated: no secret of its own
 
 
 def delegated_token_source(

@@ -7,6 +7,7 @@ A token is fetched once per lifetime (minus a margin) on the injected clock; lib
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -31,6 +32,10 @@ from inboxd.errors import AccountFailed, ReauthRequired, RetryLater
 # tried again every cycle, so the accounts recover by themselves once the config is fixed. ReauthRequired parks the
 # account until someone reconnects it, which no mailbox owner can do about a wrong client secret.
 GRANT_REFUSALS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required"})
+
+# How many of the refresh tokens a source has held it remembers (as digests), for holds(): the stored one a caller
+# read may be a rotation or two behind the source's newest.
+HELD_TOKENS = 8
 
 # Used when a token endpoint omits expires_in: short enough that a wrong guess costs little.
 ASSUMED_LIFETIME = timedelta(minutes=5)
@@ -192,6 +197,7 @@ class OAuthRefreshTokenSource(CachedTokenSource):
     ) -> None:
         self._client = (client_id, client_secret)
         self._token_uri = token_uri
+        self._held: tuple[str, ...] = ()  # digests of the refresh tokens this source started from, read or rotated to
         self._credentials = self._credentials_for(refresh_token)
         # With a vault, each refresh holds the stored token (one refresh per account at a time, across processes on
         # PostgreSQL), starts from what is stored (another process may have rotated it) and stores a rotated one
@@ -204,7 +210,13 @@ class OAuthRefreshTokenSource(CachedTokenSource):
     def __repr__(self) -> str:
         return f"OAuthRefreshTokenSource(token_uri={self._token_uri!r})"
 
+    def holds(self, refresh_token: str) -> bool:
+        """Whether ``refresh_token`` is one this source has held: the one it started from, one it read from the vault
+        or one the provider rotated it to. A stored token it never held was put there by a reconnect."""
+        return _digest(refresh_token) in self._held
+
     def _credentials_for(self, refresh_token: str) -> Credentials:
+        self._held = (*self._held[-(HELD_TOKENS - 1) :], _digest(refresh_token))
         # Built directly: Credentials.from_authorized_user_info() would silently reset token_uri to Google's.
         return Credentials(  # type: ignore[no-untyped-call]
             token=None,
@@ -235,9 +247,11 @@ class OAuthRefreshTokenSource(CachedTokenSource):
             except google.auth.exceptions.RefreshError as exc:
                 raise self._translate_refresh_error(exc) from exc
         new_refresh_token = creds.refresh_token
-        if new_refresh_token and new_refresh_token != old_refresh_token and self._on_rotated is not None:
-            # Microsoft rotates refresh tokens on every use: the caller must persist the new one.
-            self._on_rotated(new_refresh_token)
+        if new_refresh_token and new_refresh_token != old_refresh_token:
+            self._held = (*self._held[-(HELD_TOKENS - 1) :], _digest(new_refresh_token))
+            if self._on_rotated is not None:
+                # Microsoft rotates refresh tokens on every use: the caller must persist the new one.
+                self._on_rotated(new_refresh_token)
         token: str | None = creds.token
         assert token is not None  # google-auth raises RefreshError for an answer without access_token
         return token, lifetime_until(creds.expiry)
@@ -274,3 +288,7 @@ class OAuthRefreshTokenSource(CachedTokenSource):
             if secret:
                 text = text.replace(secret, "***")
         return text[:300]
+
+
+def _digest(refresh_token: str) -> str:
+    return hashlib.sha256(refresh_token.encode()).hexdigest()
