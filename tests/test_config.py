@@ -370,6 +370,11 @@ def test_bad_port_message_names_file_key_expectation_and_value(tmp_path: Path) -
             "loopback",
         ),
         (GMAIL + "timeout = 0", "providers.gmail.timeout", "above 0"),
+        # what socket.settimeout cannot take crashed every connection with OverflowError
+        (GMAIL + "timeout = inf", "providers.gmail.timeout", "at most 3600, like 30, got inf"),
+        (GMAIL + "timeout = 1e10", "providers.gmail.timeout", "at most 3600, like 30, got 10000000000.0"),
+        (GMAIL + "timeout = 3601", "providers.gmail.timeout", "at most 3600, like 30, got 3601"),
+        (GMAIL + "timeout = nan", "providers.gmail.timeout", "at most 3600, like 30, got nan"),
         (GMAIL + 'ca_file = "missing.pem"', "providers.gmail.ca_file", "file not found"),
         (GMAIL + 'token_uri = "http://oauth.example.com/token"', "providers.gmail.token_uri", "https://"),
         (GMAIL + 'tenant = "x"', "providers.gmail.tenant", 'only used with kind = "microsoft"'),

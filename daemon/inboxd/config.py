@@ -46,6 +46,9 @@ MAX_BATCH_SIZE = 5000
 MAX_PARSE_WORKERS = 64
 DEFAULT_MAX_ATTACHMENT_BYTES = 25 * MIB
 DEFAULT_TIMEOUT = 30.0
+# A network timeout goes to socket.settimeout and poll(): above ~9.2e9 s (and inf) they raise OverflowError at every
+# connection. An hour is far beyond any useful wait for one answer.
+MAX_TIMEOUT = 3600.0
 DEFAULT_STATE_DIR = "./var"
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL, not a secret)
@@ -446,9 +449,11 @@ class _Table:
     def boolean(self, name: str, default: Any) -> Any:
         return self._get(name, default, lambda v: isinstance(v, bool), "true or false")
 
-    def number(self, name: str, default: Any, *, expected: str) -> Any:
+    def number(self, name: str, default: Any, *, high: float, expected: str) -> Any:
+        """A number above 0 and at most ``high``: TOML's inf and nan are refused too."""
+
         def ok(v: Any) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+            return isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= high
 
         value = self._get(name, default, ok, expected)
         return None if value is None else float(value)
@@ -842,7 +847,12 @@ def _provider(table: _Table, name: str) -> ProviderConfig:
         ca_file = table.ctx.resolve(table.string("ca_file", expected="a path to a PEM CA bundle"))
         if not ca_file.is_file():
             raise table.error("ca_file", f"file not found: {ca_file}")
-    timeout = table.number("timeout", DEFAULT_TIMEOUT, expected="a number of seconds above 0, like 30")
+    timeout = table.number(
+        "timeout",
+        DEFAULT_TIMEOUT,
+        high=MAX_TIMEOUT,
+        expected=f"a number of seconds above 0, at most {MAX_TIMEOUT:.0f}, like 30",
+    )
 
     token_uri = client_id = client_secret = None
     consent = _Consent()
