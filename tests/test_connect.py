@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
@@ -273,6 +274,23 @@ def test_http_connect_reconnects_an_account_that_needs_reauth(listener: Listener
     again = listener.store.account("anna@example.test")
     assert again is not None and (again.id, again.state, again.state_reason) == (account.id, "active", None)
     assert listener.store.credential(account.id).secret != "dead"
+
+
+def test_http_connect_without_a_provider_ignores_providers_that_cannot_ask_consent(
+    listener: Listener, tmp_path: Path
+) -> None:
+    """A Workspace provider with only a service account key (domain-wide delegation) cannot run the consent flow:
+    it does not count when the link names no provider, so the one provider that can is used."""
+    config = listener.holder[0]
+    gmail = config.providers["gmail"]
+    key_file = tmp_path / "service-account.json"
+    key_file.write_text("{}")
+    workspace = replace(gmail, name="workspace", client_id=None, client_secret=None, service_account_file=key_file)
+    listener.holder[0] = replace(config, providers=MappingProxyType({"gmail": gmail, "workspace": workspace}))
+    back = run_flow(listener, email="anna@example.test", return_to=HR)
+    assert query(back)["inboxd_status"] == "connected", back
+    account = listener.store.account("anna@example.test")
+    assert account is not None and account.provider == "gmail"
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ def normalize_email(value: str) -> str:
 def consent_provider(config: Config, name: str | None) -> ProviderConfig:
     """The named provider, or the only one that can run the consent flow when no name is given."""
     if name is None:
-        able = [p for p in config.providers.values() if p.auth == "oauth2" and p.auth_uri and p.scopes]
+        able = [p for p in config.providers.values() if can_ask_consent(p)]
         if len(able) != 1:
             names = ", ".join(sorted(p.name for p in able)) or "none"
             raise UsageError(f"name the provider (providers able to connect with consent: {names})")
@@ -63,6 +63,15 @@ def consent_provider(config: Config, name: str | None) -> ProviderConfig:
         raise UsageError(f"provider {name!r} is not in the config (providers: {known})")
     check_consent_provider(provider)
     return provider
+
+
+def can_ask_consent(provider: ProviderConfig) -> bool:
+    """What check_consent_provider accepts: a Workspace provider with only a service account key cannot."""
+    try:
+        check_consent_provider(provider)
+    except UsageError:
+        return False
+    return True
 
 
 def complete(
