@@ -104,6 +104,29 @@ def test_lost_connection_after_data_is_resolved_by_the_sent_copy_not_a_resend(
     assert _copies(gmail_server, candidate, row.message_id_header) == 1
 
 
+def test_a_sent_mail_the_sync_stored_before_the_retry_found_it_is_stored_once(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """After an uncertain attempt the retry comes 5 minutes later at the earliest; a sync in between stores Gmail's
+    copy as gm:<X-GM-MSGID>. The retry finds the mail in All Mail and links the row to that message: it stored a
+    second row under mid:<Message-ID>, in a thread of its own, that no later sync merged."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    candidate = mailstack.new_user("cand")
+    row_id = queue(store, recruiter, "synced-first", to=[candidate])
+    gmail_server.drop_after_data()
+    clock = FakeClock(SystemClock().now())
+    assert [r.status for r in make_outbox(config, store, clock).drain()] == ["queued"]
+    assert Runner(config, store, clock=SystemClock()).sync_once()[0].ok  # stores Gmail's copy of the sent mail
+    clock.advance(3600)
+    assert [r.status for r in make_outbox(config, store, clock).drain()] == ["sent"]
+    assert Runner(config, store, clock=SystemClock()).sync_once()[0].ok
+    row = outbox_row(store, row_id)
+    [sent_gm_msgid] = gmail_server.smtp_sent(recruiter)
+    with store.engine.connect() as conn:
+        stored = conn.execute(sa.select(messages_t.c.id, messages_t.c.provider_message_id)).all()
+    assert [tuple(m) for m in stored] == [(row.sent_message_id, f"gm:{sent_gm_msgid}")], "one row, the row's link"
+
+
 def test_a_possible_delivery_is_not_sent_again_when_all_mail_is_hidden_from_imap(
     store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
 ) -> None:

@@ -631,13 +631,24 @@ class Store:
 
     def store_sent(self, account_id: int, message: NewMessage) -> int:
         """The message just sent from the outbox, stored at once (outbound, threaded) before any sync sees it;
-        the sync later adds its Sent location (same identity) or adopts it (Gmail, see adopt_identities)."""
+        the sync later adds its Sent location (same identity) or adopts it (Gmail, see adopt_identities).
+
+        A row of the account with the same Message-ID is this very mail (the outbox gives each row an id of its
+        own) and is returned as it is: after an attempt that may have delivered, the retry comes minutes later, and
+        a sync in between stored Gmail's copy under its own identity (gm:<X-GM-MSGID>), which the "mid:" identity
+        alone did not find, so the mail was stored twice, in two threads, for good."""
         now = self._clock.now()
+        message_id_header = message.parsed.message_id_header
         with self.engine.begin() as conn:
+            same = messages_t.c.provider_message_id == message.identity
+            if message_id_header:
+                same = sa.or_(same, messages_t.c.message_id_header == message_id_header)
             existing = conn.execute(
-                sa.select(messages_t.c.id).where(
-                    messages_t.c.account_id == account_id, messages_t.c.provider_message_id == message.identity
-                )
+                sa.select(messages_t.c.id)
+                .where(messages_t.c.account_id == account_id, same)
+                # the row under our own identity first, else the oldest copy
+                .order_by((messages_t.c.provider_message_id != message.identity), messages_t.c.id)
+                .limit(1)
             ).scalar()
             if existing is not None:
                 return int(existing)
