@@ -243,6 +243,57 @@ def test_credentials_are_deleted_when_the_provider_cannot_revoke(
     cli.assert_never_printed(token)
 
 
+def test_a_provider_gone_from_the_config_is_reported_as_not_revoked(
+    revoking_cli: Cli, tmp_path: Path, db_url: str, mailstack: MailStack
+) -> None:
+    """The account's provider was renamed or removed in the config: the token cannot be revoked, and the report says
+    so and that the grant is still live at the provider (it said "nothing to revoke"); the credentials go anyway."""
+    cli = revoking_cli
+    user = mailstack.new_user("noprov")
+    token = add_account(cli, mailstack, tmp_path, user)
+    account_id = account_row(db_url, user).id
+    assert cli.config is not None
+    cli.config.write_text(cli.config.read_text().replace("[providers.local]", "[providers.renamed]"))
+
+    result = cli("disconnect", user)
+    assert result.code == 0, result
+    assert (
+        "provider revocation: not revoked: provider 'local' is not in the config; the grant stays valid at the "
+        "provider" in result.out
+    )
+    assert counts(db_url, account_id)["inboxd_credentials"] == 0
+    assert not refresh_refused(mailstack, token)
+    cli.assert_never_printed(token)
+
+
+def test_purge_works_without_the_key_file(revoking_cli: Cli, tmp_path: Path, db_url: str, mailstack: MailStack) -> None:
+    """The key file is lost: `disconnect --purge --yes` (a GDPR erasure) still deletes the account and its mail; it
+    exited 2 on the missing key before. The token cannot be read, so it is not revoked, and the report says so."""
+    cli = revoking_cli
+    user = mailstack.new_user("nokey")
+    token = add_account(cli, mailstack, tmp_path, user)
+    deliver(mailstack, user, "application")
+    assert cli("run", "--once").code == 0
+    account_id = account_row(db_url, user).id
+    key_file = tmp_path / "secret.key"
+    key_file.rename(tmp_path / "lost.key")
+
+    result = cli("disconnect", user, "--purge", "--yes")
+    assert result.code == 0, result
+    assert f"provider revocation: not revoked: without the secrets key ({key_file})" in result.out
+    assert "purged:" in result.out and "1 messages" in result.out
+    assert account_row(db_url, user) is None
+    assert set(counts(db_url, account_id).values()) == {0}
+    assert not refresh_refused(mailstack, token)
+    # the commands that store credentials still refuse to run without it
+    token_file = tmp_path / "other.token"
+    token_file.write_text("refresh-token-value\n")
+    add = cli("accounts", "add", "other@example.test", "--provider", "local", "--refresh-token-file", str(token_file))
+    assert add.code == 2, add
+    assert f"key file {key_file} not found" in add.err
+    cli.assert_never_printed(token)
+
+
 def test_reconnect_after_disconnect_resumes_syncing(
     revoking_cli: Cli, tmp_path: Path, db_url: str, mailstack: MailStack
 ) -> None:

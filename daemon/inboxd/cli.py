@@ -204,7 +204,7 @@ def _dispatch_db(args: argparse.Namespace, config: Config, engine: sa.Engine) ->
     needs_key = args.command in ("run", "connect", "disconnect") or (
         args.command == "accounts" and args.action == "add"
     )
-    box = SecretBox.from_key_file(config.secrets.key_file) if needs_key else None
+    box = _secret_box(args, config) if needs_key else None
     store = Store(engine, clock=clock, secret_box=box, blobs=BlobStore(config.sync.attachments_dir))
     if args.command == "accounts":
         return _accounts_add(args, config, store) if args.action == "add" else _accounts_list(args, store)
@@ -219,6 +219,16 @@ def _dispatch_db(args: argparse.Namespace, config: Config, engine: sa.Engine) ->
     if args.command not in handlers:
         raise UsageError(f"unknown command {args.command}")
     return handlers[args.command](args, config, store)
+
+
+def _secret_box(args: argparse.Namespace, config: Config) -> SecretBox | None:
+    """The key, for the commands that read or write credentials. `disconnect` goes on without a key file that is
+    gone: the refresh token cannot be read to revoke it (the report says so), but it is deleted, and a purge must
+    not depend on a key that was lost. A key file that is there but unusable still stops it: fixed, it revokes."""
+    key_file = config.secrets.key_file
+    if args.command == "disconnect" and not key_file.exists():
+        return None
+    return SecretBox.from_key_file(key_file)
 
 
 def _read_secret_file(path: Path, what: str) -> str:
