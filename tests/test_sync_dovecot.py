@@ -441,3 +441,51 @@ def test_nil_items_in_a_fetch_reply_read_as_absent() -> None:
     )  # fmt: skip
     update = _flag_update(7, {b"FLAGS": None, b"MODSEQ": (12,)})
     assert (update.flags, update.gm_labels) == (None, None), "unknown, not 'no flags': kept as stored"
+
+
+def raw_8bit(from_: str, to: str, subject: str, message_id: str) -> bytes:
+    """A message whose header fields carry raw UTF-8 (no RFC 2047), as many mail clients write them."""
+    return (
+        f"From: {from_}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: {message_id}\r\n"
+        "Date: Mon, 02 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "\r\nHallo\r\n"
+    ).encode()
+
+
+def test_an_8bit_message_id_gives_the_header_phase_the_identity_of_the_parsed_message(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """The header fields were read as Latin-1 and the parsed message as UTF-8: a raw UTF-8 Message-ID got
+    "mid:cafÃ©..." in the header phase and "mid:café..." from the body, so the copy of a stored message in a second
+    folder was downloaded and stored as a second row."""
+    config = write_config(tmp_path, db_url, mailstack)
+    connect_account(store, mailstack, recruiter)
+    raw = raw_8bit("Zoë <zoe@example.org>", recruiter, "Bewerbung", "<café-1@example.org>")
+    with mailstack.admin_imap(recruiter) as imap:
+        imap.append("INBOX", raw)
+    sync(config, store, recruiter)  # a first sync: the identity comes from the parsed body
+    [stored] = rows(store, recruiter)
+    assert stored.provider_message_id == "mid:café-1@example.org"
+    with mailstack.admin_imap(recruiter) as imap:
+        imap.append("Archive", raw)
+    [result] = Runner(config, store, clock=SystemClock()).sync_once(only=recruiter)
+    assert result.ok, result.reason
+    assert (result.stats.new_messages, result.stats.remapped, result.stats.bytes_downloaded) == (0, 1, 0)
+    [again] = rows(store, recruiter)
+    assert again.id == stored.id
+    assert again.labels == ["Archive", "INBOX"]
+
+
+def test_an_8bit_address_of_a_contact_is_admitted_by_the_header_phase(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """scope = "contacts": a candidate whose address has a non-ASCII local part (RFC 6532), written raw in From;
+    the header phase read it as Latin-1 and did not find the contact, so the mail was never stored."""
+    config = write_config(tmp_path, db_url, mailstack, scope="contacts")
+    connect_account(store, mailstack, recruiter)
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO mail_contacts (email) VALUES ('jürgen@example.org')"))
+    with mailstack.admin_imap(recruiter) as imap:
+        imap.append("INBOX", raw_8bit("Jürgen <jürgen@example.org>", recruiter, "Bewerbung", "<j-1@example.org>"))
+    sync(config, store, recruiter)
+    assert [(r.subject, r.from_email) for r in rows(store, recruiter)] == [("Bewerbung", "jürgen@example.org")]

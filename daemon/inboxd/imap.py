@@ -24,7 +24,7 @@ from imapclient.response_parser import parse_fetch_response
 
 from inboxd import __version__
 from inboxd.errors import AccountFailed, QuotaExceeded, ReauthRequired, RetryLater, SessionExpired
-from inboxd.parse import normalize_msgid, parse_address_list
+from inboxd.parse import normalize_msgid, parse_address_list, raw_header_value
 from inboxd.planner import Capabilities, FolderListing, FolderStatus, sequence_set
 from inboxd.tls import verified_context
 
@@ -444,14 +444,17 @@ def reference_ids(fields: Mapping[str, str]) -> tuple[str, ...]:
 
 
 def header_fields(header: bytes) -> dict[str, str]:
-    """The first value of each header field in a HEADER.FIELDS reply, unfolded (raw 8-bit kept as latin-1)."""
-    text = header.decode("latin-1")
+    """The first value of each header field in a HEADER.FIELDS reply, unfolded, raw 8-bit read as parse_message
+    reads it (each value as UTF-8, else Latin-1: parse.raw_header_value). Read as Latin-1, a raw UTF-8 Message-ID
+    or address differed from the parsed message's: a second identity for one message (stored twice), and a
+    contact's non-ASCII address not admitted."""
+    text = header.decode("ascii", "surrogateescape")
     unfolded = re.sub(r"\r?\n[ \t]+", " ", text)
     fields: dict[str, str] = {}
     for line in unfolded.splitlines():
         name, sep, value = line.partition(":")
         if sep:
-            fields.setdefault(name.strip().lower(), value.strip())
+            fields.setdefault(raw_header_value(name).strip().lower(), raw_header_value(value.strip()))
     return fields
 
 

@@ -346,6 +346,14 @@ def _undo_surrogates(value: str) -> str:
         return _without_surrogates(value)
 
 
+def raw_header_value(value: str) -> str:
+    """A header value as parse_message reads it, from text with the raw bytes kept as surrogate escapes (bytes
+    decoded as ASCII with "surrogateescape", as the message parser does): raw 8-bit as UTF-8, else Latin-1, for the
+    whole value. Header fields fetched apart from the body (imap.header_fields) must read the same Message-IDs and
+    addresses as the parsed message, or one message has two identities."""
+    return _undo_surrogates(value)
+
+
 def _decode_8bit(data: bytes) -> str:
     try:
         return data.decode("utf-8")

@@ -216,9 +216,4 @@ def addresses_of(raw: bytes) -> tuple[str, ...]:
 
 
 def message_id_of(raw: bytes) -> str | None:
-    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1")
-    for line in head.split("\r\n"):
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "message-id":
-            return normalize_msgid(value)
-    return None
+    return normalize_msgid(header_fields(raw.split(b"\r\n\r\n", 1)[0]).get("message-id"))
