@@ -21,14 +21,15 @@ import sqlalchemy as sa
 import structlog
 from cryptography.fernet import Fernet
 
-from harness import MailStack, make_message
+from harness import MailStack, make_message, wait_for
 from harness.config import write_stack_config
 from harness.oauth import OAuthServer, approve
 from inboxd import http as http_module
-from inboxd.clock import FakeClock
+from inboxd.clock import FakeClock, SystemClock
 from inboxd.config import Config, parse_config
 from inboxd.connect import ConnectEndpoints, sign_start
-from inboxd.connect_state import StateCodec
+from inboxd.connect_state import ConnectState, StateCodec
+from inboxd.crypto import SecretBox
 from inboxd.disconnect import disconnect
 from inboxd.http import Health, HrEndpoints, OpsServer
 from inboxd.metrics import Metrics
@@ -167,6 +168,56 @@ def test_connect_command_rejects_password_providers(tmp_path: Path) -> None:
     result = inboxd(path, "connect", "a@example.com", "--provider", "plain")
     assert result.returncode == 2
     assert "uses password authentication" in result.stderr
+
+
+def test_connect_links_of_a_running_daemon_follow_a_key_rotation_and_prune(
+    private_config: Path, tmp_path: Path
+) -> None:
+    """`secrets rotate` then `secrets prune` while `inboxd run` serves the connect endpoints: a node started after
+    them derives its state key from the new key alone. The running daemon derived its key once at start, so a flow
+    one node began could not end on the other ("this connect link has expired"); it now derives it from the key
+    file as it is at each seal and open."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with private_config.open("a") as config:
+        config.write(f'[http]\nlisten = "127.0.0.1:{port}"\nreturn_to_origins = ["{HR}"]\n')
+    base = f"http://127.0.0.1:{port}"
+    with (tmp_path / "inboxd.log").open("w") as log:
+        daemon = subprocess.Popen([str(INBOXD), "--config", str(private_config), "run"], stdout=log, stderr=log)
+    try:
+        wait_for(lambda: _answers(f"{base}/healthz"), timeout=20, what="inboxd's HTTP listener")
+        for action in ("rotate", "prune"):
+            result = inboxd(private_config, "secrets", action)
+            assert result.returncode == 0, result.stderr
+        # the other node, started after the prune
+        other = StateCodec(
+            SecretBox.from_key_file(tmp_path / "secret.key").derived("inboxd connect state"), clock=SystemClock()
+        )
+
+        begun_there = other.seal(ConnectState("anna@example.test", "local", f"{HR}/people/7", "v" * 43))
+        ended_here = requests.get(
+            f"{base}/oauth/callback?" + urlencode({"state": begun_there, "error": "access_denied"}),
+            timeout=10,
+            allow_redirects=False,
+        )
+        assert ended_here.status_code == 302, ended_here.text
+        assert query(ended_here.headers["Location"])["inboxd_email"] == "anna@example.test"
+
+        start = f"{base}/connect/start?" + urlencode({"email": "bob@example.test", "return_to": HR})
+        begun_here = requests.get(start, timeout=10, allow_redirects=False)
+        assert begun_here.status_code == 302, begun_here.text
+        assert other.open(query(begun_here.headers["Location"])["state"]).email == "bob@example.test"
+    finally:
+        daemon.terminate()
+        assert daemon.wait(timeout=20) == 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False
 
 
 # -- the HR app's flow over HTTP ---------------------------------------------------------------------------------

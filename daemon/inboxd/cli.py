@@ -569,7 +569,9 @@ def _loop(
 def _hr_endpoints(daemon: Daemon, store: Store) -> HrEndpoints:
     """The HR app's connect/disconnect endpoints, on the daemon's config (reloads included)."""
     clock = SystemClock()
-    codec = StateCodec(store.secret_box.derived("inboxd connect state"), clock=clock)
+    # derived at each seal and open: after `secrets rotate` and `prune` every node uses the key file's keys
+    box = store.secret_box
+    codec = StateCodec(lambda: box.derived("inboxd connect state"), clock=clock)
     blobs = BlobStore(daemon.config.sync.attachments_dir)
     return HrEndpoints(
         connect=ConnectEndpoints(lambda: daemon.config, store, codec, clock=clock),

@@ -2,12 +2,15 @@
 verifier, sealed (encrypted and authenticated, Fernet) with a key derived from the secrets key, and expiring.
 
 Nothing is kept server-side, so any node sharing the database and key file can finish a flow another node began.
+The key is derived again for each seal and open (`SecretBox.derived` re-reads a key file that changed): after
+`secrets rotate` and `secrets prune`, every node seals and opens with the same keys without a restart.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -32,11 +35,21 @@ class ConnectState:
         return f"ConnectState(email={self.email!r}, provider={self.provider!r}, return_to={self.return_to!r})"
 
 
+Keys = Fernet | MultiFernet
+
+
 class StateCodec:
-    def __init__(self, fernet: Fernet | MultiFernet, *, clock: Clock, lifetime: timedelta = STATE_LIFETIME) -> None:
-        self._fernet = fernet
+    """Seals and opens ConnectState; ``keys`` is a fixed key or a function giving the current one (called at each
+    seal and open, so that it follows the key file)."""
+
+    def __init__(self, keys: Keys | Callable[[], Keys], *, clock: Clock, lifetime: timedelta = STATE_LIFETIME) -> None:
+        self._keys = keys
         self._clock = clock
         self._lifetime = lifetime
+
+    @property
+    def _fernet(self) -> Keys:
+        return self._keys if isinstance(self._keys, Fernet | MultiFernet) else self._keys()
 
     def seal(self, state: ConnectState) -> str:
         fields = asdict(state) | {"nonce": secrets.token_urlsafe(8)}
