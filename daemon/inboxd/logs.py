@@ -11,10 +11,15 @@ from typing import TextIO
 
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+from inboxd.config import LOG_LEVELS
+
+# every level the config accepts: one missing here ("critical" was) silently logged at info
+_LEVELS: dict[str, int] = {name: logging.getLevelNamesMapping()[name.upper()] for name in LOG_LEVELS}
 
 
 def configure(level: str = "info", *, stream: TextIO | None = None, json: bool | None = None) -> None:
+    if level not in _LEVELS:
+        raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LOG_LEVELS)}")
     out = stream or sys.stderr
     as_json = (not out.isatty()) if json is None else json
     renderer: structlog.typing.Processor = (
@@ -28,7 +33,7 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json: bool |
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
