@@ -287,6 +287,42 @@ def test_contacts_scope_and_backfill_on_gmail(
     assert result.stats.folders_unchanged == 1
 
 
+@pytest.mark.parametrize("scope", ["all", "contacts"])
+def test_drafts_in_all_mail_are_not_stored(
+    store: Store,
+    db_url: str,
+    tmp_path: Path,
+    mailstack: MailStack,
+    gmail_server: GmailServer,
+    recruiter: str,
+    scope: str,
+) -> None:
+    """All Mail holds the recruiter's drafts (\\Draft flag, "\\Draft" label). One addressed to a candidate was stored
+    as outbound mail, as if sent, and every autosave (a new message in Gmail) added a row. Drafts are left out,
+    in a first sync (bodies first) and after it (header first); the mail once sent is stored."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server, scope=scope)
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO mail_contacts (email) VALUES ('ana@example.org')"))
+    gmail_server.deliver(application(recruiter))
+
+    def draft(text: str) -> bytes:
+        return make_message(recruiter, "ana@example.org", "Re: Application 1", text, in_reply_to=f"<app-1-{recruiter}>")
+
+    first = gmail_server.deliver(draft("Dear Ana, we"), labels=["\\Draft"], user=recruiter)
+    assert "\\Draft" in gmail_server.message(first).flags
+    result = run(config, store, recruiter)
+    assert result.ok, result.reason
+    assert [r.subject for r in rows(store, recruiter)] == ["Application 1"]
+    gmail_server.delete_forever(first)  # an autosave: Gmail replaces the draft with a new message
+    gmail_server.deliver(draft("Dear Ana, we would like to invite you"), labels=["\\Draft"], user=recruiter)
+    assert run(config, store, recruiter).ok
+    assert [r.subject for r in rows(store, recruiter)] == ["Application 1"]
+    gmail_server.deliver(draft("Dear Ana, we would like to invite you."), labels=["\\Sent"], user=recruiter)
+    assert run(config, store, recruiter).ok
+    got = rows(store, recruiter)
+    assert [(r.subject, r.direction) for r in got] == [("Application 1", "inbound"), ("Re: Application 1", "outbound")]
+
+
 def test_localized_gmail_folders_are_found_by_special_use(
     store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
 ) -> None:

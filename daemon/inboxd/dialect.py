@@ -28,6 +28,9 @@ class Dialect(Protocol):
     def is_outbound(self, labels: list[str] | None, folder: FolderSpec) -> bool:
         """Whether the server says the account sent this message (From is checked separately)."""
 
+    def is_draft(self, header: HeaderInfo) -> bool:
+        """Whether the message is a draft in a synced folder (never stored: it was not sent)."""
+
 
 class GenericImap:
     def folders(self, listing: Iterable[FolderListing]) -> list[FolderSpec]:
@@ -44,3 +47,6 @@ class GenericImap:
 
     def is_outbound(self, labels: list[str] | None, folder: FolderSpec) -> bool:
         return folder.special_use == "\\Sent"
+
+    def is_draft(self, header: HeaderInfo) -> bool:
+        return False  # drafts live in the folder marked \Drafts, which is not synced

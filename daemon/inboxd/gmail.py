@@ -1,5 +1,5 @@
 """How a Gmail mailbox is synced: only "All Mail" (found by SPECIAL-USE), identity X-GM-MSGID, threads X-GM-THRID,
-labels from X-GM-LABELS with system labels normalized. Facts: shared/docs/gmail-imap.md. Pure."""
+labels from X-GM-LABELS with system labels normalized, drafts left out. Facts: shared/docs/gmail-imap.md. Pure."""
 
 from __future__ import annotations
 
@@ -56,3 +56,8 @@ class Gmail:
 
     def is_outbound(self, labels: list[str] | None, folder: FolderSpec) -> bool:
         return "SENT" in (labels or [])
+
+    def is_draft(self, header: HeaderInfo) -> bool:
+        """All Mail holds the drafts too (\\Draft flag, "\\Draft" label); each autosave is a new message, and the
+        mail once sent another one."""
+        return any(f.lower() == "\\draft" for f in header.flags) or "DRAFT" in (self.labels(header.gm_labels) or [])

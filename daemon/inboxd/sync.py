@@ -467,6 +467,9 @@ class AccountSync:
             raw = bodies[uid]
             self.stats.bytes_downloaded += len(raw)
             header = headers[uid]
+            if self._dialect.is_draft(header):  # bodies first: no header phase decided before (_admitted)
+                self.stats.out_of_scope += 1
+                continue
             parsed = outcomes[uid]
             if isinstance(parsed, UnparseableMessage):
                 self._quarantine(folder, selected, uid, reason=parsed.message, raw=raw)
@@ -557,12 +560,15 @@ class AccountSync:
         return kept
 
     def _admitted(self, headers: list[HeaderInfo], folder: StoredFolder) -> list[int]:
-        """UIDs that may be stored: not in an excluded label/folder, and in scope by their participants or by
-        their conversation (once a thread touches a candidate, the rest of the thread is kept too)."""
+        """UIDs that may be stored: not a draft (Gmail's All Mail holds them: not sent mail), not in an excluded
+        label/folder, and in scope by their participants or by their conversation (once a thread touches a
+        candidate, the rest of the thread is kept too)."""
         exclusions = self._settings.exclusions
         admitted: list[int] = []
         undecided: list[HeaderInfo] = []
         for header in headers:
+            if self._dialect.is_draft(header):
+                continue
             location = self._location(header)
             if exclusions.excludes_labels(location.labels if location.labels is not None else [folder.name]):
                 continue
