@@ -184,6 +184,45 @@ def test_microsoft_preset_and_tenant(tmp_path: Path) -> None:
     assert tenant.token_uri == "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
 
 
+M365 = """
+[providers.m365]
+kind = "microsoft"
+client_id = "app-id"
+client_secret = "x"
+"""
+
+
+@pytest.mark.parametrize(
+    "tenant", ["common", "organizations", "consumers", "72f988bf-86f1-41af-91ab-2d7cd011db47", "corp-1.example.com"]
+)
+def test_tenant_takes_ids_domains_and_aliases(tmp_path: Path, tenant: str) -> None:
+    m365 = parse(tmp_path, M365 + f'tenant = "{tenant}"').providers["m365"]
+    assert m365.token_uri == f"https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+    assert m365.auth_uri == f"https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize"
+
+
+@pytest.mark.parametrize("tenant", ["..", ".", "a..b.com", ".example.com", "example.com.", "-x.example.com", "corp"])
+def test_tenant_that_would_change_the_token_urls_path_is_an_error(tmp_path: Path, tenant: str) -> None:
+    """ ".." made the token URL https://login.microsoftonline.com/../oauth2/v2.0/token: not a tenant at all."""
+    exc = error(tmp_path, M365 + f'tenant = "{tenant}"')
+    assert exc.key == "providers.m365.tenant"
+    assert f'a domain like "contoso.onmicrosoft.com", "common", "organizations" or "consumers", got "{tenant}"' in str(
+        exc
+    )
+
+
+def test_return_to_origins_drop_the_default_port(tmp_path: Path) -> None:
+    """https://hr.example.com:443 is the origin https://hr.example.com, which browsers and HR apps send; kept as
+    written it never matched."""
+    text = (
+        '[http]\nreturn_to_origins = ["https://HR.example.com:443", "http://127.0.0.1:80/", '
+        '"https://hr2.example.com:8443", "http://[::1]:80"]'
+    )
+    assert parse(tmp_path, text).http.return_to_origins == frozenset(
+        {"https://hr.example.com", "http://127.0.0.1", "https://hr2.example.com:8443", "http://[::1]"}
+    )
+
+
 def test_generic_imap_provider_defaults(tmp_path: Path) -> None:
     config = parse(
         tmp_path,

@@ -327,6 +327,24 @@ def test_http_connect_reconnects_an_account_that_needs_reauth(listener: Listener
     assert listener.store.credential(account.id).secret != "dead"
 
 
+@pytest.mark.parametrize(
+    ("allowed", "return_to"),
+    [(f"{HR}:443", f"{HR}/people/7"), (HR, "https://hr.example.com:443/people/7")],
+    ids=["default port in the config", "default port in return_to"],
+)
+def test_http_connect_start_takes_an_origin_with_or_without_its_default_port(
+    listener: Listener, allowed: str, return_to: str
+) -> None:
+    """An origin with its default port (:443 for https) is the same origin without it, on either side; an entry
+    written with :443 never matched what browsers and HR apps send."""
+    config = listener.holder[0]
+    origins = parse_config(f'[http]\nreturn_to_origins = ["{allowed}"]', path=None, env={}).http.return_to_origins
+    listener.holder[0] = replace(config, http=replace(config.http, return_to_origins=origins))
+    start = listener.get(listener.start_url(email="anna@example.test", return_to=return_to))
+    assert start.status_code == 302, start.text
+    assert start.headers["Location"].startswith(listener.oauth.authorize_uri)
+
+
 def test_http_connect_without_a_provider_ignores_providers_that_cannot_ask_consent(
     listener: Listener, tmp_path: Path
 ) -> None:

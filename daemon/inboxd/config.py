@@ -565,7 +565,21 @@ def _origin(value: str) -> str:
 
 
 def _origins(value: Any) -> frozenset[str]:
-    return frozenset(_origin(v.rstrip("/")) for v in _string_list(value))
+    return frozenset(url_origin(_split_url(_origin(v.rstrip("/")))) for v in _string_list(value))
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def url_origin(parts: SplitResult) -> str:
+    """``scheme://host[:port]`` lowercased and without the scheme's default port, as a browser compares origins:
+    https://hr.example.com:443 and https://hr.example.com are one origin."""
+    netloc = parts.netloc.lower()
+    port = parts.port
+    if port is not None or netloc.endswith(":"):
+        host = netloc.rsplit(":", 1)[0]
+        netloc = host if port in (None, _DEFAULT_PORTS.get(parts.scheme)) else f"{host}:{port}"
+    return f"{parts.scheme}://{netloc}"
 
 
 def _read_token_file(table: _Table, key: str) -> str:
@@ -956,7 +970,9 @@ def _oauth_client(table: _Table, kind: str, default_uri: str | None) -> tuple[st
             raise table.error("tenant", f'is only used with kind = "microsoft" (this provider is "{kind}")')
         if token_uri is not None:
             raise table.error("tenant", "set either tenant or token_uri, not both")
-        expected = 'a tenant id, domain, "common" or "organizations"'
+        expected = (
+            'a tenant id (GUID), a domain like "contoso.onmicrosoft.com", "common", "organizations" or "consumers"'
+        )
         tenant = table.converted("tenant", "common", _tenant, expected)
         default_uri = MICROSOFT_TOKEN_URI.format(tenant=tenant)
 
@@ -1003,8 +1019,20 @@ def _display_name(value: Any) -> str:
     return value
 
 
+_TENANT_ALIASES = ("common", "organizations", "consumers")
+_GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+_TENANT_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
 def _tenant(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9.-]+", value):
+    """An Entra ID tenant as it goes into the token URL's path: a GUID, a domain ("contoso.onmicrosoft.com") or one
+    of Microsoft's aliases. Anything else ("..", "a/b") would change the URL's path, not name a tenant."""
+    if not isinstance(value, str):
+        raise TypeError(value)
+    if value.lower() in _TENANT_ALIASES or _GUID.fullmatch(value):
+        return value
+    labels = value.split(".")
+    if len(value) > 253 or len(labels) < 2 or not all(_TENANT_LABEL.fullmatch(label) for label in labels):
         raise ValueError(value)
     return value
 

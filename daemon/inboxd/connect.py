@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import structlog
 
 from inboxd.clock import Clock
-from inboxd.config import Config, ProviderConfig
+from inboxd.config import Config, ProviderConfig, url_origin
 from inboxd.connect_state import ConnectState, StateCodec
 from inboxd.errors import ConnectFailed, InboxdError, RetryLater, UsageError
 from inboxd.oauth_flow import (
@@ -270,8 +270,7 @@ def check_return_to(return_to: str, origins: frozenset[str]) -> None:
         parts.port  # noqa: B018 (ValueError for a port that is no number)
     except ValueError:
         raise refused from None
-    origin = f"{parts.scheme}://{(parts.netloc or '').lower()}"
-    if parts.username or parts.password or origin not in origins:
+    if parts.username or parts.password or url_origin(parts) not in origins:
         raise refused
 
 
