@@ -338,6 +338,54 @@ def test_idle_connection_dropped_the_watcher_reconnects_and_push_still_arrives(
 
 
 @ON_POSTGRESQL
+def test_a_long_first_sync_holds_up_no_other_account(tmp_path: Path, db_url: str, mailstack: MailStack) -> None:
+    """Two accounts on one node, a 1 h interval: "big" syncs through a proxy slowed to 4 kB/s (a first sync of half
+    a minute or more, whatever the CPU), "small" straight to Dovecot. Mail delivered to small is stored while big's
+    first sync is still running: each account syncs on its own. Before, the cycle waited for every account, and
+    small had no IDLE watcher (and no sync) until big was done."""
+    big, small = mailstack.new_user("big"), mailstack.new_user("small")
+    seed(mailstack, big, 30, archive_share=0, body=4000)
+    seed(mailstack, small, 2, archive_share=0)
+    engine = db.create_engine(db_url)
+    log = tmp_path / "inboxd.log"
+    with FaultProxy(mailstack.host, mailstack.imap_port) as proxy:
+        config = proxied_config(
+            tmp_path, db_url, mailstack, imap_port=proxy.port, timeout=10, sync_extra='interval = "1h"'
+        )
+        (tmp_path / "direct").mkdir()
+        direct = write_stack_config(tmp_path / "direct", db_url, mailstack).read_text()
+        provider = direct[direct.index("[providers.local]") :].replace("[providers.local]", "[providers.direct]")
+        config.write_text(config.read_text() + "\n" + provider)
+        env = connect(config, mailstack, [big])
+        settings = load_config(config, env={})
+        store = Store(engine, clock=SystemClock(), secret_box=SecretBox.from_key_file(settings.secrets.key_file))
+        store.add_account(small, "direct", Credential("oauth2_refresh", mailstack.refresh_token(small)))
+        proxy.arm(AfterBytes(0), Slow(4_000), times=None)
+        with daemon(env, log) as proc:
+            wait_for(lambda: count_of(engine, small) == 2, timeout=30, what="small's first sync")
+            mailstack.deliver(small, make_message("new@example.org", small, "pushed", "x"))
+            wait_for(lambda: count_of(engine, small) == 3, timeout=30, what=f"small's new mail:\n{log.read_text()}")
+            assert count_of(engine, big) < 30, "stored while big's first sync was still running"
+            stop(proc, log)
+    assert assert_db_matches_server(engine, mailstack, small).messages == 3
+    assert_db_is_prefix_of_server(engine, mailstack, big)
+    engine.dispose()
+
+
+def count_of(engine: sa.Engine, email: str) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM mail_messages m JOIN mail_accounts a ON a.id = m.account_id"
+                    " WHERE a.email = :email"
+                ),
+                {"email": email},
+            ).scalar_one()
+        )
+
+
+@ON_POSTGRESQL
 def test_stalled_idle_connection_blocks_neither_sync_nor_shutdown(
     tmp_path: Path, db_url: str, mailstack: MailStack, recruiter: str
 ) -> None:

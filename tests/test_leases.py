@@ -3,13 +3,16 @@ accounts, a dead node's accounts move once its leases expire, and a clean stop h
 
 from __future__ import annotations
 
-from datetime import timedelta
+import threading
+import time
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from inboxd.clock import FakeClock
+from inboxd.clock import FakeClock, SystemClock
 from inboxd.crypto import SecretBox
-from inboxd.leases import Leases, fair_share
+from inboxd.db_clock import DatabaseClock
+from inboxd.leases import Leases, fair_share, renewed
 from inboxd.store import Credential, Store
 
 LEASE = timedelta(seconds=30)
@@ -81,3 +84,76 @@ def test_a_one_off_run_takes_only_free_accounts_and_gives_them_back(engine: sa.E
     assert held == set(ids[:2])
     once.release(taken)
     assert daemon.rebalance(ids) == set(ids), "released at once"
+
+
+def test_a_busy_account_is_not_given_back_until_its_sync_is_over(engine: sa.Engine, secret_box: SecretBox) -> None:
+    """A second node joins while the first syncs account 0 (a first sync of hours): the first gives back its surplus
+    from the idle accounts, never the busy one, which another node would otherwise sync at the same time."""
+    clock = FakeClock()
+    ids = _accounts(engine, secret_box, clock, 4)
+    a = Leases(engine, clock=clock, node_id="node-a", lease=LEASE)
+    b = Leases(engine, clock=clock, node_id="node-b", lease=LEASE)
+    assert a.rebalance(ids) == set(ids)
+    b.rebalance(ids)  # heartbeat: two live nodes now, a share of 2 each
+    held = a.rebalance(ids, busy={ids[3]})
+    assert ids[3] in held and len(held) == 2
+    assert b.rebalance(ids) == set(ids) - held
+    # a share of 2 each, but three syncing on A: A keeps all three until they are over, then gives one back
+    assert a.rebalance(ids, busy=held | {ids[0]}) >= held
+    assert len(a.rebalance(ids)) == 2
+
+
+def test_a_node_for_one_account_does_not_take_a_share(engine: sa.Engine, secret_box: SecretBox) -> None:
+    """`inboxd run --account X` beside a full node: it syncs X only, and does not count as a live node in the fair
+    share, so the full node still holds every other account (it used to drop to half and leave the rest unsynced)."""
+    clock = FakeClock()
+    ids = _accounts(engine, secret_box, clock, 4)
+    full = Leases(engine, clock=clock, node_id="full", lease=LEASE)
+    one = Leases(engine, clock=clock, node_id="one", lease=LEASE, member=False)
+    assert one.rebalance([ids[2]]) == {ids[2]}
+    clock.advance(5)
+    assert full.rebalance(ids) == set(ids) - {ids[2]}
+    clock.advance(5)
+    assert one.rebalance([ids[2]]) == {ids[2]}
+    assert full.rebalance(ids) == set(ids) - {ids[2]}
+
+
+def test_a_node_with_its_clock_ahead_takes_no_live_nodes_lease(engine: sa.Engine, secret_box: SecretBox) -> None:
+    """Expiries on the database's clock (DatabaseClock): a node whose own clock runs 35 s ahead, more than a lease,
+    neither sees the other node as dead nor its leases as expired. On the nodes' own clocks it took them all."""
+    ids = _accounts(engine, secret_box, FakeClock(), 4)
+    a = Leases(engine, clock=DatabaseClock(engine, SystemClock()), node_id="node-a", lease=LEASE)
+    assert a.rebalance(ids) == set(ids)
+    ahead = FakeClock(datetime.now(UTC) + timedelta(seconds=35))
+    b = Leases(engine, clock=DatabaseClock(engine, ahead), node_id="node-b", lease=LEASE)
+    assert b.rebalance(ids) == set(), "A is alive and holds all four: nothing expired"
+    assert a.renew() == set(ids)
+
+
+def test_renewed_keeps_a_one_off_runs_leases_past_their_period(engine: sa.Engine, secret_box: SecretBox) -> None:
+    """`run --once` renews what it took while it syncs: after three lease periods a daemon still cannot take them
+    (before, a first sync longer than `sync.lease` lost its account to the daemon, and both wrote it)."""
+    ids = _accounts(engine, secret_box, FakeClock(), 2)
+    short = timedelta(seconds=0.6)
+    once = Leases(engine, clock=SystemClock(), node_id="once", lease=short)
+    held = once.take(ids)
+    lost: list[bool] = []
+    with renewed(once, held, on_lost=lambda: lost.append(True)):
+        time.sleep(3 * short.total_seconds())
+        daemon = Leases(engine, clock=SystemClock(), node_id="daemon", lease=short)
+        assert daemon.rebalance(ids) == set()
+    assert not lost
+    time.sleep(short.total_seconds() + 0.1)  # no longer renewed: expired
+    assert daemon.rebalance(ids) == set(ids)
+
+
+def test_renewed_reports_a_lease_taken_by_another_node(engine: sa.Engine, secret_box: SecretBox) -> None:
+    ids = _accounts(engine, secret_box, FakeClock(), 1)
+    short = timedelta(seconds=0.6)
+    once = Leases(engine, clock=SystemClock(), node_id="once", lease=short)
+    held = once.take(ids)
+    lost = threading.Event()
+    with renewed(once, held, on_lost=lost.set):
+        with engine.begin() as conn:  # another node took it (its lease had run out meanwhile)
+            conn.execute(sa.text("UPDATE inboxd_leases SET node_id = 'other'"))
+        assert lost.wait(timeout=5)

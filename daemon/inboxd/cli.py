@@ -30,12 +30,13 @@ from inboxd.connect_state import StateCodec
 from inboxd.connections import delegated_token_source
 from inboxd.crypto import SecretBox, init_key_file
 from inboxd.daemon import Daemon
+from inboxd.db_clock import DatabaseClock
 from inboxd.disconnect import disconnect
 from inboxd.errors import ConfigError, InboxdError, SecretsError, UsageError
 from inboxd.forget import ForgetReport, forget_contact
 from inboxd.http import HrEndpoints, database_health, start_ops_server
 from inboxd.kept_sessions import KeptSessions
-from inboxd.leases import Leases
+from inboxd.leases import Leases, renewed
 from inboxd.metrics import Metrics
 from inboxd.outbox import Outbox
 from inboxd.outbox_policy import RetryPolicy
@@ -486,7 +487,8 @@ def _run_with(
     if kept is not None:
         metrics.watch_kept_sessions(kept.__len__)
     runner = Runner(config, store, clock=clock, metrics=metrics, stop=stop, parser=parser, kept=kept)
-    outbox_store = OutboxStore(store.engine, clock=clock, policy=RetryPolicy())
+    # claims and retry times on the database's clock, as every node and the HR app see it
+    outbox_store = OutboxStore(store.engine, clock=DatabaseClock(store.engine, clock), policy=RetryPolicy())
     metrics.watch(store.accounts, outbox_store.depth, clock=clock)
     outbox = Outbox(
         config,
@@ -501,12 +503,14 @@ def _run_with(
         raise UsageError(f"--account {args.account}: no such account (see `inboxd accounts list`)")
     if args.once:
         # leases as a node would take them, so that a one-off run never syncs an account a daemon is syncing
-        leases = Leases(store.engine, clock=clock, lease=config.sync.lease)
+        # (expiries on the database's clock, renewed while the syncs run: a first sync outlasts many leases)
+        leases = Leases(store.engine, clock=DatabaseClock(store.engine, clock), lease=config.sync.lease)
         ids = {a.id for a in store.accounts() if args.account is None or a.email == args.account.strip().lower()}
         owned = leases.take(ids)
         display = ProgressDisplay(clock)
         try:
-            results = runner.sync_once(only=args.account, progress=display.update, account_ids=owned)
+            with renewed(leases, owned, on_lost=runner.interrupt):
+                results = runner.sync_once(only=args.account, progress=display.update, account_ids=owned)
         finally:
             leases.release(owned)
         display.finish()

@@ -1,13 +1,15 @@
-"""`inboxd run`: the long-running service. A full cycle every `sync.interval` over the accounts this node leases
-(several nodes share one database, see leases.py); between cycles, an account is synced
-at once when its IDLE watcher reports new mail, and everything is re-checked within seconds when the HR app changes
-mail_contacts or mail_accounts.enabled. The outbox is served by its own thread, woken by NOTIFY (polling on SQLite).
+"""`inboxd run`: the long-running service. Each account this node leases (several nodes share one database, see
+leases.py) syncs on its own, in a pool: every `sync.interval`, at once when its IDLE watcher reports new mail,
+within seconds when the HR app changes mail_contacts or mail_accounts.enabled, and when a backoff runs out. The
+loop never waits for a sync (schedule.py decides which due accounts start): a first sync of hours holds one slot of
+its lane, not the node. The outbox is served by its own thread, woken by NOTIFY (polling on SQLite).
 
 Signals are turned into events by the caller; this module never exits the process on an error it can retry.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gc
 import os
@@ -15,7 +17,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime
 
 import sqlalchemy as sa
 import structlog
@@ -23,18 +27,42 @@ import structlog
 from inboxd.blob_gc import GcSchedule
 from inboxd.clock import Clock
 from inboxd.config import Config, load_config
+from inboxd.db_clock import DatabaseClock
 from inboxd.errors import ConfigError
 from inboxd.idle import IdleWatcher
 from inboxd.leases import Leases
 from inboxd.outbox import Outbox
 from inboxd.outbox_wake import OutboxWake
 from inboxd.runner import AccountResult, Runner, decide
+from inboxd.schedule import Slots, Why, lane, merge, to_start
 from inboxd.sdnotify import Notifier
 from inboxd.store import Account, Store
 
 log = structlog.get_logger(__name__)
 
 POLL_SECONDS = 5.0  # how often the HR app's tables are checked for changes between cycles
+FIRST_SYNC_SLOTS = 2  # first syncs at once (CPU-bound: parsing), beside `max_workers` regular syncs
+STOP_WAIT = 8.0  # at a stop, how long the syncs get to end between batches (systemd's TimeoutStopSec is 15 s)
+
+
+@dataclass(slots=True)
+class _Sync:
+    """An account's sync running in the pool."""
+
+    future: Future[AccountResult]
+    lane: str
+    stop: threading.Event  # set when this node lost the account's lease
+    round_no: int
+
+
+@dataclass(slots=True)
+class _Round:
+    """A sync.interval round: the accounts still to sync in it, and the outcomes so far."""
+
+    number: int
+    pending: set[int]
+    ok: int = 0
+    failed: int = 0
 
 
 def settle_heap() -> None:
@@ -105,12 +133,35 @@ class Daemon:
         self._reload = reload_requested
         self._only = only.strip().lower() if only else None
         self._outbox_depth = outbox_depth
-        self._wakeups: queue.Queue[str] = queue.Queue()
+        # account ids from the IDLE watchers (a push), None when a sync ended: both wake the loop at once
+        self._wakeups: queue.Queue[int | None] = queue.Queue()
         self._watchers: dict[int, IdleWatcher] = {}
         self._mtime = self._config_mtime()
-        self._leases = Leases(store.engine, clock=clock, lease=config.sync.lease)
+        # expiries and heartbeats on the database's clock: the nodes' own clocks may disagree
+        self._leases = Leases(
+            store.engine,
+            clock=DatabaseClock(store.engine, clock),
+            lease=config.sync.lease,
+            member=self._only is None,
+        )
+        # what the keeper thread changes too (a lost lease) is guarded by _lock: the owned accounts, the due ones
+        # and the running syncs
+        self._lock = threading.Lock()
         self._owned: set[int] = set()
-        self._cycle_failed = False  # the last sync raised (the database was away): run the cycle again soon
+        self._due: dict[int, Why] = {}
+        self._running: dict[int, _Sync] = {}
+        self._slots = Slots(first=FIRST_SYNC_SLOTS, regular=runner.max_workers)
+        self._pool = ThreadPoolExecutor(
+            max_workers=self._slots.first + self._slots.regular, thread_name_prefix="inboxd-sync"
+        )
+        self._started: dict[int, datetime] = {}  # when each account's last sync began (for retry_at)
+        self._attempted: set[int] = set()  # accounts with a sync ended in this process (then they get a watcher)
+        self._retry_soon: dict[int, float] = {}  # a sync that raised as a whole: monotonic time to try again
+        self._round: _Round | None = None
+        self._round_no = 0
+        self._round_at = 0.0  # monotonic time of the next sync.interval round: the first at once
+        self._rebalance_at = 0.0
+        self._seen_watermark: object = None
         self._gc_schedule = GcSchedule(clock)
         self._gc_thread: threading.Thread | None = None
         self._keeper_stop = threading.Event()  # the keeper outlives SIGTERM until syncs are done, then stops
@@ -131,17 +182,145 @@ class Daemon:
         self._notifier.ready("first sync cycle running")
         try:
             while not self._stop.is_set():
-                accounts = self._accounts()
-                watermark = self._watermark(accounts)
-                self._owned = self._rebalance(accounts)
-                self._runner.retain_sessions(self._owned)  # log out of the accounts another node took
-                self._cycle()
-                self._store.sweep_staged_attachments()  # staged by parser processes for runs never stored
-                self._collect_attachment_garbage()
-                settle_heap()
-                self._between_cycles(watermark)
+                self._tick()
+                self._wait()
         finally:
             self._shut_down()
+
+    def _tick(self) -> None:
+        """One turn of the loop (at least every 5 s, and at once after a push or a finished sync): collect the
+        finished syncs, work out which accounts are due and why, and start those that have a free slot. Nothing
+        here waits for a sync, so pushes, the HR app's changes, reloads, leases and the watchdog are served while
+        any account (a first sync of hours) is syncing."""
+        self._notifier.watchdog()
+        self._runner.expire_sessions()
+        self._reap()
+        accounts = self._accounts()  # one read of mail_accounts per turn, for the checks below
+        if accounts is not None and time.monotonic() >= self._rebalance_at:
+            # a node joined or died: take or hand over accounts. Every third of a lease, as the keeper renews:
+            # more often would only repeat the keeper's writes, and these checks are most of an idle daemon's CPU
+            self._rebalance_at = time.monotonic() + self._config.sync.lease.total_seconds() / 3
+            self._apply_leases(accounts)
+        if self._reload_due():
+            self._reload_config()
+            self._make_due(self._owned, Why.CHANGED)  # pauses and scope apply at once
+        watermark = self._watermark(accounts)
+        if watermark is not None:
+            if self._seen_watermark is not None and watermark != self._seen_watermark:
+                log.info("daemon.hr_tables_changed")
+                self._make_due(self._owned, Why.CHANGED)
+            self._seen_watermark = watermark
+        if time.monotonic() >= self._round_at:
+            self._start_round()
+        if accounts is not None:
+            self._make_due(self._retries_due(accounts), Why.RETRY)
+            self._refresh_watchers(accounts)
+            self._start_due(accounts)
+        if self._round is not None and not self._round.pending:
+            self._finish_round()
+
+    def _wait(self) -> None:
+        """Until a watcher pushes, a sync ends, or a slice of the poll period passes; pushes become due."""
+        watchdog = self._notifier.watchdog_interval  # None without systemd's watchdog: then 5 s, not 2.5 s
+        wait_slice = min(POLL_SECONDS, watchdog / 2) if watchdog else POLL_SECONDS
+        self._make_due(self._next_wakeups(wait_slice), Why.PUSH)
+
+    def _make_due(self, account_ids: set[int], why: Why) -> None:
+        """These accounts sync as soon as they have a slot (those this node still holds)."""
+        with self._lock:
+            merge(self._due, account_ids & self._owned, why)
+
+    def _start_round(self) -> None:
+        """Every sync.interval: every account this node syncs is due, and the round's outcome is logged once all
+        of them have synced (daemon.cycle_done)."""
+        self._round_at = time.monotonic() + self._config.sync.interval.total_seconds()
+        self._round_no += 1
+        with self._lock:
+            self._round = _Round(self._round_no, set(self._owned))
+            merge(self._due, self._owned, Why.ROUND)
+
+    def _finish_round(self) -> None:
+        assert self._round is not None
+        ok, failed = self._round.ok, self._round.failed
+        self._round = None
+        log.info("daemon.cycle_done", ok=ok, failed=failed)
+        depth: int | str = "unknown"
+        if self._outbox_depth is not None:
+            with contextlib.suppress(sa.exc.SQLAlchemyError):  # a status line is not worth stopping for
+                depth = self._outbox_depth()
+        self._notifier.status(f"{ok} accounts ok, {failed} failed; outbox depth {depth}")
+        self._store.sweep_staged_attachments()  # staged by parser processes for runs never stored
+        self._collect_attachment_garbage()
+        settle_heap()
+
+    def _start_due(self, accounts: list[Account]) -> None:
+        """Start the due accounts that have a free slot in their lane (schedule.to_start)."""
+        by_id = {a.id: a for a in accounts}
+        with self._lock:
+            for account_id in [a for a in self._due if a not in self._owned or a not in by_id]:
+                del self._due[account_id]  # the lease went to another node, or the account is gone
+                if self._round is not None:
+                    self._round.pending.discard(account_id)
+            running = {a: s.lane for a, s in self._running.items()}
+            lanes = {a: lane(by_id[a].last_sync_at) for a in self._due}
+            chosen = to_start(self._due, running, lanes, self._slots)
+        if not chosen:
+            return
+        try:
+            settings = self._runner.cycle_settings()  # the HR app's contacts as they are now, for scope "contacts"
+        except sa.exc.SQLAlchemyError:
+            log.warning("daemon.sync_deferred", accounts=len(chosen), error="database unavailable")
+            return
+        with self._lock:
+            for account_id in chosen:
+                why = self._due.pop(account_id)
+                stop = threading.Event()
+                future = self._pool.submit(self._runner.sync_account, by_id[account_id], None, settings, stop=stop)
+                self._running[account_id] = _Sync(future, lanes[account_id], stop, self._round_no)
+                self._started[account_id] = self._clock.now()
+                future.add_done_callback(lambda _f: self._wakeups.put(None))  # the loop collects it at once
+                log.debug("daemon.sync_started", account=by_id[account_id].email, why=why.name.lower())
+
+    def _reap(self) -> None:
+        """Collect the syncs that ended: count them in their round; a sync that could not even record its outcome
+        (the database away) is tried again after a poll period."""
+        with self._lock:
+            finished = {a: s for a, s in self._running.items() if s.future.done()}
+            for account_id in finished:
+                del self._running[account_id]
+        for account_id, sync in finished.items():
+            self._attempted.add(account_id)
+            try:
+                ok = sync.future.result().ok
+            except Exception:  # the database may be away for a moment: log, and try again soon
+                log.exception("daemon.sync_failed")
+                ok = False
+                self._retry_soon[account_id] = time.monotonic() + POLL_SECONDS
+            if self._round is not None and sync.round_no == self._round.number and account_id in self._round.pending:
+                self._round.pending.discard(account_id)
+                self._round.ok += ok
+                self._round.failed += not ok
+
+    def _retries_due(self, accounts: list[Account]) -> set[int]:
+        """The owned accounts whose backoff (retry_at) has run out since their last sync began, and those whose
+        last sync failed as a whole a poll period ago."""
+        now, mono = self._clock.now(), time.monotonic()
+        soon = {a for a, at in self._retry_soon.items() if at <= mono}
+        for account_id in soon:
+            del self._retry_soon[account_id]
+        with self._lock:
+            owned = set(self._owned)
+        expired = {
+            a.id
+            for a in accounts
+            if a.id in owned
+            and a.retry_at is not None
+            and a.retry_at <= now
+            and (a.id not in self._started or self._started[a.id] < a.retry_at)
+        }
+        if expired:
+            log.info("daemon.retry_due", accounts=len(expired))
+        return (soon & owned) | expired
 
     def _collect_attachment_garbage(self) -> None:
         """Once a day (GcSchedule), in a thread of its own: a store of millions of files takes a while to list, and
@@ -153,52 +332,29 @@ class Daemon:
         )
         self._gc_thread.start()
 
-    def _between_cycles(self, watermark: object) -> None:
-        """Until the next full cycle is due: sync the accounts whose watcher reported news, and check every 5 s
-        whether the leases, the config or the HR app's tables changed or a retry fell due (then return early)."""
-        watchdog = self._notifier.watchdog_interval  # None without systemd's watchdog: then 5 s, not 2.5 s
-        wait_slice = min(POLL_SECONDS, watchdog / 2) if watchdog else POLL_SECONDS
-        deadline = time.monotonic() + self._config.sync.interval.total_seconds()
-        rebalanced = time.monotonic()
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            self._notifier.watchdog()
-            self._runner.expire_sessions()
-            for email in self._next_wakeups(min(wait_slice, max(deadline - time.monotonic(), 0.01))):
-                if self._stop.is_set():
-                    return
-                self._sync(only=email)
-            accounts = self._accounts()  # one read of mail_accounts per tick, for the checks below
-            # a node joined or died: take or hand over accounts. Every third of a lease, as the keeper renews:
-            # more often would only repeat the keeper's writes, and these checks are most of an idle daemon's CPU
-            if time.monotonic() - rebalanced >= self._config.sync.lease.total_seconds() / 3:
-                rebalanced = time.monotonic()
-                if self._rebalance(accounts) != self._owned:
-                    log.info("daemon.leases_changed")
-                    return
-            if self._reload_due():
-                self._reload_config()
-                return  # a cycle applies the new config (pauses, scope) at once
-            if self._watermark(accounts) != watermark:
-                log.info("daemon.hr_tables_changed")
-                return
-            if self._retry_due(accounts):
-                log.info("daemon.retry_due")
-                return
-
     def _shut_down(self) -> None:
+        """Stop: the syncs end between batches (their stop is the daemon's), the watchers and the outbox thread
+        are asked to stop, and the leases go back so that another node takes over at once. Within TimeoutStopSec
+        (15 s): the syncs get STOP_WAIT, then the process exits without waiting for a sync stuck in a read."""
         self._notifier.stopping()
         for watcher in self._watchers.values():  # ask all first, then wait: stop stays quick
             watcher.request_stop()
-        for watcher in self._watchers.values():
-            watcher.stop(timeout=2)
-        self._runner.close_sessions()
         os.write(self._outbox_stop_w, b"x")
-        self.sender.join(timeout=10)
+        with self._lock:
+            futures = [s.future for s in self._running.values()]
+        _, stuck = concurrent.futures.wait(futures, timeout=STOP_WAIT)
+        if stuck:
+            log.warning("daemon.syncs_still_running", accounts=len(stuck))
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for watcher in self._watchers.values():
+            watcher.stop(timeout=1)
+        self._runner.close_sessions()
+        self.sender.join(timeout=5)
         if not self.sender.is_alive():  # else it may still poll the pipe: the process is ending anyway
             os.close(self._outbox_stop_r)
             os.close(self._outbox_stop_w)
         self._keeper_stop.set()
-        self._keeper.join(timeout=5)
+        self._keeper.join(timeout=2)
         with contextlib.suppress(sa.exc.SQLAlchemyError):
             self._leases.release_all()  # another node takes over at once, not after the lease expires
 
@@ -241,52 +397,21 @@ class Daemon:
         log.info("daemon.reloaded", accounts_paused=sum(p.paused for p in new.accounts.values()))
         self._notifier.ready("config reloaded")
 
-    def _cycle(self) -> None:
-        self._cycle_failed = False
-        results = self._sync(only=self._only)
-        ok, failed = sum(r.ok for r in results), sum(not r.ok for r in results)
-        log.info("daemon.cycle_done", ok=ok, failed=failed)
-        depth: int | str = "unknown"
-        if self._outbox_depth is not None:
-            with contextlib.suppress(sa.exc.SQLAlchemyError):  # a status line is not worth stopping for
-                depth = self._outbox_depth()
-        self._notifier.status(f"{ok} accounts ok, {failed} failed; outbox depth {depth}")
-        self._notifier.watchdog()
-        if not self._stop.is_set():  # no new IDLE connections while shutting down
-            self._refresh_watchers()
-
-    def _sync(self, *, only: str | None) -> list[AccountResult]:
+    def _next_wakeups(self, timeout: float) -> set[int]:
+        """Accounts whose IDLE watcher reported a change, waiting at most `timeout` for the first (or for a sync to
+        end: that puts None)."""
         try:
-            return self._runner.sync_once(only=only, progress=self._on_progress, account_ids=self._owned)
-        except Exception:  # the database may be away for a moment: log, and the next round tries again
-            log.exception("daemon.cycle_failed")
-            self._cycle_failed = True
-            return []
-
-    def _retry_due(self, accounts: list[Account] | None) -> bool:
-        """Whether a cycle should run now rather than an interval later: the last sync failed as a whole, or the
-        backoff (retry_at) of an account this node syncs has run out since a transient failure or a quota pause."""
-        if self._cycle_failed:
-            return True
-        if accounts is None:
-            return False  # the database is away: the lease check says so
-        now = self._clock.now()
-        return any(a.id in self._owned and a.retry_at is not None and a.retry_at <= now for a in accounts)
-
-    def _on_progress(self, _email: str, _done: int, _total: int) -> None:
-        self._notifier.watchdog()  # a long first sync is alive as long as batches get stored
-
-    def _next_wakeups(self, timeout: float) -> set[str]:
-        """Accounts whose IDLE watcher reported a change, waiting at most `timeout` for the first."""
-        try:
-            emails = {self._wakeups.get(timeout=timeout)}
+            first = self._wakeups.get(timeout=timeout)
         except queue.Empty:
             return set()
+        ids = set() if first is None else {first}
         while True:
             try:
-                emails.add(self._wakeups.get_nowait())
+                more = self._wakeups.get_nowait()
             except queue.Empty:
-                return emails
+                return ids
+            if more is not None:
+                ids.add(more)
 
     def _accounts(self) -> list[Account] | None:
         """mail_accounts as it is now; None while the database is away."""
@@ -306,65 +431,84 @@ class Daemon:
         # only what the HR app writes (not `state`, which inboxd itself changes during a cycle)
         return contacts, tuple((a.id, a.enabled) for a in accounts)
 
-    # -- push ------------------------------------------------------------------------------------------------
-
     # -- leases ------------------------------------------------------------------------------------------------
 
-    def _rebalance(self, accounts: list[Account] | None) -> set[int]:
-        """The accounts this node syncs now (its fair share of the leases); none while the database is away, since
-        a lease that cannot be renewed may already be another node's."""
-        if accounts is not None:
-            ids = [a.id for a in accounts if self._only is None or a.email == self._only]
-            with contextlib.suppress(sa.exc.SQLAlchemyError):
-                return self._leases.rebalance(ids)
-        log.warning("daemon.leases_unavailable")
-        return set()
+    def _apply_leases(self, accounts: list[Account]) -> None:
+        """Take this node's fair share of the leases; an account this node now holds syncs at once. While the
+        database does not answer, the node keeps what it holds: the keeper stops the syncs if the leases cannot be
+        renewed for 2/3 of a period (one may then be another node's)."""
+        ids = [a.id for a in accounts if self._only is None or a.email == self._only]
+        with self._lock:
+            busy = set(self._running)
+        try:
+            owned = self._leases.rebalance(ids, busy=busy)
+        except sa.exc.SQLAlchemyError:
+            log.warning("daemon.leases_unavailable")
+            return
+        with self._lock:
+            if owned != self._owned:
+                log.info("daemon.leases_changed", held=len(owned))
+            merge(self._due, owned - self._owned, Why.CHANGED)
+            self._owned = owned
+        self._runner.retain_sessions(owned)  # log out of the accounts another node took
 
     def _keep_leases(self) -> None:
-        """Renew held leases every third of a lease period, also while a long sync keeps the main loop busy. A
-        lease found lost (or not renewable for 2/3 of a period) interrupts the running syncs between batches, so
-        an account is never written by two nodes for longer than one batch."""
+        """Renew held leases every third of a lease period, whatever the main loop is doing. An account whose lease
+        was found lost (or could not be renewed for 2/3 of a period) is no longer this node's at once: its running
+        sync stops between batches and no new one starts, so an account is never written by two nodes for longer
+        than one batch."""
         lease = self._config.sync.lease.total_seconds()
         last_ok = time.monotonic()
         while not self._keeper_stop.wait(lease / 3):
             try:
                 still_ours = self._leases.renew()
                 last_ok = time.monotonic()
-                if self._owned - still_ours:
-                    log.warning("daemon.lease_lost", accounts=len(self._owned - still_ours))
-                    self._runner.interrupt()
             except sa.exc.SQLAlchemyError:
                 log.warning("daemon.lease_renewal_failed")
                 if time.monotonic() - last_ok > lease * 2 / 3:
-                    self._runner.interrupt()
+                    self._drop_accounts(self._owned)
+                continue
+            lost = self._owned - still_ours
+            if lost:
+                log.warning("daemon.lease_lost", accounts=len(lost))
+                self._drop_accounts(lost)
 
-    def _refresh_watchers(self) -> None:
-        """One IDLE watcher per account that syncs; stopped for accounts paused, disabled or gone."""
-        try:
-            accounts = {a.id: a for a in self._store.accounts()}
-        except sa.exc.SQLAlchemyError:
-            return
+    def _drop_accounts(self, account_ids: set[int]) -> None:
+        with self._lock:
+            lost = set(account_ids)
+            self._owned = self._owned - lost
+            for account_id in lost:
+                self._due.pop(account_id, None)
+                if account_id in self._running:
+                    self._running[account_id].stop.set()
+
+    # -- push ------------------------------------------------------------------------------------------------
+
+    def _refresh_watchers(self, accounts: list[Account]) -> None:
+        """One IDLE watcher per account that syncs and has had its first sync attempt in this process (its catch-up
+        on connecting would only repeat that sync); stopped for accounts paused, disabled, failed or gone."""
+        by_id = {a.id: a for a in accounts}
         now = self._clock.now()
-        wanted = {
-            a.id
-            for a in accounts.values()
-            if decide(a, self._config, now).run
-            and (self._only is None or a.email == self._only)
-            and a.id in self._owned
-        }
+        with self._lock:
+            owned = set(self._owned)
+        wanted = (
+            {a.id for a in accounts if a.id in owned and a.id in self._attempted and decide(a, self._config, now).run}
+            if not self._stop.is_set()
+            else set()
+        )  # no new IDLE connections while shutting down
         for account_id in set(self._watchers) - wanted:
             self._watchers.pop(account_id).stop(timeout=2)
-            gone = accounts.get(account_id)
+            gone = by_id.get(account_id)
             log.info("idle.stopped", account=gone.email if gone else account_id, state=gone.state if gone else "gone")
         for account_id in wanted - set(self._watchers):
-            self._watchers[account_id] = self._watch(accounts[account_id])
+            self._watchers[account_id] = self._watch(by_id[account_id])
 
     def _watch(self, account: Account) -> IdleWatcher:
         provider = self._config.providers[account.provider]
         watcher = IdleWatcher(
             account.email,
             lambda: self._runner.connections.imap(account, provider),
-            lambda: self._wakeups.put(account.email),
+            lambda: self._wakeups.put(account.id),
             clock=self._clock,
         )
         watcher.start()

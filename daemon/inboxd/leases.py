@@ -8,11 +8,14 @@ UPDATE (or an INSERT that loses to a concurrent one), so the same statement is s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
+import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -39,24 +42,38 @@ def node_name() -> str:
 
 
 class Leases:
-    def __init__(self, engine: sa.Engine, *, clock: Clock, node_id: str | None = None, lease: timedelta = LEASE):
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        clock: Clock,
+        node_id: str | None = None,
+        lease: timedelta = LEASE,
+        member: bool = True,
+    ):
+        """`clock` should be the database's (db_clock.DatabaseClock) wherever nodes run on several hosts. A node
+        that is not a `member` (`inboxd run --account`) syncs only the accounts it asks for: it does not count
+        among the live nodes, so the full nodes still share every account out among themselves."""
         self.engine = engine
         self.node_id = node_id or node_name()
         self._clock = clock
-        self._lease = lease
+        self.lease = lease
+        self._member = member
 
-    def rebalance(self, account_ids: Iterable[int]) -> set[int]:
-        """Heartbeat, renew what we hold, take free or expired leases up to our fair share, give back the surplus.
+    def rebalance(self, account_ids: Iterable[int], busy: Iterable[int] = ()) -> set[int]:
+        """Heartbeat, renew what we hold, take free or expired leases up to our fair share, give back the surplus
+        but never an account in `busy` (syncing on this node now: it is given back once that sync is over).
         Returns the accounts this node may sync until the next call (within one lease period)."""
         wanted = sorted(set(account_ids))
+        syncing = set(busy)
         now = self._clock.now()
-        expires = now + self._lease
+        expires = now + self.lease
         with self.engine.begin() as conn:
             self._heartbeat(conn, now)
             live = conn.execute(
-                sa.select(sa.func.count()).select_from(nodes_t).where(nodes_t.c.heartbeat_at > now - self._lease)
+                sa.select(sa.func.count()).select_from(nodes_t).where(nodes_t.c.heartbeat_at > now - self.lease)
             ).scalar_one()
-            share = fair_share(len(wanted), int(live))
+            share = fair_share(len(wanted), int(live)) if self._member else len(wanted)
             held = set(
                 conn.execute(
                     sa.select(leases_t.c.account_id).where(
@@ -65,7 +82,9 @@ class Leases:
                 ).scalars()
             )
             held &= set(wanted)
-            surplus = sorted(held)[share:]
+            # the busy ones are kept first; of the surplus, only idle accounts go back
+            kept_first = sorted(held, key=lambda a: (a not in syncing, a))
+            surplus = [a for a in kept_first[share:] if a not in syncing]
             if surplus:
                 conn.execute(
                     leases_t.delete().where(leases_t.c.node_id == self.node_id, leases_t.c.account_id.in_(surplus))
@@ -93,7 +112,7 @@ class Leases:
             conn.execute(
                 leases_t.update()
                 .where(leases_t.c.node_id == self.node_id, leases_t.c.expires_at > now)
-                .values(expires_at=now + self._lease)
+                .values(expires_at=now + self.lease)
             )
             return set(
                 conn.execute(
@@ -106,7 +125,7 @@ class Leases:
     def take(self, account_ids: Iterable[int]) -> set[int]:
         """For `run --once`: every one of these accounts that no live node holds (no fair share, no heartbeat)."""
         now = self._clock.now()
-        return {a for a in sorted(set(account_ids)) if self._take(a, now, now + self._lease)}
+        return {a for a in sorted(set(account_ids)) if self._take(a, now, now + self.lease)}
 
     def release(self, account_ids: Iterable[int]) -> None:
         ids = sorted(set(account_ids))
@@ -123,6 +142,8 @@ class Leases:
             conn.execute(nodes_t.delete().where(nodes_t.c.node_id == self.node_id))
 
     def _heartbeat(self, conn: sa.Connection, now: object) -> None:
+        if not self._member:
+            return
         updated = conn.execute(nodes_t.update().where(nodes_t.c.node_id == self.node_id).values(heartbeat_at=now))
         if updated.rowcount == 0:
             conn.execute(nodes_t.insert().values(node_id=self.node_id, heartbeat_at=now))
@@ -150,3 +171,35 @@ class Leases:
                 return True
         except sa.exc.IntegrityError:  # another node inserted the same lease first
             return False
+
+
+@contextlib.contextmanager
+def renewed(leases: Leases, held: set[int], on_lost: Callable[[], None]) -> Iterator[None]:
+    """Keep `held` renewed every third of a lease period for as long as the block runs (`inboxd run --once`: a
+    first sync outlasts a lease many times over, and a running daemon would otherwise take the account from under
+    it). `on_lost` is called when one of them was lost, or could not be renewed for 2/3 of a period."""
+    period = leases.lease.total_seconds()
+    stop = threading.Event()
+
+    def keep() -> None:
+        last_ok = time.monotonic()
+        while not stop.wait(period / 3):
+            try:
+                still_ours = leases.renew()
+            except sa.exc.SQLAlchemyError:
+                log.warning("leases.renewal_failed")
+                if time.monotonic() - last_ok > period * 2 / 3:
+                    on_lost()
+                continue
+            last_ok = time.monotonic()
+            if held - still_ours:
+                log.warning("leases.lost", accounts=len(held - still_ours))
+                on_lost()
+
+    keeper = threading.Thread(target=keep, name="inboxd-leases", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        keeper.join(timeout=5)

@@ -114,7 +114,7 @@ class Runner:
         self._interrupt = threading.Event()
         self._halt = _AnyEvent(*(e for e in (stop, self._interrupt) if e is not None))
         self._clock = clock
-        self._max_workers = max_workers
+        self.max_workers = max_workers
         self.metrics = metrics or Metrics()
         self.connections = connections or Connections(store, clock=clock, sleep=sleep, metrics=self.metrics)
         self._session_factory = session_factory or self.connections.imap
@@ -162,7 +162,7 @@ class Runner:
             return []
         settings = self.cycle_settings()
         with ThreadPoolExecutor(
-            max_workers=min(self._max_workers, len(accounts)), thread_name_prefix="inboxd-sync"
+            max_workers=min(self.max_workers, len(accounts)), thread_name_prefix="inboxd-sync"
         ) as pool:
             futures = [pool.submit(self.sync_account, a, _bind(progress, a.email), settings) for a in accounts]
             return [f.result() for f in futures]
@@ -172,9 +172,17 @@ class Runner:
         self._interrupt.set()
 
     def sync_account(  # noqa: PLR0911 (one return per outcome)
-        self, account: Account, progress: Progress | None = None, settings: SyncSettings | None = None
+        self,
+        account: Account,
+        progress: Progress | None = None,
+        settings: SyncSettings | None = None,
+        *,
+        stop: threading.Event | None = None,
     ) -> AccountResult:
-        if self._halt.is_set():  # stopping: do not even connect
+        """Sync one account and record the outcome. `stop` ends this sync alone between batches (the daemon sets
+        it when this node lost the account's lease); the runner's own stop and interrupt end every sync."""
+        halt = self._halt if stop is None else _AnyEvent(self._halt, stop)
+        if halt.is_set():  # stopping: do not even connect
             return AccountResult(account.email, ok=True, state=account.state, reason="interrupted", skipped=True)
         decision = decide(account, self._config, self._clock.now())
         if not decision.run:
@@ -189,12 +197,12 @@ class Runner:
         try:
             settings = self._account_settings(account, settings or self.cycle_settings())
             with structlog.contextvars.bound_contextvars(account=account.email):
-                stats = self._sync_with_reconnect(account, settings, progress)
+                stats = self._sync_with_reconnect(account, settings, progress, halt)
             # a successful sync covered these contacts: by the backfill search, or by a first sync that saw all
             self._store.mark_backfilled(account.id, (normalize_address(e) for e in settings.backfill))
         except Interrupted:
             log.info("sync.account_interrupted", account=account.email)
-            return AccountResult(account.email, ok=True, state=account.state, reason="interrupted by shutdown")
+            return AccountResult(account.email, ok=True, state=account.state, reason="interrupted")
         except QuotaExceeded as exc:
             until = self._clock.now() + self._config.sync.quota_pause
             reason = f"provider quota exceeded, IMAP paused until {until.isoformat(timespec='minutes')}: {exc}"
@@ -223,7 +231,9 @@ class Runner:
         self.metrics.sync_succeeded(stats)
         return AccountResult(account.email, ok=True, state="active", stats=stats)
 
-    def _sync_with_reconnect(self, account: Account, settings: SyncSettings, progress: Progress | None) -> SyncStats:
+    def _sync_with_reconnect(
+        self, account: Account, settings: SyncSettings, progress: Progress | None, halt: _AnyEvent
+    ) -> SyncStats:
         """One sync; a session the server ended (Gmail's `BYE Session expired`) is reopened once, silently, and so
         is a kept session that failed in any transient way (the server dropped it while it was idle)."""
         provider = self._config.providers[account.provider]
@@ -239,7 +249,7 @@ class Runner:
                     settings=settings,
                     clock=self._clock,
                     progress=progress,
-                    stop=self._halt,
+                    stop=halt,
                     parser=self._parser,
                     body_misses=self._body_misses,
                 ).run()
@@ -254,7 +264,7 @@ class Runner:
                     raise
                 log.info("sync.kept_session_failed_reconnect", account=account.email, error=str(exc))
             finally:
-                if done and self._kept is not None and not self._halt.is_set():
+                if done and self._kept is not None and not halt.is_set():
                     self._kept.put(account.id, provider, session)
                 else:
                     session.close()
@@ -297,7 +307,7 @@ class Runner:
 class _AnyEvent:
     """Set when any of the events is set (what AccountSync polls between batches)."""
 
-    def __init__(self, *events: threading.Event) -> None:
+    def __init__(self, *events: threading.Event | _AnyEvent) -> None:
         self._events = events
 
     def is_set(self) -> bool:
