@@ -88,6 +88,77 @@ def test_a_replys_parent_is_found_by_index_not_by_reading_the_account(tmp_path: 
     engine.dispose()
 
 
+def _store_each(store: Store, account_email: str, raws: list[bytes]) -> list[int | None]:
+    """Store each message in a batch of its own (as separate syncs do); their thread ids, in order."""
+    account = store.add_account(account_email, "fake", Credential("password", "x"))
+    folder = store.ensure_folder(account.id, "INBOX", None)
+    for uid, raw in enumerate(raws, start=1):
+        message = NewMessage(
+            identity=f"uid:{uid}",
+            parsed=parse_message(raw),
+            folder_name="INBOX",
+            direction="inbound",
+            received_at=None,
+            location=NewLocation(uid, (), None),
+        )
+        store.store_batch(account.id, folder.id, [message], {}, last_uid=uid)
+    with store.engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.select(messages_t.c.thread_id).where(messages_t.c.account_id == account.id).order_by(messages_t.c.id)
+            ).scalars()
+        )
+
+
+def _plain(sender: str, to: str, subject: str, n: int, day: int = 2) -> bytes:
+    return (
+        f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: <s{n}@example.org>\r\n"
+        f"Date: Mon, {day:02d} Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\nbody\r\n"
+    ).encode()
+
+
+def test_a_non_ascii_subject_finds_its_thread_in_a_later_batch(engine: sa.Engine, secret_box: SecretBox) -> None:
+    """The subject fallback compared lower(subject) in SQL with Python's lower(): SQLite lowercases ASCII only (and
+    PostgreSQL under the C locale), so "AW: Ärztin gesucht" without references never found the thread "Ärztin
+    gesucht" stored by an earlier batch."""
+    store = Store(engine, clock=FakeClock(), secret_box=secret_box)
+    rec = "r-umlaut@example.test"
+    threads = _store_each(
+        store,
+        rec,
+        [
+            _plain("Klinik <hr@klinik.example>", rec, "=?utf-8?q?=C3=84rztin_gesucht?=", 1),
+            _plain(rec, "hr@klinik.example", "AW: =?utf-8?q?=C3=84rztin_gesucht?=", 2, day=3),
+        ],
+    )
+    assert threads[0] == threads[1]
+
+
+def test_the_subject_fallback_needs_a_shared_participant(engine: sa.Engine, secret_box: SecretBox) -> None:
+    """A reply without references joined the account's latest thread with the same subject whoever wrote it:
+    candidate B's "AW: Bewerbung" landed in candidate A's thread. It needs a participant in common with the thread
+    besides the account itself; then the latest such thread is taken."""
+    store = Store(engine, clock=FakeClock(), secret_box=secret_box)
+    rec = "r-shared@example.test"
+    threads = _store_each(
+        store,
+        rec,
+        [
+            _plain("Anna <anna@example.org>", rec, "Bewerbung", 1, day=2),
+            _plain("Bernd <bernd@example.org>", rec, "Bewerbung", 2, day=3),
+            _plain("Anna <anna@example.org>", rec, "AW: Bewerbung", 3, day=4),  # Bernd's thread is the later one
+            _plain(rec, "Bernd <bernd@example.org>", "Re: Bewerbung", 4, day=5),
+            _plain("Clara <clara@example.org>", rec, "AW: Bewerbung", 5, day=6),  # in neither thread
+        ],
+    )
+    anna, bernd, anna_reply, bernd_reply, clara = threads
+    assert anna != bernd
+    assert anna_reply == anna
+    assert bernd_reply == bernd
+    assert clara not in (anna, bernd)
+
+
 # --- batching: a batch threads its messages exactly as storing them one at a time ------------------------------
 
 _IDS = [f"m{i}@example.org" for i in range(8)]
@@ -95,19 +166,31 @@ _SUBJECTS = ["Application", "Re: Application", "RE: application", "Fwd: Offer", 
 
 
 @st.composite
-def _mail(draw: st.DrawFn) -> tuple[str | None, tuple[str, ...], str | None, str | None, int, str | None]:
-    """(Message-ID, References, In-Reply-To, Subject, day, Gmail thread key): ids from a small pool, so replies
-    arrive before and after their parents, ids repeat, threads get merged and subjects fall back."""
+def _mail(
+    draw: st.DrawFn,
+) -> tuple[str | None, tuple[str, ...], str | None, str | None, int, str | None, str]:
+    """(Message-ID, References, In-Reply-To, Subject, day, Gmail thread key, sender): ids from a small pool, so
+    replies arrive before and after their parents, ids repeat, threads get merged and subjects fall back (to a
+    thread with the sender in it, or not)."""
     own = draw(st.sampled_from([*_IDS, None]))
     refs = tuple(draw(st.lists(st.sampled_from(_IDS), max_size=3)))
     in_reply_to = draw(st.sampled_from([*_IDS, None])) if draw(st.booleans()) else (refs[-1] if refs else None)
     key = draw(st.sampled_from([None, None, None, "gm1", "gm2"]))
-    return own, refs, in_reply_to, draw(st.sampled_from(_SUBJECTS)), draw(st.integers(1, 90)), key
+    sender = draw(st.sampled_from(["c@example.org", "d@example.org"]))
+    return own, refs, in_reply_to, draw(st.sampled_from(_SUBJECTS)), draw(st.integers(1, 90)), key, sender
 
 
-def _raw(own: str | None, refs: tuple[str, ...], in_reply_to: str | None, subject: str | None, day: int) -> bytes:
+def _raw(
+    own: str | None,
+    refs: tuple[str, ...],
+    in_reply_to: str | None,
+    subject: str | None,
+    day: int,
+    sender: str = "c@example.org",
+    to: str = "r@example.test",
+) -> bytes:
     when = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=day)
-    lines = ["From: c@example.org", "To: r@example.test", f"Date: {format_datetime(when)}"]
+    lines = [f"From: {sender}", f"To: {to}", f"Date: {format_datetime(when)}"]
     lines += [f"Message-ID: <{own}>"] if own else []
     lines += [f"References: {' '.join(f'<{r}>' for r in refs)}"] if refs else []
     lines += [f"In-Reply-To: <{in_reply_to}>"] if in_reply_to else []
@@ -126,7 +209,7 @@ def _store_in_batches(store: Store, mails: list[Any], cuts: list[int]) -> dict[s
     news = [
         NewMessage(
             identity=f"uid:{uid}",
-            parsed=parse_message(_raw(*mail[:5])),
+            parsed=parse_message(_raw(*mail[:5], sender=mail[6], to=account.email)),  # the account shares every thread
             folder_name="INBOX",
             direction="inbound",
             received_at=None,

@@ -6,6 +6,7 @@ few queries (threads by key, the stored messages its references name, the stored
 threads a reference-less reply could join by subject); ``ThreadPlan.assign`` decides in memory, message by message
 in arrival order, exactly as storing them one at a time would; ``write_threads`` creates, updates and merges the
 thread rows in a few statements. A batch of one is the single-message case (a message sent from the outbox).
+Subjects are compared in Python, never with SQL's lower() (SQLite lowercases ASCII only).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from inboxd.bulk import among, chunks, insert_returning_ids
-from inboxd.models import MailMessage, MailThread
+from inboxd.models import MailAccount, MailMessage, MailParticipant, MailThread
 from inboxd.parse import ParsedMessage
+from inboxd.scope import normalize_address
 
+accounts_t = MailAccount.__table__  # type: ignore[attr-defined]
 messages_t = MailMessage.__table__  # type: ignore[attr-defined]
+participants_t = MailParticipant.__table__  # type: ignore[attr-defined]
 threads_t = MailThread.__table__  # type: ignore[attr-defined]
 
 
@@ -39,6 +43,20 @@ def base_subject(subject: str | None) -> tuple[str, bool]:
     text = " ".join((subject or "").split())
     stripped = REPLY_PREFIX.sub("", text)
     return stripped.lower(), stripped != text
+
+
+def people(p: ParsedMessage) -> frozenset[str]:
+    """The message's participants (scope.normalize_address), for the subject fallback's shared-participant rule."""
+    return frozenset(normalize_address(x.email) for x in p.participants)
+
+
+def _subject_fallback(p: ParsedMessage) -> str | None:
+    """The base subject a message may join a thread by (_by_subject): a reply (Re:, AW: ...) with no References and
+    no In-Reply-To at all; None otherwise."""
+    if p.references or p.in_reply_to:
+        return None
+    base, is_reply = base_subject(p.subject)
+    return base if is_reply and base else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +82,8 @@ class ThreadState:
     new: bool = False
     changed: bool = False
     merged_into: ThreadState | None = None
+    # participants of its messages, as far as the subject fallback needs them (ThreadPlan.track_people)
+    people: set[str] = field(default_factory=set)
 
     def add(self, subject: str | None, when: datetime, *, count: int, last: datetime | None = None) -> None:
         self.message_count += count
@@ -80,9 +100,14 @@ class ThreadPlan:
     ``by_id``: the stored threads read (by key, by the messages below, by subject); ``refs``: Message-ID -> the
     thread of the first stored message with that id; ``answers``: In-Reply-To -> the threads of stored messages
     answering it. The batch's own threads and messages are added as they are assigned.
+    ``track_people``: set when the batch has a message that may be threaded by subject; each thread then carries
+    the participants it has among those of such messages (read for the stored threads, added as messages are
+    assigned). ``own`` is the account's address, which every thread shares and so proves nothing.
     """
 
     now: datetime
+    track_people: bool = False
+    own: str = ""
     by_key: dict[str, ThreadState] = field(default_factory=dict)
     by_id: dict[int, ThreadState] = field(default_factory=dict)
     refs: dict[str, ThreadState] = field(default_factory=dict)
@@ -109,8 +134,8 @@ class ThreadPlan:
         thread = self._live(self.by_key.get(root)) if root else None
         if thread is None:
             thread = next((t for r in refs if (t := self.resolve(self.refs.get(r))) is not None), None)
-        if thread is None and not refs:
-            thread = self._by_subject(p.subject, when)
+        if thread is None and (base := _subject_fallback(p)) is not None:
+            thread = self._by_subject(base, people(p) - {self.own}, when)
         if thread is None and root is None:  # left by an earlier copy of this very message, if any
             thread = self._live(self.by_key.get(f"single:{message.identity}"))
         if thread is None:
@@ -138,6 +163,8 @@ class ThreadPlan:
         return thread if thread is not None and thread.merged_into is None else None
 
     def _remember(self, p: ParsedMessage, thread: ThreadState) -> ThreadState:
+        if self.track_people:
+            thread.people |= people(p)
         if p.message_id_header:
             self.refs.setdefault(p.message_id_header, thread)  # a stored message with that id was first
         if p.in_reply_to:
@@ -150,20 +177,22 @@ class ThreadPlan:
         self.by_key[key] = thread
         return thread
 
-    def _by_subject(self, subject: str | None, when: datetime) -> ThreadState | None:
+    def _by_subject(self, base: str, participants: frozenset[str], when: datetime) -> ThreadState | None:
         """Last resort for a reply that carries no References/In-Reply-To (some clients drop them): the most recent
-        thread of the account whose subject is this one without its "Re:" prefix, active within SUBJECT_WINDOW."""
-        base, is_reply = base_subject(subject)
-        if not is_reply or not base:
+        thread of the account with the same subject without "Re:"-style prefixes (base_subject), active within
+        SUBJECT_WINDOW, that has one of the message's ``participants`` (the account's own address left out):
+        candidate B's "AW: Bewerbung" must not land in candidate A's thread "Bewerbung"."""
+        if not participants:
             return None
         candidates = [
             t
             for t in (*self.by_id.values(), *self.created)
             if t.merged_into is None
             and t.subject is not None
-            and t.subject.lower() == base
             and t.last_message_at is not None
             and t.last_message_at >= when - SUBJECT_WINDOW
+            and not participants.isdisjoint(t.people)
+            and base_subject(t.subject)[0] == base
         ]
         return max(candidates, key=lambda t: (t.last_message_at, t.order), default=None)
 
@@ -177,6 +206,7 @@ class ThreadPlan:
                 count=other.message_count,
                 last=other.last_message_at,
             )
+            thread.people |= other.people  # its messages are the thread's now
             other.merged_into = thread
             if not other.new:
                 self.merged.append(other)
@@ -188,7 +218,7 @@ def load_threads(conn: sa.Connection, account_id: int, messages: Sequence[Thread
     keys: set[str] = set()
     refs: set[str] = set()
     headers: set[str] = set()
-    bases: set[str] = set()
+    by_subject: set[str] = set()  # the participants of the messages that may be threaded by subject
     earliest = now
     for m in messages:
         p = m.parsed
@@ -197,56 +227,92 @@ def load_threads(conn: sa.Connection, account_id: int, messages: Sequence[Thread
             continue
         root = thread_root(p)
         keys.update(k for k in (root, f"single:{m.identity}") if k)
-        message_refs = [r for r in (*p.references, p.in_reply_to) if r]
-        refs.update(message_refs)
+        refs.update(r for r in (*p.references, p.in_reply_to) if r)
         if p.message_id_header:
             headers.add(p.message_id_header)
-        base, is_reply = base_subject(p.subject)
-        if not message_refs and is_reply and base:
-            bases.add(base)
+        if _subject_fallback(p) is not None:
+            by_subject |= people(p)
             earliest = min(earliest, p.sent_at or now)
-    columns = (
-        threads_t.c.id,
-        threads_t.c.provider_thread_id,
-        threads_t.c.subject,
-        threads_t.c.first_message_at,
-        threads_t.c.last_message_at,
-        threads_t.c.message_count,
-    )
-
-    def keep(rows: Iterable[Any]) -> None:
-        for row in rows:
-            thread = plan.by_id.get(row.id)
-            if thread is None:
-                thread = ThreadState(
-                    row.id,
-                    row.provider_thread_id,
-                    row.subject,
-                    row.first_message_at,
-                    row.last_message_at,
-                    row.message_count,
-                    order=(0, row.id),
-                )
-                plan.by_id[row.id] = thread
-                plan.by_key[thread.key] = thread
-
     mine = threads_t.c.account_id == account_id
     for among_keys in among(conn, threads_t.c.provider_thread_id, sorted(keys)):
-        keep(conn.execute(sa.select(*columns).where(mine, among_keys)).all())
+        _keep(plan, conn.execute(sa.select(*_COLUMNS).where(mine, among_keys)).all())
     # (Message-ID, thread) of the stored messages the batch references; (In-Reply-To, thread) of those answering it
     ref_rows = _threads_of(conn, account_id, messages_t.c.message_id_header, refs)
     answer_rows = _threads_of(conn, account_id, messages_t.c.in_reply_to, headers)
     wanted = sorted({t for _, t in (*ref_rows, *answer_rows)} - set(plan.by_id))
     for among_ids in among(conn, threads_t.c.id, wanted):
-        keep(conn.execute(sa.select(*columns).where(mine, among_ids)).all())
+        _keep(plan, conn.execute(sa.select(*_COLUMNS).where(mine, among_ids)).all())
     for header, thread_id in ref_rows:
         plan.refs.setdefault(header, plan.by_id[thread_id])
     for in_reply_to, thread_id in answer_rows:
         plan.answers.setdefault(in_reply_to, []).append(plan.by_id[thread_id])
-    window = threads_t.c.last_message_at >= earliest - SUBJECT_WINDOW
-    for among_bases in among(conn, sa.func.lower(threads_t.c.subject, type_=sa.String()), sorted(bases)):
-        keep(conn.execute(sa.select(*columns).where(mine, among_bases, window)))
+    if by_subject:
+        _load_people(conn, account_id, plan, by_subject, earliest - SUBJECT_WINDOW)
     return plan
+
+
+_COLUMNS = (
+    threads_t.c.id,
+    threads_t.c.provider_thread_id,
+    threads_t.c.subject,
+    threads_t.c.first_message_at,
+    threads_t.c.last_message_at,
+    threads_t.c.message_count,
+)
+
+
+def _keep(plan: ThreadPlan, rows: Iterable[Any]) -> None:
+    """Add the stored threads of ``rows`` (``_COLUMNS``) to the plan, unless it has them."""
+    for row in rows:
+        if row.id in plan.by_id:
+            continue
+        thread = ThreadState(
+            row.id,
+            row.provider_thread_id,
+            row.subject,
+            row.first_message_at,
+            row.last_message_at,
+            row.message_count,
+            order=(0, row.id),
+        )
+        plan.by_id[row.id] = thread
+        plan.by_key[thread.key] = thread
+
+
+def _load_people(conn: sa.Connection, account_id: int, plan: ThreadPlan, wanted: set[str], since: datetime) -> None:
+    """For the subject fallback: read the account's threads active since ``since`` that share a participant among
+    ``wanted`` (the account's own address left out), then which of ``wanted`` every thread the plan holds has.
+    The subjects are compared in Python (ThreadPlan._by_subject): SQL's lower() is ASCII-only on SQLite."""
+    plan.track_people = True
+    own = conn.execute(sa.select(accounts_t.c.email).where(accounts_t.c.id == account_id)).scalar()
+    plan.own = normalize_address(own or "")
+    keys = sorted(wanted - {plan.own})
+    mail = participants_t.join(messages_t, messages_t.c.id == participants_t.c.message_id)
+    found: set[int] = set()
+    for among_keys in among(conn, participants_t.c.address_key, keys):
+        found.update(
+            conn.execute(
+                sa.select(messages_t.c.thread_id)
+                .distinct()
+                .select_from(mail.join(threads_t, threads_t.c.id == messages_t.c.thread_id))
+                .where(messages_t.c.account_id == account_id, among_keys, threads_t.c.last_message_at >= since)
+            ).scalars()
+        )
+    mine = threads_t.c.account_id == account_id
+    for among_ids in among(conn, threads_t.c.id, sorted(found - set(plan.by_id))):
+        _keep(plan, conn.execute(sa.select(*_COLUMNS).where(mine, among_ids)).all())
+    # every thread the batch may join, also those read by key or reference (a message of the batch may bring one
+    # into the window)
+    for among_ids in among(conn, messages_t.c.thread_id, sorted(plan.by_id)):
+        for among_keys in among(conn, participants_t.c.address_key, keys):
+            rows = conn.execute(
+                sa.select(messages_t.c.thread_id, participants_t.c.address_key)
+                .distinct()
+                .select_from(mail)
+                .where(among_ids, among_keys)
+            )
+            for thread_id, key in rows:
+                plan.by_id[thread_id].people.add(key)
 
 
 def _threads_of(
