@@ -431,3 +431,18 @@ def test_inboxd_run_serves_metrics_and_healthz_until_sigterm(tmp_path: Path, db_
             proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_scheduler_gauges_read_at_scrape() -> None:
+    """`inboxd_syncs_running{lane}` and `inboxd_syncs_due` ask the daemon's scheduler at every scrape."""
+    running = {"first": 1, "regular": 3}
+    due = [5]
+    metrics = Metrics()
+    metrics.watch_schedule(running.__getitem__, lambda: due[0])
+    sample = metrics.registry.get_sample_value
+    assert sample("inboxd_syncs_running", {"lane": "first"}) == 1
+    assert sample("inboxd_syncs_running", {"lane": "regular"}) == 3
+    assert sample("inboxd_syncs_due") == 5
+    running["first"], due[0] = 2, 0
+    assert sample("inboxd_syncs_running", {"lane": "first"}) == 2
+    assert sample("inboxd_syncs_due") == 0

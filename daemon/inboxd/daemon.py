@@ -157,6 +157,7 @@ class Daemon:
         self._started: dict[int, datetime] = {}  # when each account's last sync began (for retry_at)
         self._attempted: set[int] = set()  # accounts with a sync ended in this process (then they get a watcher)
         self._retry_soon: dict[int, float] = {}  # a sync that raised as a whole: monotonic time to try again
+        runner.metrics.watch_schedule(self._running_in, lambda: len(self._due))
         self._round: _Round | None = None
         self._round_no = 0
         self._round_at = 0.0  # monotonic time of the next sync.interval round: the first at once
@@ -229,6 +230,10 @@ class Daemon:
         """These accounts sync as soon as they have a slot (those this node still holds)."""
         with self._lock:
             merge(self._due, account_ids & self._owned, why)
+
+    def _running_in(self, lane_name: str) -> int:
+        with self._lock:
+            return sum(1 for s in self._running.values() if s.lane == lane_name)
 
     def _start_round(self) -> None:
         """Every sync.interval: every account this node syncs is due, and the round's outcome is logged once all
@@ -463,8 +468,11 @@ class Daemon:
             try:
                 still_ours = self._leases.renew()
                 last_ok = time.monotonic()
-            except sa.exc.SQLAlchemyError:
-                log.warning("daemon.lease_renewal_failed")
+            except Exception as exc:  # the database away (or a bug): the keeper itself must not die
+                if isinstance(exc, sa.exc.SQLAlchemyError):
+                    log.warning("daemon.lease_renewal_failed")
+                else:
+                    log.exception("daemon.lease_renewal_failed")
                 if time.monotonic() - last_ok > lease * 2 / 3:
                     self._drop_accounts(self._owned)
                 continue

@@ -6,6 +6,7 @@ time (`watch`), so they are true for the whole cluster and never stale.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,8 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from inboxd.schedule import FIRST, REGULAR
 
 if TYPE_CHECKING:
     from prometheus_client import Metric
@@ -110,6 +113,22 @@ class Metrics:
         )
         gauge.set_function(lambda: float(count()))
 
+    def watch_schedule(self, running: Callable[[str], int], due: Callable[[], int]) -> None:
+        """`inboxd_syncs_running{lane}` and `inboxd_syncs_due`: the daemon's scheduler (inboxd.schedule), on scrape."""
+        gauge = Gauge(
+            "inboxd_syncs_running",
+            "Account syncs running now, by lane (first: accounts that never finished a sync).",
+            ["lane"],
+            registry=self.registry,
+        )
+        for lane in (FIRST, REGULAR):
+            gauge.labels(lane=lane).set_function(functools.partial(_count, running, lane))
+        Gauge(
+            "inboxd_syncs_due",
+            "Accounts due to sync, waiting for a free slot or for their running sync to end.",
+            registry=self.registry,
+        ).set_function(lambda: float(due()))
+
     def watch(self, accounts: Callable[[], list[Account]], outbox_depth: Callable[[], int], *, clock: Clock) -> None:
         """Export account states, last success, lag and outbox depth, read at every scrape."""
         self.registry.register(_DatabaseCollector(accounts, outbox_depth, clock))
@@ -162,3 +181,7 @@ class _DatabaseCollector(Collector):
         yield last
         yield lag
         yield GaugeMetricFamily("inboxd_outbox_depth", "Outbox rows waiting or being sent (queued + sending).", depth)
+
+
+def _count(count: Callable[[str], int], lane: str) -> float:
+    return float(count(lane))
