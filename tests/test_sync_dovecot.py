@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from harness import MailStack, make_message
 from harness.config import write_stack_config
+from harness.fault_proxy import FaultProxy, OnCommand, Refuse
 from inboxd.clock import SystemClock
 from inboxd.config import Config, load_config
 from inboxd.imap import ImapEndpoint, _flag_update, _header_info, connect, header_fields
@@ -183,6 +185,55 @@ def test_uidvalidity_change_remaps_without_duplicates(
     after = rows(store, recruiter)
     assert {r.id for r in after} == before
     assert all(r.deleted_at is None for r in after)
+
+
+def test_a_folder_refused_during_its_re_map_keeps_its_messages(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """A UIDVALIDITY change drops the folder's locations and re-maps its messages from UID 1. When the server
+    refused a command in that folder before it was done (sync.folder_refused: the other folders sync on), the end
+    of the sync marked every message not re-mapped yet as deleted (deleted_at, labels []). They stay as they were
+    until the folder's re-map is finished; then a message really gone gets its deleted_at."""
+    with FaultProxy(mailstack.host, mailstack.imap_port) as proxy:
+        path = write_stack_config(tmp_path, db_url, mailstack)
+        text = path.read_text()
+        old = f'imap_port = {mailstack.imap_port}\nimap_tls = "starttls"'
+        assert old in text
+        path.write_text(text.replace(old, f'imap_port = {proxy.port}\nimap_tls = "plain"'))
+        config = load_config(path, env={})
+        connect_account(store, mailstack, recruiter)
+        for n in range(4):
+            mailstack.deliver(recruiter, make_message("c@example.org", recruiter, f"r {n}", "x"))
+        with mailstack.admin_imap(recruiter) as imap:
+            imap.append("Archive", make_message("c@example.org", recruiter, "archived", "x"))
+        sync(config, store, recruiter)
+        mailstack.bump_uidvalidity(recruiter, "INBOX")
+        # the re-map lists the folder from UID 1 ("UID SEARCH UID 1:*"); an incremental sync asks from its cursor
+        fault = proxy.arm(OnCommand(b"UID", contains=b"SEARCH UID 1:*"), Refuse())
+        with structlog.testing.capture_logs() as logs:
+            [refused] = Runner(config, store, clock=SystemClock()).sync_once(only=recruiter)
+        assert fault.fired == 1
+        assert refused.ok, refused.reason
+        assert [e["folder"] for e in logs if e["event"] == "sync.folder_refused"] == ["INBOX"]
+        before = rows(store, recruiter)
+        assert [(r.subject, r.labels, r.deleted_at) for r in before] == [
+            *((f"r {n}", ["INBOX"], None) for n in range(4)),
+            ("archived", ["Archive"], None),
+        ], "kept as they were while the re-map is unfinished"
+        with mailstack.admin_imap(recruiter) as imap:
+            imap.select_folder("INBOX")
+            imap.delete_messages(imap.search(["SUBJECT", "r 3"]))
+            imap.expunge()
+        [result] = Runner(config, store, clock=SystemClock()).sync_once(only=recruiter)
+        assert result.ok, result.reason
+        assert result.stats.remapped == 3
+    after = rows(store, recruiter)
+    assert [r.id for r in after] == [r.id for r in before], "re-mapped, none stored again"
+    assert [(r.subject, r.labels, r.deleted_at is None) for r in after] == [
+        *((f"r {n}", ["INBOX"], True) for n in range(3)),
+        ("r 3", [], False),
+        ("archived", ["Archive"], True),
+    ]
 
 
 def test_unchanged_mailbox_sync_is_cheap_and_idempotent(

@@ -332,7 +332,9 @@ class ContactBackfill(SQLModel, table=True):
 
 class DirtyMessage(SQLModel, table=True):
     """Private: messages whose labels / is_read / deleted_at must be recomputed from their locations. Written in
-    the same transaction as the location change, cleared after the recompute, so an interrupted sync loses nothing."""
+    the same transaction as the location change, cleared after the recompute, so an interrupted sync loses nothing.
+    A mark held by a folder (its locations dropped by a UIDVALIDITY change) waits until that folder's re-map is
+    finished (migration 0011)."""
 
     __tablename__ = "inboxd_dirty"
 
@@ -340,6 +342,8 @@ class DirtyMessage(SQLModel, table=True):
         default=None,
         sa_column=sa.Column(BigId, sa.ForeignKey("mail_messages.id", ondelete="CASCADE"), primary_key=True),
     )
+    # inboxd_folders.id (no foreign key: released by Store.finish_folder, and when the folder is forgotten)
+    held_by_folder_id: int | None = Field(default=None, sa_column=sa.Column(BigId, nullable=True))
 
 
 class Node(SQLModel, table=True):

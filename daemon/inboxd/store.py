@@ -61,12 +61,25 @@ leases_t = AccountLease.__table__  # type: ignore[attr-defined]
 outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
 
 
-def _mark_dirty(conn: sa.Connection, message_ids: Iterable[int]) -> None:
-    """Record, in the caller's transaction, that these messages need refresh_dirty (idempotent)."""
+def _mark_dirty(conn: sa.Connection, message_ids: Iterable[int], *, held_by: int | None = None) -> None:
+    """Record, in the caller's transaction, that these messages need refresh_dirty (idempotent). ``held_by``: a
+    folder whose re-map dropped their locations (start_full_sync); refresh_dirty leaves them until finish_folder
+    of that folder releases them. A mark already held stays held when marked again without."""
     ids = sorted(set(message_ids))
     for chunk in chunks(ids):
+        if held_by is None:
+            marked = set(conn.execute(sa.select(dirty_t.c.message_id).where(dirty_t.c.message_id.in_(chunk))).scalars())
+            fresh = [{"message_id": i, "held_by_folder_id": None} for i in chunk if i not in marked]
+            if fresh:
+                conn.execute(dirty_t.insert(), fresh)
+            continue
         conn.execute(dirty_t.delete().where(dirty_t.c.message_id.in_(chunk)))
-        conn.execute(dirty_t.insert(), [{"message_id": i} for i in chunk])
+        conn.execute(dirty_t.insert(), [{"message_id": i, "held_by_folder_id": held_by} for i in chunk])
+
+
+def _release_held(conn: sa.Connection, folder_ids: Sequence[int]) -> None:
+    """The marks these folders held (their re-map finished, or the folders are gone) go to the next recompute."""
+    conn.execute(dirty_t.update().where(dirty_t.c.held_by_folder_id.in_(folder_ids)).values(held_by_folder_id=None))
 
 
 def _lookup(
@@ -211,6 +224,7 @@ def _forget_folders(conn: sa.Connection, folder_ids: list[int]) -> None:
     )
     conn.execute(locations_t.delete().where(locations_t.c.folder_id.in_(folder_ids)))
     conn.execute(folders_t.delete().where(folders_t.c.id.in_(folder_ids)))
+    _release_held(conn, folder_ids)
     _mark_dirty(conn, touched)
 
 
@@ -486,7 +500,10 @@ class Store:
         return StoredFolder(folder_id, name, special_use, FolderCursor(None, 0, None, None, None))
 
     def start_full_sync(self, folder_id: int, uidvalidity: int, *, reset_locations: bool) -> list[int]:
-        """Record a new UIDVALIDITY and restart from UID 0; returns the messages whose locations were dropped."""
+        """Record a new UIDVALIDITY and restart from UID 0; returns the messages whose locations were dropped.
+
+        Their marks are held by the folder until finish_folder: a re-map refused, interrupted or cut off halfway
+        (the next sync goes on from the cursor) must not have the messages not re-mapped yet recomputed as gone."""
         with self.engine.begin() as conn:
             dropped: list[int] = []
             if reset_locations:
@@ -496,7 +513,7 @@ class Store:
                     ).scalars()
                 )
                 conn.execute(locations_t.delete().where(locations_t.c.folder_id == folder_id))
-                _mark_dirty(conn, dropped)
+                _mark_dirty(conn, dropped, held_by=folder_id)
             conn.execute(
                 folders_t.update()
                 .where(folders_t.c.id == folder_id)
@@ -507,7 +524,9 @@ class Store:
     def finish_folder(
         self, folder_id: int, *, uidnext: int | None, highest_modseq: int | None, message_count: int
     ) -> None:
+        """The folder's sync went to its end: record what SELECT said and release the marks a re-map held."""
         with self.engine.begin() as conn:
+            _release_held(conn, [folder_id])
             conn.execute(
                 folders_t.update()
                 .where(folders_t.c.id == folder_id)
@@ -717,11 +736,13 @@ class Store:
 
     def refresh_dirty(self, account_id: int) -> int:
         """Recompute every message of the account marked dirty (by this sync or an interrupted one), then clear
-        the marks; returns how many changed."""
+        the marks; returns how many changed. Marks held by a folder whose re-map is unfinished wait (_mark_dirty)."""
         # the marks first (a handful, usually none), then which are this account's: joined the other way round,
         # SQLite walked every message of the account on each sync (~20 ms of an unchanged sync at 100k messages)
         with self.engine.connect() as conn:
-            marked = list(conn.execute(sa.select(dirty_t.c.message_id)).scalars())
+            marked = list(
+                conn.execute(sa.select(dirty_t.c.message_id).where(dirty_t.c.held_by_folder_id.is_(None))).scalars()
+            )
             ids: list[int] = []
             for chunk in chunks(sorted(marked)):
                 ids += conn.execute(
@@ -732,7 +753,9 @@ class Store:
         changed = self.refresh_messages(account_id, ids)
         with self.engine.begin() as conn:
             for chunk in chunks(sorted(ids)):
-                conn.execute(dirty_t.delete().where(dirty_t.c.message_id.in_(chunk)))
+                conn.execute(
+                    dirty_t.delete().where(dirty_t.c.message_id.in_(chunk), dirty_t.c.held_by_folder_id.is_(None))
+                )
         return changed
 
     def refresh_messages(self, account_id: int, message_ids: Iterable[int]) -> int:

@@ -12,10 +12,13 @@ protocol points; ``AfterBytes`` works on any stream.
         assert proxy.events  # what was injected, and where
 
 Points (triggers): ``AfterBytes`` (K bytes server->client, or client->server), ``InFetchLiteral`` (inside the
-Nth ``{n}`` literal of FETCH responses), ``OnCommand`` (when the client sends a command, e.g. IDLE, before it is
-forwarded), ``OnIdling`` (right after the server's continuation to IDLE, ``+ idling``), ``AfterDataReply`` (SMTP:
-the server's final reply to the message body, swallowed or forwarded). ``drop_connections()`` drops live connections
-at once (e.g. the ones idling). Counters: connections accepted, bytes forwarded each way, connections idling.
+Nth ``{n}`` literal of FETCH responses), ``OnCommand`` (when the client sends a command, e.g. IDLE, or one whose line
+contains given bytes, before it is forwarded), ``OnIdling`` (right after the server's continuation to IDLE,
+``+ idling``), ``AfterDataReply`` (SMTP: the server's final reply to the message body, swallowed or forwarded).
+Actions: ``Drop``, ``Stall``, ``Slow``, and ``Refuse`` (IMAP, at ``OnCommand``: the command never reaches the server,
+the client gets a tagged ``NO``, as from a server refusing it while the connection keeps working).
+``drop_connections()`` drops live connections at once (e.g. the ones idling). Counters: connections accepted, bytes
+forwarded each way, connections idling.
 tests/harness/smtp_proxy.py (SmtpFaultProxy) is the older SMTP-only proxy on the caller's event loop.
 """
 
@@ -59,6 +62,7 @@ class Command:
     end: int
     tag: bytes
     name: bytes
+    line: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +163,7 @@ class _ImapDialogue:
         tag, name = words[0], words[1].upper()
         if name == b"IDLE":
             self._idle_tag = tag
-        return [Command(frame.start, frame.end, tag, name)]
+        return [Command(frame.start, frame.end, tag, name, frame.line)]
 
     def _server_frame(self, frame: _Frame) -> list[Event]:
         events: list[Event] = []
@@ -323,23 +327,35 @@ class _InLiteralWatch:
 
 @dataclass(frozen=True)
 class OnCommand:
-    """When the client sends the command ``name`` (e.g. b"IDLE"), before it reaches the server."""
+    """When the client sends the command ``name`` (e.g. b"IDLE"; b"UID" for UID FETCH/SEARCH/STORE...) whose line
+    contains ``contains`` (case ignored; e.g. b"SEARCH UID 1:*"), before it reaches the server."""
 
     name: bytes
+    contains: bytes = b""
 
     def watch(self) -> _Watch:
-        return _OnCommandWatch(self.name.upper())
+        return _OnCommandWatch(self.name.upper(), self.contains.upper())
 
     def __str__(self) -> str:
-        return f"when the client sends {self.name.decode()}"
+        return f"when the client sends {self.name.decode()}" + (
+            f" containing {self.contains.decode()!r}" if self.contains else ""
+        )
 
 
 @dataclass
 class _OnCommandWatch:
     name: bytes
+    contains: bytes
 
     def check(self, direction: Direction, start: int, end: int, events: list[Event]) -> int | None:
-        return next((ev.start for ev in events if isinstance(ev, Command) and ev.name == self.name), None)
+        return next(
+            (
+                ev.start
+                for ev in events
+                if isinstance(ev, Command) and ev.name == self.name and self.contains in ev.line.upper()
+            ),
+            None,
+        )
 
 
 @dataclass(frozen=True)
@@ -414,7 +430,18 @@ class Slow:
         return f"slow to {self.bytes_per_second} B/s"
 
 
-Action = Drop | Stall | Slow
+@dataclass(frozen=True)
+class Refuse:
+    """IMAP, at ``OnCommand`` only: the command is not forwarded, and the client gets ``<tag> NO <text>``, as from a
+    server refusing it while the connection keeps working (Gmail's ``NO [UNAVAILABLE] Temporary System Problem``)."""
+
+    text: bytes = b"[UNAVAILABLE] Temporary System Problem"
+
+    def __str__(self) -> str:
+        return f"refuse with NO {self.text.decode()}"
+
+
+Action = Drop | Stall | Slow | Refuse
 
 
 @dataclass
@@ -457,6 +484,9 @@ class _Connection:
     abort: asyncio.Event = field(default_factory=asyncio.Event)
     rate: int | None = None
     stalled: bool = False
+    queues: dict[Direction, asyncio.Queue[object]] = field(default_factory=dict)  # what _write forwards, each way
+    # the client's bytes of an unfinished line, held back while a Refuse is armed (_read; never server bytes)
+    held: dict[Direction, bytes] = field(default_factory=lambda: {"up": b"", "down": b""})
 
 
 class FaultProxy:
@@ -592,6 +622,7 @@ class FaultProxy:
                 return
             up: asyncio.Queue[object] = asyncio.Queue()
             down: asyncio.Queue[object] = asyncio.Queue()
+            conn.queues = {"up": up, "down": down}
             tasks = [
                 asyncio.create_task(self._read(conn, "up", client_reader, up)),
                 asyncio.create_task(self._read(conn, "down", server_reader, down)),
@@ -625,6 +656,8 @@ class FaultProxy:
             except OSError:
                 data = b""
             if not data:
+                if conn.held[direction]:
+                    queue.put_nowait(conn.held[direction])
                 queue.put_nowait(_EOF)
                 if direction == "up" and conn.stalled:
                     conn.abort.set()  # the client gave up on a stalled connection: nothing left to forward
@@ -636,14 +669,44 @@ class FaultProxy:
             if any(isinstance(ev, Idling) for ev in events):
                 with self._lock:
                     self.idles_started += 1
+            # the client's bytes of an unfinished line held back (only while a Refuse is armed), then this chunk
+            data, start = conn.held[direction] + data, start - len(conn.held[direction])
             offset = 0
             for pos, fault in self._fire_points(conn, direction, start, end, events):
                 if pos - start > offset:
                     queue.put_nowait(data[offset : pos - start])
                     offset = pos - start
+                if isinstance(fault.action, Refuse):
+                    offset = self._refuse(conn, fault, pos, start, events)
+                    continue
                 queue.put_nowait(_Inject(fault, f"{direction} stream byte {pos}"))
-            if offset < len(data):
-                queue.put_nowait(data[offset:])
+            # imaplib sends a command and its CRLF in two writes: a command to refuse must not reach the server in
+            # part, so while a Refuse is armed the client's bytes go on only up to the end of their last line
+            cut = len(data)
+            if direction == "up" and self._refusing(conn):
+                cut = max(offset, data.rfind(b"\n") + 1)
+            if offset < cut:
+                queue.put_nowait(data[offset:cut])
+            conn.held[direction] = data[max(offset, cut) :]
+
+    def _refusing(self, conn: _Connection) -> bool:
+        with self._lock:
+            return any(
+                isinstance(f.action, Refuse) and (f.times is None or f.fired < f.times)
+                for f, _ in conn.watches.values()
+            )
+
+    def _refuse(self, conn: _Connection, fault: ArmedFault, pos: int, start: int, events: list[Event]) -> int:
+        """Swallow the command at ``pos`` and answer it with a tagged NO; returns the offset in ``data`` (from
+        ``start``) after it."""
+        assert isinstance(fault.action, Refuse)
+        command = next((ev for ev in events if isinstance(ev, Command) and ev.start == pos), None)
+        if command is None or command.start < start:
+            raise RuntimeError("Refuse needs OnCommand (and the command must not have gone on in part)")
+        with self._lock:
+            self.events.append(f"connection {conn.number}: {fault.action} {fault.trigger} (up stream byte {pos})")
+        conn.queues["down"].put_nowait(command.tag + b" NO " + fault.action.text + b"\r\n")
+        return command.end - start
 
     def _fire_points(
         self, conn: _Connection, direction: Direction, start: int, end: int, events: list[Event]
