@@ -287,6 +287,31 @@ def test_contacts_scope_and_backfill_on_gmail(
     assert result.stats.folders_unchanged == 1
 
 
+def test_a_backfilled_message_whose_body_did_not_come_is_fetched_by_a_later_sync(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """A new contact's older mail is searched for once per account; a message found whose body did not come
+    (the server's reply lacked it) was lost for good: the backfill holds no cursor, and the contact was recorded
+    as searched anyway. The contact is searched again until every message found came."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server, scope="contacts")
+    first = gmail_server.deliver(make_message("Late <late@example.org>", recruiter, "older application", "x"))
+    second = gmail_server.deliver(make_message("Late <late@example.org>", recruiter, "certificates", "y"))
+    assert run(config, store, recruiter).ok
+    assert rows(store, recruiter) == []
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO mail_contacts (email) VALUES ('late@example.org')"))
+    gmail_server.withhold_body(second)
+    result = run(config, store, recruiter)
+    assert result.ok, result.reason
+    assert [r.provider_message_id for r in rows(store, recruiter)] == [f"gm:{first}"]
+    gmail_server.withhold_body(second, withheld=False)
+    result = run(config, store, recruiter)
+    assert result.ok, result.reason
+    assert result.stats.backfilled == 1
+    assert [r.provider_message_id for r in rows(store, recruiter)] == [f"gm:{first}", f"gm:{second}"]
+    assert run(config, store, recruiter).stats.backfilled == 0, "searched for until complete, then no more"
+
+
 @pytest.mark.parametrize("scope", ["all", "contacts"])
 def test_drafts_in_all_mail_are_not_stored(
     store: Store,

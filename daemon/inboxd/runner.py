@@ -199,7 +199,8 @@ class Runner:
             with structlog.contextvars.bound_contextvars(account=account.email):
                 stats = self._sync_with_reconnect(account, settings, progress, halt)
             # a successful sync covered these contacts: by the backfill search, or by a first sync that saw all
-            self._store.mark_backfilled(account.id, (normalize_address(e) for e in settings.backfill))
+            done = settings.backfill - stats.backfill_incomplete  # a message found whose body did not come: again
+            self._store.mark_backfilled(account.id, (normalize_address(e) for e in done))
         except Interrupted:
             log.info("sync.account_interrupted", account=account.email)
             return AccountResult(account.email, ok=True, state=account.state, reason="interrupted")

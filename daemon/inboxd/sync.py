@@ -81,6 +81,9 @@ class SyncStats:
     quarantined: int = 0
     out_of_scope: int = 0
     backfilled: int = 0
+    # contacts (as in SyncSettings.backfill) whose older mail is not all stored yet: a message found had no body;
+    # the caller must not record them as searched (the next sync searches again)
+    backfill_incomplete: frozenset[str] = frozenset()
     bytes_downloaded: int = 0
     total: int = 0
     done: int = 0
@@ -243,7 +246,12 @@ class AccountSync:
         found = self._session.search_addresses(sorted(addresses))
         wanted = sorted(uid for uid in found - self._store.known_uids(folder.id) if uid <= folder.cursor.last_uid)
         self._add_total(len(wanted))
+        self._incomplete = False
         self._ingest(folder, selected, batches(wanted, self._settings.batch_size))
+        if self._incomplete:
+            # a body did not come: no cursor holds it here (the UIDs are below the folder's cursor), so only
+            # searching again finds it; which contact it was for is unknown without it, so all of them stay open
+            self.stats.backfill_incomplete |= addresses
         if wanted:
             self._log.info("sync.backfill", folder=spec.name, contacts=len(addresses), found=len(wanted))
             self.stats.backfilled += len(wanted)

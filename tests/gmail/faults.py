@@ -24,6 +24,9 @@ class Faults:
     imap_disabled: set[str | None] = field(default_factory=set)
     raw_folder_names: set[str | None] = field(default_factory=set)  # LIST names as raw UTF-8, not modified UTF-7
     daily_limit: set[str | None] = field(default_factory=set)
+    # X-GM-MSGIDs whose FETCH replies come without the body (a message the server cannot read at the moment: the
+    # reply carries the other items, the command ends OK)
+    bodiless: set[int] = field(default_factory=set)
     temp_fail: int = 0
     drop_after_data: int = 0
 
@@ -43,6 +46,14 @@ class Faults:
     def set_flag(self, which: set[str | None], user: str | None, on: bool) -> None:
         with self._lock:
             (which.add if on else which.discard)(_key(user))
+
+    def withhold_body(self, gm_msgid: int, on: bool) -> None:
+        with self._lock:
+            (self.bodiless.add if on else self.bodiless.discard)(gm_msgid)
+
+    def body_withheld(self, gm_msgid: int) -> bool:
+        with self._lock:
+            return gm_msgid in self.bodiless
 
     def has(self, which: set[str | None], user: str | None) -> bool:
         with self._lock:
@@ -92,6 +103,7 @@ class Faults:
             self.imap_disabled.clear()
             self.raw_folder_names.clear()
             self.daily_limit.clear()
+            self.bodiless.clear()
             self.temp_fail = self.drop_after_data = 0
 
 

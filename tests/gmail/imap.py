@@ -63,6 +63,7 @@ class ImapSession(SelectedState):
         self.server = server
         self.store = server.store
         self.counters = server.counters
+        self.faults = server.faults
         self.reader = reader
         self.writer = writer
         self.tls = tls

@@ -27,7 +27,7 @@ from gmail.wire import (
 )
 
 if TYPE_CHECKING:
-    from gmail.faults import Counters
+    from gmail.faults import Counters, Faults
     from gmail.model import Store
 
 BODY_ITEM = re.compile(r"(BODY|BODY\.PEEK|BINARY\.PEEK|BINARY)\[(.*)\](?:<(\d+)(?:\.(\d+))?>)?$", re.IGNORECASE | re.S)
@@ -44,6 +44,7 @@ class SelectedState:
     view: list[int]
     view_modseq: dict[int, int]
     counters: Counters
+    faults: Faults
 
     def send(self, line: bytes) -> None:
         raise NotImplementedError
@@ -128,10 +129,12 @@ class SelectedState:
                 msg = self._message(uid)
                 if msg is None or (changedsince is not None and msg.modseq <= changedsince):
                     continue
-                wants_seen = any(_sets_seen(i) for i in items) and not self.readonly and SEEN not in msg.flags
+                # the withhold_body fault: the reply comes without the message's content, the other items in it
+                sent = [i for i in items if not (_carries_content(i) and self.faults.body_withheld(msg.gm_msgid))]
+                wants_seen = any(_sets_seen(i) for i in sent) and not self.readonly and SEEN not in msg.flags
                 if wants_seen:
                     account.change(msg, add_flags=[SEEN])
-                out = [self._fetch_item(item, msg, uid) for item in items]
+                out = [self._fetch_item(item, msg, uid) for item in sent]
                 if wants_seen and "FLAGS" not in [i.upper() for i in items]:
                     out.append(b"FLAGS " + self._flags(msg, uid))
                 if wants_seen and self.condstore and "MODSEQ" not in [i.upper() for i in items]:
@@ -363,6 +366,14 @@ def _fetch_items(token: Token) -> list[str]:
         return [text(t) for t in token]
     item = text(token)
     return list(macros.get(item.upper(), [item]))
+
+
+def _carries_content(item: str) -> bool:
+    """A FETCH item with the message's content (its bytes or a body part), not only header fields."""
+    if item.upper() in ("RFC822", "RFC822.TEXT"):
+        return True
+    match = BODY_ITEM.match(item)
+    return match is not None and "HEADER" not in match.group(2).upper()
 
 
 def _sets_seen(item: str) -> bool:

@@ -412,6 +412,12 @@ class GmailServer:
         """SMTP MAIL FROM answers ``421 4.7.0 Try again later, closing connection.`` and closes."""
         self.faults.temp_fail = times
 
+    def withhold_body(self, gm_msgid: int, withheld: bool = True) -> None:
+        """FETCH replies for this message come without its content (``BODY[]``, ``RFC822``, body parts; header
+        fields still come), the other items in them, and the command ends OK: a message the server cannot read at
+        the moment."""
+        self.faults.withhold_body(gm_msgid, withheld)
+
     def clear_faults(self) -> None:
         self.faults.clear()
 
