@@ -60,4 +60,6 @@ class Gmail:
     def is_draft(self, header: HeaderInfo) -> bool:
         """All Mail holds the drafts too (\\Draft flag, "\\Draft" label); each autosave is a new message, and the
         mail once sent another one."""
-        return any(f.lower() == "\\draft" for f in header.flags) or "DRAFT" in (self.labels(header.gm_labels) or [])
+        return any(f.lower() == "\\draft" for f in header.flags) or any(
+            SYSTEM_LABELS.get(label.lower()) == "DRAFT" for label in header.gm_labels or ()
+        )
