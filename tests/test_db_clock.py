@@ -41,9 +41,16 @@ def test_the_offset_is_measured_again_only_after_refresh(engine: sa.Engine) -> N
     assert abs(later - (first - timedelta(seconds=61))) < timedelta(seconds=5)
 
 
-def test_with_the_database_away_the_node_keeps_its_own_clock() -> None:
+def test_with_the_database_away_the_node_keeps_its_own_clock_and_asks_again_after_refresh() -> None:
     engine = sa.create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none", pool_pre_ping=False)
+    attempts: list[bool] = []
+    sa.event.listen(engine, "do_connect", lambda *_: attempts.append(True))
     node = FakeClock(datetime(2026, 5, 1, tzinfo=UTC))
-    clock = DatabaseClock(engine, node)
+    clock = DatabaseClock(engine, node, refresh=60)
     assert clock.now() == node.now(), "never measured: the node's own clock"
+    assert clock.now() == node.now()
+    assert len(attempts) == 1, "not a connection attempt on every reading of the time"
+    node.advance(61)
+    clock.now()
+    assert len(attempts) == 2
     engine.dispose()

@@ -157,3 +157,19 @@ def test_renewed_reports_a_lease_taken_by_another_node(engine: sa.Engine, secret
         with engine.begin() as conn:  # another node took it (its lease had run out meanwhile)
             conn.execute(sa.text("UPDATE inboxd_leases SET node_id = 'other'"))
         assert lost.wait(timeout=5)
+
+
+def test_a_one_off_run_renewing_its_leases_takes_no_share_from_the_daemons(
+    engine: sa.Engine, secret_box: SecretBox
+) -> None:
+    """`run --once` renews what it took (a non-member Leases): the daemons still count themselves alone, and keep
+    every other account. As a member its heartbeat halved the daemon's share, and the rest went unsynced."""
+    clock = FakeClock()
+    ids = _accounts(engine, secret_box, clock, 5)
+    daemon = Leases(engine, clock=clock, node_id="daemon", lease=LEASE)
+    assert daemon.rebalance(ids[:4]) == set(ids[:4])
+    once = Leases(engine, clock=clock, node_id="once", lease=LEASE, member=False)
+    assert once.take(ids) == {ids[4]}
+    clock.advance(5)
+    assert once.renew() == {ids[4]}
+    assert daemon.rebalance(ids) == set(ids[:4])

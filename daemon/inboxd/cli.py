@@ -487,8 +487,9 @@ def _run_with(
     if kept is not None:
         metrics.watch_kept_sessions(kept.__len__)
     runner = Runner(config, store, clock=clock, metrics=metrics, stop=stop, parser=parser, kept=kept)
-    # claims and retry times on the database's clock, as every node and the HR app see it
-    outbox_store = OutboxStore(store.engine, clock=DatabaseClock(store.engine, clock), policy=RetryPolicy())
+    # claims, retry and hold times on the database's clock, as every node and the HR app see it
+    db_clock = DatabaseClock(store.engine, clock)
+    outbox_store = OutboxStore(store.engine, clock=db_clock, policy=RetryPolicy())
     metrics.watch(store.accounts, outbox_store.depth, clock=clock)
     outbox = Outbox(
         config,
@@ -496,7 +497,7 @@ def _run_with(
         outbox_store,
         runner.connections,
         BlobStore(config.sync.attachments_dir),
-        clock=clock,
+        clock=db_clock,
         metrics=metrics,
     )
     if args.account is not None and store.account(args.account) is None:
@@ -504,7 +505,8 @@ def _run_with(
     if args.once:
         # leases as a node would take them, so that a one-off run never syncs an account a daemon is syncing
         # (expiries on the database's clock, renewed while the syncs run: a first sync outlasts many leases)
-        leases = Leases(store.engine, clock=DatabaseClock(store.engine, clock), lease=config.sync.lease)
+        # not a member: it takes no share and counts as no live node (the daemons keep theirs)
+        leases = Leases(store.engine, clock=db_clock, lease=config.sync.lease, member=False)
         ids = {a.id for a in store.accounts() if args.account is None or a.email == args.account.strip().lower()}
         owned = leases.take(ids)
         display = ProgressDisplay(clock)

@@ -161,6 +161,8 @@ class Daemon:
         self._round: _Round | None = None
         self._round_no = 0
         self._round_at = 0.0  # monotonic time of the next sync.interval round: the first at once
+        self._round_started = 0.0
+        self._leases_known = False  # the first round waits for the first lease check (the database may be away)
         self._rebalance_at = 0.0
         self._seen_watermark: object = None
         self._gc_schedule = GcSchedule(clock)
@@ -211,14 +213,17 @@ class Daemon:
                 log.info("daemon.hr_tables_changed")
                 self._make_due(self._owned, Why.CHANGED)
             self._seen_watermark = watermark
-        if time.monotonic() >= self._round_at:
+        if self._leases_known and time.monotonic() >= self._round_at:
             self._start_round()
         if accounts is not None:
             self._make_due(self._retries_due(accounts), Why.RETRY)
             self._refresh_watchers(accounts)
             self._start_due(accounts)
-        if self._round is not None and not self._round.pending:
-            self._finish_round()
+        if self._round is not None:
+            with self._lock:
+                self._round.pending &= self._owned  # an account whose lease went to another node is not waited for
+            if not self._round.pending:
+                self._finish_round()
 
     def _wait(self) -> None:
         """Until a watcher pushes, a sync ends, or a slice of the poll period passes; pushes become due."""
@@ -237,8 +242,14 @@ class Daemon:
 
     def _start_round(self) -> None:
         """Every sync.interval: every account this node syncs is due, and the round's outcome is logged once all
-        of them have synced (daemon.cycle_done)."""
-        self._round_at = time.monotonic() + self._config.sync.interval.total_seconds()
+        of them have synced (daemon.cycle_done). A round still unfinished an interval later (a first sync longer
+        than the interval, accounts queued behind the first-sync lane) is logged, and the housekeeping it would
+        have done is done now, so that it never waits for more than an interval."""
+        if self._round is not None:
+            log.info("daemon.round_unfinished", pending=len(self._round.pending))
+            self._housekeeping()
+        self._round_started = time.monotonic()
+        self._round_at = self._round_started + self._config.sync.interval.total_seconds()
         self._round_no += 1
         with self._lock:
             self._round = _Round(self._round_no, set(self._owned))
@@ -254,6 +265,9 @@ class Daemon:
             with contextlib.suppress(sa.exc.SQLAlchemyError):  # a status line is not worth stopping for
                 depth = self._outbox_depth()
         self._notifier.status(f"{ok} accounts ok, {failed} failed; outbox depth {depth}")
+        self._housekeeping()
+
+    def _housekeeping(self) -> None:
         self._store.sweep_staged_attachments()  # staged by parser processes for runs never stored
         self._collect_attachment_garbage()
         settle_heap()
@@ -278,7 +292,9 @@ class Daemon:
             return
         with self._lock:
             for account_id in chosen:
-                why = self._due.pop(account_id)
+                why = self._due.pop(account_id, None)
+                if why is None or account_id not in self._owned:  # the keeper dropped it meanwhile (lease lost)
+                    continue
                 stop = threading.Event()
                 future = self._pool.submit(self._runner.sync_account, by_id[account_id], None, settings, stop=stop)
                 self._running[account_id] = _Sync(future, lanes[account_id], stop, self._round_no)
@@ -397,6 +413,8 @@ class Daemon:
         if restart_needed:
             log.warning("daemon.reload_needs_restart", keys=restart_needed)
         self._config = new
+        if self._round_started:  # a new sync.interval counts from the last round's start, not from the next
+            self._round_at = min(self._round_at, self._round_started + new.sync.interval.total_seconds())
         self._runner.reconfigure(new)
         self._outbox.reconfigure(new)
         log.info("daemon.reloaded", accounts_paused=sum(p.paused for p in new.accounts.values()))
@@ -450,6 +468,7 @@ class Daemon:
         except sa.exc.SQLAlchemyError:
             log.warning("daemon.leases_unavailable")
             return
+        self._leases_known = True
         with self._lock:
             if owned != self._owned:
                 log.info("daemon.leases_changed", held=len(owned))
@@ -465,6 +484,8 @@ class Daemon:
         lease = self._config.sync.lease.total_seconds()
         last_ok = time.monotonic()
         while not self._keeper_stop.wait(lease / 3):
+            with self._lock:
+                before = set(self._owned)  # what the main loop takes after this is not in the renewal's answer
             try:
                 still_ours = self._leases.renew()
                 last_ok = time.monotonic()
@@ -476,7 +497,7 @@ class Daemon:
                 if time.monotonic() - last_ok > lease * 2 / 3:
                     self._drop_accounts(self._owned)
                 continue
-            lost = self._owned - still_ours
+            lost = before - still_ours
             if lost:
                 log.warning("daemon.lease_lost", accounts=len(lost))
                 self._drop_accounts(lost)
@@ -487,6 +508,8 @@ class Daemon:
             self._owned = self._owned - lost
             for account_id in lost:
                 self._due.pop(account_id, None)
+                if self._round is not None:
+                    self._round.pending.discard(account_id)
                 if account_id in self._running:
                     self._running[account_id].stop.set()
 
@@ -495,15 +518,15 @@ class Daemon:
     def _refresh_watchers(self, accounts: list[Account]) -> None:
         """One IDLE watcher per account that syncs and has had its first sync attempt in this process (its catch-up
         on connecting would only repeat that sync); stopped for accounts paused, disabled, failed or gone."""
+        if self._stop.is_set():  # _shut_down stops them all at once (asking each first, then waiting)
+            return
         by_id = {a.id: a for a in accounts}
         now = self._clock.now()
         with self._lock:
             owned = set(self._owned)
-        wanted = (
-            {a.id for a in accounts if a.id in owned and a.id in self._attempted and decide(a, self._config, now).run}
-            if not self._stop.is_set()
-            else set()
-        )  # no new IDLE connections while shutting down
+        wanted = {
+            a.id for a in accounts if a.id in owned and a.id in self._attempted and decide(a, self._config, now).run
+        }
         for account_id in set(self._watchers) - wanted:
             self._watchers.pop(account_id).stop(timeout=2)
             gone = by_id.get(account_id)

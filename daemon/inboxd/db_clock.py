@@ -43,7 +43,7 @@ class DatabaseClock:
         self._refresh = refresh
         self._lock = threading.Lock()
         self._offset: timedelta | None = None
-        self._measured = 0.0
+        self._measured: float | None = None  # the node's monotonic time of the last attempt to measure
 
     def now(self) -> datetime:
         return self._node.now() + self.offset()
@@ -58,8 +58,8 @@ class DatabaseClock:
         """The database's clock minus this node's; the last one measured while the database is away (zero before
         the first), so that a node keeps running on its own clock rather than failing on every read of the time."""
         with self._lock:
-            if self._offset is not None and self._node.monotonic() - self._measured < self._refresh:
-                return self._offset
+            if self._measured is not None and self._node.monotonic() - self._measured < self._refresh:
+                return self._offset or timedelta(0)
             try:
                 before = self._node.now()
                 with self._engine.connect() as conn:

@@ -186,8 +186,11 @@ def renewed(leases: Leases, held: set[int], on_lost: Callable[[], None]) -> Iter
         while not stop.wait(period / 3):
             try:
                 still_ours = leases.renew()
-            except sa.exc.SQLAlchemyError:
-                log.warning("leases.renewal_failed")
+            except Exception as exc:  # the database away (or a bug): the keeper itself must not die
+                if isinstance(exc, sa.exc.SQLAlchemyError):
+                    log.warning("leases.renewal_failed")
+                else:
+                    log.exception("leases.renewal_failed")
                 if time.monotonic() - last_ok > period * 2 / 3:
                     on_lost()
                 continue
