@@ -76,7 +76,9 @@ def test_two_nodes_refreshing_rotating_tokens_never_strand_the_account(
 
         stored = nodes[1][1].credential(account.id).secret
         assert stored != first
-        assert oauth_server.stats()["grant:refresh_token"] == 32  # 2 nodes x 2 threads x 8, none wasted on a dead token
+        # a refresh with a dead token would have raised (invalid_grant) above. The two threads of a node share its
+        # token source, so one's invalidate may be met by the other's refresh: at most one refresh per call
+        assert 16 <= oauth_server.stats()["grant:refresh_token"] <= 32
         # the stored token is the live one: a fresh node (a restart) can refresh with it
         _e, store, connections = node(db_url, secret_box)
         assert connections.token_source(account, provider(oauth_server), store.credential(account.id)).access_token()
