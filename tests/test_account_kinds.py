@@ -193,8 +193,10 @@ def test_workspace_delegation_connects_and_syncs_without_consent(
     """A kind "gmail" provider with service_account_file: `accounts add --delegated` fetches a token for the user
     first and stores the account; `run --once` syncs the Gmail mailbox with delegated tokens. A user outside the
     delegated domain is refused at `accounts add` with what the Workspace admin must grant, and nothing is stored;
-    with --no-verify it is stored and the run parks it needs_reauth with that reason. A provider without
-    service_account_file refuses --delegated with exit 2. The private key is never printed."""
+    with --no-verify it is stored and the run marks it `error` with that reason; once the admin grants that domain,
+    the next run syncs it, with no `accounts add` again (no one could reconnect it: it used to be parked
+    needs_reauth for good). A provider without service_account_file refuses --delegated with exit 2. The private
+    key is never printed."""
     key_file, pem = shared_service_account(mailstack, tmp_path / "sa.json", domains="example.test")
     cli.config = write_config(
         tmp_path,
@@ -223,19 +225,29 @@ def test_workspace_delegation_connects_and_syncs_without_consent(
 
     unverified = cli("accounts", "add", outsider, "--provider", "gmail", "--delegated", "--no-verify")
     assert unverified.code == 0, unverified
-    parked = cli("run", "--once")
-    assert parked.code == 1, parked
+    refused_run = cli("run", "--once")
+    assert refused_run.code == 1, refused_run
     status = by_email(cli.json("status"))
-    assert status[outsider]["state"] == "needs_reauth"
+    assert status[outsider]["state"] == "error"
     assert "domain-wide delegation is not granted" in status[outsider]["state_reason"]
     assert status[user]["state"] == "active"
+
+    # the Workspace admin grants the other domain too (a new key in the same file, as a key rotation does)
+    client_email = json.loads(key_file.read_text())["client_email"]
+    make_service_account(mailstack, client_email=client_email, domains="example.test,elsewhere.test", path=key_file)
+    new_pem = str(json.loads(key_file.read_text())["private_key"])
+    gmail_server.deliver(make_message("Cand <cand@example.org>", outsider, subject, "hello"))
+    resumed = cli("run", "--once")
+    assert resumed.code == 0, resumed
+    assert by_email(cli.json("status"))[outsider]["state"] == "active"
+    assert subjects(db_url, outsider) == {subject}
 
     consent_only = cli("accounts", "add", f"x-{user}", "--provider", "gmail_consent", "--delegated")
     assert consent_only.code == 2, consent_only
     assert "service_account_file" in consent_only.err and "app_only" in consent_only.err
     assert f"x-{user}" not in emails(cli)
 
-    for line in pem.splitlines()[1:-1]:
+    for line in [*pem.splitlines()[1:-1], *new_pem.splitlines()[1:-1]]:
         cli.assert_never_printed(line)
 
 

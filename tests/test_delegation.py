@@ -31,7 +31,7 @@ from inboxd.delegation import (
     ClientCredentialsTokenSource,
     ServiceAccountTokenSource,
 )
-from inboxd.errors import AccountFailed, InboxdError, ReauthRequired, RetryLater
+from inboxd.errors import AccountFailed, InboxdError, RetryLater
 from inboxd.tokens import ASSUMED_LIFETIME, TokenSource
 
 GMAIL_SCOPE = "https://mail.google.com/"
@@ -224,10 +224,12 @@ def test_service_account_reports_each_refresh_to_metrics(
 def test_user_outside_the_workspace_needs_an_admin_grant(
     oauth_server: OAuthServer, key_file: Path, clock: FakeClock
 ) -> None:
-    """Google's unauthorized_client: parked (ReauthRequired), with what the Workspace admin must do."""
+    """Google's unauthorized_client (the person left the Workspace, or the admin did not grant the client): an
+    account failure, tried again each round so that it resumes by itself once access returns, with what the
+    Workspace admin must do. No mailbox owner could reconnect it, so it is not parked as needs_reauth."""
     client_id = json.loads(key_file.read_text())["client_id"]
     source = sa_source(key_file, clock, subject="mallory@elsewhere.test")
-    with pytest.raises(ReauthRequired) as info:
+    with pytest.raises(AccountFailed) as info:
         source.access_token()
     message = str(info.value)
     assert message.startswith(
@@ -242,7 +244,7 @@ def test_scope_not_granted_to_the_service_account_needs_an_admin_grant(
     oauth_server: OAuthServer, key_file: Path, clock: FakeClock
 ) -> None:
     readonly = "https://www.googleapis.com/auth/gmail.readonly"
-    with pytest.raises(ReauthRequired, match=f"domain-wide delegation is not granted .* and scope {readonly} in"):
+    with pytest.raises(AccountFailed, match=f"domain-wide delegation is not granted .* and scope {readonly} in"):
         sa_source(key_file, clock, scopes=[readonly]).access_token()
 
 
@@ -257,7 +259,7 @@ def test_deleted_service_account_key_names_the_key_file(
     ).decode()
     stale_file = tmp_path / "stale.json"
     stale_file.write_text(json.dumps(info))
-    with pytest.raises(ReauthRequired) as caught:
+    with pytest.raises(AccountFailed) as caught:
         sa_source(stale_file, clock).access_token()
     message = str(caught.value)
     assert message.startswith(
@@ -280,7 +282,7 @@ def test_replaced_key_file_is_used_from_the_next_refresh(
     ).decode()
     path.write_text(json.dumps(info))
     source = sa_source(path, clock)
-    with pytest.raises(ReauthRequired):
+    with pytest.raises(AccountFailed):
         source.access_token()
     make_service_account(oauth_server, client_email=SA_EMAIL, domains=[DOMAIN], path=path)
     assert source.access_token()
@@ -349,7 +351,7 @@ def test_echoed_assertion_is_scrubbed(key_file: Path, clock: FakeClock, tmp_path
     """A server that quotes the request (the signed assertion) back: the message keeps the text, not the JWT."""
     stub.status, stub.body, stub.echo = 400, "invalid_grant", True
     source = sa_source(with_token_uri(key_file, stub.url, tmp_path / "stub.json"), clock)
-    with pytest.raises(ReauthRequired) as info:
+    with pytest.raises(AccountFailed) as info:
         source.access_token()
     assert "assertion=eyJ" in stub.requests[0]  # the premise: the assertion was in what came back
     assert "invalid_grant: bad request: " in str(info.value)
@@ -437,11 +439,11 @@ def test_app_only_invalidate_forces_a_new_grant(oauth_server: OAuthServer, clock
 
 
 def test_app_without_service_principal_needs_admin_consent(oauth_server: OAuthServer, clock: FakeClock) -> None:
-    """Microsoft's AADSTS7000229: parked, and the text says what to grant."""
+    """Microsoft's AADSTS7000229: an account failure (tried again each round), and the text says what to grant."""
     oauth_server.admin("config", app_only="0")
     outcomes: list[bool] = []
     source = app_source(oauth_server.token_uri, clock, oauth_server, on_refresh=outcomes.append)
-    with pytest.raises(ReauthRequired) as info:
+    with pytest.raises(AccountFailed) as info:
         source.access_token()
     message = str(info.value)
     assert message.startswith(f"app {oauth_server.client_id} may not get tokens for {OUTLOOK_APP_ONLY_SCOPE}: ")
@@ -453,7 +455,7 @@ def test_app_without_service_principal_needs_admin_consent(oauth_server: OAuthSe
 def test_wrong_scope_needs_admin_consent(oauth_server: OAuthServer, clock: FakeClock) -> None:
     scope = "https://graph.microsoft.com/.default"
     source = app_source(oauth_server.token_uri, clock, oauth_server, scope=scope)
-    with pytest.raises(ReauthRequired) as info:
+    with pytest.raises(AccountFailed) as info:
         source.access_token()
     assert str(info.value).startswith(f"app {oauth_server.client_id} may not get tokens for {scope}: ")
     assert "invalid_scope: AADSTS70011" in str(info.value)
@@ -462,7 +464,7 @@ def test_wrong_scope_needs_admin_consent(oauth_server: OAuthServer, clock: FakeC
 def test_wrong_client_secret_needs_a_new_secret_without_showing_it(oauth_server: OAuthServer, clock: FakeClock) -> None:
     wrong = "wrong-secret-value-123"
     source = app_source(oauth_server.token_uri, clock, oauth_server, client_secret=wrong)
-    with pytest.raises(ReauthRequired) as info:
+    with pytest.raises(AccountFailed) as info:
         source.access_token()
     message = str(info.value)
     assert message.startswith(f"app {oauth_server.client_id} was refused: its client secret is wrong or expired")
@@ -475,7 +477,7 @@ def test_wrong_client_secret_needs_a_new_secret_without_showing_it(oauth_server:
 def test_echoed_client_secret_is_scrubbed(clock: FakeClock, stub: StubEndpoint) -> None:
     stub.status, stub.body, stub.echo = 401, "invalid_client", True
     source = app_source(stub.url, clock)
-    with pytest.raises(ReauthRequired) as info:
+    with pytest.raises(AccountFailed) as info:
         source.access_token()
     assert "client_secret=app-client-secret-value" in stub.requests[0]  # the premise: it was echoed back
     assert "invalid_client: bad request: " in str(info.value)

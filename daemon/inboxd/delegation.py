@@ -20,7 +20,7 @@ import google.auth.exceptions
 from google.oauth2 import service_account
 
 from inboxd.clock import Clock
-from inboxd.errors import AccountFailed, ReauthRequired, RetryLater
+from inboxd.errors import AccountFailed, RetryLater
 from inboxd.tokens import (
     ASSUMED_LIFETIME,
     DEFAULT_HTTP_TIMEOUT,
@@ -141,21 +141,24 @@ class ServiceAccountTokenSource(CachedTokenSource):
             return AccountFailed(f"{where} gave no access token and no OAuth error for {key.client_email}: {summary}")
         description = self._scrub(details.get("error_description"))
         answer = f"{key.host}: {code}: {description}"
+        # Every refusal of a delegated grant is AccountFailed: no mailbox owner can reconnect it (only the admin
+        # can fix the console or the key, or the person is back in the Workspace), so it is tried again each round
+        # and resumes by itself once access returns, without anyone running `accounts add` again.
         if code == "unauthorized_client":
             # Google's answer when the admin has not authorized this client id for these scopes, or when the subject
-            # is outside the Workspace the grant covers. Retrying every cycle cannot help: park the account.
-            return ReauthRequired(
+            # is outside the Workspace the grant covers (a person who left, or suspended)
+            return AccountFailed(
                 f"domain-wide delegation is not granted for service account {key.client_email} "
                 f"(client id {key.client_id}) and scope {' '.join(self._scopes)} in the Google Workspace admin "
                 f"console, or {self._subject} is not in that Workspace ({answer})"
             )
         if code == "invalid_grant" and "Invalid JWT Signature" in description:
-            # The code alone decides the class; the description only picks the hint for the admin.
-            return ReauthRequired(
+            # The description only picks the hint for the admin.
+            return AccountFailed(
                 f"service account key {key.key_id} in {self._key_file} was deleted or is wrong: create a new key "
                 f"for {key.client_email} and replace the file ({answer})"
             )
-        return ReauthRequired(f"{where} refused service account {key.client_email} for {self._subject} ({answer})")
+        return AccountFailed(f"{where} refused service account {key.client_email} for {self._subject} ({answer})")
 
     def _scrub(self, text: object) -> str:
         key = self._private_key or ""
@@ -230,16 +233,17 @@ class ClientCredentialsTokenSource(CachedTokenSource):
         reply = f"{self._host}: {code}: {description}"
         if code in ("temporarily_unavailable", "server_error"):
             return RetryLater(f"token endpoint {self._host} failed temporarily ({reply})")
+        # as for a service account: an admin's to fix, tried again each round, resumes by itself once fixed
         if code == "invalid_client":
-            return ReauthRequired(
+            return AccountFailed(
                 f"app {self._client_id} was refused: its client secret is wrong or expired, or the app was "
                 f"deleted; an admin must issue a new secret in Microsoft Entra ID, and {APP_ONLY_GRANTS} ({reply})"
             )
         if code in ("unauthorized_client", "invalid_scope"):
-            return ReauthRequired(
+            return AccountFailed(
                 f"app {self._client_id} may not get tokens for {self._scope}: {APP_ONLY_GRANTS} ({reply})"
             )
-        return ReauthRequired(f"token endpoint {self._host} refused app {self._client_id} ({reply})")
+        return AccountFailed(f"token endpoint {self._host} refused app {self._client_id} ({reply})")
 
     def _scrub(self, text: object) -> str:
         return _scrub(str(text or "no description"), [self._client_secret, self._token])
