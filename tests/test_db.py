@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 
@@ -94,5 +96,31 @@ def test_postgresql_sessions_compress_stored_bodies_with_lz4() -> None:
             method, stored = conn.exec_driver_sql("SELECT pg_column_compression(body), body FROM toast_probe").one()
             assert method == "lz4"
             assert stored == body
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("query", "idle"),
+    [("", 30), ("?keepalives_idle=45", 45)],
+    ids=["defaults", "the url's own value wins"],
+)
+def test_postgresql_connections_notice_a_dead_peer_within_a_minute(query: str, idle: int) -> None:
+    """TCP keepalives on every connection (read back from the live socket, not from inboxd's settings): a connection
+    that died under a query (a failover, a partition) fails within about a minute instead of the kernel's two hours,
+    which kept a sync, and its account, waiting. A value in database.url is kept."""
+    engine = db.create_engine(PG_URL + query)
+    try:
+        with engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            sock = socket.socket(fileno=os.dup(raw.pgconn.socket))
+            try:
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == idle
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+            finally:
+                sock.close()
+            assert raw.info.get_parameters().get("connect_timeout") == "10"
     finally:
         engine.dispose()

@@ -25,6 +25,19 @@ class DatabaseError(InboxdError):
     """The database cannot be reached or is not at the expected schema version."""
 
 
+# libpq connection parameters inboxd sets unless database.url names them: a database host that does not answer (a
+# failover, a partition) fails a connect within 10 s instead of the kernel's two minutes of SYN retries, and a
+# connection that died under a query is noticed by TCP keepalives within about a minute instead of two hours, during
+# which the sync using it held its account (and the loop's own queries would wait as long).
+PG_CONNECT_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
 def create_engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
         path = sa.engine.make_url(url).database
@@ -44,7 +57,16 @@ def create_engine(url: str) -> sa.Engine:
 
         return engine
     if url.startswith("postgresql"):
-        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, hide_parameters=True)
+        given = sa.engine.make_url(url).query
+        connect_args = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in given}
+        engine = sa.create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=5,
+            max_overflow=10,
+            hide_parameters=True,
+            connect_args=connect_args,
+        )
 
         @sa.event.listens_for(engine, "connect")
         def _postgres_session(dbapi_conn: Any, _record: Any) -> None:
