@@ -540,3 +540,38 @@ def test_an_8bit_address_of_a_contact_is_admitted_by_the_header_phase(
         imap.append("INBOX", raw_8bit("Jürgen <jürgen@example.org>", recruiter, "Bewerbung", "<j-1@example.org>"))
     sync(config, store, recruiter)
     assert [(r.subject, r.from_email) for r in rows(store, recruiter)] == [("Bewerbung", "jürgen@example.org")]
+
+
+def test_a_first_sync_reports_its_progress_to_the_hr_app(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """mail_accounts.import_done / import_total: written while the first sync runs (the first report at once, with
+    the total known so far; then at most every IMPORT_EVERY seconds), and the final numbers when it is over; a later
+    sync leaves them as they are (the import is done)."""
+    config = write_config(tmp_path, db_url, mailstack)  # batches of 3
+    connect_account(store, mailstack, recruiter)
+    with mailstack.admin_imap(recruiter) as imap:
+        imap.multiappend("INBOX", [make_message(f"c{i}@example.org", recruiter, f"m{i}", "x") for i in range(7)])
+    writes: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.startswith("UPDATE mail_accounts") and "import_done" in statement:
+            writes.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", seen)
+    sync(config, store, recruiter)
+    sa.event.remove(store.engine, "before_cursor_execute", seen)
+    assert _import(store, recruiter) == (7, 7)
+    assert len(writes) == 2, "the first report at once, then nothing for 5 s, then the final numbers"
+    mailstack.deliver(recruiter, make_message("late@example.org", recruiter, "later", "x"))
+    sync(config, store, recruiter)
+    assert len(rows(store, recruiter)) == 8
+    assert _import(store, recruiter) == (7, 7)
+
+
+def _import(store: Store, email: str) -> tuple[int | None, int | None]:
+    with store.engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT import_done, import_total FROM mail_accounts WHERE email = :e"), {"e": email}
+        ).one()
+    return row.import_done, row.import_total

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-SCHEMA_HEAD = "0011"  # the newest migration's revision: bump it with every migration added
+SCHEMA_HEAD = "0012"  # the newest migration's revision: bump it with every migration added
 
 
 class DatabaseError(InboxdError):

@@ -92,6 +92,9 @@ class MailAccount(SQLModel, table=True):
     retry_at: datetime | None = _ts()
     created_at: datetime | None = _ts(nullable=False)
     updated_at: datetime | None = _ts(nullable=False)
+    # the first sync (the import) of the mailbox: messages processed and to process in the current attempt
+    import_done: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
+    import_total: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
 
     __table_args__ = (
         sa.CheckConstraint(

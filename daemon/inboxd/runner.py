@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 import structlog
 
 from inboxd.clock import Clock
@@ -194,10 +195,17 @@ class Runner:
             return AccountResult(
                 account.email, ok=not decision.failed, state=decision.state, reason=decision.reason, skipped=True
             )
+        importing = (
+            _ImportProgress(self._store, account, self._clock, progress) if account.last_sync_at is None else None
+        )
         try:
             settings = self._account_settings(account, settings or self.cycle_settings())
             with structlog.contextvars.bound_contextvars(account=account.email):
-                stats = self._sync_with_reconnect(account, settings, progress, halt)
+                stats = self._sync_with_reconnect(
+                    account, settings, importing.report if importing is not None else progress, halt
+                )
+            if importing is not None:
+                importing.record(stats.done, stats.total)  # the import's last numbers, whatever the throttle
             # a successful sync covered these contacts: by the backfill search, or by a first sync that saw all
             done = settings.backfill - stats.backfill_incomplete  # a message found whose body did not come: again
             self._store.mark_backfilled(account.id, (normalize_address(e) for e in done))
@@ -303,6 +311,35 @@ class Runner:
         )
         self.metrics.sync_failed(exc)
         return AccountResult(account.email, ok=False, state=state, reason=message)
+
+
+IMPORT_EVERY = 5.0  # seconds between two writes of a first sync's progress to mail_accounts
+
+
+class _ImportProgress:
+    """A mailbox's first sync (its import) reports its progress to the HR app: mail_accounts.import_done and
+    import_total, written at most every IMPORT_EVERY seconds (the first report at once: the total known so far)."""
+
+    def __init__(self, store: Store, account: Account, clock: Clock, inner: Progress | None) -> None:
+        self._store = store
+        self._account = account
+        self._clock = clock
+        self._inner = inner  # the TTY display of `run --once`, if any
+        self._written: float | None = None
+
+    def report(self, done: int, total: int) -> None:
+        if self._inner is not None:
+            self._inner(done, total)
+        now = self._clock.monotonic()
+        if self._written is None or now - self._written >= IMPORT_EVERY:
+            self._written = now
+            self.record(done, total)
+
+    def record(self, done: int, total: int) -> None:
+        try:
+            self._store.record_import(self._account.id, done, total)
+        except sa.exc.SQLAlchemyError as exc:  # a progress figure is not worth failing the sync for
+            log.warning("sync.import_progress_failed", account=self._account.email, error=type(exc).__name__)
 
 
 class _AnyEvent:

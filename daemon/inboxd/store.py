@@ -401,6 +401,15 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(accounts_t.update().where(accounts_t.c.id == account_id).values(**values))
 
+    def record_import(self, account_id: int, done: int, total: int) -> None:
+        """A first sync's progress, for the HR app (mail_accounts.import_done / import_total)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                accounts_t.update()
+                .where(accounts_t.c.id == account_id)
+                .values(import_done=done, import_total=total, updated_at=self._clock.now())
+            )
+
     def lease_holders(self) -> dict[int, str]:
         """account id -> the node currently syncing it (unexpired lease)."""
         with self.engine.connect() as conn:
