@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -370,6 +371,36 @@ def test_a_long_first_sync_holds_up_no_other_account(tmp_path: Path, db_url: str
     assert assert_db_matches_server(engine, mailstack, small).messages == 3
     assert_db_is_prefix_of_server(engine, mailstack, big)
     engine.dispose()
+
+
+@ON_POSTGRESQL
+def test_a_stalled_sync_is_reported_and_does_not_hold_up_the_stop(
+    tmp_path: Path, db_url: str, mailstack: MailStack, recruiter: str
+) -> None:
+    """The server stops answering in the middle of a first sync's FETCH, and the provider timeout (60 s) is longer
+    than `sync.stall_after` (2 s): the daemon reports the sync stalled (once), and SIGTERM still stops it within
+    seconds, the stuck read left behind (daemon.syncs_still_running)."""
+    seed(mailstack, recruiter, 6, archive_share=0)
+    log = tmp_path / "inboxd.log"
+    with FaultProxy(mailstack.host, mailstack.imap_port) as proxy:
+        config = proxied_config(
+            tmp_path,
+            db_url,
+            mailstack,
+            imap_port=proxy.port,
+            timeout=60,
+            sync_extra='interval = "1h"\nstall_after = "2s"',
+        )
+        env = connect(config, mailstack, [recruiter])
+        proxy.arm(InFetchLiteral(2, item=b"BODY[]"), Stall())
+        with daemon(env, log) as proc:
+            wait_for(lambda: "daemon.sync_stalled" in log.read_text(), timeout=30, what="the stall reported")
+            time.sleep(1)  # a second turn of the loop: reported once, not at every turn
+            assert log.read_text().count("daemon.sync_stalled") == 1
+            stopped = time.monotonic()
+            stop(proc, log)
+            assert time.monotonic() - stopped < 15, "within systemd's TimeoutStopSec"
+        assert "daemon.syncs_still_running" in log.read_text()
 
 
 def count_of(engine: sa.Engine, email: str) -> int:

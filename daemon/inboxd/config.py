@@ -40,6 +40,7 @@ MIB = 1024 * 1024
 DEFAULT_INTERVAL = timedelta(minutes=60)
 DEFAULT_PARSE_TIME_LIMIT = timedelta(seconds=60)
 DEFAULT_KEEP_SESSION = timedelta(minutes=5)
+DEFAULT_STALL_AFTER = timedelta(minutes=30)
 MAX_KEEP_SESSION = timedelta(minutes=25)  # below RFC 3501's 30-minute minimum for a server's autologout
 DEFAULT_BATCH_SIZE = 200
 MAX_BATCH_SIZE = 5000
@@ -104,6 +105,8 @@ class SyncConfig:
     parse_time_limit: timedelta = DEFAULT_PARSE_TIME_LIMIT
     # `inboxd run`: how long a sync's IMAP session stays open for the account's next sync (inboxd.kept_sessions)
     keep_session: timedelta = DEFAULT_KEEP_SESSION
+    # `inboxd run`: a sync with no batch stored for this long is reported stalled (daemon.sync_stalled)
+    stall_after: timedelta = DEFAULT_STALL_AFTER
 
 
 @dataclass(frozen=True)
@@ -664,6 +667,7 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
             "parse_workers",
             "parse_time_limit",
             "keep_session",
+            "stall_after",
         }
     )
     duration = f'a duration like "30s", "60m", "2h" or "1d", at most {MAX_DURATION_DAYS}d'
@@ -703,6 +707,7 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
             _keep_duration,
             'a duration from "0s" (log out after every sync) to "25m", like "5m"',
         ),
+        stall_after=table.converted("stall_after", DEFAULT_STALL_AFTER, _positive_duration, duration),
     )
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -53,6 +53,12 @@ class _Sync:
     lane: str
     stop: threading.Event  # set when this node lost the account's lease
     round_no: int
+    email: str = ""
+    progressed: float = field(default_factory=time.monotonic)  # the last batch stored (or the start)
+    stalled: bool = False  # daemon.sync_stalled was logged
+
+    def report(self, _done: int, _total: int) -> None:
+        self.progressed = time.monotonic()
 
 
 @dataclass(slots=True)
@@ -157,7 +163,7 @@ class Daemon:
         self._started: dict[int, datetime] = {}  # when each account's last sync began (for retry_at)
         self._attempted: set[int] = set()  # accounts with a sync ended in this process (then they get a watcher)
         self._retry_soon: dict[int, float] = {}  # a sync that raised as a whole: monotonic time to try again
-        runner.metrics.watch_schedule(self._running_in, lambda: len(self._due))
+        runner.metrics.watch_schedule(self._running_in, lambda: len(self._due), self._stalled)
         self._round: _Round | None = None
         self._round_no = 0
         self._round_at = 0.0  # monotonic time of the next sync.interval round: the first at once
@@ -198,6 +204,7 @@ class Daemon:
         self._notifier.watchdog()
         self._runner.expire_sessions()
         self._reap()
+        self._check_stalls()
         accounts = self._accounts()  # one read of mail_accounts per turn, for the checks below
         if accounts is not None and time.monotonic() >= self._rebalance_at:
             # a node joined or died: take or hand over accounts. Every third of a lease, as the keeper renews:
@@ -296,8 +303,12 @@ class Daemon:
                 if why is None or account_id not in self._owned:  # the keeper dropped it meanwhile (lease lost)
                     continue
                 stop = threading.Event()
-                future = self._pool.submit(self._runner.sync_account, by_id[account_id], None, settings, stop=stop)
-                self._running[account_id] = _Sync(future, lanes[account_id], stop, self._round_no)
+                sync = _Sync(Future(), lanes[account_id], stop, self._round_no, by_id[account_id].email)
+                future = self._pool.submit(
+                    self._runner.sync_account, by_id[account_id], sync.report, settings, stop=stop
+                )
+                sync.future = future
+                self._running[account_id] = sync
                 self._started[account_id] = self._clock.now()
                 future.add_done_callback(lambda _f: self._wakeups.put(None))  # the loop collects it at once
                 log.debug("daemon.sync_started", account=by_id[account_id].email, why=why.name.lower())
@@ -321,6 +332,22 @@ class Daemon:
                 self._round.pending.discard(account_id)
                 self._round.ok += ok
                 self._round.failed += not ok
+
+    def _check_stalls(self) -> None:
+        """A sync with no batch stored for sync.stall_after (a read or a database lock that never returns) holds its
+        slot and its account: logged once (daemon.sync_stalled) and counted (inboxd_syncs_stalled). The loop itself
+        goes on, so systemd's watchdog does not see it; a restart frees the slot."""
+        now, stall_after = time.monotonic(), self._config.sync.stall_after.total_seconds()
+        with self._lock:
+            fresh = [s for s in self._running.values() if not s.stalled and now - s.progressed >= stall_after]
+            for sync in fresh:
+                sync.stalled = True
+        for sync in fresh:
+            log.warning("daemon.sync_stalled", account=sync.email, minutes=round((now - sync.progressed) / 60))
+
+    def _stalled(self) -> int:
+        with self._lock:
+            return sum(1 for s in self._running.values() if s.stalled)
 
     def _retries_due(self, accounts: list[Account]) -> set[int]:
         """The owned accounts whose backoff (retry_at) has run out since their last sync began, and those whose

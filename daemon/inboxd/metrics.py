@@ -113,8 +113,11 @@ class Metrics:
         )
         gauge.set_function(lambda: float(count()))
 
-    def watch_schedule(self, running: Callable[[str], int], due: Callable[[], int]) -> None:
-        """`inboxd_syncs_running{lane}` and `inboxd_syncs_due`: the daemon's scheduler (inboxd.schedule), on scrape."""
+    def watch_schedule(
+        self, running: Callable[[str], int], due: Callable[[], int], stalled: Callable[[], int] = lambda: 0
+    ) -> None:
+        """`inboxd_syncs_running{lane}`, `inboxd_syncs_due` and `inboxd_syncs_stalled`: the daemon's scheduler
+        (inboxd.schedule), read on scrape."""
         gauge = Gauge(
             "inboxd_syncs_running",
             "Account syncs running now, by lane (first: accounts that never finished a sync).",
@@ -128,6 +131,11 @@ class Metrics:
             "Accounts due to sync, waiting for a free slot or for their running sync to end.",
             registry=self.registry,
         ).set_function(lambda: float(due()))
+        Gauge(
+            "inboxd_syncs_stalled",
+            "Account syncs running with no batch stored for 30 minutes (a read or a lock that never returns).",
+            registry=self.registry,
+        ).set_function(lambda: float(stalled()))
 
     def watch(self, accounts: Callable[[], list[Account]], outbox_depth: Callable[[], int], *, clock: Clock) -> None:
         """Export account states, last success, lag and outbox depth, read at every scrape."""
