@@ -131,25 +131,25 @@ def test_a_node_with_its_clock_ahead_takes_no_live_nodes_lease(engine: sa.Engine
 
 
 def test_renewed_keeps_a_one_off_runs_leases_past_their_period(engine: sa.Engine, secret_box: SecretBox) -> None:
-    """`run --once` renews what it took while it syncs: after three lease periods a daemon still cannot take them
+    """`run --once` renews what it took while it syncs: after two lease periods a daemon still cannot take them
     (before, a first sync longer than `sync.lease` lost its account to the daemon, and both wrote it)."""
     ids = _accounts(engine, secret_box, FakeClock(), 2)
-    short = timedelta(seconds=0.6)
+    short = timedelta(seconds=2)  # renewed every 0.67 s: a renewal would have to be 1.3 s late to lose it
     once = Leases(engine, clock=SystemClock(), node_id="once", lease=short)
     held = once.take(ids)
     lost: list[bool] = []
     with renewed(once, held, on_lost=lambda: lost.append(True)):
-        time.sleep(3 * short.total_seconds())
+        time.sleep(2 * short.total_seconds())
         daemon = Leases(engine, clock=SystemClock(), node_id="daemon", lease=short)
         assert daemon.rebalance(ids) == set()
     assert not lost
-    time.sleep(short.total_seconds() + 0.1)  # no longer renewed: expired
+    time.sleep(short.total_seconds() + 0.2)  # no longer renewed: expired
     assert daemon.rebalance(ids) == set(ids)
 
 
 def test_renewed_reports_a_lease_taken_by_another_node(engine: sa.Engine, secret_box: SecretBox) -> None:
     ids = _accounts(engine, secret_box, FakeClock(), 1)
-    short = timedelta(seconds=0.6)
+    short = timedelta(seconds=2)
     once = Leases(engine, clock=SystemClock(), node_id="once", lease=short)
     held = once.take(ids)
     lost = threading.Event()

@@ -40,9 +40,9 @@ from inboxd.store import Account, Store
 
 log = structlog.get_logger(__name__)
 
-POLL_SECONDS = 5.0  # how often the HR app's tables are checked for changes between cycles
+POLL_SECONDS = 5.0  # the loop's longest wait: how often the HR app's tables, the config and stalls are checked
 FIRST_SYNC_SLOTS = 2  # first syncs at once (CPU-bound: parsing), beside `max_workers` regular syncs
-STOP_WAIT = 8.0  # at a stop, how long the syncs get to end between batches (systemd's TimeoutStopSec is 15 s)
+STOP_WAIT = 6.0  # at a stop, how long the syncs get to end between batches (systemd's TimeoutStopSec is 15 s)
 
 
 @dataclass(slots=True)
@@ -53,12 +53,19 @@ class _Sync:
     lane: str
     stop: threading.Event  # set when this node lost the account's lease
     round_no: int
-    email: str = ""
-    progressed: float = field(default_factory=time.monotonic)  # the last batch stored (or the start)
+    progress: _Progress
+    email: str
     stalled: bool = False  # daemon.sync_stalled was logged
 
+
+@dataclass(slots=True)
+class _Progress:
+    """When a sync last stored a batch (or started): what tells a stalled sync (sync.stall_after)."""
+
+    at: float = field(default_factory=time.monotonic)
+
     def report(self, _done: int, _total: int) -> None:
-        self.progressed = time.monotonic()
+        self.at = time.monotonic()
 
 
 @dataclass(slots=True)
@@ -72,11 +79,11 @@ class _Round:
 
 
 def settle_heap() -> None:
-    """After a full cycle: collect, then move every object still alive to the collector's permanent generation
+    """After a round: collect, then move every object still alive to the collector's permanent generation
     (gc.freeze), so that the collections set off by each 5 s check no longer walk the daemon's long-lived objects
     (SQLAlchemy's metadata and caches, IMAP sessions, config). Those walks were a third of the idle main thread's
     CPU samples (perf, 200 accounts). Objects frozen earlier are unfrozen first, so cyclic garbage among them is
-    collected here, once a cycle, instead of never."""
+    collected here, once a round, instead of never."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
@@ -263,9 +270,10 @@ class Daemon:
             merge(self._due, self._owned, Why.ROUND)
 
     def _finish_round(self) -> None:
-        assert self._round is not None
-        ok, failed = self._round.ok, self._round.failed
-        self._round = None
+        with self._lock:  # the keeper's _drop_accounts reads it under the lock
+            assert self._round is not None
+            ok, failed = self._round.ok, self._round.failed
+            self._round = None
         log.info("daemon.cycle_done", ok=ok, failed=failed)
         depth: int | str = "unknown"
         if self._outbox_depth is not None:
@@ -302,13 +310,13 @@ class Daemon:
                 why = self._due.pop(account_id, None)
                 if why is None or account_id not in self._owned:  # the keeper dropped it meanwhile (lease lost)
                     continue
-                stop = threading.Event()
-                sync = _Sync(Future(), lanes[account_id], stop, self._round_no, by_id[account_id].email)
+                stop, watch = threading.Event(), _Progress()
                 future = self._pool.submit(
-                    self._runner.sync_account, by_id[account_id], sync.report, settings, stop=stop
+                    self._runner.sync_account, by_id[account_id], watch.report, settings, stop=stop
                 )
-                sync.future = future
-                self._running[account_id] = sync
+                self._running[account_id] = _Sync(
+                    future, lanes[account_id], stop, self._round_no, watch, by_id[account_id].email
+                )
                 self._started[account_id] = self._clock.now()
                 future.add_done_callback(lambda _f: self._wakeups.put(None))  # the loop collects it at once
                 log.debug("daemon.sync_started", account=by_id[account_id].email, why=why.name.lower())
@@ -339,11 +347,11 @@ class Daemon:
         goes on, so systemd's watchdog does not see it; a restart frees the slot."""
         now, stall_after = time.monotonic(), self._config.sync.stall_after.total_seconds()
         with self._lock:
-            fresh = [s for s in self._running.values() if not s.stalled and now - s.progressed >= stall_after]
+            fresh = [s for s in self._running.values() if not s.stalled and now - s.progress.at >= stall_after]
             for sync in fresh:
                 sync.stalled = True
         for sync in fresh:
-            log.warning("daemon.sync_stalled", account=sync.email, minutes=round((now - sync.progressed) / 60))
+            log.warning("daemon.sync_stalled", account=sync.email, minutes=round((now - sync.progress.at) / 60))
 
     def _stalled(self) -> int:
         with self._lock:
@@ -397,7 +405,7 @@ class Daemon:
         for watcher in self._watchers.values():
             watcher.stop(timeout=1)
         self._runner.close_sessions()
-        self.sender.join(timeout=5)
+        self.sender.join(timeout=3)
         if not self.sender.is_alive():  # else it may still poll the pipe: the process is ending anyway
             os.close(self._outbox_stop_r)
             os.close(self._outbox_stop_w)
@@ -478,7 +486,7 @@ class Daemon:
             contacts = self._store.contacts_watermark() if self._config.sync.scope == "contacts" else None
         except sa.exc.SQLAlchemyError:
             return None
-        # only what the HR app writes (not `state`, which inboxd itself changes during a cycle)
+        # only what the HR app writes (not `state`, which inboxd itself changes as it syncs)
         return contacts, tuple((a.id, a.enabled) for a in accounts)
 
     # -- leases ------------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ class Metrics:
         ).set_function(lambda: float(due()))
         Gauge(
             "inboxd_syncs_stalled",
-            "Account syncs running with no batch stored for 30 minutes (a read or a lock that never returns).",
+            "Account syncs running with no batch stored for sync.stall_after (a read or a lock that never returns).",
             registry=self.registry,
         ).set_function(lambda: float(stalled()))
 
