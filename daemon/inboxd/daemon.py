@@ -30,7 +30,7 @@ from inboxd.config import Config, load_config
 from inboxd.db_clock import DatabaseClock
 from inboxd.errors import ConfigError
 from inboxd.idle import IdleWatcher
-from inboxd.leases import Leases
+from inboxd.leases import Leases, keep_renewing
 from inboxd.outbox import Outbox
 from inboxd.outbox_wake import OutboxWake
 from inboxd.runner import AccountResult, Runner, decide
@@ -516,26 +516,11 @@ class Daemon:
         was found lost (or could not be renewed for 2/3 of a period) is no longer this node's at once: its running
         sync stops between batches and no new one starts, so an account is never written by two nodes for longer
         than one batch."""
-        lease = self._config.sync.lease.total_seconds()
-        last_ok = time.monotonic()
-        while not self._keeper_stop.wait(lease / 3):
-            with self._lock:
-                before = set(self._owned)  # what the main loop takes after this is not in the renewal's answer
-            try:
-                still_ours = self._leases.renew()
-                last_ok = time.monotonic()
-            except Exception as exc:  # the database away (or a bug): the keeper itself must not die
-                if isinstance(exc, sa.exc.SQLAlchemyError):
-                    log.warning("daemon.lease_renewal_failed")
-                else:
-                    log.exception("daemon.lease_renewal_failed")
-                if time.monotonic() - last_ok > lease * 2 / 3:
-                    self._drop_accounts(self._owned)
-                continue
-            lost = before - still_ours
-            if lost:
-                log.warning("daemon.lease_lost", accounts=len(lost))
-                self._drop_accounts(lost)
+        keep_renewing(self._leases, self._keeper_stop, self._owned_now, self._drop_accounts)
+
+    def _owned_now(self) -> set[int]:
+        with self._lock:
+            return set(self._owned)
 
     def _drop_accounts(self, account_ids: set[int]) -> None:
         with self._lock:

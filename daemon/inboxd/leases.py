@@ -173,33 +173,45 @@ class Leases:
             return False
 
 
+def keep_renewing(
+    leases: Leases, stop: threading.Event, held: Callable[[], set[int]], on_lost: Callable[[set[int]], None]
+) -> None:
+    """Until `stop`: renew this node's leases every third of a lease period. `on_lost` gets the accounts of `held()`
+    (read before each renewal: what is taken after it is not in its answer) that another node took, or all of them
+    once renewal has failed for 2/3 of a period (by then the leases may be another node's). Never raises: the
+    keeper must outlive a database that is away, and a bug (logged)."""
+    period = leases.lease.total_seconds()
+    last_ok = time.monotonic()
+    while not stop.wait(period / 3):
+        before = held()
+        try:
+            still_ours = leases.renew()
+        except Exception as exc:
+            if isinstance(exc, sa.exc.SQLAlchemyError):
+                log.warning("leases.renewal_failed")
+            else:
+                log.exception("leases.renewal_failed")
+            if time.monotonic() - last_ok > period * 2 / 3:
+                on_lost(before)
+            continue
+        last_ok = time.monotonic()
+        if before - still_ours:
+            log.warning("leases.lost", accounts=len(before - still_ours))
+            on_lost(before - still_ours)
+
+
 @contextlib.contextmanager
 def renewed(leases: Leases, held: set[int], on_lost: Callable[[], None]) -> Iterator[None]:
-    """Keep `held` renewed every third of a lease period for as long as the block runs (`inboxd run --once`: a
-    first sync outlasts a lease many times over, and a running daemon would otherwise take the account from under
-    it). `on_lost` is called when one of them was lost, or could not be renewed for 2/3 of a period."""
-    period = leases.lease.total_seconds()
+    """Keep `held` renewed for as long as the block runs (`inboxd run --once`: a first sync outlasts a lease many
+    times over, and a running daemon would otherwise take the account from under it). `on_lost` is called when one
+    of them was lost, or could not be renewed for 2/3 of a period."""
     stop = threading.Event()
-
-    def keep() -> None:
-        last_ok = time.monotonic()
-        while not stop.wait(period / 3):
-            try:
-                still_ours = leases.renew()
-            except Exception as exc:  # the database away (or a bug): the keeper itself must not die
-                if isinstance(exc, sa.exc.SQLAlchemyError):
-                    log.warning("leases.renewal_failed")
-                else:
-                    log.exception("leases.renewal_failed")
-                if time.monotonic() - last_ok > period * 2 / 3:
-                    on_lost()
-                continue
-            last_ok = time.monotonic()
-            if held - still_ours:
-                log.warning("leases.lost", accounts=len(held - still_ours))
-                on_lost()
-
-    keeper = threading.Thread(target=keep, name="inboxd-leases", daemon=True)
+    keeper = threading.Thread(
+        target=keep_renewing,
+        args=(leases, stop, lambda: held, lambda _lost: on_lost()),
+        name="inboxd-leases",
+        daemon=True,
+    )
     keeper.start()
     try:
         yield
