@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from harness import MailStack, make_message
 from harness.config import write_stack_config
 from inboxd import db
-from inboxd.cli import main
+from inboxd.cli import _importing, main
 from inboxd.clock import FakeClock
 from inboxd.progress import ProgressDisplay
 
@@ -456,6 +456,7 @@ def test_run_once_syncs_every_account_and_status_shows_counts(
     assert status[ana]["last_sync_at"] and status[bo]["last_sync_at"]
     assert 0 <= status[ana]["lag_seconds"] < 60, "the same lag /metrics reports"
     assert status[ana]["node"] is None, "run --once holds no lease"
+    assert (status[ana]["import_done"], status[ana]["import_total"]) == (2, 2), "the first sync's last numbers"
     assert (full["outbox_depth"], full["outbox_failed"]) == (0, 0)
 
     table = stack_cli("status")
@@ -648,3 +649,9 @@ def test_bad_arguments_exit_2_naming_the_argument(args: list[str], message: str)
     result = run_script(*args)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_status_shows_how_far_an_unfinished_import_got() -> None:
+    """LAST SYNC of an account whose first sync has not finished: "never" before it starts, then its progress."""
+    assert _importing({"import_done": None, "import_total": None}) == "never"
+    assert _importing({"import_done": 1200, "import_total": 5000}) == "importing 1200/5000"

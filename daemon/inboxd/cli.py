@@ -365,6 +365,7 @@ def _status(args: argparse.Namespace, config: Config, store: Store) -> int:
         row["lag_seconds"] = round((now - account.last_sync_at).total_seconds()) if account.last_sync_at else None
         row["retry_at"] = _iso(account.retry_at)
         row["node"] = leases.get(row["id"])
+        row["import_done"], row["import_total"] = account.import_done, account.import_total
     summary = {"outbox_depth": outbox.depth(), "outbox_failed": outbox.count("failed")}
     if args.json:
         print(json.dumps({"version": __version__, "accounts": rows, **summary}, indent=2))
@@ -376,7 +377,7 @@ def _status(args: argparse.Namespace, config: Config, store: Store) -> int:
                 r["email"],
                 r["state"],
                 str(r["messages"]),
-                r["last_sync_at"] or "never",
+                r["last_sync_at"] or _importing(r),
                 f"{r['lag_seconds']}s" if r["lag_seconds"] is not None else "-",
                 r["node"] or "-",
                 r["state_reason"] or r["last_error"] or "",
@@ -386,6 +387,13 @@ def _status(args: argparse.Namespace, config: Config, store: Store) -> int:
     )
     print(f"outbox: {summary['outbox_depth']} queued or sending, {summary['outbox_failed']} failed")
     return EXIT_OK
+
+
+def _importing(row: dict[str, Any]) -> str:
+    """LAST SYNC of an account whose first sync has not finished: how far its import got, if it started."""
+    if row["import_total"] is None:
+        return "never"
+    return f"importing {row['import_done']}/{row['import_total']}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:

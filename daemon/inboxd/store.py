@@ -118,6 +118,8 @@ class Account:
     last_error: str | None
     hr_user_ref: str | None
     retry_at: datetime | None = None
+    import_done: int | None = None  # the first sync's progress (mail_accounts.import_done / import_total)
+    import_total: int | None = None
 
 
 log = structlog.get_logger(__name__)
@@ -195,6 +197,8 @@ def _account(row: Any) -> Account:
         last_error=row.last_error,
         hr_user_ref=row.hr_user_ref,
         retry_at=row.retry_at,
+        import_done=row.import_done,
+        import_total=row.import_total,
     )
 
 
