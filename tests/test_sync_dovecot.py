@@ -546,27 +546,34 @@ def test_a_first_sync_reports_its_progress_to_the_hr_app(
     store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
 ) -> None:
     """mail_accounts.import_done / import_total: written while the first sync runs (the first report at once, with
-    the total known so far; then at most every IMPORT_EVERY seconds), and the final numbers when it is over; a later
-    sync leaves them as they are (the import is done)."""
+    every folder's message count from STATUS, not only the first folder's; then at most every IMPORT_EVERY seconds),
+    and the final numbers when it is over; a later sync leaves them as they are (the import is done)."""
     config = write_config(tmp_path, db_url, mailstack)  # batches of 3
     connect_account(store, mailstack, recruiter)
     with mailstack.admin_imap(recruiter) as imap:
         imap.multiappend("INBOX", [make_message(f"c{i}@example.org", recruiter, f"m{i}", "x") for i in range(7)])
+        imap.multiappend("Archive", [make_message(f"a{i}@example.org", recruiter, f"a{i}", "x") for i in range(2)])
     writes: list[str] = []
 
     def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
         if statement.startswith("UPDATE mail_accounts") and "import_done" in statement:
             writes.append(statement)
 
+    reports: list[tuple[int, int]] = []
     sa.event.listen(store.engine, "before_cursor_execute", seen)
-    sync(config, store, recruiter)
+    [result] = Runner(config, store, clock=SystemClock()).sync_once(
+        only=recruiter, progress=lambda _email, done, total: reports.append((done, total))
+    )
     sa.event.remove(store.engine, "before_cursor_execute", seen)
-    assert _import(store, recruiter) == (7, 7)
+    assert result.ok, result
+    assert reports[0] == (0, 9), "the whole mailbox from the first report"
+    assert reports[-1] == (9, 9)
+    assert _import(store, recruiter) == (9, 9)
     assert len(writes) == 2, "the first report at once, then nothing for 5 s, then the final numbers"
     mailstack.deliver(recruiter, make_message("late@example.org", recruiter, "later", "x"))
     sync(config, store, recruiter)
-    assert len(rows(store, recruiter)) == 8
-    assert _import(store, recruiter) == (7, 7)
+    assert len(rows(store, recruiter)) == 10
+    assert _import(store, recruiter) == (9, 9)
 
 
 def _import(store: Store, email: str) -> tuple[int | None, int | None]:

@@ -136,6 +136,9 @@ class AccountSync:
         self._log = log.bind(account=account.email)
         self._dialect: Dialect = Gmail() if session.capabilities.gmail else GenericImap()
         self._bodies_first = False  # this sync's new messages skip the header-field FETCH (see _ingest)
+        # a first sync's estimate of the folders not reached yet (STATUS MESSAGES), counted in stats.total so that
+        # the import's progress shows the whole mailbox from the start; replaced by the exact count per folder
+        self._estimates: dict[str, int] = {}
         # syncs in a row in which a message's body did not come, by (account, folder, UIDVALIDITY, UID): kept by the
         # caller across syncs (Runner), so that one the server never returns is quarantined (see _given_up)
         self._body_misses = body_misses if body_misses is not None else {}
@@ -145,12 +148,15 @@ class AccountSync:
         folders = self._store.prepare_folders(self._account.id, specs)
         first_sync = all(f.cursor.uidvalidity is None for f in folders.values())
         self._bodies_first = self._header_fields_decide_nothing(first_sync=first_sync)
+        if first_sync and self._progress is not None and len(specs) > 1:
+            self._estimate(specs)
         refused: list[RetryLater] = []
         for spec in specs:
             self._check_stop()
             try:
                 self._sync_folder(folders[spec.name])
             except RetryLater as exc:
+                self._add_total(-self._estimates.pop(spec.name, 0))
                 if not is_refusal(exc):
                     raise  # the connection is gone: the account's sync is retried
                 # one folder the server will not open (NO: no read right, [UNAVAILABLE], deleted meanwhile) must
@@ -206,7 +212,7 @@ class AccountSync:
             self._store.start_full_sync(folder.id, selected.uidvalidity, reset_locations=plan.reset_locations)
             last_uid = 0
         new_uids = self._session.uids_after(last_uid)
-        self._add_total(len(new_uids))
+        self._add_total(len(new_uids) - self._estimates.pop(spec.name, 0))
         self._ingest(folder, selected, batches(new_uids, self._settings.batch_size))
         if plan.kind is PlanKind.INCREMENTAL:
             self._apply_changes(
@@ -597,6 +603,17 @@ class AccountSync:
 
     def _location(self, header: HeaderInfo) -> NewLocation:
         return NewLocation(header.uid, header.flags, header.modseq, self._dialect.labels(header.gm_labels))
+
+    def _estimate(self, specs: list[FolderSpec]) -> None:
+        """A first sync of several folders: their message counts (STATUS), so that the first progress report
+        already has the whole mailbox; a folder whose STATUS fails is counted when it is reached."""
+        for spec in specs:
+            try:
+                self._estimates[spec.name] = self._session.status(spec.name).messages
+            except RetryLater as exc:
+                if not is_refusal(exc):
+                    raise
+        self._add_total(sum(self._estimates.values()))
 
     def _add_total(self, count: int) -> None:
         self.stats.total += count
