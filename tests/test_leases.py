@@ -173,3 +173,16 @@ def test_a_one_off_run_renewing_its_leases_takes_no_share_from_the_daemons(
     clock.advance(5)
     assert once.renew() == {ids[4]}
     assert daemon.rebalance(ids) == set(ids[:4])
+
+
+def test_lease_holders_reads_expiry_on_the_databases_clock(engine: sa.Engine, secret_box: SecretBox) -> None:
+    """`inboxd status` (NODE) and `run --once` ("synced by node ...") on a host whose clock is far behind: an expired
+    lease is not shown as held, a live one is."""
+    behind = FakeClock()  # 2026-01-01: months behind the database
+    store = Store(engine, clock=behind, secret_box=secret_box)
+    ids = _accounts(engine, secret_box, behind, 2)
+    expired = Leases(engine, clock=FakeClock(datetime.now(UTC) - timedelta(minutes=5)), node_id="gone", lease=LEASE)
+    expired.take([ids[0]])
+    live = Leases(engine, clock=DatabaseClock(engine, SystemClock()), node_id="live", lease=LEASE)
+    live.take([ids[1]])
+    assert store.lease_holders() == {ids[1]: "live"}

@@ -22,6 +22,7 @@ from inboxd.blobs import BlobStore
 from inboxd.bulk import among, chunks, insert_returning_ids, insert_rows
 from inboxd.clock import Clock
 from inboxd.crypto import SecretBox
+from inboxd.db_clock import database_now
 from inboxd.errors import ReauthRequired, UsageError
 from inboxd.models import (
     AccountLease,
@@ -415,11 +416,11 @@ class Store:
             )
 
     def lease_holders(self) -> dict[int, str]:
-        """account id -> the node currently syncing it (unexpired lease)."""
+        """account id -> the node currently syncing it (unexpired lease, on the database's clock as the leases are:
+        this host's own clock may be off)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(leases_t.c.account_id, leases_t.c.node_id).where(leases_t.c.expires_at > self._clock.now())
-            )
+            now = database_now(conn)
+            rows = conn.execute(sa.select(leases_t.c.account_id, leases_t.c.node_id).where(leases_t.c.expires_at > now))
             return {r.account_id: r.node_id for r in rows}
 
     def message_counts(self) -> dict[int, int]:
