@@ -123,6 +123,10 @@ def test_sync_settings(tmp_path: Path) -> None:
     assert config.sync.max_attachment_bytes == 10 * 1024 * 1024
     assert config.sync.keep_session == timedelta(minutes=5)
     assert parse(tmp_path, '[sync]\nkeep_session = "0s"').sync.keep_session == timedelta(0)
+    assert (config.sync.parallel_syncs, config.sync.parallel_first_syncs) == (4, 2)
+    assert config.sync.stall_after == timedelta(minutes=30)
+    more = parse(tmp_path, "[sync]\nparallel_syncs = 16\nparallel_first_syncs = 6")
+    assert (more.sync.parallel_syncs, more.sync.parallel_first_syncs) == (16, 6)
 
 
 # --- providers ----------------------------------------------------------------------------------
@@ -386,6 +390,9 @@ def test_bad_port_message_names_file_key_expectation_and_value(tmp_path: Path) -
         ('[sync]\nkeep_session = "30m"', "sync.keep_session", 'to "25m"'),
         ("[sync]\nkeep_session = 300", "sync.keep_session", "got 300"),
         ("[sync]\nbatch_size = 0", "sync.batch_size", "an integer 1-5000, got 0"),
+        ("[sync]\nparallel_syncs = 0", "sync.parallel_syncs", "an integer 1-32, got 0"),
+        ("[sync]\nparallel_first_syncs = 33", "sync.parallel_first_syncs", "an integer 1-32, got 33"),
+        ('[sync]\nstall_after = "soon"', "sync.stall_after", 'a duration like "30s"'),
         ("[sync]\nbatch_size = 5001", "sync.batch_size", "an integer 1-5000, got 5001"),
         ("[sync]\nbatch_size = true", "sync.batch_size", "got true"),
         ('[sync]\nmax_attachment_bytes = "lots"', "sync.max_attachment_bytes", 'got "lots"'),

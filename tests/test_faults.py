@@ -339,30 +339,41 @@ def test_idle_connection_dropped_the_watcher_reconnects_and_push_still_arrives(
     engine.dispose()
 
 
+def slow_and_direct(
+    tmp_path: Path, db_url: str, mailstack: MailStack, proxy: FaultProxy, *, big_count: int, sync_extra: str = ""
+) -> tuple[dict[str, str], str, str]:
+    """Two new accounts on one node, a 1 h interval: "big" (``big_count`` messages of 4 kB) through ``proxy``,
+    slowed to 4 kB/s (a first sync of about a second per message, whatever the CPU), and "small" (2 messages)
+    straight to Dovecot, added second. Returns the environment for inboxd, big and small."""
+    big, small = mailstack.new_user("big"), mailstack.new_user("small")
+    seed(mailstack, big, big_count, archive_share=0, body=4000)
+    seed(mailstack, small, 2, archive_share=0)
+    config = proxied_config(
+        tmp_path, db_url, mailstack, imap_port=proxy.port, timeout=10, sync_extra=f'interval = "1h"\n{sync_extra}'
+    )
+    (tmp_path / "direct").mkdir()
+    direct = write_stack_config(tmp_path / "direct", db_url, mailstack).read_text()
+    provider = direct[direct.index("[providers.local]") :].replace("[providers.local]", "[providers.direct]")
+    config.write_text(config.read_text() + "\n" + provider)
+    env = connect(config, mailstack, [big])
+    settings = load_config(config, env={})
+    engine = db.create_engine(db_url)
+    store = Store(engine, clock=SystemClock(), secret_box=SecretBox.from_key_file(settings.secrets.key_file))
+    store.add_account(small, "direct", Credential("oauth2_refresh", mailstack.refresh_token(small)))
+    engine.dispose()
+    proxy.arm(AfterBytes(0), Slow(4_000), times=None)
+    return env, big, small
+
+
 @ON_POSTGRESQL
 def test_a_long_first_sync_holds_up_no_other_account(tmp_path: Path, db_url: str, mailstack: MailStack) -> None:
-    """Two accounts on one node, a 1 h interval: "big" syncs through a proxy slowed to 4 kB/s (a first sync of half
-    a minute or more, whatever the CPU), "small" straight to Dovecot. Mail delivered to small is stored while big's
-    first sync is still running: each account syncs on its own. Before, the cycle waited for every account, and
-    small had no IDLE watcher (and no sync) until big was done."""
-    big, small = mailstack.new_user("big"), mailstack.new_user("small")
-    seed(mailstack, big, 30, archive_share=0, body=4000)
-    seed(mailstack, small, 2, archive_share=0)
+    """Mail delivered to small is stored while big's slowed first sync (half a minute or more) is still running:
+    each account syncs on its own. Before, the cycle waited for every account, and small had no IDLE watcher (and
+    no sync) until big was done."""
     engine = db.create_engine(db_url)
     log = tmp_path / "inboxd.log"
     with FaultProxy(mailstack.host, mailstack.imap_port) as proxy:
-        config = proxied_config(
-            tmp_path, db_url, mailstack, imap_port=proxy.port, timeout=10, sync_extra='interval = "1h"'
-        )
-        (tmp_path / "direct").mkdir()
-        direct = write_stack_config(tmp_path / "direct", db_url, mailstack).read_text()
-        provider = direct[direct.index("[providers.local]") :].replace("[providers.local]", "[providers.direct]")
-        config.write_text(config.read_text() + "\n" + provider)
-        env = connect(config, mailstack, [big])
-        settings = load_config(config, env={})
-        store = Store(engine, clock=SystemClock(), secret_box=SecretBox.from_key_file(settings.secrets.key_file))
-        store.add_account(small, "direct", Credential("oauth2_refresh", mailstack.refresh_token(small)))
-        proxy.arm(AfterBytes(0), Slow(4_000), times=None)
+        env, big, small = slow_and_direct(tmp_path, db_url, mailstack, proxy, big_count=30)
         with daemon(env, log) as proc:
             wait_for(lambda: count_of(engine, small) == 2, timeout=30, what="small's first sync")
             mailstack.deliver(small, make_message("new@example.org", small, "pushed", "x"))
@@ -371,6 +382,23 @@ def test_a_long_first_sync_holds_up_no_other_account(tmp_path: Path, db_url: str
             stop(proc, log)
     assert assert_db_matches_server(engine, mailstack, small).messages == 3
     assert_db_is_prefix_of_server(engine, mailstack, big)
+    engine.dispose()
+
+
+@ON_POSTGRESQL
+def test_first_syncs_beyond_their_lane_wait_their_turn(tmp_path: Path, db_url: str, mailstack: MailStack) -> None:
+    """`sync.parallel_first_syncs = 1`: two new accounts, big (the lower id, so first in line) and small; small's
+    first sync starts only once big's is over, though small's server is fast."""
+    engine = db.create_engine(db_url)
+    log = tmp_path / "inboxd.log"
+    with FaultProxy(mailstack.host, mailstack.imap_port) as proxy:
+        env, big, small = slow_and_direct(
+            tmp_path, db_url, mailstack, proxy, big_count=8, sync_extra="parallel_first_syncs = 1"
+        )
+        with daemon(env, log) as proc:
+            wait_for(lambda: count_of(engine, small) == 2, timeout=60, what=f"small's first sync:\n{log.read_text()}")
+            assert count_of(engine, big) == 8, "big's first sync was over before small's began"
+            stop(proc, log)
     engine.dispose()
 
 

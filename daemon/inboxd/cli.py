@@ -494,7 +494,16 @@ def _run_with(
     kept = None if args.once else KeptSessions(clock=clock, keep=config.sync.keep_session)
     if kept is not None:
         metrics.watch_kept_sessions(kept.__len__)
-    runner = Runner(config, store, clock=clock, metrics=metrics, stop=stop, parser=parser, kept=kept)
+    runner = Runner(
+        config,
+        store,
+        clock=clock,
+        metrics=metrics,
+        stop=stop,
+        parser=parser,
+        kept=kept,
+        max_workers=config.sync.parallel_syncs,  # run --once; the daemon's lanes read the config at each start
+    )
     # claims, retry and hold times on the database's clock, as every node and the HR app see it
     db_clock = DatabaseClock(store.engine, clock)
     outbox_store = OutboxStore(store.engine, clock=db_clock, policy=RetryPolicy())

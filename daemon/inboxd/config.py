@@ -41,6 +41,9 @@ DEFAULT_INTERVAL = timedelta(minutes=60)
 DEFAULT_PARSE_TIME_LIMIT = timedelta(seconds=60)
 DEFAULT_KEEP_SESSION = timedelta(minutes=5)
 DEFAULT_STALL_AFTER = timedelta(minutes=30)
+DEFAULT_PARALLEL_SYNCS = 4
+DEFAULT_PARALLEL_FIRST_SYNCS = 2
+MAX_PARALLEL_SYNCS = 32  # the daemon's pool holds threads for both lanes at their maximum
 MAX_KEEP_SESSION = timedelta(minutes=25)  # below RFC 3501's 30-minute minimum for a server's autologout
 DEFAULT_BATCH_SIZE = 200
 MAX_BATCH_SIZE = 5000
@@ -107,6 +110,9 @@ class SyncConfig:
     keep_session: timedelta = DEFAULT_KEEP_SESSION
     # `inboxd run`: a sync with no batch stored for this long is reported stalled (daemon.sync_stalled)
     stall_after: timedelta = DEFAULT_STALL_AFTER
+    # `inboxd run`: syncs at once of accounts that finished a sync before, and first syncs beside them (schedule.py)
+    parallel_syncs: int = DEFAULT_PARALLEL_SYNCS
+    parallel_first_syncs: int = DEFAULT_PARALLEL_FIRST_SYNCS
 
 
 @dataclass(frozen=True)
@@ -668,6 +674,8 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
             "parse_time_limit",
             "keep_session",
             "stall_after",
+            "parallel_syncs",
+            "parallel_first_syncs",
         }
     )
     duration = f'a duration like "30s", "60m", "2h" or "1d", at most {MAX_DURATION_DAYS}d'
@@ -708,6 +716,8 @@ def _sync(table: _Table, state_dir: Path) -> SyncConfig:
             'a duration from "0s" (log out after every sync) to "25m", like "5m"',
         ),
         stall_after=table.converted("stall_after", DEFAULT_STALL_AFTER, _positive_duration, duration),
+        parallel_syncs=table.integer("parallel_syncs", DEFAULT_PARALLEL_SYNCS, 1, MAX_PARALLEL_SYNCS),
+        parallel_first_syncs=table.integer("parallel_first_syncs", DEFAULT_PARALLEL_FIRST_SYNCS, 1, MAX_PARALLEL_SYNCS),
     )
 
 

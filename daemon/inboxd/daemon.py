@@ -26,7 +26,7 @@ import structlog
 
 from inboxd.blob_gc import GcSchedule
 from inboxd.clock import Clock
-from inboxd.config import Config, load_config
+from inboxd.config import MAX_PARALLEL_SYNCS, Config, load_config
 from inboxd.db_clock import DatabaseClock
 from inboxd.errors import ConfigError
 from inboxd.idle import IdleWatcher
@@ -41,7 +41,6 @@ from inboxd.store import Account, Store
 log = structlog.get_logger(__name__)
 
 POLL_SECONDS = 5.0  # the loop's longest wait: how often the HR app's tables, the config and stalls are checked
-FIRST_SYNC_SLOTS = 2  # first syncs at once (CPU-bound: parsing), beside `max_workers` regular syncs
 STOP_WAIT = 6.0  # at a stop, how long the syncs get to end between batches (systemd's TimeoutStopSec is 15 s)
 
 
@@ -163,10 +162,9 @@ class Daemon:
         self._owned: set[int] = set()
         self._due: dict[int, Why] = {}
         self._running: dict[int, _Sync] = {}
-        self._slots = Slots(first=FIRST_SYNC_SLOTS, regular=runner.max_workers)
-        self._pool = ThreadPoolExecutor(
-            max_workers=self._slots.first + self._slots.regular, thread_name_prefix="inboxd-sync"
-        )
+        # threads are made as needed up to both lanes' maximum: a reload may raise the slots (schedule.to_start
+        # keeps to them, the pool never queues)
+        self._pool = ThreadPoolExecutor(max_workers=2 * MAX_PARALLEL_SYNCS, thread_name_prefix="inboxd-sync")
         self._started: dict[int, datetime] = {}  # when each account's last sync began (for retry_at)
         self._attempted: set[int] = set()  # accounts with a sync ended in this process (then they get a watcher)
         self._retry_soon: dict[int, float] = {}  # a sync that raised as a whole: monotonic time to try again
@@ -297,7 +295,8 @@ class Daemon:
                     self._round.pending.discard(account_id)
             running = {a: s.lane for a, s in self._running.items()}
             lanes = {a: lane(by_id[a].last_sync_at) for a in self._due}
-            chosen = to_start(self._due, running, lanes, self._slots)
+            slots = Slots(first=self._config.sync.parallel_first_syncs, regular=self._config.sync.parallel_syncs)
+            chosen = to_start(self._due, running, lanes, slots)
         if not chosen:
             return
         try:
