@@ -547,8 +547,9 @@ def test_a_first_sync_reports_its_progress_to_the_hr_app(
 ) -> None:
     """mail_accounts.import_done / import_total: written while the first sync runs (the first report at once, with
     every folder's message count from STATUS, not only the first folder's; then at most every IMPORT_EVERY seconds),
-    and the final numbers when it is over; a later sync leaves them as they are (the import is done)."""
-    config = write_config(tmp_path, db_url, mailstack)  # batches of 3
+    and the final numbers when it is over; a later sync leaves them as they are (the import is done). The listener
+    that logs the client's commands (CONDSTORE, no QRESYNC) tells how many STATUS it took."""
+    config = write_config(tmp_path, db_url, mailstack, host=mailstack.imap_host("no_qresync"))  # batches of 3
     connect_account(store, mailstack, recruiter)
     with mailstack.admin_imap(recruiter) as imap:
         imap.multiappend("INBOX", [make_message(f"c{i}@example.org", recruiter, f"m{i}", "x") for i in range(7)])
@@ -560,12 +561,15 @@ def test_a_first_sync_reports_its_progress_to_the_hr_app(
             writes.append(statement)
 
     reports: list[tuple[int, int]] = []
+    before = len(mailstack.imap_commands(recruiter))
     sa.event.listen(store.engine, "before_cursor_execute", seen)
     [result] = Runner(config, store, clock=SystemClock()).sync_once(
         only=recruiter, progress=lambda _email, done, total: reports.append((done, total))
     )
     sa.event.remove(store.engine, "before_cursor_execute", seen)
     assert result.ok, result
+    sent = [c.split(" ", 1)[0].upper() for c in mailstack.imap_commands(recruiter)[before:]]
+    assert sent.count("STATUS") == result.stats.folders, "one STATUS per folder: the estimate's is planned from"
     assert reports[0] == (0, 9), "the whole mailbox from the first report"
     assert reports[-1] == (9, 9)
     assert _import(store, recruiter) == (9, 9)

@@ -136,9 +136,10 @@ class AccountSync:
         self._log = log.bind(account=account.email)
         self._dialect: Dialect = Gmail() if session.capabilities.gmail else GenericImap()
         self._bodies_first = False  # this sync's new messages skip the header-field FETCH (see _ingest)
-        # a first sync's estimate of the folders not reached yet (STATUS MESSAGES), counted in stats.total so that
-        # the import's progress shows the whole mailbox from the start; replaced by the exact count per folder
-        self._estimates: dict[str, int] = {}
+        # a first sync's STATUS of the folders not reached yet: their MESSAGES are counted in stats.total so that the
+        # import's progress shows the whole mailbox from the start (replaced by the exact count per folder), and
+        # each is the STATUS its folder's sync plans from (a first sync is FULL whatever it says)
+        self._estimates: dict[str, FolderStatus] = {}
         # syncs in a row in which a message's body did not come, by (account, folder, UIDVALIDITY, UID): kept by the
         # caller across syncs (Runner), so that one the server never returns is quarantined (see _given_up)
         self._body_misses = body_misses if body_misses is not None else {}
@@ -156,7 +157,7 @@ class AccountSync:
             try:
                 self._sync_folder(folders[spec.name])
             except RetryLater as exc:
-                self._add_total(-self._estimates.pop(spec.name, 0))
+                self._add_total(-self._unestimate(spec.name))
                 if not is_refusal(exc):
                     raise  # the connection is gone: the account's sync is retried
                 # one folder the server will not open (NO: no read right, [UNAVAILABLE], deleted meanwhile) must
@@ -191,7 +192,7 @@ class AccountSync:
         folder's own sync changes it)."""
         spec = spec_of(folder)
         self.stats.folders += 1
-        status = self._session.status(spec.name)
+        status = self._estimates.get(spec.name) or self._session.status(spec.name)
         plan = plan_folder(folder.cursor, status, self._session.capabilities, flag_scan_due=self._flag_scan_due(folder))
         if plan.kind is PlanKind.UNCHANGED:
             self.stats.folders_unchanged += 1
@@ -212,7 +213,7 @@ class AccountSync:
             self._store.start_full_sync(folder.id, selected.uidvalidity, reset_locations=plan.reset_locations)
             last_uid = 0
         new_uids = self._session.uids_after(last_uid)
-        self._add_total(len(new_uids) - self._estimates.pop(spec.name, 0))
+        self._add_total(len(new_uids) - self._unestimate(spec.name))
         self._ingest(folder, selected, batches(new_uids, self._settings.batch_size))
         if plan.kind is PlanKind.INCREMENTAL:
             self._apply_changes(
@@ -609,11 +610,16 @@ class AccountSync:
         already has the whole mailbox; a folder whose STATUS fails is counted when it is reached."""
         for spec in specs:
             try:
-                self._estimates[spec.name] = self._session.status(spec.name).messages
+                self._estimates[spec.name] = self._session.status(spec.name)
             except RetryLater as exc:
                 if not is_refusal(exc):
                     raise
-        self._add_total(sum(self._estimates.values()))
+        self._add_total(sum(s.messages for s in self._estimates.values()))
+
+    def _unestimate(self, name: str) -> int:
+        """The folder's count from the first sync's STATUS, taken out of the estimate (its exact one replaces it)."""
+        status = self._estimates.pop(name, None)
+        return status.messages if status is not None else 0
 
     def _add_total(self, count: int) -> None:
         self.stats.total += count
