@@ -215,8 +215,12 @@ class OAuthRefreshTokenSource(CachedTokenSource):
         or one the provider rotated it to. A stored token it never held was put there by a reconnect."""
         return _digest(refresh_token) in self._held
 
-    def _credentials_for(self, refresh_token: str) -> Credentials:
+    def _hold(self, refresh_token: str) -> None:
+        """Remember a refresh token this source started from, read or was rotated to (the last HELD_TOKENS)."""
         self._held = (*self._held[-(HELD_TOKENS - 1) :], _digest(refresh_token))
+
+    def _credentials_for(self, refresh_token: str) -> Credentials:
+        self._hold(refresh_token)
         # Built directly: Credentials.from_authorized_user_info() would silently reset token_uri to Google's.
         return Credentials(  # type: ignore[no-untyped-call]
             token=None,
@@ -248,7 +252,7 @@ class OAuthRefreshTokenSource(CachedTokenSource):
                 raise self._translate_refresh_error(exc) from exc
         new_refresh_token = creds.refresh_token
         if new_refresh_token and new_refresh_token != old_refresh_token:
-            self._held = (*self._held[-(HELD_TOKENS - 1) :], _digest(new_refresh_token))
+            self._hold(new_refresh_token)
             if self._on_rotated is not None:
                 # Microsoft rotates refresh tokens on every use: the caller must persist the new one.
                 self._on_rotated(new_refresh_token)
