@@ -601,7 +601,7 @@ def test_http_disconnect_needs_the_api_token_and_revokes(listener: Listener) -> 
     assert listener.oauth.introspect(refresh_token).get("active") is not True
     after = listener.store.account("anna@example.test")
     assert after is not None and (after.enabled, after.state) == (False, "disabled")
-    assert not listener.store.has_credential(account.id)
+    assert listener.store.credential_kind(account.id) is None
     with listener.store.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM inboxd_credentials")).scalar() == 0
 

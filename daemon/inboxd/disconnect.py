@@ -19,14 +19,13 @@ from inboxd.blobs import BlobStore
 from inboxd.config import Config
 from inboxd.errors import RetryLater, SecretsError, UsageError
 from inboxd.forget import ForgetReport, delete_messages, delete_unused_blobs
-from inboxd.models import MailAccount, MailCredential, MailMessage, MailThread
+from inboxd.models import MailAccount, MailMessage, MailThread
 from inboxd.oauth_flow import revoke
 from inboxd.store import DISCONNECTED_REASON, OAUTH2_REFRESH, Account, Store
 
 log = structlog.get_logger(__name__)
 
 accounts_t = MailAccount.__table__  # type: ignore[attr-defined]
-creds_t = MailCredential.__table__  # type: ignore[attr-defined]
 messages_t = MailMessage.__table__  # type: ignore[attr-defined]
 threads_t = MailThread.__table__  # type: ignore[attr-defined]
 
@@ -69,10 +68,7 @@ def disconnect(config: Config, store: Store, blobs: BlobStore | None, email: str
 def _revoke(config: Config, store: Store, account: Account) -> str:
     """Revoke the account's refresh token at its provider; what became of it. The credentials are deleted whatever
     this says: a lost key or a provider gone from the config must not keep a mailbox connected (nor stop a purge)."""
-    with store.engine.connect() as conn:
-        # the kind is stored in clear: known even without the key
-        kind = conn.execute(sa.select(creds_t.c.kind).where(creds_t.c.account_id == account.id)).scalar()
-    if kind != OAUTH2_REFRESH:
+    if store.credential_kind(account.id) != OAUTH2_REFRESH:
         return "nothing to revoke"  # no credentials, a password, or a delegated grant (the admin's to withdraw)
     still_live = "the grant stays valid at the provider until the person removes inboxd's access in their account"
     provider = config.providers.get(account.provider)

@@ -322,9 +322,13 @@ class Store:
             raise ReauthRequired("no stored credentials (the mailbox was disconnected): connect it again")
         return Credential(kind=row.kind, secret=self._box.decrypt(bytes(row.secret)))
 
-    def has_credential(self, account_id: int) -> bool:
+    def credential_kind(self, account_id: int) -> str | None:
+        """The kind of the stored credentials (kept in clear: known without the key), None when there are none."""
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(creds_t.c.kind).where(creds_t.c.account_id == account_id)).first() is not None
+            kind: str | None = conn.execute(
+                sa.select(creds_t.c.kind).where(creds_t.c.account_id == account_id)
+            ).scalar()
+            return kind
 
     @contextlib.contextmanager
     def refresh_slot(self, account_id: int) -> Iterator[RefreshSlot]:
