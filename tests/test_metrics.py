@@ -434,15 +434,18 @@ def test_inboxd_run_serves_metrics_and_healthz_until_sigterm(tmp_path: Path, db_
 
 
 def test_scheduler_gauges_read_at_scrape() -> None:
-    """`inboxd_syncs_running{lane}` and `inboxd_syncs_due` ask the daemon's scheduler at every scrape."""
+    """`inboxd_syncs_running{lane}`, `inboxd_syncs_due` and `inboxd_syncs_stalled` ask the daemon's scheduler at
+    every scrape."""
     running = {"first": 1, "regular": 3}
-    due = [5]
+    due, stalled = [5], [0]
     metrics = Metrics()
-    metrics.watch_schedule(running.__getitem__, lambda: due[0])
+    metrics.watch_schedule(running.__getitem__, lambda: due[0], lambda: stalled[0])
     sample = metrics.registry.get_sample_value
     assert sample("inboxd_syncs_running", {"lane": "first"}) == 1
     assert sample("inboxd_syncs_running", {"lane": "regular"}) == 3
     assert sample("inboxd_syncs_due") == 5
-    running["first"], due[0] = 2, 0
+    assert sample("inboxd_syncs_stalled") == 0
+    running["first"], due[0], stalled[0] = 2, 0, 1
     assert sample("inboxd_syncs_running", {"lane": "first"}) == 2
     assert sample("inboxd_syncs_due") == 0
+    assert sample("inboxd_syncs_stalled") == 1

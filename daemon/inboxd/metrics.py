@@ -113,9 +113,7 @@ class Metrics:
         )
         gauge.set_function(lambda: float(count()))
 
-    def watch_schedule(
-        self, running: Callable[[str], int], due: Callable[[], int], stalled: Callable[[], int] = lambda: 0
-    ) -> None:
+    def watch_schedule(self, running: Callable[[str], int], due: Callable[[], int], stalled: Callable[[], int]) -> None:
         """`inboxd_syncs_running{lane}`, `inboxd_syncs_due` and `inboxd_syncs_stalled`: the daemon's scheduler
         (inboxd.schedule), read on scrape."""
         gauge = Gauge(
