@@ -154,6 +154,9 @@ class RefreshSlot:
 
 _REFRESH_LOCKS: dict[tuple[str, int], threading.Lock] = {}  # SQLite: per database file and account
 _REFRESH_LOCKS_GUARD = threading.Lock()
+# PostgreSQL advisory lock keys of Store._writing_messages: this base plus the account id (one 64-bit key space per
+# database, shared with the HR app: the base keeps inboxd's keys out of the small numbers an application would pick)
+_MESSAGES_LOCK = 0x1B0C_D000_0000_0000
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +357,23 @@ class Store:
                     .where(creds_t.c.account_id == account_id)
                     .values(secret=self._box.encrypt(slot.rotated), updated_at=self._clock.now())
                 )
+
+    @contextlib.contextmanager
+    def _writing_messages(self, account_id: int) -> Iterator[sa.Connection]:
+        """A transaction that looks up an account's messages by identity and inserts the ones not found, serialized
+        with every other such transaction of the account (the sync's batches, the outbox's sent copies), on every
+        node and in every process: else both find no row, both insert, and the later one fails on the unique key
+        (the account showed "internal error" until its next sync, or the sent copy went unlinked).
+
+        PostgreSQL: a transaction-scoped advisory lock on the account. SQLite: BEGIN IMMEDIATE, which takes the
+        database's one write lock before the lookup instead of at the first insert (SQLite runs one writer at a
+        time anyway, so nothing waits longer than it did)."""
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MESSAGES_LOCK + account_id})
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield conn
 
     def _refresh_lock(self, account_id: int) -> threading.Lock:
         with _REFRESH_LOCKS_GUARD:
@@ -642,7 +662,7 @@ class Store:
         """
         now = self._clock.now()
         relocated: list[int] = []
-        with self.engine.begin() as conn:
+        with self._writing_messages(account_id) as conn:
             self._insert_locations(conn, folder_id, [(mid, loc) for mid, loc in known.values()])
             stored = _ids_by_identity(conn, account_id, [m.identity for m in messages])
             fresh: dict[str, NewMessage] = {}
@@ -676,7 +696,7 @@ class Store:
         alone did not find, so the mail was stored twice, in two threads, for good."""
         now = self._clock.now()
         message_id_header = message.parsed.message_id_header
-        with self.engine.begin() as conn:
+        with self._writing_messages(account_id) as conn:
             same = messages_t.c.provider_message_id == message.identity
             if message_id_header:
                 same = sa.or_(same, messages_t.c.message_id_header == message_id_header)
