@@ -138,6 +138,10 @@ def test_the_hr_app_writes_contacts_and_outbox_rows_and_switches_a_mailbox(hr_db
     assert as_hr_app(hr_db, cancel, id=outbox_id) == 1  # allowed (each as_hr_app statement is rolled back)
     rows = as_hr_app(hr_db, "SELECT status, attempts, last_error FROM mail_outbox WHERE id = :id", id=outbox_id)
     assert [tuple(r) for r in rows] == [("queued", 0, None)]  # type: ignore[union-attr]
+    retry = (
+        "UPDATE mail_outbox SET next_attempt_at = NULL WHERE id = :id AND status = 'queued' AND NOT delivery_uncertain"
+    )
+    assert as_hr_app(hr_db, retry, id=outbox_id) == 1  # "Retrying now" (the trigger 0010 then wakes the sender)
     delete = "DELETE FROM mail_outbox WHERE id = :id AND status <> 'sending'"
     assert as_hr_app(hr_db, delete, id=outbox_id) == 1
 
@@ -180,3 +184,4 @@ def test_the_hr_app_cannot_write_what_inboxd_owns(hr_db: HrDatabase) -> None:
     refused(hr_db, "DELETE FROM mail_accounts WHERE id = :id", id=hr_db.account_id)
     outbox_id = queue_mail(hr_db, "candidate-42/message-8")
     refused(hr_db, "UPDATE mail_outbox SET attempts = 0, delivery_uncertain = false WHERE id = :id", id=outbox_id)
+    refused(hr_db, "UPDATE mail_outbox SET last_error = NULL, claimed_at = NULL WHERE id = :id", id=outbox_id)
