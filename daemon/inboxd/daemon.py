@@ -68,6 +68,15 @@ class _Progress:
 
 
 @dataclass(slots=True)
+class _Seen:
+    """What the loop remembers of an account between its syncs (only the loop's thread reads or writes it)."""
+
+    started_at: datetime | None = None  # when its last sync began: a retry_at after it is a backoff run out
+    attempted: bool = False  # a sync of it ended in this process: it gets an IDLE watcher
+    retry_soon_at: float | None = None  # monotonic: its last sync raised as a whole (the database away)
+
+
+@dataclass(slots=True)
 class _Round:
     """A sync.interval round: the accounts still to sync in it, and the outcomes so far."""
 
@@ -165,9 +174,7 @@ class Daemon:
         # threads are made as needed up to both lanes' maximum: a reload may raise the slots (schedule.to_start
         # keeps to them, the pool never queues)
         self._pool = ThreadPoolExecutor(max_workers=2 * MAX_PARALLEL_SYNCS, thread_name_prefix="inboxd-sync")
-        self._started: dict[int, datetime] = {}  # when each account's last sync began (for retry_at)
-        self._attempted: set[int] = set()  # accounts with a sync ended in this process (then they get a watcher)
-        self._retry_soon: dict[int, float] = {}  # a sync that raised as a whole: monotonic time to try again
+        self._seen: dict[int, _Seen] = {}  # by account id; an account gone from mail_accounts is forgotten
         runner.metrics.watch_schedule(self._running_in, lambda: len(self._due), self._stalled)
         self._round: _Round | None = None
         self._round_no = 0
@@ -228,6 +235,7 @@ class Daemon:
         if self._leases_known and time.monotonic() >= self._round_at:
             self._start_round()
         if accounts is not None:
+            self._forget_gone(accounts)
             self._make_due(self._retries_due(accounts), Why.RETRY)
             self._refresh_watchers(accounts)
             self._start_due(accounts)
@@ -316,7 +324,7 @@ class Daemon:
                 self._running[account_id] = _Sync(
                     future, lanes[account_id], stop, self._round_no, watch, by_id[account_id].email
                 )
-                self._started[account_id] = self._clock.now()
+                self._seen.setdefault(account_id, _Seen()).started_at = self._clock.now()
                 future.add_done_callback(lambda _f: self._wakeups.put(None))  # the loop collects it at once
                 log.debug("daemon.sync_started", account=by_id[account_id].email, why=why.name.lower())
 
@@ -328,13 +336,14 @@ class Daemon:
             for account_id in finished:
                 del self._running[account_id]
         for account_id, sync in finished.items():
-            self._attempted.add(account_id)
+            seen = self._seen.setdefault(account_id, _Seen())
+            seen.attempted = True
             try:
                 ok = sync.future.result().ok
             except Exception:  # the database may be away for a moment: log, and try again soon
                 log.exception("daemon.sync_failed")
                 ok = False
-                self._retry_soon[account_id] = time.monotonic() + POLL_SECONDS
+                seen.retry_soon_at = time.monotonic() + POLL_SECONDS
             if self._round is not None and sync.round_no == self._round.number and account_id in self._round.pending:
                 self._round.pending.discard(account_id)
                 self._round.ok += ok
@@ -356,23 +365,30 @@ class Daemon:
         with self._lock:
             return sum(1 for s in self._running.values() if s.stalled)
 
+    def _forget_gone(self, accounts: list[Account]) -> None:
+        """Drop what the loop remembers of accounts no longer in mail_accounts (removed, or forgotten for GDPR)."""
+        present = {a.id for a in accounts}
+        with self._lock:
+            running = set(self._running)
+        for account_id in set(self._seen) - present - running:
+            del self._seen[account_id]
+
     def _retries_due(self, accounts: list[Account]) -> set[int]:
         """The owned accounts whose backoff (retry_at) has run out since their last sync began, and those whose
         last sync failed as a whole a poll period ago."""
         now, mono = self._clock.now(), time.monotonic()
-        soon = {a for a, at in self._retry_soon.items() if at <= mono}
+        soon = {a for a, s in self._seen.items() if s.retry_soon_at is not None and s.retry_soon_at <= mono}
         for account_id in soon:
-            del self._retry_soon[account_id]
+            self._seen[account_id].retry_soon_at = None
         with self._lock:
             owned = set(self._owned)
-        expired = {
-            a.id
-            for a in accounts
-            if a.id in owned
-            and a.retry_at is not None
-            and a.retry_at <= now
-            and (a.id not in self._started or self._started[a.id] < a.retry_at)
-        }
+        expired = set()
+        for account in accounts:
+            if account.id not in owned or account.retry_at is None or account.retry_at > now:
+                continue
+            started_at = self._seen[account.id].started_at if account.id in self._seen else None
+            if started_at is None or started_at < account.retry_at:
+                expired.add(account.id)
         if expired:
             log.info("daemon.retry_due", accounts=len(expired))
         return (soon & owned) | expired
@@ -544,7 +560,9 @@ class Daemon:
         with self._lock:
             owned = set(self._owned)
         wanted = {
-            a.id for a in accounts if a.id in owned and a.id in self._attempted and decide(a, self._config, now).run
+            a.id
+            for a in accounts
+            if a.id in owned and a.id in self._seen and self._seen[a.id].attempted and decide(a, self._config, now).run
         }
         for account_id in set(self._watchers) - wanted:
             self._watchers.pop(account_id).stop(timeout=2)
