@@ -130,7 +130,8 @@ def test_disconnect_revokes_deletes_credentials_keeps_mail_and_fails_queued_outb
 ) -> None:
     """`disconnect USER` revokes the refresh token at the provider (it is refused from then on), deletes the stored
     credentials, disables the account, keeps its message and attachment, fails its queued outbox row as
-    disconnected; the next `run --once` skips it as disabled (no token request) and exits 0."""
+    disconnected; the next `run --once` skips it as disabled (no token request), holds a row queued after the
+    disconnect as disconnected (not as disabled by the HR app), and exits 0."""
     cli = revoking_cli
     user = mailstack.new_user("disc")
     token = add_account(cli, mailstack, tmp_path, user)
@@ -158,11 +159,18 @@ def test_disconnect_revokes_deletes_credentials_keeps_mail_and_fails_queued_outb
     assert "disconnected" in one_value(db_url, "SELECT last_error FROM mail_outbox WHERE account_id = :a", a=account.id)
 
     calls = mailstack.token_calls(token)
+    queue_outbox(db_url, account.id, f"after-{uuid.uuid4().hex}")  # the HR app did not notice the disconnect
     again = cli("run", "--once")
     assert again.code == 0, again
     assert "disabled" in line_of(again.out, user)
     assert "disconnected" in line_of(again.out, user)
     assert mailstack.token_calls(token) == calls, "a disconnected account asks for no token"
+    late = one_value(
+        db_url, "SELECT status || ' / ' || last_error FROM mail_outbox WHERE idempotency_key LIKE 'after-%'"
+    )
+    assert late == "queued / held: the mailbox was disconnected; connect it again to send", (
+        "not 'disabled by the HR app'"
+    )
     cli.assert_never_printed(token)
 
 

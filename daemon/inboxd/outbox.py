@@ -39,7 +39,7 @@ from inboxd.outbox_policy import Outcome, RetryPolicy, after_attempt, idle_wait
 from inboxd.outbox_store import OutboxRow, OutboxStore
 from inboxd.parse import parse_message
 from inboxd.smtp import SendAmbiguous, SendDailyLimit, SendRejected
-from inboxd.store import Account, NewLocation, NewMessage, Store
+from inboxd.store import DISCONNECTED_REASON, Account, NewLocation, NewMessage, Store
 
 log = structlog.get_logger(__name__)
 
@@ -242,6 +242,8 @@ class Outbox:
         )
 
     def _hold_reason(self, account: Account) -> str | None:
+        if not account.enabled and account.state_reason == DISCONNECTED_REASON:  # disconnect sets enabled = false
+            return "held: the mailbox was disconnected; connect it again to send"
         if not account.enabled:
             return "held: the account is disabled by the HR app"
         policy = self._config.policy_for(account.email)
