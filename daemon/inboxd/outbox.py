@@ -259,7 +259,7 @@ class Outbox:
             context = self._store.reply_context(account.id, row.reply_to_message_id)
             if context is None:
                 raise InvalidDraft(
-                    f"reply_to_message_id {row.reply_to_message_id} is not a message of {account.email}",
+                    f"{row.reply_to_message_id} is not a message of {account.email}",
                     field="reply_to_message_id",
                 )
             reply = ReplyContext(*context)
@@ -291,7 +291,7 @@ class Outbox:
         for i, item in enumerate(value):
             field = f"attachments[{i}]"
             if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("sha256", "filename")):
-                raise InvalidDraft(f"{field} needs sha256 and filename strings", field=field)
+                raise InvalidDraft("needs sha256 and filename strings", field=field)
             try:
                 size = self._blobs.path(item["sha256"]).stat().st_size
             except (OSError, ValueError):
@@ -399,7 +399,7 @@ class Outbox:
 
 
 def _no_stored_bytes(field: str, sha256: str) -> InvalidDraft:
-    return InvalidDraft(f"{field}: no stored bytes for sha256 {sha256[:70]} in the attachment store", field=field)
+    return InvalidDraft(f"no stored bytes for sha256 {sha256[:70]} in the attachment store", field=field)
 
 
 def _text_field(value: Any, field: str) -> str | None:
@@ -407,14 +407,14 @@ def _text_field(value: Any, field: str) -> str | None:
     failed deep in building the message as an internal error, retried eight times."""
     if value is None or isinstance(value, str):
         return value
-    raise InvalidDraft(f"{field} must be text, not {type(value).__name__}", field=field)
+    raise InvalidDraft(f"must be text, not {type(value).__name__}", field=field)
 
 
 def _addresses(value: Any, field: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidDraft(f'{field} must be a JSON list of "addr" or "Name <addr>" strings', field=field)
+        raise InvalidDraft('must be a JSON list of "addr" or "Name <addr>" strings', field=field)
     return tuple(value)
 
 
