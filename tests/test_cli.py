@@ -612,6 +612,17 @@ def test_progress_on_a_tty_renders_done_total_and_rate() -> None:
     assert stream.getvalue().endswith("\n")
 
 
+def test_progress_rate_of_an_import_resumed_counts_this_runs_messages() -> None:
+    """An import resumed reports from what its earlier attempts processed (6000 of 10000): the rate is of the
+    messages this run processed (100 in 2 s), not 3050/s."""
+    clock, stream = FakeClock(), TtyStream()
+    display = ProgressDisplay(clock, stream, min_interval=0)
+    display.update("ana@example.test", 6000, 10000)
+    clock.advance(2)
+    display.update("ana@example.test", 6100, 10000)
+    assert stream.getvalue().endswith("\r\x1b[2Kana@example.test: 6100/10000 msgs 61% 50/s")
+
+
 def test_progress_shows_every_account_on_one_line() -> None:
     """Two accounts syncing at once share the line, each with its own done/total."""
     clock, stream = FakeClock(), TtyStream()

@@ -18,7 +18,9 @@ class ProgressDisplay:
         self._clock = clock
         self._enabled = self._stream.isatty()
         self._lock = threading.Lock()
-        self._started: dict[str, float] = {}
+        # when the account's first update came, and its done then: an import resumed starts from what its earlier
+        # attempts processed, which this run's rate leaves out
+        self._started: dict[str, tuple[float, int]] = {}
         self._state: dict[str, tuple[int, int]] = {}
         self._last_draw = 0.0
         self._min_interval = min_interval
@@ -29,7 +31,7 @@ class ProgressDisplay:
             return
         with self._lock:
             now = self._clock.monotonic()
-            self._started.setdefault(account, now)
+            self._started.setdefault(account, (now, done))
             self._state[account] = (done, total)
             if now - self._last_draw < self._min_interval and done < total:
                 return
@@ -41,9 +43,10 @@ class ProgressDisplay:
     def line(self, now: float) -> str:
         parts = []
         for account, (done, total) in sorted(self._state.items()):
-            elapsed = max(now - self._started[account], 1e-6)
+            started, done_then = self._started[account]
+            elapsed = max(now - started, 1e-6)
             pct = f"{100 * done / total:.0f}%" if total else "-"
-            parts.append(f"{account}: {done}/{total} msgs {pct} {done / elapsed:.0f}/s")
+            parts.append(f"{account}: {done}/{total} msgs {pct} {(done - done_then) / elapsed:.0f}/s")
         return " | ".join(parts)
 
     def finish(self) -> None:
