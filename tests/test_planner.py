@@ -15,6 +15,7 @@ from inboxd.planner import (
     FolderStatus,
     PlanKind,
     direction,
+    imported_earlier,
     message_identity,
     plan_folder,
     select_folders,
@@ -94,6 +95,21 @@ def test_without_condstore_unchanged_counts_skip_until_flag_scan_is_due() -> Non
 def test_expunge_only_visible_in_message_count() -> None:
     plan = plan_folder(cursor(modseq=None), status(messages=9, modseq=None), PLAIN)
     assert plan.kind is PlanKind.INCREMENTAL
+
+
+def test_what_earlier_attempts_of_an_import_processed_as_far_as_cursor_and_status_tell() -> None:
+    """An import resumed counts the messages its earlier attempts processed: none of a folder never started or whose
+    UIDVALIDITY changed (synced again from UID 1), all of a folder finished at the UIDNEXT it still has (messages
+    expunged since included: STATUS counts what is there); a folder started but not finished (no UIDNEXT recorded)
+    or with new mail since needs the server's count of the UIDs at or below the cursor (None)."""
+    never = FolderCursor(uidvalidity=None, last_uid=0, uidnext=None, highest_modseq=None, message_count=None)
+    assert imported_earlier(never, status(messages=40)) == 0
+    assert imported_earlier(cursor(), status(uidvalidity=8, messages=40)) == 0
+    assert imported_earlier(cursor(), status(messages=10)) == 10
+    assert imported_earlier(cursor(), status(messages=8)) == 8, "two expunged since: all the rest was processed"
+    assert imported_earlier(cursor(), status(uidnext=13, messages=12)) is None, "new mail since"
+    halfway = FolderCursor(uidvalidity=7, last_uid=6000, uidnext=None, highest_modseq=None, message_count=None)
+    assert imported_earlier(halfway, status(uidnext=40_001, messages=40_000)) is None
 
 
 def test_select_folders_skips_trash_junk_drafts_virtual_and_noselect_inbox_first() -> None:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 import structlog
 
 from harness import MailStack, make_message
+from harness.clocks import EveryReportWritten
 from harness.config import write_stack_config
 from harness.fault_proxy import FaultProxy, OnCommand, Refuse
 from inboxd.clock import SystemClock
@@ -578,6 +579,50 @@ def test_a_first_sync_reports_its_progress_to_the_hr_app(
     sync(config, store, recruiter)
     assert len(rows(store, recruiter)) == 10
     assert _import(store, recruiter) == (9, 9)
+
+
+def test_an_import_resumed_after_an_interruption_continues_its_progress(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, recruiter: str
+) -> None:
+    """A first sync stopped after three batches (the daemon's stop, or this node losing the lease) finished INBOX
+    and left Archive half imported; the next attempt resumes from the folders' cursors. Its progress is of the whole
+    import: from its first report it counts the 7 messages the first attempt processed (INBOX's 4 by its cursor and
+    STATUS, Archive's 3 asked of the server), of the 9 of the mailbox, where the HR app's bar jumped back to 0 of 2
+    (what was left of Archive). What the HR app reads, from before the first write to the end, never goes back."""
+    config = write_config(tmp_path, db_url, mailstack, host=mailstack.imap_host("no_qresync"))  # batches of 3
+    connect_account(store, mailstack, recruiter)
+    with mailstack.admin_imap(recruiter) as imap:
+        imap.multiappend("INBOX", [make_message(f"c{i}@example.org", recruiter, f"m{i}", "x") for i in range(4)])
+        imap.multiappend("Archive", [make_message(f"a{i}@example.org", recruiter, f"a{i}", "x") for i in range(5)])
+    runner = Runner(config, store, clock=EveryReportWritten())
+    hr_app_read: list[tuple[int | None, int | None]] = []  # the row, read before each write
+    first: list[tuple[int, int]] = []
+
+    def stopped_in_archive(_email: str, done: int, total: int) -> None:
+        hr_app_read.append(_import(store, recruiter))
+        first.append((done, total))
+        if done >= 7:
+            runner.interrupt()
+
+    [stopped] = runner.sync_once(only=recruiter, progress=stopped_in_archive)
+    assert stopped.reason == "interrupted", stopped
+    assert first == [(0, 9), (3, 9), (4, 9), (7, 9)]
+    assert len(rows(store, recruiter)) == 7, "INBOX and Archive's first batch stored, then the sync stopped"
+    second: list[tuple[int, int]] = []
+
+    def resumed(_email: str, done: int, total: int) -> None:
+        hr_app_read.append(_import(store, recruiter))
+        second.append((done, total))
+
+    [result] = runner.sync_once(only=recruiter, progress=resumed)
+    assert result.ok, result
+    assert result.stats.new_messages == 2, "resumed from the cursors"
+    assert second == [(7, 9), (9, 9)], "from what the first attempt processed, of the whole mailbox"
+    hr_app_read.append(_import(store, recruiter))
+    seen = hr_app_read[1:]
+    assert hr_app_read[0] == (None, None) and seen[-1] == (9, 9)
+    assert all(total == 9 for _, total in seen), seen
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen), f"never back: {seen}"
 
 
 def _import(store: Store, email: str) -> tuple[int | None, int | None]:

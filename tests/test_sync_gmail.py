@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import structlog
 from gmail.model import GOOGLE_MAIL_DE_NAMES
 from gmail.server import GmailServer, IntrospectValidator
 from harness import MailStack, make_message
+from harness.clocks import EveryReportWritten
 from harness.config import write_gmail_config
 from inboxd.clock import SystemClock
 from inboxd.config import Config, load_config
@@ -346,6 +347,60 @@ def test_drafts_in_all_mail_are_not_stored(
     assert run(config, store, recruiter).ok
     got = rows(store, recruiter)
     assert [(r.subject, r.direction) for r in got] == [("Application 1", "inbound"), ("Re: Application 1", "outbound")]
+
+
+def test_an_import_resumed_on_gmail_continues_its_progress(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """Gmail's one folder, All Mail, left half imported by a first sync stopped after two batches: the next attempt
+    goes on from its cursor, and its progress from the 6 messages processed of the 8 in All Mail (a draft among
+    them: processed, not stored; a count of the stored messages would say 5), where it started again at 0 of 2.
+    What the HR app reads never goes back."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)  # batches of 3
+    for n in range(1, 5):
+        gmail_server.deliver(application(recruiter, n))
+    gmail_server.deliver(
+        make_message(recruiter, "ana@example.org", "Re: Application 1", "Dear Ana, we"),
+        labels=["\\Draft"],
+        user=recruiter,
+    )
+    for n in range(5, 8):
+        gmail_server.deliver(application(recruiter, n))
+    runner = Runner(config, store, clock=EveryReportWritten())
+    hr_app_read: list[tuple[int | None, int | None]] = []  # the row, read before each write
+    reports: list[list[tuple[int, int]]] = [[], []]
+
+    def attempt(n: int) -> Callable[[str, int, int], None]:
+        def report(_email: str, done: int, total: int) -> None:
+            hr_app_read.append(import_progress(store, recruiter))
+            reports[n].append((done, total))
+            if n == 0 and done >= 6:
+                runner.interrupt()
+
+        return report
+
+    [stopped] = runner.sync_once(only=recruiter, progress=attempt(0))
+    assert stopped.reason == "interrupted", stopped
+    assert reports[0][-1] == (6, 8)
+    assert len(rows(store, recruiter)) == 5, "two batches, the draft left out"
+    [result] = runner.sync_once(only=recruiter, progress=attempt(1))
+    assert result.ok, result.reason
+    assert (result.stats.new_messages, len(rows(store, recruiter))) == (2, 7)
+    assert reports[1] == [(6, 8), (8, 8)], "from what the first attempt processed, of the whole of All Mail"
+    hr_app_read.append(import_progress(store, recruiter))
+    seen = hr_app_read[1:]
+    assert hr_app_read[0] == (None, None) and seen[-1] == (8, 8)
+    assert all(total == 8 for _, total in seen), seen
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen), f"never back: {seen}"
+
+
+def import_progress(store: Store, email: str) -> tuple[int | None, int | None]:
+    """mail_accounts.import_done / import_total, as the HR app reads them."""
+    with store.engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT import_done, import_total FROM mail_accounts WHERE email = :e"), {"e": email}
+        ).one()
+    return row.import_done, row.import_total
 
 
 def test_localized_gmail_folders_are_found_by_special_use(

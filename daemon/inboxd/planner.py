@@ -142,6 +142,18 @@ def plan_folder(
     )
 
 
+def imported_earlier(cursor: FolderCursor, status: FolderStatus) -> int | None:
+    """How many of a folder's messages (``status``) earlier attempts of the account's import processed, as far as
+    its cursor and STATUS tell: none when it was never started or its UIDVALIDITY changed (it starts again from
+    UID 1), all of them when it was finished and nothing came since (the UIDNEXT it was finished at). None: only
+    the server can tell (started but not finished, or new mail since): the messages at or below the cursor."""
+    if cursor.uidvalidity is None or cursor.uidvalidity != status.uidvalidity:
+        return 0
+    if cursor.uidnext is not None and cursor.uidnext == status.uidnext:
+        return status.messages
+    return None
+
+
 def expunged_uids(known: Iterable[int], current: Iterable[int]) -> set[int]:
     return set(known) - set(current)
 

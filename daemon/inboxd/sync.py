@@ -30,6 +30,7 @@ from inboxd.planner import (
     batches,
     direction,
     expunged_uids,
+    imported_earlier,
     message_identity,
     plan_folder,
 )
@@ -46,7 +47,8 @@ class StopFlag(Protocol):
     def is_set(self) -> bool: ...
 
 
-# progress(done, total): messages processed so far in this account's sync, and the total known so far.
+# progress(done, total): messages processed so far in this account's sync, and the total known so far; an import
+# resumed (the account's first sync, interrupted) counts what its earlier attempts processed in both.
 Progress = Callable[[int, int], None]
 
 
@@ -85,6 +87,8 @@ class SyncStats:
     # the caller must not record them as searched (the next sync searches again)
     backfill_incomplete: frozenset[str] = frozenset()
     bytes_downloaded: int = 0
+    # the progress: messages to process and processed; an import resumed counts its folders' messages at or below
+    # their cursors, processed by its earlier attempts, in both (AccountSync._count)
     total: int = 0
     done: int = 0
 
@@ -136,10 +140,16 @@ class AccountSync:
         self._log = log.bind(account=account.email)
         self._dialect: Dialect = Gmail() if session.capabilities.gmail else GenericImap()
         self._bodies_first = False  # this sync's new messages skip the header-field FETCH (see _ingest)
+        # the account's import (its first sync, maybe resumed after an interruption: runner._ImportProgress): its
+        # progress is of the whole mailbox, with what earlier attempts processed
+        self._importing = account.last_sync_at is None
         # a first sync's STATUS of the folders not reached yet: their MESSAGES are counted in stats.total so that the
         # import's progress shows the whole mailbox from the start (replaced by the exact count per folder), and
         # each is the STATUS its folder's sync plans from (a first sync is FULL whatever it says)
         self._estimates: dict[str, FolderStatus] = {}
+        # an import resumed: how many messages of the folders not reached yet its earlier attempts processed, counted
+        # in stats.done (and stats.total) from the first report on, replaced by the exact count per folder
+        self._earlier: dict[str, int] = {}
         # syncs in a row in which a message's body did not come, by (account, folder, UIDVALIDITY, UID): kept by the
         # caller across syncs (Runner), so that one the server never returns is quarantined (see _given_up)
         self._body_misses = body_misses if body_misses is not None else {}
@@ -149,15 +159,15 @@ class AccountSync:
         folders = self._store.prepare_folders(self._account.id, specs)
         first_sync = all(f.cursor.uidvalidity is None for f in folders.values())
         self._bodies_first = self._header_fields_decide_nothing(first_sync=first_sync)
-        if first_sync and self._progress is not None and len(specs) > 1:
-            self._estimate(specs)
+        if (first_sync or self._importing) and self._progress is not None and len(specs) > 1:
+            self._estimate(specs, folders)
         refused: list[RetryLater] = []
         for spec in specs:
             self._check_stop()
             try:
                 self._sync_folder(folders[spec.name])
             except RetryLater as exc:
-                self._add_total(-self._unestimate(spec.name))
+                self._count(-self._unestimate(spec.name), -self._unearlier(spec.name))
                 if not is_refusal(exc):
                     raise  # the connection is gone: the account's sync is retried
                 # one folder the server will not open (NO: no read right, [UNAVAILABLE], deleted meanwhile) must
@@ -196,6 +206,8 @@ class AccountSync:
         plan = plan_folder(folder.cursor, status, self._session.capabilities, flag_scan_due=self._flag_scan_due(folder))
         if plan.kind is PlanKind.UNCHANGED:
             self.stats.folders_unchanged += 1
+            if self._importing:  # an import resumed: an earlier attempt finished this folder, all of it is done
+                self._count(status.messages - self._unestimate(spec.name), status.messages - self._unearlier(spec.name))
             return
         selected = self._session.select(spec.name)
         # Re-plan from SELECT's numbers: the folder may have changed between STATUS and SELECT.
@@ -213,7 +225,11 @@ class AccountSync:
             self._store.start_full_sync(folder.id, selected.uidvalidity, reset_locations=plan.reset_locations)
             last_uid = 0
         new_uids = self._session.uids_after(last_uid)
-        self._add_total(len(new_uids) - self._unestimate(spec.name))
+        # an import resumed: the folder's messages at or below its cursor were processed by an earlier attempt
+        earlier = 0
+        if self._importing and plan.kind is not PlanKind.FULL:
+            earlier = max(0, selected.exists - len(new_uids))
+        self._count(len(new_uids) + earlier - self._unestimate(spec.name), earlier - self._unearlier(spec.name))
         self._ingest(folder, selected, batches(new_uids, self._settings.batch_size))
         if plan.kind is PlanKind.INCREMENTAL:
             self._apply_changes(
@@ -252,7 +268,7 @@ class AccountSync:
         self._bodies_first = False
         found = self._session.search_addresses(sorted(addresses))
         wanted = sorted(uid for uid in found - self._store.known_uids(folder.id) if uid <= folder.cursor.last_uid)
-        self._add_total(len(wanted))
+        self._count(len(wanted))
         self._incomplete = False
         self._ingest(folder, selected, batches(wanted, self._settings.batch_size))
         if self._incomplete:
@@ -605,25 +621,46 @@ class AccountSync:
     def _location(self, header: HeaderInfo) -> NewLocation:
         return NewLocation(header.uid, header.flags, header.modseq, self._dialect.labels(header.gm_labels))
 
-    def _estimate(self, specs: list[FolderSpec]) -> None:
-        """A first sync of several folders: their message counts (STATUS), so that the first progress report
-        already has the whole mailbox; a folder whose STATUS fails is counted when it is reached."""
+    def _estimate(self, specs: list[FolderSpec], folders: Mapping[str, StoredFolder]) -> None:
+        """A first sync or an import of several folders: their message counts (STATUS), so that the first progress
+        report already has the whole mailbox, and, for an import resumed, how many of them its earlier attempts
+        processed; a folder whose STATUS fails is counted when it is reached."""
         for spec in specs:
             try:
-                self._estimates[spec.name] = self._session.status(spec.name)
+                status = self._estimates[spec.name] = self._session.status(spec.name)
+                if self._importing:
+                    self._earlier[spec.name] = self._processed_earlier(folders[spec.name], status)
             except RetryLater as exc:
                 if not is_refusal(exc):
                     raise
-        self._add_total(sum(s.messages for s in self._estimates.values()))
+        self._count(sum(s.messages for s in self._estimates.values()), sum(self._earlier.values()))
+
+    def _processed_earlier(self, folder: StoredFolder, status: FolderStatus) -> int:
+        """How many of the folder's messages earlier attempts of this import processed: from its cursor and STATUS
+        (planner.imported_earlier), else from the server, as its sync will count them: the messages at or below
+        the cursor (a SELECT and a SEARCH more, for the folder an interrupted attempt was in, or one with new mail)."""
+        known = imported_earlier(folder.cursor, status)
+        if known is not None:
+            return known
+        selected = self._session.select(folder.name)
+        if selected.uidvalidity != folder.cursor.uidvalidity:
+            return 0  # changed since the STATUS: synced again from UID 1
+        return max(0, selected.exists - len(self._session.uids_after(folder.cursor.last_uid)))
 
     def _unestimate(self, name: str) -> int:
         """The folder's count from the first sync's STATUS, taken out of the estimate (its exact one replaces it)."""
         status = self._estimates.pop(name, None)
         return status.messages if status is not None else 0
 
-    def _add_total(self, count: int) -> None:
-        self.stats.total += count
-        if self._progress is not None and count:
+    def _unearlier(self, name: str) -> int:
+        """The folder's estimate of what earlier attempts processed, taken out (its exact count replaces it)."""
+        return self._earlier.pop(name, 0)
+
+    def _count(self, total: int, done: int = 0) -> None:
+        """Add to the progress's total and done (messages, or corrections of an estimate) and report it."""
+        self.stats.total += total
+        self.stats.done += done
+        if self._progress is not None and (total or done):
             self._progress(self.stats.done, self.stats.total)
 
 
