@@ -10,6 +10,7 @@ import time
 
 import pytest
 import structlog
+from imapclient.response_parser import parse_response
 
 from gmail.server import GmailServer
 from harness import MailStack, make_message
@@ -38,10 +39,29 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
 def test_is_change() -> None:
     assert is_change([(3, b"EXISTS")])
     assert is_change([(2, b"EXPUNGE")])
+    assert not is_change([(3, b"RECENT")])
     assert not is_change([(b"OK", b"Still here")])
     assert not is_change([])
     assert is_bye([(b"BYE", b"Session expired, please login again.")])
     assert not is_bye([(3, b"EXISTS")])
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"VANISHED 5",
+        b"VANISHED 3:7,9",
+        b"VANISHED (EARLIER) 1:3",
+        b"2 EXPUNGE",
+        b"4 FETCH (UID 9 MODSEQ (12) FLAGS (\\Seen))",
+        b"12 EXISTS",
+    ],
+)
+def test_is_change_knows_each_response_as_imapclient_parses_it(line: bytes) -> None:
+    """idle_check hands over what imapclient's parser makes of each untagged line: `* 12 EXISTS` is (12, b"EXISTS"),
+    but `* VANISHED 5` (RFC 7162: no number in front) is (b"VANISHED", 5), which the check of the second item took
+    for no news."""
+    assert is_change([parse_response([line])])
 
 
 def test_pending_change_counts_what_imaplib_kept_while_out_of_idle() -> None:
@@ -143,6 +163,40 @@ def test_dovecot_push_arrives_within_seconds(mailstack: MailStack) -> None:
         assert changed.wait(10)
         assert time.monotonic() - started < 5
     finally:
+        watcher.stop()
+
+
+@pytest.mark.mailstack
+@pytest.mark.parametrize("variant", ["full", "no_qresync"])
+def test_a_message_deleted_from_inbox_while_the_watcher_idles_wakes_the_sync(
+    mailstack: MailStack, variant: str
+) -> None:
+    """A mail the recruiter deletes from INBOX in another client must leave the HR app within seconds, not at the
+    next sync.interval round. With QRESYNC enabled (``connect`` enables it where offered: "full") Dovecot reports
+    the expunge to the idling watcher as `* VANISHED 1`, which the watcher used to take for no news; without
+    QRESYNC as `* 1 EXPUNGE`. A flag change (read elsewhere) is a FETCH and wakes it too."""
+    user = mailstack.new_user("idleexpunge")
+    for subject in ("first", "second"):
+        mailstack.deliver(user, make_message("c@example.org", user, subject, "x"))
+    host = mailstack.imap_host(variant)
+    # no poll of the other folders during the test: only the IDLE responses can wake the watcher
+    watcher, changed = _watch(host, mailstack.imap_port, user, mailstack, poll_others=3600)
+    endpoint = ImapEndpoint(host=host, port=mailstack.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10)
+    other_client = connect(endpoint, username=user, access_token=lambda: mailstack.access_token(user))
+    try:
+        assert other_client.capabilities.qresync == (variant == "full")
+        client = other_client._client
+        client.select_folder("INBOX")
+        first, second = sorted(client.search(["ALL"]))
+        client.add_flags([second], [b"\\Seen"])
+        assert changed.wait(10), "the flag change (FETCH) woke the sync"
+        changed.clear()
+        assert watcher.idling.wait(10)
+        client.delete_messages([first])
+        client.expunge()
+        assert changed.wait(10), "the expunge (VANISHED under QRESYNC, else EXPUNGE) woke the sync"
+    finally:
+        other_client.close()
         watcher.stop()
 
 

@@ -132,9 +132,17 @@ def read_ahead(client: IMAPClient) -> bool:
         sock.settimeout(saved)
 
 
+def response_name(response: tuple[object, ...]) -> object:
+    """The name of an untagged response as imapclient parses it: `* 12 EXISTS` is (12, b"EXISTS"), the message
+    number first, but `* VANISHED 5` (RFC 7162, QRESYNC: UIDs after the name) is (b"VANISHED", 5)."""
+    if len(response) > 1 and isinstance(response[0], int):
+        return response[1]
+    return response[0] if response else None
+
+
 def is_change(responses: list[tuple[object, ...]]) -> bool:
     """Whether untagged responses seen while idling mean the mailbox changed."""
-    return any(len(r) > 1 and r[1] in CHANGE_RESPONSES for r in responses)
+    return any(response_name(r) in CHANGE_RESPONSES for r in responses)
 
 
 _UNSEEN = object()  # no STATUS of the folder yet
