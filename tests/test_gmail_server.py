@@ -337,11 +337,12 @@ def test_store_copy_move_expunge_follow_gmail_label_semantics(gmail_server: Gmai
 
 
 def test_throttled_and_overquota_lines(gmail_server: GmailServer, mailstack: MailStack, raw: RawImap) -> None:
-    """throttle(n): the next n tagged OKs carry [THROTTLED]; overquota(): commands answer NO [OVERQUOTA]."""
+    """throttle(n): the next n tagged OKs carry [THROTTLED], appended as Gmail does; overquota(): commands answer
+    NO [OVERQUOTA]."""
     raw.xoauth2(USER, mailstack.access_token(USER))
     gmail_server.throttle(2)
-    assert raw.command(b"NOOP") == [b"A2 OK [THROTTLED] Success"]
-    assert raw.command(b"NOOP") == [b"A3 OK [THROTTLED] Success"]
+    assert raw.command(b"NOOP") == [b"A2 OK Success [THROTTLED]"]
+    assert raw.command(b"NOOP") == [b"A3 OK Success [THROTTLED]"]
     assert raw.command(b"NOOP") == [b"A4 OK Success"]
     gmail_server.overquota(USER)
     assert raw.command(b"SELECT INBOX") == [
@@ -351,7 +352,7 @@ def test_throttled_and_overquota_lines(gmail_server: GmailServer, mailstack: Mai
     assert raw.command(b"SELECT INBOX")[-1] == b"A6 OK [READ-WRITE] INBOX selected. (Success)"
     with imap(gmail_server, mailstack) as client:
         gmail_server.throttle(1, user=USER)
-        assert client.noop()[0] == b"[THROTTLED] Success"
+        assert client.noop()[0] == b"Success [THROTTLED]"
 
 
 def test_bye_after_n_commands_closes_the_session(gmail_server: GmailServer, mailstack: MailStack, raw: RawImap) -> None:

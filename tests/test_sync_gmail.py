@@ -259,6 +259,60 @@ def test_account_faults_are_reported_and_isolated(
         assert account.state_reason == ALL_MAIL_HIDDEN
 
 
+@pytest.mark.parametrize(
+    ("fault", "reason_part"),
+    [("login_unavailable", "[UNAVAILABLE]"), ("login_bye", "connection lost during login")],
+)
+def test_a_server_failing_the_login_is_retried_not_reauthorized(
+    store: Store,
+    db_url: str,
+    tmp_path: Path,
+    mailstack: MailStack,
+    gmail_server: GmailServer,
+    recruiter: str,
+    fault: str,
+    reason_part: str,
+) -> None:
+    """Gmail answering a login "NO [UNAVAILABLE] Temporary System Problem", or a connection closed with a BYE during
+    it, says nothing of the grant: the account stays active with the reason and syncs once the server is back. It
+    became needs_reauth (imapclient reports every failed login as LoginError), which waits for the recruiter to
+    connect the mailbox again; a Gmail outage would have done that to every account at once."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    gmail_server.deliver(application(recruiter))
+    getattr(gmail_server, fault)(times=10)  # every login of this sync, the reconnect's included
+    result = run(config, store, recruiter)
+    assert not result.ok
+    account = store.account(recruiter)
+    assert account is not None
+    assert account.state == "active", account.state_reason
+    assert reason_part.lower() in (account.last_error or "").lower(), account.last_error
+    gmail_server.clear_faults()
+    with store.engine.begin() as conn:  # the backoff is over
+        conn.execute(sa.text("UPDATE mail_accounts SET retry_at = NULL"))
+    resumed = run(config, store, recruiter)
+    assert resumed.ok, resumed.reason
+    assert len(rows(store, recruiter)) == 1
+
+
+def test_a_message_gmail_cannot_fetch_holds_up_only_itself(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """Gmail ends a FETCH with "NO Some messages could not be FETCHed" when one message of the set cannot be served,
+    after sending the others. The others are stored and the sync succeeds; the one missing holds the cursor
+    (fetched again by the next syncs) until it comes. The whole FETCH failed before: no message of the batch was
+    stored, in every sync, for as long as Gmail could not serve that one."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    ids = [gmail_server.deliver(application(recruiter, n)) for n in range(3)]
+    gmail_server.unfetchable(ids[1])
+    first = run(config, store, recruiter)
+    assert first.ok, first.reason
+    assert [r.provider_message_id for r in rows(store, recruiter)] == [f"gm:{ids[0]}", f"gm:{ids[2]}"]
+    gmail_server.unfetchable(ids[1], on=False)
+    again = run(config, store, recruiter)
+    assert again.ok, again.reason
+    assert sorted(r.provider_message_id for r in rows(store, recruiter)) == sorted(f"gm:{i}" for i in ids)
+
+
 def test_contacts_scope_and_backfill_on_gmail(
     store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
 ) -> None:

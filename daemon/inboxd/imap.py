@@ -149,6 +149,7 @@ class ImapClientSession:
         self._sleep = sleep
         self._throttled = 0  # consecutive [THROTTLED] replies: drives the per-command backoff
         self.throttle_waits = 0.0  # seconds slept because of [THROTTLED], for stats and tests
+        self._last_tagged = _record_tagged_replies(client._imap)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -239,7 +240,7 @@ class ImapClientSession:
             items.append(f"BODY.PEEK[HEADER.FIELDS ({' '.join(HEADER_FIELDS)})]")
         wanted = set(uids)
         out: dict[int, HeaderInfo] = {}
-        for uid, data in self._fetch(sequence_set(wanted), items).items():
+        for uid, data in self._fetch(sequence_set(wanted), items, partial=True).items():
             if uid not in wanted:  # an unsolicited flag update (with its UID under QRESYNC), not a message asked for
                 continue
             header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER.FIELDS")), b"") or b""  # NIL
@@ -257,7 +258,7 @@ class ImapClientSession:
         wanted = set(uids)
         items = ["UID", "FLAGS", "INTERNALDATE", *self._meta_items(), "BODY.PEEK[]"]
         out: dict[int, tuple[bytes | None, HeaderInfo]] = {}
-        for uid, data in self._fetch(sequence_set(wanted), items).items():
+        for uid, data in self._fetch(sequence_set(wanted), items, partial=True).items():
             if uid in wanted:  # not an unsolicited flag update
                 body = data.get(b"BODY[]")
                 out[uid] = (body, _header_info(uid, data, {}, size=len(body) if body is not None else None))
@@ -276,7 +277,7 @@ class ImapClientSession:
 
     def fetch_bodies(self, uids: Iterable[int]) -> dict[int, bytes]:
         wanted = set(uids)
-        fetched = self._fetch(sequence_set(wanted), ["UID", "BODY.PEEK[]"])
+        fetched = self._fetch(sequence_set(wanted), ["UID", "BODY.PEEK[]"], partial=True)
         # a reply without the body (server hiccup) is left out: the caller must not move its cursor past it
         return {
             uid: data[b"BODY[]"] for uid, data in fetched.items() if uid in wanted and data.get(b"BODY[]") is not None
@@ -323,11 +324,20 @@ class ImapClientSession:
 
     # -- internals -------------------------------------------------------------------------------------------
 
-    def _fetch(self, seqset: str, items: list[str], modifiers: list[str] | None = None) -> dict[int, dict[bytes, Any]]:
+    def _fetch(
+        self, seqset: str, items: list[str], modifiers: list[str] | None = None, *, partial: bool = False
+    ) -> dict[int, dict[bytes, Any]]:
         """UID FETCH over a sequence set we built ourselves, the replies keyed by UID.
 
         imapclient's fetch() runs message sets through int() (so "1:500" raises) and drops replies it did not
         ask for by number; this keeps its parser but sends the compact set as is.
+
+        ``partial``: a FETCH that ends NO gives the replies that came (logged, imap.fetch_incomplete) instead of
+        failing. Gmail ends a FETCH with "NO Some messages could not be FETCHed" when one message of the set cannot
+        be served, for as long as it cannot, after sending the others: failing the whole FETCH held the folder at
+        that message for good. Only for fetches of new messages, whose callers hold a message whose reply did not
+        come (and give it up after some syncs); a flag scan or CHANGEDSINCE must not read a missing reply as
+        anything.
         """
 
         def run() -> dict[int, dict[bytes, Any]]:
@@ -337,6 +347,9 @@ class ImapClientSession:
                 args.append("(" + " ".join(modifiers) + ")")
             tag = imap._command("UID", *args)
             typ, data = imap._command_complete("FETCH", tag)
+            if typ == "NO" and partial:
+                log.warning("imap.fetch_incomplete", reply=_text(data[0])[:200] if data and data[0] else typ)
+                typ = "OK"  # imaplib gives no untagged replies with a NO; they are there
             if typ != "OK":
                 raise IMAPClientError(f"UID FETCH failed: {_text(data[0]) if data else typ}")
             typ, data = imap._untagged_response(typ, data, "FETCH")
@@ -364,7 +377,12 @@ class ImapClientSession:
             if imap.untagged_responses.pop("OVERQUOTA", None) is not None:
                 raise QuotaExceeded(f"provider quota exceeded: {_safe(exc)}") from exc
             raise RetryLater(f"IMAP command failed: {_safe(exc)}") from exc
-        self._backoff_if_throttled(imap.untagged_responses.pop("THROTTLED", None) is not None)
+        # Gmail appends the code to the text ("OK Success [THROTTLED]"), where imaplib, which only reads a code at
+        # the start, does not see it; a code at the start lands among the untagged responses
+        tagged = self._last_tagged[0]
+        self._last_tagged[0] = b""
+        throttled = imap.untagged_responses.pop("THROTTLED", None) is not None or b"[THROTTLED]" in tagged
+        self._backoff_if_throttled(throttled)
         return result
 
     def _backoff_if_throttled(self, throttled: bool) -> None:
@@ -377,6 +395,22 @@ class ImapClientSession:
         log.info("imap.throttled", consecutive=self._throttled, wait_s=delay)
         self.throttle_waits += delay
         self._sleep(delay)
+
+
+def _record_tagged_replies(imap: imaplib.IMAP4) -> list[bytes]:
+    """A one-item list that holds the text of the last tagged reply ``imap`` read (``A5 OK Success [THROTTLED]``
+    gives ``Success [THROTTLED]``). imaplib hands the text to the command's caller, which imapclient mostly drops,
+    and forgets it; this wraps the one method every command's completion goes through, on this connection only."""
+    last = [b""]
+    read = imap._get_tagged_response
+
+    def recording(tag: str, expect_bye: bool = False) -> tuple[str, list[Any]]:
+        typ, data = read(tag, expect_bye)
+        last[0] = data[0] if data and isinstance(data[0], bytes) else b""
+        return typ, data
+
+    imap._get_tagged_response = recording  # type: ignore[attr-defined]
+    return last
 
 
 def _safe(exc: BaseException) -> str:
@@ -551,29 +585,42 @@ def _authenticate(
         try:
             client.login(username, password or "")
         except LoginError as exc:
-            _raise_alert(client, exc)
+            _raise_unless_refused(client, exc)
             raise ReauthRequired(f"IMAP server refused the password for {username}") from exc
         return
     try:
         client.oauth2_login(username, access_token())
     except LoginError as first:
-        _raise_alert(client, first)
+        _raise_unless_refused(client, first)
         # A cached token may have been revoked or expired early on the server: one fresh token, one retry.
         if invalidate_token is not None:
             invalidate_token()
         try:
             client.oauth2_login(username, access_token())
         except LoginError as exc:
-            _raise_alert(client, exc)
+            _raise_unless_refused(client, exc)
             raise ReauthRequired(f"IMAP server refused a freshly issued access token for {username}") from exc
 
 
-def _raise_alert(client: IMAPClient, exc: Exception) -> None:
-    """A login refused with [ALERT] is not a credentials problem: the text is for a human (Gmail: IMAP disabled,
-    sign in via the web first, too many connections)."""
+# response codes (RFC 5530) of a login that failed for a reason of the server's, not of the credentials
+_LOGIN_TRY_LATER = ("UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT")
+
+
+def _raise_unless_refused(client: IMAPClient, exc: LoginError) -> None:
+    """Return only when the login failed because the server refused the credentials; else raise what the failure
+    is. imapclient turns every error of a login into LoginError, a connection lost or a BYE (imaplib's abort)
+    included: those, and a server that says it cannot log anyone in now ([UNAVAILABLE] and the like), are no
+    reason to ask the person to connect the mailbox again. A login refused with [ALERT] is not a credentials
+    problem either: the text is for a human (Gmail: IMAP disabled, sign in via the web first, too many
+    connections)."""
+    if isinstance(exc.__context__, imaplib.IMAP4.abort):
+        raise RetryLater(f"IMAP connection lost during login: {_safe(exc.__context__)}") from exc
     untagged = client._imap.untagged_responses
     if untagged.pop("OVERQUOTA", None) is not None:
         raise QuotaExceeded(f"provider quota exceeded at login: {_reply_text(exc)}") from exc
+    busy = next((code for code in _LOGIN_TRY_LATER if untagged.pop(code, None) is not None), None)
+    if busy is not None:
+        raise RetryLater(f"the IMAP server cannot log in now ([{busy}]): {_reply_text(exc)}") from exc
     alerts = untagged.pop("ALERT", None)
     if not alerts:
         return

@@ -27,6 +27,10 @@ class Faults:
     # X-GM-MSGIDs whose FETCH replies come without the body (a message the server cannot read at the moment: the
     # reply carries the other items, the command ends OK)
     bodiless: set[int] = field(default_factory=set)
+    # X-GM-MSGIDs Gmail cannot serve at all: a FETCH naming one sends the others' replies, none for it, and ends NO
+    unfetchable: set[int] = field(default_factory=set)
+    login_unavailable: int = 0  # logins left to answer NO [UNAVAILABLE] Temporary System Problem
+    login_bye: int = 0  # logins left to answer with * BYE and a closed connection
     temp_fail: int = 0
     drop_after_data: int = 0
 
@@ -86,7 +90,7 @@ class Faults:
             return self.connection_limit.get(_key(user), self.connection_limit.get(None))
 
     def take_count(self, name: str) -> bool:
-        """Consume one of a one-shot SMTP fault (``temp_fail``, ``drop_after_data``)."""
+        """Consume one of a counted fault (``temp_fail``, ``drop_after_data``, ``login_unavailable``, ``login_bye``)."""
         with self._lock:
             left = getattr(self, name)
             if left > 0:
@@ -104,7 +108,8 @@ class Faults:
             self.raw_folder_names.clear()
             self.daily_limit.clear()
             self.bodiless.clear()
-            self.temp_fail = self.drop_after_data = 0
+            self.unfetchable.clear()
+            self.temp_fail = self.drop_after_data = self.login_unavailable = self.login_bye = 0
 
 
 @dataclass

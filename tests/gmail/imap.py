@@ -91,7 +91,7 @@ class ImapSession(SelectedState):
 
     def tagged(self, tag: bytes, status: str, rest: bytes) -> None:
         if status == "OK" and self.server.faults.take_throttle(self.user):
-            rest = b"[THROTTLED] " + rest
+            rest = rest + b" [THROTTLED]"  # appended to an otherwise OK reply, as Gmail does
         self.send(tag + b" " + status.encode() + b" " + rest)
 
     async def bye(self, line: bytes = SESSION_EXPIRED) -> None:
@@ -235,6 +235,9 @@ class ImapSession(SelectedState):
         self._logged_in(tag, user, "LOGIN")
 
     async def cmd_authenticate(self, tag: bytes, args: list[Token]) -> None:
+        if self.server.faults.take_count("login_bye"):
+            await self.bye(b"* BYE System error")
+            return
         mechanism = text(args[0]).upper()
         if mechanism not in ("XOAUTH2", "PLAIN"):
             raise CommandError(b"NO [CANNOT] Unsupported authentication mechanism. (Failure)")
@@ -269,6 +272,8 @@ class ImapSession(SelectedState):
 
     def _logged_in(self, tag: bytes, user: str, command: str) -> None:
         faults = self.server.faults
+        if faults.take_count("login_unavailable"):
+            raise CommandError(b"NO [UNAVAILABLE] Temporary System Problem")
         if user in faults.imap_disabled:
             raise CommandError(IMAP_DISABLED)
         if not self.server.counters.try_connect(user, faults.limit_for(user)):

@@ -124,10 +124,14 @@ class SelectedState:
         if changedsince is not None and "MODSEQ" not in [i.upper() for i in items]:
             items.append("MODSEQ")
         account = self._require()
+        failed = False
         for seq, uid in self._targets(args[0], uid_mode):
             with self.store.lock:
                 msg = self._message(uid)
                 if msg is None or (changedsince is not None and msg.modseq <= changedsince):
+                    continue
+                if msg.gm_msgid in self.faults.unfetchable:  # the unfetchable fault: no reply for it, NO at the end
+                    failed = True
                     continue
                 # the withhold_body fault: the reply comes without the message's content, the other items in it
                 sent = [i for i in items if not (_carries_content(i) and self.faults.body_withheld(msg.gm_msgid))]
@@ -141,6 +145,9 @@ class SelectedState:
                     out.append(b"MODSEQ (%d)" % msg.modseq)
                 self.view_modseq[uid] = msg.modseq
             self.send(b"* %d FETCH (%s)" % (seq, b" ".join(out)))
+        if failed:
+            self.tagged(tag, "NO", b"Some messages could not be FETCHed (Failure)")
+            return
         self.tagged(tag, "OK", b"Success")
 
     def _fetch_item(self, item: str, msg: Message, uid: int) -> bytes:  # noqa: PLR0911

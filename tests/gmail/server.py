@@ -367,7 +367,7 @@ class GmailServer:
 
     # --- admin API: faults ----------------------------------------------------------------------------------------
     def throttle(self, n_commands: int, user: str | None = None) -> None:
-        """The next ``n_commands`` tagged OK replies carry [THROTTLED] (``A5 OK [THROTTLED] Success``)."""
+        """The next ``n_commands`` tagged OK replies carry [THROTTLED], appended (``A5 OK Success [THROTTLED]``)."""
         self.faults.set_throttle(n_commands, user)
 
     def overquota(self, user: str | None = None, enabled: bool = True) -> None:
@@ -417,6 +417,20 @@ class GmailServer:
         fields still come), the other items in them, and the command ends OK: a message the server cannot read at
         the moment."""
         self.faults.withhold_body(gm_msgid, withheld)
+
+    def unfetchable(self, gm_msgid: int, on: bool = True) -> None:
+        """A message Gmail cannot serve: a FETCH that names it sends the other messages' replies, none for it, and
+        ends ``NO Some messages could not be FETCHed (Failure)``."""
+        with self.faults._lock:
+            (self.faults.unfetchable.add if on else self.faults.unfetchable.discard)(gm_msgid)
+
+    def login_unavailable(self, times: int = 1) -> None:
+        """The next ``times`` logins (AUTHENTICATE, LOGIN) answer ``NO [UNAVAILABLE] Temporary System Problem``."""
+        self.faults.login_unavailable = times
+
+    def login_bye(self, times: int = 1) -> None:
+        """The next ``times`` logins are answered with ``* BYE`` and a closed connection (a server going down)."""
+        self.faults.login_bye = times
 
     def clear_faults(self) -> None:
         self.faults.clear()
