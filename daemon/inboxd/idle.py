@@ -12,6 +12,11 @@ next full cycle (sync.interval). Each (re)connection takes one STATUS of every s
 
 IDLE is re-issued at most every IDLE_RENEW (Gmail and RFC 2177 drop idle sessions after ~10-29 min); a lost
 connection is reopened with capped exponential backoff. The watcher only signals; the sync engine does the work.
+
+A server without IDLE (no IDLE capability) is polled on the same connection instead: a NOOP of the folder every
+POLL_OTHERS seconds, whose untagged responses (EXISTS, EXPUNGE, VANISHED, FETCH) tell what changed, beside the
+STATUS of the other folders as above. That is logged once per watcher (``idle.unsupported``); sending IDLE anyway
+would fail, and the watcher would reconnect, STATUS every folder and catch up, every few seconds to minutes.
 """
 
 from __future__ import annotations
@@ -167,7 +172,8 @@ class _Others:
 
 
 class IdleWatcher:
-    """A daemon thread per account: IDLE, and call `on_change()` when the server says the folder changed."""
+    """A daemon thread per account: IDLE (or a NOOP poll where the server has no IDLE), and call `on_change()` when
+    the server says the folder changed."""
 
     def __init__(
         self,
@@ -193,6 +199,7 @@ class IdleWatcher:
         self.idling = threading.Event()  # set while an IDLE command is active (tests wait on it)
         self._idled = False  # IDLE was reached since the last failure: the backoff starts again from its base
         self._refusals: set[str] = set()  # folders whose STATUS was refused on this connection (logged once)
+        self._told_no_idle = False  # idle.unsupported was logged (once per watcher, not per connection)
 
     def start(self) -> None:
         self._thread.start()
@@ -242,6 +249,7 @@ class IdleWatcher:
                 others.seen = self._statuses(session, others.names)
             if self._stop.is_set():
                 return
+            can_idle = self._can_idle(client)
             selected = session.select(folder)
             if catch_up:  # mail may have arrived while the connection was down
                 self._on_change()
@@ -252,9 +260,14 @@ class IdleWatcher:
             slice_s = min(CHECK_SLICE, self._poll_others)
             # the first poll at a random point of the period: 200 watchers started together spread their STATUS
             # commands over it instead of sending them in one burst every 30 s
-            polled = self._clock.monotonic() - random.uniform(0, self._poll_others)
+            polled = checked = self._clock.monotonic() - random.uniform(0, self._poll_others)
             while not self._stop.is_set():
-                changed, poll = self._idle(client, slice_s, poll_at=self._next_poll(others, polled))
+                poll_at = self._next_poll(others, polled)
+                if can_idle:
+                    changed, poll = self._idle(client, slice_s, poll_at=poll_at)
+                else:  # the NOOP's news is in imaplib's untagged responses, read by pending_change below
+                    changed, poll = self._noop(client, at=checked + self._poll_others, poll_at=poll_at)
+                    checked = self._clock.monotonic()
                 if changed:  # the count moved in ways _idle does not track: the next EXISTS is news whatever it says
                     exists = None
                 if poll and others is not None:
@@ -268,6 +281,27 @@ class IdleWatcher:
         finally:
             self._socket = None
             session.close()
+
+    def _can_idle(self, client: IMAPClient) -> bool:
+        """Whether the server offers IDLE; if not, say so once (a reconnect does not repeat it)."""
+        if client.has_capability("IDLE"):
+            return True
+        if not self._told_no_idle:
+            self._told_no_idle = True
+            log.info("idle.unsupported", account=self._name, poll_s=self._poll_others)
+        return False
+
+    def _noop(self, client: IMAPClient, *, at: float, poll_at: float | None) -> tuple[bool, bool]:
+        """Without IDLE, _idle's stand-in: wait until ``at``, then a NOOP of the selected folder, which the server
+        answers with what changed there since the last command (left in imaplib's untagged responses for
+        pending_change). Returns (False, whether the other folders are due at ``poll_at``); (False, False) when
+        the watcher stops meanwhile."""
+        self._stop.wait(max(0.0, at - self._clock.monotonic()))
+        if self._stop.is_set():
+            return False, False
+        client.noop()
+        self._idled = True  # as after a slice of IDLE: the connection holds, the backoff starts over
+        return False, poll_at is not None and self._clock.monotonic() >= poll_at
 
     def _idle(self, client: IMAPClient, slice_s: float, *, poll_at: float | None) -> tuple[bool, bool]:
         """One IDLE command, until the folder changes (True, _), the other folders are due for a STATUS at
