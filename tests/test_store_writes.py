@@ -18,11 +18,12 @@ from inboxd import db
 from inboxd.blobs import BlobStore
 from inboxd.clock import SystemClock
 from inboxd.crypto import SecretBox
-from inboxd.models import MailMessage
+from inboxd.models import MailMessage, MailQuarantine
 from inboxd.parse import parse_message
 from inboxd.store import Credential, NewLocation, NewMessage, Store
 
 messages_t = MailMessage.__table__  # type: ignore[attr-defined]
+quarantine_t = MailQuarantine.__table__  # type: ignore[attr-defined]
 
 RAW = (
     b"From: Rita Recruiter <rita@example.com>\r\nTo: cand@example.org\r\nSubject: Offer\r\n"
@@ -109,3 +110,15 @@ def test_writers_of_different_accounts_do_not_wait_for_each_other_on_postgresql(
         worker.start()
         assert done.wait(timeout=60), "the other account's batch waited for this account's lock"
     worker.join()
+
+
+def test_a_quarantine_row_without_bytes_keeps_the_bytes_that_came_later(store: Store) -> None:
+    """A message quarantined because its body never came is asked for again (AccountSync._retry_bodiless); when the
+    body comes and does not parse, its row keeps the bytes and the parser's reason."""
+    account = store.add_account("q@example.com", "fake", Credential("password", "x"))
+    store.quarantine(account.id, "INBOX", 7, 3, reason="the server sent no body", raw=None)
+    store.quarantine(account.id, "INBOX", 7, 3, reason="no headers", raw=b"\r\n\r\nbody")
+    store.quarantine(account.id, "INBOX", 7, 3, reason="the server sent no body", raw=None)  # kept as it is
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(quarantine_t.c.reason, quarantine_t.c.raw, quarantine_t.c.size_bytes)).all()
+    assert [tuple(r) for r in rows] == [("no headers", b"\r\n\r\nbody", 8)]

@@ -284,6 +284,52 @@ def test_a_body_the_server_never_sends_is_quarantined_after_three_syncs(store: S
     assert _stored(store, account.id) == 6
 
 
+def test_a_message_quarantined_without_its_body_is_stored_once_the_server_sends_it(store: Store) -> None:
+    """Three syncs in a row without a body can be a minute (pushes): the server's hiccup must not cost the message
+    for good. Once an hour, for a week, the folder's messages quarantined without bytes are asked for again; one
+    that comes is stored and leaves the quarantine. Before, nothing ever asked again."""
+    account = store.add_account("later@example.test", "fake", Credential("password", "x"))
+    mb = FakeMailbox()
+    for n in range(4):
+        mb.append("INBOX", raw_message(n))
+    clock = FakeClock()
+    caps = CAPS["qresync"]
+    misses: dict[tuple[int, str, int, int], int] = {}
+    retried: dict[tuple[int, str, int], float] = {}
+
+    def sync(session: FakeSession) -> Any:
+        clock.advance(1)
+        stats = AccountSync(
+            store,
+            store.account_by_id(account.id),  # as the Runner reads it: synced once, no longer importing
+            session,
+            settings=SyncSettings(batch_size=2),
+            clock=clock,
+            body_misses=misses,
+            bodiless_retried=retried,
+        ).run()
+        store.set_state(account.id, "active", synced=True)
+        return stats
+
+    sync(FakeSession(mb, caps))  # the account's first sync (an import is never retried into)
+    mb.append("INBOX", raw_message(7))
+    late = mb.append("INBOX", raw_message(8))
+    for _ in range(3):
+        sync(NeverSendsOneBody(mb, caps, late))
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(quarantine_t.c.uid)).scalars().all() == [late]
+    assert _stored(store, account.id) == 5
+    assert sync(FakeSession(mb, caps)).new_messages == 0, "asked again within the hour: not yet"
+    clock.advance(3600)
+    stats = sync(FakeSession(mb, caps))
+    assert stats.new_messages == 1
+    assert _stored(store, account.id) == 6
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(quarantine_t)).scalar() == 0
+    clock.advance(3600)
+    assert sync(FakeSession(mb, caps)).new_messages == 0, "stored once"
+
+
 def test_flags_change_above_a_held_cursor_is_not_lost(store: Store) -> None:
     """While the cursor is held below a message that did not come, the messages above it are stored: a flag change
     on one of them (CHANGEDSINCE, asked only up to the cursor) was lost once HIGHESTMODSEQ moved on."""

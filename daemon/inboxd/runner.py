@@ -109,6 +109,7 @@ class Runner:
         # syncs in a row without a message's body (AccountSync._given_up); one entry per account, so no two syncs
         # share a key, and a dict's single item updates are atomic under the GIL
         self._body_misses: dict[tuple[int, str, int, int], int] = {}
+        self._bodiless_retried: dict[tuple[int, str, int], float] = {}  # AccountSync._retry_bodiless, the same way
         self._store = store
         self._stop = stop
         # set by the daemon when this node lost an account's lease: the running syncs stop between batches
@@ -261,6 +262,7 @@ class Runner:
                     stop=halt,
                     parser=self._parser,
                     body_misses=self._body_misses,
+                    bodiless_retried=self._bodiless_retried,
                 ).run()
                 done = True
                 return stats

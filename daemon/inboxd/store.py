@@ -751,13 +751,21 @@ class Store:
     ) -> None:
         with self.engine.begin() as conn:
             exists = conn.execute(
-                sa.select(quarantine_t.c.id).where(
+                sa.select(quarantine_t.c.id, quarantine_t.c.raw).where(
                     quarantine_t.c.account_id == account_id,
                     quarantine_t.c.folder == folder,
                     quarantine_t.c.uidvalidity == uidvalidity,
                     quarantine_t.c.uid == uid,
                 )
-            ).scalar()
+            ).first()
+            if exists is not None and exists.raw is None and raw is not None:
+                # quarantined without bytes, asked for again (AccountSync._retry_bodiless): the body came, and does
+                # not parse; the row keeps it now
+                conn.execute(
+                    quarantine_t.update()
+                    .where(quarantine_t.c.id == exists.id)
+                    .values(reason=reason[:2000], size_bytes=len(raw), raw=raw)
+                )
             if exists is None:
                 conn.execute(
                     quarantine_t.insert().values(
@@ -771,6 +779,47 @@ class Store:
                         created_at=self._clock.now(),
                     )
                 )
+
+    def bodiless_quarantined(self, account_id: int, folder: str, uidvalidity: int, *, since: datetime) -> list[int]:
+        """UIDs of the folder's messages quarantined without bytes (no body came) at ``since`` or later."""
+        with self.engine.connect() as conn:
+            return sorted(
+                int(uid)
+                for uid in conn.execute(
+                    sa.select(quarantine_t.c.uid).where(
+                        quarantine_t.c.account_id == account_id,
+                        quarantine_t.c.folder == folder,
+                        quarantine_t.c.uidvalidity == uidvalidity,
+                        quarantine_t.c.raw.is_(None),
+                        quarantine_t.c.created_at >= since,
+                    )
+                ).scalars()
+            )
+
+    def release_quarantined(self, account_id: int, folder_id: int, uidvalidity: int, uids: Iterable[int]) -> int:
+        """Delete the quarantine rows of these UIDs that the folder now has a location for (stored after all);
+        returns how many."""
+        with self.engine.begin() as conn:
+            folder = conn.execute(sa.select(folders_t.c.name).where(folders_t.c.id == folder_id)).scalar_one()
+            located = [
+                int(uid)
+                for chunk in chunks(sorted(set(uids)))
+                for uid in conn.execute(
+                    sa.select(locations_t.c.uid).where(
+                        locations_t.c.folder_id == folder_id, locations_t.c.uid.in_(chunk)
+                    )
+                ).scalars()
+            ]
+            for chunk in chunks(located):
+                conn.execute(
+                    quarantine_t.delete().where(
+                        quarantine_t.c.account_id == account_id,
+                        quarantine_t.c.folder == folder,
+                        quarantine_t.c.uidvalidity == uidvalidity,
+                        quarantine_t.c.uid.in_(chunk),
+                    )
+                )
+            return len(located)
 
     def refresh_dirty(self, account_id: int) -> int:
         """Recompute every message of the account marked dirty (by this sync or an interrupted one), then clear

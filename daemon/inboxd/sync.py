@@ -110,6 +110,10 @@ class _FetchedRun:
 
 
 BODY_MISSES_TO_QUARANTINE = 3  # syncs in a row without a message's body before it is quarantined (_given_up)
+# a message quarantined without bytes (its body never came) is asked for again this often, for this long after it
+# was quarantined (_retry_bodiless): what the server could not serve for a minute must not be lost for good
+BODILESS_RETRY_EVERY = timedelta(hours=1)
+BODILESS_RETRY_FOR = timedelta(days=7)
 
 
 class AccountSync:
@@ -127,6 +131,7 @@ class AccountSync:
         stop: StopFlag | None = None,
         parser: MessageParser | None = None,
         body_misses: MutableMapping[tuple[int, str, int, int], int] | None = None,
+        bodiless_retried: MutableMapping[tuple[int, str, int], float] | None = None,
     ) -> None:
         self._store = store
         self._account = account
@@ -153,6 +158,11 @@ class AccountSync:
         # syncs in a row in which a message's body did not come, by (account, folder, UIDVALIDITY, UID): kept by the
         # caller across syncs (Runner), so that one the server never returns is quarantined (see _given_up)
         self._body_misses = body_misses if body_misses is not None else {}
+        # when the bodiless quarantined messages of (account, folder, UIDVALIDITY) were last asked for again
+        # (monotonic), kept by the caller across syncs like body_misses
+        self._bodiless_retried = bodiless_retried if bodiless_retried is not None else {}
+        self._retrying = False  # in _retry_bodiless: a body that does not come again is not counted again
+        self._incomplete = False  # a body of the folder being synced did not come (its cursor is held)
 
     def run(self) -> SyncStats:
         specs = self._dialect.folders(self._session.list_folders())
@@ -208,6 +218,7 @@ class AccountSync:
             self.stats.folders_unchanged += 1
             if self._importing:  # an import resumed: an earlier attempt finished this folder, all of it is done
                 self._count(status.messages - self._unestimate(spec.name), status.messages - self._unearlier(spec.name))
+            self._retry_bodiless(folder, status.uidvalidity, None)
             return
         selected = self._session.select(spec.name)
         # Re-plan from SELECT's numbers: the folder may have changed between STATUS and SELECT.
@@ -253,6 +264,37 @@ class AccountSync:
             message_count=selected.exists,
         )
         flog.info("sync.folder_done", new=len(new_uids))
+        self._retry_bodiless(folder, selected.uidvalidity, selected)
+
+    def _retry_bodiless(self, folder: StoredFolder, uidvalidity: int | None, selected: SelectInfo | None) -> None:
+        """Ask again, every BODILESS_RETRY_EVERY for BODILESS_RETRY_FOR, for the folder's messages quarantined
+        without bytes (_given_up: the server sent no body in BODY_MISSES_TO_QUARANTINE syncs in a row, which pushes
+        can make a minute): one that comes now is stored as a new message would be, and its quarantine row goes.
+        Not during an import, whose progress counts every message once; the folder is selected only when it has
+        such messages."""
+        if uidvalidity is None or self._importing:
+            return
+        key = (self._account.id, folder.name, uidvalidity)
+        now = self._clock.monotonic()
+        last = self._bodiless_retried.get(key)
+        if last is not None and now - last < BODILESS_RETRY_EVERY.total_seconds():
+            return
+        self._bodiless_retried[key] = now
+        since = self._clock.now() - BODILESS_RETRY_FOR
+        uids = self._store.bodiless_quarantined(self._account.id, folder.name, uidvalidity, since=since)
+        if not uids:
+            return
+        if selected is None:
+            selected = self._session.select(folder.name)
+            if selected.uidvalidity != uidvalidity:
+                return  # the next sync re-maps the folder; the old UIDs mean nothing now
+        incomplete, bodies_first, self._bodies_first, self._retrying = self._incomplete, self._bodies_first, False, True
+        try:
+            self._ingest(folder, selected, batches(uids, self._settings.batch_size))
+        finally:
+            self._incomplete, self._bodies_first, self._retrying = incomplete, bodies_first, False
+        released = self._store.release_quarantined(self._account.id, folder.id, uidvalidity, uids)
+        self._log.info("sync.quarantine_retried", folder=folder.name, asked=len(uids), stored=released)
 
     def _check_stop(self) -> None:
         if self._stop is not None and self._stop.is_set():
@@ -537,6 +579,8 @@ class AccountSync:
         account, folder_name, uidvalidity = self._account.id, folder.name, selected.uidvalidity
         for uid in bodies:
             self._body_misses.pop((account, folder_name, uidvalidity, uid), None)
+        if self._retrying:  # already quarantined: asked for again later (_retry_bodiless)
+            return missing
         still: list[int] = []
         for uid in missing:
             key = (account, folder_name, uidvalidity, uid)
