@@ -23,6 +23,7 @@ from harness.config import write_gmail_config
 from inboxd.clock import SystemClock
 from inboxd.config import Config, load_config
 from inboxd.gmail import ALL_MAIL_HIDDEN
+from inboxd.imap import ImapEndpoint, connect, parse_vanished, uid_set_chunks
 from inboxd.models import MailFolder, MailMessage, MailThread
 from inboxd.runner import AccountResult, Runner
 from inboxd.store import Credential, Store
@@ -311,6 +312,37 @@ def test_a_message_gmail_cannot_fetch_holds_up_only_itself(
     again = run(config, store, recruiter)
     assert again.ok, again.reason
     assert sorted(r.provider_message_id for r in rows(store, recruiter)) == sorted(f"gm:{i}" for i in ids)
+
+
+def test_the_expunge_check_asks_for_a_dense_range_in_one_search(
+    mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """Gmail has no QRESYNC: every sync of All Mail with new mail asks which stored UIDs still exist. That was one
+    SEARCH per 2,000 UIDs (150 round trips at every push for 300,000 messages); a dense range is one short line."""
+    for n in range(3):
+        gmail_server.deliver(application(recruiter, n))
+    endpoint = ImapEndpoint(
+        host="127.0.0.1", port=gmail_server.imap_port, tls="starttls", ca_file=mailstack.ca_cert, timeout=10
+    )
+    session = connect(endpoint, username=recruiter, access_token=lambda: mailstack.access_token(recruiter))
+    try:
+        session.select("[Gmail]/All Mail")
+        before = gmail_server.commands(recruiter).count("UID SEARCH")
+        uids = set(gmail_server.folder(recruiter, "\\All").uids)
+        assert len(uids) == 3 and max(uids) < 300_000
+        assert session.existing_uids(range(1, 300_001)) == uids
+        assert gmail_server.commands(recruiter).count("UID SEARCH") - before == 1
+    finally:
+        session.close()
+
+
+def test_uid_set_chunks_cover_the_uids_within_the_line_limit() -> None:
+    sparse = range(1, 40_000, 2)
+    chunks = uid_set_chunks(sparse, 1000)
+    assert all(len(c) <= 1000 for c in chunks) and len(chunks) > 1
+    assert sorted(uid for c in chunks for uid in parse_vanished(c)) == list(sparse)
+    assert uid_set_chunks(range(1, 300_001), 1000) == ["1:300000"]
+    assert uid_set_chunks([], 1000) == []
 
 
 def test_contacts_scope_and_backfill_on_gmail(
