@@ -23,7 +23,7 @@ from imapclient.imapclient import SocketTimeout
 from imapclient.response_parser import parse_fetch_response
 
 from inboxd import __version__
-from inboxd.errors import AccountFailed, QuotaExceeded, ReauthRequired, RetryLater, SessionExpired
+from inboxd.errors import AccountFailed, InboxdError, QuotaExceeded, ReauthRequired, RetryLater, SessionExpired
 from inboxd.parse import normalize_msgid, parse_address_list, raw_header_value
 from inboxd.planner import Capabilities, FolderListing, FolderStatus, sequence_set
 from inboxd.tls import verified_context
@@ -188,11 +188,13 @@ class ImapClientSession:
         what = ["UIDVALIDITY", "UIDNEXT", "MESSAGES"] + (["HIGHESTMODSEQ"] if self._caps.condstore else [])
         raw = self._call(self._client.folder_status, folder, what)
         values = {_text(k).upper(): v for k, v in raw.items()}
+        # a value the server left out (or sent as no number) is -1, which no cursor holds: the folder never looks
+        # unchanged, and its sync plans from SELECT's numbers. A KeyError here failed the whole account, every cycle
         return FolderStatus(
-            uidvalidity=int(values["UIDVALIDITY"]),
-            uidnext=int(values["UIDNEXT"]),
-            messages=int(values["MESSAGES"]),
-            highest_modseq=int(values["HIGHESTMODSEQ"]) if "HIGHESTMODSEQ" in values else None,
+            uidvalidity=_number(values.get("UIDVALIDITY")),
+            uidnext=_number(values.get("UIDNEXT")),
+            messages=max(0, _number(values.get("MESSAGES"))),
+            highest_modseq=int(values["HIGHESTMODSEQ"]) if _number(values.get("HIGHESTMODSEQ")) >= 0 else None,
         )
 
     def select(self, folder: str) -> SelectInfo:
@@ -377,6 +379,12 @@ class ImapClientSession:
         except IMAPClientError as exc:
             if imap.untagged_responses.pop("OVERQUOTA", None) is not None:
                 raise QuotaExceeded(f"provider quota exceeded: {_safe(exc)}") from exc
+            if NOT_CONNECTED in str(exc):
+                raise AccountFailed(
+                    "Exchange accepted the login but cannot open the mailbox (User is authenticated but not "
+                    "connected): the signed-in user or app has no access to it, or the mailbox is not ready; for "
+                    "app-only access, grant the app access to this mailbox (Add-MailboxPermission)"
+                ) from exc
             raise RetryLater(f"IMAP command failed: {_safe(exc)}") from exc
         # Gmail appends the code to the text ("OK Success [THROTTLED]"), where imaplib, which only reads a code at
         # the start, does not see it; a code at the start lands among the untagged responses
@@ -434,6 +442,14 @@ def _record_tagged_replies(imap: imaplib.IMAP4) -> list[bytes]:
     return last
 
 
+def _number(value: Any) -> int:
+    """A STATUS value as a number; -1 for one missing or not a number."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
+
+
 def _safe(exc: BaseException) -> str:
     return str(exc)[:300]
 
@@ -488,6 +504,9 @@ def _modseq(data: Mapping[bytes, Any]) -> int | None:
     return int(value) if value is not None else None
 
 
+# Exchange Online's answer (BAD, to the first command after the login) when the login's identity cannot open the
+# mailbox: an app-only token without a mailbox permission, a user with no access, a mailbox not provisioned yet
+NOT_CONNECTED = "User is authenticated but not connected"
 UID_SET_CHARS = 16_000  # the longest sequence set of one SEARCH (servers take lines of 64 KB or more)
 ADDRESS_FIELDS = ("from", "to", "cc", "bcc", "reply-to")
 HEADER_FIELDS = ("MESSAGE-ID", "FROM", "TO", "CC", "BCC", "REPLY-TO", "IN-REPLY-TO", "REFERENCES")
@@ -556,7 +575,7 @@ def connect(
             endpoint.host, port=endpoint.port, ssl=endpoint.tls == "tls", ssl_context=ctx, timeout=timeout
         )
     except ssl.SSLError as exc:
-        raise AccountFailed(f"TLS to {endpoint.host}:{endpoint.port} failed: {exc.reason}") from exc
+        raise _tls_failure(endpoint, exc) from exc
     except OSError as exc:
         raise RetryLater(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc.strerror or exc}") from exc
     # IMAPClient sets imaplib's debug level to 5 so imaplib hands every line it sends or reads to a logger; imaplib
@@ -565,7 +584,7 @@ def connect(
     client._imap.debug = 0
     try:
         if endpoint.tls == "starttls":
-            client.starttls(ctx)
+            _starttls(client, ctx, endpoint)
         _authenticate(client, username, access_token, invalidate_token, password)
         caps = {_text(c).upper() for c in client.capabilities()}
         condstore = "CONDSTORE" in caps or "QRESYNC" in caps
@@ -586,13 +605,36 @@ def connect(
         return session
     except ssl.SSLError as exc:
         _shutdown(client)
-        raise AccountFailed(f"TLS to {endpoint.host}:{endpoint.port} failed: {exc.reason}") from exc
+        raise _tls_failure(endpoint, exc) from exc
     except (imaplib.IMAP4.abort, OSError) as exc:
         _shutdown(client)
         raise RetryLater(f"IMAP connection to {endpoint.host} lost during login: {_safe(exc)}") from exc
     except BaseException:
         _shutdown(client)
         raise
+
+
+def _starttls(client: IMAPClient, ctx: ssl.SSLContext, endpoint: ImapEndpoint) -> None:
+    """STARTTLS, or a clear error when the server does not offer it (imaplib's plain error left the account in
+    "internal error"): the port or ``tls`` setting is wrong, which only the config can fix."""
+    try:
+        client.starttls(ctx)
+    except (imaplib.IMAP4.abort, ssl.SSLError):
+        raise
+    except IMAPClientError as exc:
+        raise AccountFailed(
+            f"{endpoint.host}:{endpoint.port} refused STARTTLS ({_safe(exc)}): check the provider's imap_port and "
+            'imap_tls (implicit TLS, port 993, is imap_tls = "tls")'
+        ) from exc
+
+
+def _tls_failure(endpoint: ImapEndpoint, exc: ssl.SSLError) -> InboxdError:
+    """A TLS handshake that failed: a certificate or protocol refused is for an admin (AccountFailed); one cut short
+    (the connection closed or reset mid-handshake) is the network's, tried again (RetryLater)."""
+    where = f"{endpoint.host}:{endpoint.port}"
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or exc.reason == "UNEXPECTED_EOF_WHILE_READING":
+        return RetryLater(f"TLS to {where} was cut short: {exc.reason or exc}")
+    return AccountFailed(f"TLS to {where} failed: {exc.reason or exc}")
 
 
 def _authenticate(
@@ -639,6 +681,8 @@ def _raise_unless_refused(client: IMAPClient, exc: LoginError) -> None:
     untagged = client._imap.untagged_responses
     if untagged.pop("OVERQUOTA", None) is not None:
         raise QuotaExceeded(f"provider quota exceeded at login: {_reply_text(exc)}") from exc
+    if untagged.pop("PRIVACYREQUIRED", None) is not None:
+        raise AccountFailed(f"the IMAP server refuses this login without encryption: {_reply_text(exc)}") from exc
     busy = next((code for code in _LOGIN_TRY_LATER if untagged.pop(code, None) is not None), None)
     if busy is not None:
         raise RetryLater(f"the IMAP server cannot log in now ([{busy}]): {_reply_text(exc)}") from exc
