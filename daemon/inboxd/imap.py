@@ -681,8 +681,6 @@ def _raise_unless_refused(client: IMAPClient, exc: LoginError) -> None:
     untagged = client._imap.untagged_responses
     if untagged.pop("OVERQUOTA", None) is not None:
         raise QuotaExceeded(f"provider quota exceeded at login: {_reply_text(exc)}") from exc
-    if untagged.pop("PRIVACYREQUIRED", None) is not None:
-        raise AccountFailed(f"the IMAP server refuses this login without encryption: {_reply_text(exc)}") from exc
     busy = next((code for code in _LOGIN_TRY_LATER if untagged.pop(code, None) is not None), None)
     if busy is not None:
         raise RetryLater(f"the IMAP server cannot log in now ([{busy}]): {_reply_text(exc)}") from exc
