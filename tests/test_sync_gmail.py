@@ -578,3 +578,22 @@ def test_a_folder_name_that_is_not_modified_utf7_is_left_out_not_the_account(
     assert len(rows(store, recruiter)) == 2, "All Mail, found all the same, holds both"
     [event] = [e for e in logs if e["event"] == "imap.folder_names_unreadable"]
     assert event["folders"] == 1 and event["names"] == ["R&D"]
+
+
+def test_a_folder_name_in_raw_utf8_is_left_out_not_taken_for_another_name(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack, gmail_server: GmailServer, recruiter: str
+) -> None:
+    """A server that lists "Bewerbungen/Müller" in raw UTF-8 (8-bit bytes, which modified UTF-7 never has): imapclient
+    decoded it without a word into "Bewerbungen/MÃ¼ller", a name the server does not know, refused at every SELECT.
+    It is left out and logged, as a name with a raw "&" is."""
+    config = gmail_config(tmp_path, db_url, mailstack, gmail_server)
+    gmail_server.deliver(application(recruiter), labels=["\\Inbox", "Bewerbungen/Müller"])
+    gmail_server.raw_folder_names(recruiter)
+    with structlog.testing.capture_logs() as logs:
+        result = run(config, store, recruiter)
+    assert result.ok, result.reason
+    [event] = [e for e in logs if e["event"] == "imap.folder_names_unreadable"]
+    assert event["folders"] == 1 and event["names"] == ["Bewerbungen/Müller"]
+    with store.engine.connect() as conn:
+        names = conn.execute(sa.select(folders_t.c.name)).scalars().all()
+    assert not any("Ã" in name for name in names), names

@@ -156,16 +156,15 @@ class ImapClientSession:
         return self._caps
 
     def list_folders(self) -> list[FolderListing]:
-        try:
-            rows = self._call(self._client.list_folders)
-        except UnicodeError:  # one name that is no modified UTF-7 failed imapclient's decoding of the whole LIST
-            rows = self._readable_folders()
+        rows = self._readable_folders()
         return [FolderListing(name=_text(name), flags=frozenset(_text(f) for f in flags)) for flags, _, name in rows]
 
     def _readable_folders(self) -> list[tuple[Any, Any, Any]]:
         """The LIST without the names that are not modified UTF-7 (a raw "&" or 8-bit bytes from a non-compliant
         server), which imapclient cannot decode, nor encode again to select them: they are left out and logged
-        (``imap.folder_names_unreadable``), and the other folders sync."""
+        (``imap.folder_names_unreadable``), and the other folders sync. The names are decoded here, not by
+        imapclient: a raw "&" failed its decoding of the whole LIST, and 8-bit bytes (UTF-8 "Müller") it decoded
+        without a word into a wrong name ("MÃ¼ller") whose SELECT the server refused at every cycle."""
         self._client.folder_encode = False
         try:
             raw = self._call(self._client.list_folders)
@@ -173,15 +172,17 @@ class ImapClientSession:
             self._client.folder_encode = True
         rows, unreadable = [], []
         for flags, delimiter, name in raw:
-            try:
-                rows.append((flags, delimiter, imap_utf7.decode(name) if isinstance(name, bytes) else name))
-            except UnicodeError:
+            readable = _folder_name(name)
+            if readable is None:
                 unreadable.append(name)
-        log.warning(
-            "imap.folder_names_unreadable",
-            folders=len(unreadable),
-            names=[_text(name)[:80] for name in unreadable[:5]],
-        )
+            else:
+                rows.append((flags, delimiter, readable))
+        if unreadable:
+            log.warning(
+                "imap.folder_names_unreadable",
+                folders=len(unreadable),
+                names=[_text(name)[:80] for name in unreadable[:5]],
+            )
         return rows
 
     def status(self, folder: str) -> FolderStatus:
@@ -440,6 +441,22 @@ def _record_tagged_replies(imap: imaplib.IMAP4) -> list[bytes]:
 
     imap._get_tagged_response = recording  # type: ignore[attr-defined]
     return last
+
+
+def _folder_name(raw: bytes | str | int) -> str | None:
+    """A LIST name as text: modified UTF-7 (RFC 3501 5.1.3) decoded; None for one that is not (8-bit bytes, which
+    modified UTF-7 never has, or a broken shift sequence). imapclient gives a name that looks like a number as an
+    int."""
+    if isinstance(raw, int):
+        return str(raw)
+    if isinstance(raw, str):
+        return raw
+    if not raw.isascii():
+        return None
+    try:
+        return str(imap_utf7.decode(raw))
+    except UnicodeError:
+        return None
 
 
 def _number(value: Any) -> int:
