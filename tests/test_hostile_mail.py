@@ -633,13 +633,22 @@ LISTINGS = st.lists(
 @given(LISTINGS)
 def test_folder_selection_on_random_listings(listing: list[FolderListing]) -> None:
     """Exactly the selectable folders that are not trash, spam, drafts or a virtual view are synced, whatever the
-    case of their attributes or of INBOX's name; INBOX first, then the \\Sent folders."""
+    case of their attributes or of INBOX's name; INBOX first, then the \\Sent folders. A folder without attributes
+    named Trash, Junk or Drafts is one when no other folder carries that kind's attribute (no SPECIAL-USE)."""
     skipped = {"\\trash", "\\junk", "\\drafts", "\\all", "\\flagged", "\\important", "\\noselect", "\\nonexistent"}
+    special_use = {"\\sent", "\\archive", "\\trash", "\\junk", "\\drafts", "\\all", "\\flagged", "\\important"}
+    flagged = {flag.lower() for folder in listing if folder.name.upper() != "INBOX" for flag in folder.flags}
+
+    def skipped_by_name(folder: FolderListing) -> bool:
+        kind = {"trash": "\\trash", "junk": "\\junk", "drafts": "\\drafts"}.get(folder.name.lower())
+        own = {flag.lower() for flag in folder.flags} & special_use
+        return kind is not None and kind not in flagged and not own
+
     chosen = select_folders(listing)
     expected = {
         "INBOX" if folder.name.upper() == "INBOX" else folder.name
         for folder in listing
-        if not {flag.lower() for flag in folder.flags} & skipped
+        if not {flag.lower() for flag in folder.flags} & skipped and not skipped_by_name(folder)
     }
     assert [spec.name for spec in chosen if spec.name in expected] == [spec.name for spec in chosen]
     assert {spec.name for spec in chosen} == expected

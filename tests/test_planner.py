@@ -8,6 +8,9 @@ from hypothesis import strategies as st
 
 from inboxd.imap import parse_vanished
 from inboxd.planner import (
+    KNOWN_SPECIAL_USE,
+    SKIPPED_SPECIAL_USE,
+    WELL_KNOWN_NAMES,
     Capabilities,
     ExpungeCheck,
     FolderCursor,
@@ -19,7 +22,9 @@ from inboxd.planner import (
     message_identity,
     plan_folder,
     select_folders,
+    sent_folder,
     sequence_set,
+    special_uses,
 )
 
 CONDSTORE = Capabilities(condstore=True, qresync=False)
@@ -131,6 +136,143 @@ def test_select_folders_skips_trash_junk_drafts_virtual_and_noselect_inbox_first
         ("Archive", "\\Archive"),
         ("Work", None),
     ]
+
+
+def _plain(*names: str, delimiter: str | None = None) -> list[FolderListing]:
+    """A listing without SPECIAL-USE attributes, as Courier or a Dovecot without special_use sends it."""
+    return [FolderListing(name, frozenset({"\\HasNoChildren"}), delimiter) for name in names]
+
+
+def _chosen(listing: list[FolderListing]) -> list[tuple[str, str | None]]:
+    return [(f.name, f.special_use) for f in select_folders(listing)]
+
+
+def test_a_courier_listing_without_special_use_skips_trash_drafts_junk_by_name_and_knows_sent() -> None:
+    """Courier keeps every folder under INBOX and flags none: INBOX.Trash, INBOX.Drafts and INBOX.Spam were synced as
+    mail (the recruiter's autosaved drafts as outbound mail, deleted mail still visible) and INBOX.Sent was not
+    known as Sent. A folder deeper down or one whose name merely contains the word stays a normal folder."""
+    listing = _plain(
+        "INBOX",
+        "INBOX.Trash",
+        "INBOX.Drafts",
+        "INBOX.Sent",
+        "INBOX.Spam",
+        "INBOX.Archives",
+        "INBOX.Candidates",
+        "INBOX.Candidates.Trash",
+        "INBOX.Trash talk",
+        "INBOX.Old Sent",
+        delimiter=".",
+    )
+    assert _chosen(listing) == [
+        ("INBOX", "\\Inbox"),
+        ("INBOX.Sent", "\\Sent"),
+        ("INBOX.Archives", "\\Archive"),
+        ("INBOX.Candidates", None),
+        ("INBOX.Candidates.Trash", None),
+        ("INBOX.Old Sent", None),
+        ("INBOX.Trash talk", None),
+    ]
+
+
+def test_top_level_well_known_names_match_case_insensitively_with_the_delimiter_guessed() -> None:
+    """Outlook-style names at the top level, in any case; without a known delimiter "INBOX/" and "INBOX." are both
+    taken as INBOX's children; with one, only that one."""
+    listing = _plain("inbox", "Deleted Items", "JUNK E-MAIL", "sent items", "drafts", "INBOX/Deleted Messages", "Work")
+    assert _chosen(listing) == [("INBOX", "\\Inbox"), ("sent items", "\\Sent"), ("Work", None)]
+    assert _chosen(_plain("INBOX", "INBOX.Trash", "INBOX/Spam", delimiter="/")) == [
+        ("INBOX", "\\Inbox"),
+        ("INBOX.Trash", None),
+    ]
+
+
+def test_a_flagged_folder_wins_over_names_kind_by_kind() -> None:
+    """Once a folder carries a kind's attribute, folders merely named like that kind are normal folders; a kind no
+    folder is flagged with is still told by name; a folder's own attribute is never overridden by its name."""
+    listing = [
+        FolderListing("INBOX", frozenset()),
+        FolderListing("Bin", frozenset({"\\Trash"})),
+        FolderListing("Trash", frozenset()),  # the server says Bin is the trash: this is the user's own folder
+        FolderListing("Sent", frozenset({"\\Sent"})),
+        FolderListing("Sent Items", frozenset()),
+        FolderListing("Junk", frozenset()),  # no \\Junk anywhere: spam by its name
+        FolderListing("Drafts", frozenset({"\\Archive"})),  # odd, but the attribute is what the server says
+    ]
+    assert _chosen(listing) == [
+        ("INBOX", "\\Inbox"),
+        ("Sent", "\\Sent"),
+        ("Drafts", "\\Archive"),
+        ("Sent Items", None),
+        ("Trash", None),
+    ]
+
+
+def test_inbox_is_never_reclassified() -> None:
+    listing = [FolderListing("INBOX", frozenset({"\\Trash"})), *_plain("Trash")]
+    assert special_uses(listing) == {"Trash": "\\Trash"}
+    assert _chosen(_plain("Inbox", "Trash")) == [("INBOX", "\\Inbox")]
+
+
+def test_sent_folder_is_the_flagged_one_else_the_best_named_one() -> None:
+    """Where the outbox files its copy of a sent message: the \\Sent folder, else by name ("Sent" before "Sent
+    Items", top level or under INBOX alike), never a \\Noselect one; None without either."""
+    flagged = [FolderListing("Sent", frozenset()), FolderListing("Gesendet", frozenset({"\\Sent"}))]
+    assert sent_folder(flagged) == "Gesendet"
+    assert sent_folder(_plain("INBOX", "Sent Items", "INBOX.Sent", "Sent Messages")) == "INBOX.Sent"
+    assert sent_folder(_plain("INBOX", "Sent Mail", "Sent Items")) == "Sent Items"
+    noselect = [FolderListing("Sent", frozenset({"\\Noselect"})), *_plain("Sent Items")]
+    assert sent_folder(noselect) == "Sent Items"
+    assert sent_folder(_plain("INBOX", "Old Sent", "Projects/Sent", delimiter="/")) is None
+
+
+_ATTRIBUTES = [*KNOWN_SPECIAL_USE, "\\HasNoChildren", "\\Noselect", "\\Marked"]
+_KNOWN_NAMES = [name for names in WELL_KNOWN_NAMES.values() for name in names]
+
+
+@st.composite
+def _listings(draw: st.DrawFn) -> list[FolderListing]:
+    last = st.sampled_from([*_KNOWN_NAMES, "Work", "Trash talk", "My Drafts", "Candidates", "INBOX"])
+    cased = last.flatmap(lambda n: st.sampled_from([n, n.upper(), n.lower()]))
+    parent = st.sampled_from(["", "INBOX/", "INBOX.", "inbox/", "Projects/", "INBOX.Projects."])
+    names = st.builds(lambda p, n: p + n, parent, cased)
+    attributes = st.frozensets(st.sampled_from(_ATTRIBUTES), max_size=2)
+    # server names are case-sensitive but INBOX's is not: one INBOX per listing
+    folders = draw(st.lists(st.tuples(names, attributes), max_size=12, unique_by=lambda f: f[0].upper()))
+    return [FolderListing(name, flags) for name, flags in folders]
+
+
+def _stripped(name: str) -> str:
+    return name[6:] if name[:6].upper() in {"INBOX/", "INBOX."} else name
+
+
+@given(_listings())
+def test_special_use_of_any_listing_follows_the_rules(listing: list[FolderListing]) -> None:
+    """For any listing: an attribute always decides; a name decides only a kind nobody is flagged with, and only for
+    an unflagged folder at the top level or directly under INBOX whose whole remaining name is a well-known one;
+    INBOX is the inbox; what select_folders keeps is exactly the selectable folders not of a skipped kind."""
+    uses = special_uses(listing)
+    flagged_kinds = {k for f in listing if f.name.upper() != "INBOX" for k in KNOWN_SPECIAL_USE if k in f.flags}
+    for folder in listing:
+        own = next((k for k in KNOWN_SPECIAL_USE if k in folder.flags), None)
+        if folder.name.upper() == "INBOX":
+            assert folder.name not in uses
+        elif own is not None:
+            assert uses[folder.name] == own
+        elif folder.name in uses:
+            kind = uses[folder.name]
+            assert kind not in flagged_kinds
+            assert _stripped(folder.name).casefold() in {n.casefold() for n in WELL_KNOWN_NAMES[kind]}
+        else:
+            part = _stripped(folder.name).casefold()
+            kinds = [k for k, names in WELL_KNOWN_NAMES.items() if part in {n.casefold() for n in names}]
+            assert all(k in flagged_kinds for k in kinds)
+    chosen = {f.name: f.special_use for f in select_folders(listing)}
+    for folder in listing:
+        inbox = folder.name.upper() == "INBOX"
+        skipped = folder.flags & ({"\\Noselect"} | SKIPPED_SPECIAL_USE) or uses.get(folder.name) in SKIPPED_SPECIAL_USE
+        assert (("INBOX" if inbox else folder.name) in chosen) == (not skipped)
+        if not skipped and not inbox:
+            assert chosen[folder.name] == uses.get(folder.name)
 
 
 def test_direction() -> None:

@@ -15,14 +15,32 @@ from enum import Enum
 SKIPPED_SPECIAL_USE = frozenset({"\\Trash", "\\Junk", "\\Drafts", "\\All", "\\Flagged", "\\Important"})
 UNSELECTABLE = frozenset({"\\Noselect", "\\NonExistent"})
 KNOWN_SPECIAL_USE = ("\\Sent", "\\Archive", "\\Trash", "\\Junk", "\\Drafts", "\\All", "\\Flagged", "\\Important")
+# What a server that flags no folder of a kind (no RFC 6154 SPECIAL-USE: Courier's INBOX.Trash, a Dovecot without
+# special_use in its namespace, many hosted servers) calls it: the names mail clients create (imapclient's
+# find_special_folder list, Outlook's and Thunderbird's). Matched case-insensitively on the whole name of a folder at
+# the top level or directly under INBOX (select_folders). No names for \All, \Flagged and \Important: those are
+# views a server has only if it flags them.
+WELL_KNOWN_NAMES: dict[str, tuple[str, ...]] = {
+    "\\Sent": ("Sent", "Sent Items", "Sent Messages", "Sent Mail"),
+    "\\Drafts": ("Drafts", "Draft"),
+    "\\Trash": ("Trash", "Deleted Items", "Deleted Messages", "Deleted"),
+    "\\Junk": ("Junk", "Spam", "Junk E-mail", "Junk Email"),
+    "\\Archive": ("Archive", "Archives"),
+}
+_KIND_BY_NAME = {name.casefold(): kind for kind, names in WELL_KNOWN_NAMES.items() for name in names}
+# Courier and Dovecot with an "INBOX." namespace prefix keep every folder under INBOX; "/" and "." are the
+# delimiters servers use when the listing does not say which one (FolderListing.delimiter None)
+_GUESSED_DELIMITERS = ("/", ".")
 
 
 @dataclass(frozen=True, slots=True)
 class FolderListing:
-    """One LIST reply line: flags as returned (str), and the decoded folder name."""
+    """One LIST reply line: flags as returned (str), the decoded folder name and the hierarchy delimiter (None: not
+    known, "/" and "." are tried)."""
 
     name: str
     flags: frozenset[str]
+    delimiter: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,20 +104,82 @@ def _lower(flags: Iterable[str]) -> set[str]:
     return {f.lower() for f in flags}
 
 
+def special_uses(listing: Iterable[FolderListing]) -> dict[str, str]:
+    """The special use of each listed folder that has one, by name (INBOX is not in it: it is always the inbox).
+
+    A folder's SPECIAL-USE attribute always wins. Only for a kind that no listed folder is flagged with, a folder
+    without any attribute is of that kind by its name: one of WELL_KNOWN_NAMES, matched case-insensitively on its
+    whole name at the top level or directly under INBOX ("Trash", "INBOX.Trash", "deleted items"). A folder deeper
+    down ("Projects/Trash") or one whose name merely contains the word ("Trash talk", "Sent to agencies") is a
+    normal folder.
+    """
+    folders = [f for f in listing if f.name.upper() != "INBOX"]
+    flagged = {f.name: kind for f in folders if (kind := _flagged_kind(f.flags)) is not None}
+    kinds_flagged = {kind for f in folders for kind in KNOWN_SPECIAL_USE if kind.lower() in _lower(f.flags)}
+    named = {
+        f.name: kind
+        for f in folders
+        if f.name not in flagged and (kind := _named_kind(f)) is not None and kind not in kinds_flagged
+    }
+    return {**flagged, **named}
+
+
 def select_folders(listing: Iterable[FolderListing]) -> list[FolderSpec]:
-    """The folders to sync, INBOX first: selectable ones except trash, spam, drafts and virtual views."""
+    """The folders to sync, INBOX first: selectable ones except trash, spam, drafts and virtual views (by their
+    attribute or, on a server without SPECIAL-USE, their name: special_uses)."""
+    listing = list(listing)
+    uses = special_uses(listing)
+    skipped = {s.lower() for s in SKIPPED_SPECIAL_USE}
     chosen: list[FolderSpec] = []
     for folder in listing:
-        flags = {f.lower() for f in folder.flags}  # attributes are case-insensitive (RFC 3501 9.)
-        if flags & _lower(UNSELECTABLE) or flags & _lower(SKIPPED_SPECIAL_USE):
+        flags = _lower(folder.flags)  # attributes are case-insensitive (RFC 3501 9.)
+        if flags & _lower(UNSELECTABLE) or flags & skipped:
             continue
         if folder.name.upper() == "INBOX":
             chosen.append(FolderSpec("INBOX", "\\Inbox"))
             continue
-        special = next((s for s in KNOWN_SPECIAL_USE if s.lower() in flags), None)
+        special = uses.get(folder.name)
+        if special is not None and special.lower() in skipped:  # by its name on a server without SPECIAL-USE
+            continue
         chosen.append(FolderSpec(folder.name, special))
     chosen.sort(key=lambda f: (f.special_use != "\\Inbox", f.special_use != "\\Sent", f.name))
     return chosen
+
+
+def sent_folder(listing: Iterable[FolderListing]) -> str | None:
+    """Where a server without Gmail's labels keeps sent mail (the outbox files its copy there): the selectable folder
+    marked \\Sent, else, on a server that marks none, the one named as WELL_KNOWN_NAMES' first match ("Sent" before
+    "Sent Items"), in listing order among equals; None when there is neither."""
+    listing = list(listing)
+    uses = special_uses(listing)
+    sent = [f for f in listing if uses.get(f.name) == "\\Sent" and not _lower(f.flags) & _lower(UNSELECTABLE)]
+    names = [name.casefold() for name in WELL_KNOWN_NAMES["\\Sent"]]
+
+    def rank(folder: FolderListing) -> int:  # 0 for every flagged one: there are no named ones then
+        part = _named_part(folder).casefold()
+        return names.index(part) if part in names and _flagged_kind(folder.flags) is None else 0
+
+    return min(sent, key=rank).name if sent else None
+
+
+def _flagged_kind(flags: Iterable[str]) -> str | None:
+    lowered = _lower(flags)
+    return next((s for s in KNOWN_SPECIAL_USE if s.lower() in lowered), None)
+
+
+def _named_part(folder: FolderListing) -> str:
+    """The folder's name without an INBOX parent ("INBOX.Sent Items" -> "Sent Items"); deeper paths stay whole."""
+    delimiters = (folder.delimiter,) if folder.delimiter else _GUESSED_DELIMITERS
+    for delimiter in delimiters:
+        prefix = "INBOX" + delimiter
+        if folder.name[: len(prefix)].upper() == prefix:
+            return folder.name[len(prefix) :]
+    return folder.name
+
+
+def _named_kind(folder: FolderListing) -> str | None:
+    # a well-known name has no delimiter in it: "Projects/Trash" or "INBOX.Old.Trash" is no match
+    return _KIND_BY_NAME.get(_named_part(folder).casefold())
 
 
 def plan_folder(
