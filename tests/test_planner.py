@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inboxd.imap import parse_vanished
+from inboxd.dialect import GenericImap
+from inboxd.imap import HeaderInfo, parse_vanished
 from inboxd.planner import (
     KNOWN_SPECIAL_USE,
     SKIPPED_SPECIAL_USE,
@@ -273,6 +274,19 @@ def test_special_use_of_any_listing_follows_the_rules(listing: list[FolderListin
         assert (("INBOX" if inbox else folder.name) in chosen) == (not skipped)
         if not skipped and not inbox:
             assert chosen[folder.name] == uses.get(folder.name)
+
+
+def _header(*flags: str) -> HeaderInfo:
+    return HeaderInfo(uid=1, message_id="<d@x>", size=10, flags=flags, modseq=None, internaldate=None)
+
+
+def test_a_generic_server_message_flagged_draft_is_a_draft() -> None:
+    """A draft a client saved in a synced folder (\\Draft, any case) is never stored as mail; was always False."""
+    generic = GenericImap()
+    assert generic.is_draft(_header("\\Seen", "\\Draft"))
+    assert generic.is_draft(_header("\\DRAFT"))
+    assert not generic.is_draft(_header("\\Seen", "\\Answered", "$Draft-ish"))
+    assert not generic.is_draft(_header())
 
 
 def test_direction() -> None:

@@ -49,4 +49,6 @@ class GenericImap:
         return folder.special_use == "\\Sent"
 
     def is_draft(self, header: HeaderInfo) -> bool:
-        return False  # drafts live in the folder marked \Drafts, which is not synced
+        """Flagged \\Draft (RFC 3501): a draft saved in a synced folder, as a client does where it has no Drafts
+        folder it recognises. The Drafts folder itself is not synced (planner.select_folders)."""
+        return any(flag.lower() == "\\draft" for flag in header.flags)
