@@ -16,6 +16,7 @@ from harness import MailStack, make_message
 from harness.config import write_stack_config
 from inboxd.clock import FakeClock, SystemClock
 from inboxd.config import load_config
+from inboxd.errors import Interrupted
 from inboxd.imap import HeaderInfo
 from inboxd.planner import Capabilities
 from inboxd.runner import Runner
@@ -34,11 +35,43 @@ def raw_message(n: int, sender: str = "cand{n}@example.org", size: int = 0) -> b
     ).encode()
 
 
-def _sync(store: Store, email: str, mb: FakeMailbox, settings: SyncSettings) -> list[str]:
+def _sync(store: Store, email: str, mb: FakeMailbox, settings: SyncSettings, stop: object = None) -> list[str]:
+    """One sync (recorded as done, as the Runner does); the FETCH and SEARCH LARGER commands it sent."""
     account = store.account(email) or store.add_account(email, "fake", Credential("password", "x"))
     mb.commands.clear()
-    AccountSync(store, account, FakeSession(mb, CAPS), settings=settings, clock=FakeClock()).run()
+    AccountSync(store, account, FakeSession(mb, CAPS), settings=settings, clock=FakeClock(), stop=stop).run()  # type: ignore[arg-type]
+    store.set_state(account.id, "active", synced=True)
     return [c for c in mb.commands if c.startswith("FETCH") or c == "SEARCH larger"]
+
+
+class StopOnceStored:
+    """A stop flag set once the account has ``n`` messages stored (AccountSync looks between batches)."""
+
+    def __init__(self, store: Store, email: str, n: int) -> None:
+        self.store, self.email, self.n = store, email, n
+
+    def is_set(self) -> bool:
+        account = self.store.account(self.email)
+        return account is not None and self.store.message_counts().get(account.id, 0) >= self.n
+
+
+def test_an_import_resumed_after_an_interruption_still_fetches_no_header_fields(store: Store) -> None:
+    """A first sync stopped after its first batch (a restart, a deploy) is resumed by a sync of an account not
+    synced yet: the rest comes bodies first too. The resumed import fell back to the header-first path, a FETCH of
+    header fields and then one of bodies per batch, for the hours a big import has left."""
+    mb = FakeMailbox()
+    for n in range(7):
+        mb.append("INBOX", raw_message(n))
+    settings = SyncSettings(batch_size=3, bodies_first=True)
+    with pytest.raises(Interrupted):
+        _sync(store, "resumed@example.test", mb, settings, stop=StopOnceStored(store, "resumed@example.test", 3))
+    account = store.account("resumed@example.test")
+    assert account is not None and account.last_sync_at is None
+    assert len(store.known_uids(store.folders(account.id)["INBOX"].id)) == 3, "the first batch only"
+    fetches = _sync(store, "resumed@example.test", mb, settings)
+    # and the flags of what the first attempt stored (CHANGEDSINCE: the folder has a cursor now)
+    assert [f for f in fetches if f != "FETCH flags"] == ["SEARCH larger", "FETCH messages"] * 2, fetches
+    assert len(store.known_uids(store.folders(account.id)["INBOX"].id)) == 7
 
 
 def test_scope_all_first_sync_fetches_no_header_fields(store: Store) -> None:

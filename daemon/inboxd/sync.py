@@ -168,7 +168,9 @@ class AccountSync:
         specs = self._dialect.folders(self._session.list_folders())
         folders = self._store.prepare_folders(self._account.id, specs)
         first_sync = all(f.cursor.uidvalidity is None for f in folders.values())
-        self._bodies_first = self._header_fields_decide_nothing(first_sync=first_sync)
+        # an import resumed (interrupted by a restart or a lost connection) goes on as it began: what is above its
+        # cursors is as new as in a first sync
+        self._bodies_first = self._header_fields_decide_nothing(first_sync=first_sync or self._importing)
         if (first_sync or self._importing) and self._progress is not None and len(specs) > 1:
             self._estimate(specs, folders)
         refused: list[RetryLater] = []
@@ -332,11 +334,12 @@ class AccountSync:
         - no exclusions: with exclusions configured the header-first path stays, so that excluded mail (every
           participant excluded, or an excluded label) is never downloaded at all; applying them to the parsed
           message would store the same rows but download (and hold) what the admin excluded;
-        - the account's first sync: otherwise a stored message met again (a UIDVALIDITY change, a renamed folder, a
-          message moved in from another folder, a sent message adopted from the outbox) is recognized by its
-          Message-ID before its body is downloaded. On a first sync only a copy in a second folder (or an outbox
-          message sent meanwhile) costs its body; it is then stored as one more location of the same row
-          (Store.store_batch by identity, _adopt_sent), as the header-first path would have stored it."""
+        - the account's first sync, or its import resumed after an interruption (no sync of it finished yet):
+          otherwise a stored message met again (a UIDVALIDITY change, a renamed folder, a message moved in from
+          another folder, a sent message adopted from the outbox) is recognized by its Message-ID before its body is
+          downloaded. On a first sync only a copy in a second folder (or an outbox message sent meanwhile) costs its
+          body; it is then stored as one more location of the same row (Store.store_batch by identity,
+          _adopt_sent), as the header-first path would have stored it."""
         if not self._settings.bodies_first:
             return False
         if self._settings.contacts is not None or self._settings.exclusions != NO_EXCLUSIONS:
