@@ -5,26 +5,25 @@ a draft saved in a synced folder (flagged \\Draft) is not stored, on the bodies-
 
 from __future__ import annotations
 
-import contextlib
 import re
-import socket
-import threading
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 import sqlalchemy as sa
 
 from harness import MailStack, make_message
 from harness.config import write_stack_config
+from harness.line_proxy import LineRewritingProxy
+from harness.outbox import make_outbox, outbox_row
 from inboxd.clock import SystemClock
 from inboxd.config import Config, load_config
-from inboxd.models import MailFolder, MailMessage
+from inboxd.models import MailFolder, MailMessage, MailOutbox
 from inboxd.runner import Runner
 from inboxd.store import Credential, Store
 
 messages_t = MailMessage.__table__  # type: ignore[attr-defined]
 folders_t = MailFolder.__table__  # type: ignore[attr-defined]
+outbox_t = MailOutbox.__table__  # type: ignore[attr-defined]
 
 # the attribute list of a LIST or LSUB reply, and the RFC 6154 attributes taken out of it
 _LIST_REPLY = re.compile(rb"^(\* (?:LIST|LSUB) \()([^)]*)(\))", re.IGNORECASE)
@@ -39,64 +38,9 @@ def _without_special_use(line: bytes) -> bytes:
     return _LIST_REPLY.sub(strip, line, count=1)
 
 
-class NoSpecialUseServer:
-    """Forwards 127.0.0.1:``port`` to an IMAP server's plain port, taking the special-use attributes out of every LIST
-    and LSUB reply line (whole lines only: a reply split over two reads is still found)."""
-
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self._upstream = (upstream_host, upstream_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._open: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, name="no-special-use-proxy", daemon=True)
-
-    def __enter__(self) -> NoSpecialUseServer:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._listener.close()
-        with self._lock:
-            victims, self._open = self._open, []
-        for sock in victims:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        self._thread.join(5)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            server = socket.create_connection(self._upstream, timeout=10)
-            server.settimeout(None)
-            with self._lock:
-                self._open += [client, server]
-            threading.Thread(target=self._forward, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._forward, args=(server, client, True), daemon=True).start()
-
-    @staticmethod
-    def _forward(source: socket.socket, target: socket.socket, from_server: bool) -> None:
-        partial = b""
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if not from_server:
-                    target.sendall(data)
-                    continue
-                buffered = partial + data
-                end = buffered.rfind(b"\n") + 1
-                partial = buffered[end:]
-                if end:
-                    lines = buffered[:end].splitlines(keepends=True)
-                    target.sendall(b"".join(_without_special_use(line) for line in lines))
-        for sock in (source, target):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+def NoSpecialUseServer(upstream_host: str, upstream_port: int) -> LineRewritingProxy:
+    """Dovecot's plain port, with the special-use attributes taken out of every LIST and LSUB reply line."""
+    return LineRewritingProxy(upstream_host, upstream_port, _without_special_use)
 
 
 def test_the_proxy_takes_out_special_use_attributes_and_nothing_else() -> None:
@@ -187,3 +131,35 @@ def test_trash_junk_and_drafts_of_a_server_without_special_use_are_not_synced_an
             imap.append("INBOX", make_message("bo@example.org", user, "second application", "x"))
         _sync(config, store, user)  # not the first sync: header first
         assert _stored(store, user) == sorted([*expected, ("second application", "inbound", ["INBOX"])])
+
+
+@pytest.mark.mailstack
+def test_the_outbox_files_its_copy_in_the_folder_named_sent(
+    store: Store, db_url: str, tmp_path: Path, mailstack: MailStack
+) -> None:
+    """On a server that marks no folder \\Sent, the outbox's copy of a sent mail goes to the folder named "Sent". The
+    row was sent with a note "the copy in Sent could not be filed: the mailbox has no folder marked \\Sent"."""
+    user = mailstack.new_user("nospecialuse-out")
+    store.add_account(user, "local", Credential("oauth2_refresh", mailstack.refresh_token(user)))
+    account = store.account(user)
+    assert account is not None
+    with store.engine.begin() as conn:
+        row_id = conn.execute(
+            outbox_t.insert()
+            .values(
+                account_id=account.id,
+                to=["ana@example.org"],
+                subject="Interview",
+                body_text="Thursday?",
+                idempotency_key="sent-by-name",
+            )
+            .returning(outbox_t.c.id)
+        ).scalar_one()
+    with NoSpecialUseServer(mailstack.host, mailstack.imap_port) as proxy:
+        config = _config(tmp_path, db_url, mailstack, proxy.port)
+        [report] = make_outbox(config, store).drain()
+    assert (report.status, report.detail) == ("sent", None)
+    assert outbox_row(store, row_id).status == "sent"
+    with mailstack.admin_imap(user) as imap:
+        imap.select_folder("Sent", readonly=True)
+        assert len(imap.search(["SUBJECT", "Interview"])) == 1

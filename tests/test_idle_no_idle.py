@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import re
-import socket
 import threading
 from collections.abc import Iterator
-from types import TracebackType
 
 import pytest
 import structlog
 
 from harness import MailStack, make_message
+from harness.line_proxy import LineRewritingProxy
 from inboxd.clock import SystemClock
 from inboxd.idle import IdleWatcher
 from inboxd.imap import ImapClientSession, ImapEndpoint, connect
@@ -22,70 +21,10 @@ from inboxd.imap import ImapClientSession, ImapEndpoint, connect
 _IDLE_CAPABILITY = re.compile(rb" IDLE(?=[ \]\r\n])")
 
 
-class NoIdleServer:
-    """Forwards 127.0.0.1:``port`` to an IMAP server's plain port, taking IDLE out of every capability list the server
-    sends (the greeting's, the login's response code, CAPABILITY replies), as from a server that has no IDLE. Counts
-    the connections; ``drop()`` closes the open ones, as a lost network would."""
-
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self._upstream = (upstream_host, upstream_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self.connections = 0
-        self._open: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, name="no-idle-proxy", daemon=True)
-
-    def __enter__(self) -> NoIdleServer:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._listener.close()
-        self.drop()
-        self._thread.join(5)
-
-    def drop(self) -> None:
-        with self._lock:
-            victims, self._open = self._open, []
-        for sock in victims:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            server = socket.create_connection(self._upstream, timeout=10)
-            server.settimeout(None)
-            with self._lock:
-                self.connections += 1
-                self._open += [client, server]
-            threading.Thread(target=self._forward, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._forward, args=(server, client, True), daemon=True).start()
-
-    @staticmethod
-    def _forward(source: socket.socket, target: socket.socket, from_server: bool) -> None:
-        partial = b""
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if not from_server:
-                    target.sendall(data)
-                    continue
-                # whole lines only, so that a capability list split over two reads is still found
-                buffered = partial + data
-                end = buffered.rfind(b"\n") + 1
-                partial = buffered[end:]
-                if end:
-                    target.sendall(b"".join(_without_idle(line) for line in buffered[:end].splitlines(keepends=True)))
-        for sock in (source, target):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+def NoIdleServer(upstream_host: str, upstream_port: int) -> LineRewritingProxy:
+    """Dovecot's plain port, with IDLE taken out of every capability list it sends (the greeting's, the login's
+    response code, CAPABILITY replies), as from a server that has no IDLE."""
+    return LineRewritingProxy(upstream_host, upstream_port, _without_idle)
 
 
 def _without_idle(line: bytes) -> bytes:

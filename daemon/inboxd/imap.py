@@ -157,7 +157,12 @@ class ImapClientSession:
 
     def list_folders(self) -> list[FolderListing]:
         rows = self._readable_folders()
-        return [FolderListing(name=_text(name), flags=frozenset(_text(f) for f in flags)) for flags, _, name in rows]
+        return [
+            FolderListing(
+                name=_text(name), flags=frozenset(_text(f) for f in flags), delimiter=_text(delim) if delim else None
+            )
+            for flags, delim, name in rows
+        ]
 
     def _readable_folders(self) -> list[tuple[Any, Any, Any]]:
         """The LIST without the names that are not modified UTF-7 (a raw "&" or 8-bit bytes from a non-compliant

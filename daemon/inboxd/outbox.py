@@ -38,6 +38,7 @@ from inboxd.mime import (
 from inboxd.outbox_policy import Outcome, RetryPolicy, after_attempt, idle_wait
 from inboxd.outbox_store import OutboxRow, OutboxStore
 from inboxd.parse import parse_message
+from inboxd.planner import sent_folder
 from inboxd.smtp import SendAmbiguous, SendDailyLimit, SendRejected
 from inboxd.store import DISCONNECTED_REASON, Account, NewLocation, NewMessage, Store
 
@@ -419,7 +420,9 @@ def _addresses(value: Any, field: str) -> tuple[str, ...]:
 
 
 def _sent_folder(session: ImapSession) -> str | None:
-    """Where sent mail is: Gmail's All Mail (Sent is a label), else the folder marked \\Sent."""
+    """Where sent mail is: Gmail's All Mail (Sent is a label), else the folder marked \\Sent or, on a server that
+    marks none, the one named so (planner.sent_folder: "Sent", "Sent Items", ...)."""
     folders = session.list_folders()
-    wanted = "\\all" if session.capabilities.gmail else "\\sent"
-    return next((f.name for f in folders if wanted in {x.lower() for x in f.flags}), None)
+    if session.capabilities.gmail:
+        return next((f.name for f in folders if "\\all" in {x.lower() for x in f.flags}), None)
+    return sent_folder(folders)
