@@ -12,30 +12,23 @@ import threading
 from collections.abc import Callable
 from types import TracebackType
 
+from harness.loopback_server import LoopbackServer
 
-class LineRewritingProxy:
+
+class LineRewritingProxy(LoopbackServer):
     def __init__(self, upstream_host: str, upstream_port: int, rewrite: Callable[[bytes], bytes]) -> None:
+        super().__init__("line-rewriting-proxy")
         self._upstream = (upstream_host, upstream_port)
         self._rewrite = rewrite
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
         self.connections = 0
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, name="line-rewriting-proxy", daemon=True)
-
-    def __enter__(self) -> LineRewritingProxy:
-        self._thread.start()
-        return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not, on Linux)
-        self._listener.close()
+        super().__exit__(exc_type, exc, tb)
         self.drop()
-        self._thread.join(5)
 
     def drop(self) -> None:
         with self._lock:
@@ -45,19 +38,14 @@ class LineRewritingProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            server = socket.create_connection(self._upstream, timeout=10)
-            server.settimeout(None)
-            with self._lock:
-                self.connections += 1
-                self._open += [client, server]
-            threading.Thread(target=self._forward, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._forward, args=(server, client, True), daemon=True).start()
+    def handle(self, conn: socket.socket) -> None:
+        server = socket.create_connection(self._upstream, timeout=10)
+        server.settimeout(None)
+        with self._lock:
+            self.connections += 1
+            self._open += [conn, server]
+        threading.Thread(target=self._forward, args=(conn, server, False), daemon=True).start()
+        threading.Thread(target=self._forward, args=(server, conn, True), daemon=True).start()
 
     def _forward(self, source: socket.socket, target: socket.socket, from_server: bool) -> None:
         partial = b""

@@ -10,49 +10,31 @@ import contextlib
 import socket
 import threading
 from collections.abc import Callable
-from types import TracebackType
+
+from harness.loopback_server import LoopbackServer
 
 Answer = Callable[[str, str], list[str] | None]  # (command, arguments) -> lines, or None for the default
 
 GREETING = "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] scripted server ready"
 
 
-class ScriptedImap:
+class ScriptedImap(LoopbackServer):
     def __init__(self, answer: Answer, *, greeting: str = GREETING, hang_up: bool = False) -> None:
         """``hang_up``: close every connection once the client has sent its first bytes, without a word (a TLS peer
         gone in the middle of the handshake)."""
+        super().__init__("scripted-imap")
         self._answer = answer
         self._greeting = greeting
         self._hang_up = hang_up
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
         self.commands: list[str] = []  # the names of the tagged commands received, in order
-        self._thread = threading.Thread(target=self._accept, name="scripted-imap", daemon=True)
 
-    def __enter__(self) -> ScriptedImap:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not, on Linux)
-        self._listener.close()
-        self._thread.join(5)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            if self._hang_up:  # after the client's first flight (its TLS ClientHello): an EOF, not a reset
-                with conn, contextlib.suppress(OSError):
-                    conn.settimeout(5)
-                    conn.recv(65536)
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def handle(self, conn: socket.socket) -> None:
+        if self._hang_up:  # after the client's first flight (its TLS ClientHello): an EOF, not a reset
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(5)
+                conn.recv(65536)
+            return
+        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError), conn.makefile("rb") as lines:
