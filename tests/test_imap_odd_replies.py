@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from harness.scripted_imap import ScriptedImap
-from inboxd.errors import AccountFailed, RetryLater
+from inboxd.errors import AccountFailed, QuotaExceeded, RetryLater
 from inboxd.imap import ImapClientSession, ImapEndpoint, connect
 from inboxd.planner import FolderStatus
 
@@ -47,8 +47,9 @@ def test_a_status_without_uidnext_plans_from_select() -> None:
 
 def test_exchanges_authenticated_but_not_connected_names_the_missing_grant() -> None:
     """Exchange Online answers the first command after a login whose identity cannot open the mailbox (an app-only
-    token without a mailbox permission) with BAD "User is authenticated but not connected". It was retried as a
-    lost connection at every backoff, with the raw text; it needs an admin's grant."""
+    token without a mailbox permission; also, for a while, a mailbox being moved) with BAD "User is authenticated but
+    not connected". It is retried after a backoff as before, but the error now says what to check, not the raw
+    reply."""
 
     def answer(command: str, _args: str) -> list[str] | None:
         if command == "LIST":
@@ -58,7 +59,7 @@ def test_exchanges_authenticated_but_not_connected_names_the_missing_grant() -> 
     with ScriptedImap(answer) as server:
         session = logged_in(server)
         try:
-            with pytest.raises(AccountFailed, match="Add-MailboxPermission"):
+            with pytest.raises(RetryLater, match="Add-MailboxPermission"):
                 session.list_folders()
         finally:
             session.close()
@@ -72,3 +73,29 @@ def test_a_tls_handshake_cut_short_is_tried_again() -> None:
         pytest.raises(RetryLater, match=r"TLS .* was cut short"),
     ):
         connect(endpoint(server.port, "tls"), username="rita@example.test", password="secret")
+
+
+def test_a_fetch_refused_with_a_response_code_is_not_taken_for_a_partial_reply() -> None:
+    """A FETCH of new messages that ends NO without a code (Gmail: "Some messages could not be FETCHed") gives the
+    replies that came; one that ends NO [OVERQUOTA] (or [UNAVAILABLE], ...) is about the server: the quota pauses
+    the account, as on any other command. Taken for a partial reply, it stored nothing and the sync succeeded."""
+
+    def answer(command: str, args: str) -> list[str] | None:
+        if command in ("SELECT", "EXAMINE"):
+            return ["* 2 EXISTS", "* OK [UIDVALIDITY 7] ok", "* OK [UIDNEXT 3] ok", "{tag} OK [READ-ONLY] done"]
+        if command == "UID FETCH" and args.startswith("1:2 "):
+            reply = "* 1 FETCH (UID 1 FLAGS () BODY[] {{4}}\r\nabcd)"  # {{4}}: a literal, braces doubled for format()
+            return [reply, "{tag} NO Some messages could not be FETCHed (Failure)"]
+        if command == "UID FETCH":
+            return ["{tag} NO [OVERQUOTA] Account exceeded command or bandwidth limits. (Failure)"]
+        return None
+
+    with ScriptedImap(answer) as server:
+        session = logged_in(server)
+        try:
+            session.select("INBOX")
+            assert sorted(session.fetch_bodies([1, 2])) == [1], "the reply that came"
+            with pytest.raises(QuotaExceeded):
+                session.fetch_bodies([1])
+        finally:
+            session.close()

@@ -330,6 +330,64 @@ def test_a_message_quarantined_without_its_body_is_stored_once_the_server_sends_
     assert sync(FakeSession(mb, caps)).new_messages == 0, "stored once"
 
 
+class WithholdsBodies(FakeSession):
+    """A server that sends no body for these UIDs (bodies-first and header-first)."""
+
+    def __init__(self, mailbox: FakeMailbox, caps: Capabilities, uids: set[int]) -> None:
+        super().__init__(mailbox, caps)
+        self._uids = uids
+
+    def fetch_bodies(self, uids):  # type: ignore[no-untyped-def]
+        return {uid: body for uid, body in super().fetch_bodies(uids).items() if uid not in self._uids}
+
+    def fetch_messages(self, uids):  # type: ignore[no-untyped-def]
+        fetched = super().fetch_messages(uids)
+        return {uid: (None, meta) if uid in self._uids else (body, meta) for uid, (body, meta) in fetched.items()}
+
+
+def test_asking_again_for_a_quarantined_message_never_moves_the_cursor(store: Store) -> None:
+    """The cursor is held below a message whose body has not come yet (UID 2) when a message above it, quarantined
+    without its body (UID 3), is asked for again and still does not come. That retry stored its batch with the
+    batch's cursor and moved the folder's past UID 2, which no sync then fetched again: lost for good."""
+    account = store.add_account("held-retry@example.test", "fake", Credential("password", "x"))
+    mb = FakeMailbox()
+    uids = [mb.append("INBOX", raw_message(n)) for n in range(3)]
+    clock = FakeClock()
+    caps = CAPS["qresync"]
+    misses: dict[tuple[int, str, int, int], int] = {}
+    retried: dict[tuple[int, str, int], float] = {}
+
+    def sync(session: FakeSession) -> Any:
+        clock.advance(1)
+        stats = AccountSync(
+            store,
+            store.account_by_id(account.id),
+            session,
+            settings=SyncSettings(batch_size=10),
+            clock=clock,
+            body_misses=misses,
+            bodiless_retried=retried,
+        ).run()
+        store.set_state(account.id, "active", synced=True)
+        return stats
+
+    for _ in range(3):
+        sync(WithholdsBodies(mb, caps, {uids[2]}))  # the third time it is quarantined, the cursor passes it
+    with store.engine.begin() as conn:  # the cursor held below UID 2 (as a message not yet come holds it)
+        conn.execute(
+            folders_t.update().where(folders_t.c.account_id == account.id).values(last_uid=uids[0], uidnext=None)
+        )
+        conn.execute(sa.text("DELETE FROM inboxd_locations WHERE uid = :uid"), {"uid": uids[1]})
+        conn.execute(sa.text("DELETE FROM mail_messages WHERE subject = 'hello 1'"))
+    clock.advance(3600)  # the quarantined UID 3 is due to be asked for again
+    sync(WithholdsBodies(mb, caps, {uids[1], uids[2]}))
+    with store.engine.connect() as conn:
+        last_uid = conn.execute(sa.select(folders_t.c.last_uid).where(folders_t.c.account_id == account.id)).scalar()
+    assert last_uid == uids[0], "held below UID 2"
+    sync(FakeSession(mb, caps))
+    assert _stored(store, account.id) == 3, "UID 2 came, and so did UID 3"
+
+
 def test_flags_change_above_a_held_cursor_is_not_lost(store: Store) -> None:
     """While the cursor is held below a message that did not come, the messages above it are stored: a flag change
     on one of them (CHANGEDSINCE, asked only up to the cursor) was lost once HIGHESTMODSEQ moved on."""

@@ -356,8 +356,10 @@ class ImapClientSession:
                 args.append("(" + " ".join(modifiers) + ")")
             tag = imap._command("UID", *args)
             typ, data = imap._command_complete("FETCH", tag)
-            if typ == "NO" and partial:
-                log.warning("imap.fetch_incomplete", reply=_text(data[0])[:200] if data and data[0] else typ)
+            text = _text(data[0]) if data and data[0] else ""
+            if typ == "NO" and partial and not text.lstrip().startswith("["):
+                # a NO with a response code ([OVERQUOTA], [UNAVAILABLE], ...) is about the server, not one message
+                log.warning("imap.fetch_incomplete", reply=text[:200] or typ)
                 typ = "OK"  # imaplib gives no untagged replies with a NO; they are there
             if typ != "OK":
                 raise IMAPClientError(f"UID FETCH failed: {_text(data[0]) if data else typ}")
@@ -385,11 +387,11 @@ class ImapClientSession:
         except IMAPClientError as exc:
             if imap.untagged_responses.pop("OVERQUOTA", None) is not None:
                 raise QuotaExceeded(f"provider quota exceeded: {_safe(exc)}") from exc
-            if NOT_CONNECTED in str(exc):
-                raise AccountFailed(
+            if NOT_CONNECTED in str(exc):  # transient too (a mailbox being moved): retried, with what to check
+                raise RetryLater(
                     "Exchange accepted the login but cannot open the mailbox (User is authenticated but not "
-                    "connected): the signed-in user or app has no access to it, or the mailbox is not ready; for "
-                    "app-only access, grant the app access to this mailbox (Add-MailboxPermission)"
+                    "connected): the signed-in user or app may have no access to it, or the mailbox is not ready; "
+                    "for app-only access, grant the app access to this mailbox (Add-MailboxPermission)"
                 ) from exc
             raise RetryLater(f"IMAP command failed: {_safe(exc)}") from exc
         # Gmail appends the code to the text ("OK Success [THROTTLED]"), where imaplib, which only reads a code at

@@ -291,10 +291,12 @@ class AccountSync:
             if selected.uidvalidity != uidvalidity:
                 return  # the next sync re-maps the folder; the old UIDs mean nothing now
         incomplete, bodies_first, self._bodies_first, self._retrying = self._incomplete, self._bodies_first, False, True
+        done = self.stats.done  # no progress of this sync's: the messages were counted when first met
         try:
             self._ingest(folder, selected, batches(uids, self._settings.batch_size))
         finally:
             self._incomplete, self._bodies_first, self._retrying = incomplete, bodies_first, False
+            self.stats.done = done
         released = self._store.release_quarantined(self._account.id, folder.id, uidvalidity, uids)
         self._log.info("sync.quarantine_retried", folder=folder.name, asked=len(uids), stored=released)
 
@@ -569,6 +571,8 @@ class AccountSync:
             new_messages = self._recognize_stored(new_messages, known)
         missing = self._given_up(folder, selected, [uid for uid in run.uids if uid not in bodies], bodies)
         last_uid = min(cursor, min(missing) - 1) if missing else cursor
+        if self._retrying:  # messages behind the cursor: it stays where it is (it may be held below them)
+            last_uid = 0
         inserted = self._store.store_batch(self._account.id, folder.id, new_messages, known, last_uid=last_uid)
         self.stats.new_messages += len(inserted)
         return missing
@@ -594,6 +598,8 @@ class AccountSync:
             del self._body_misses[key]
             reason = f"the server sent no body for this message in {misses} syncs in a row"
             self._quarantine(folder, selected, uid, reason=reason, raw=None)
+            # asked for again in BODILESS_RETRY_EVERY, not at the end of this very sync
+            self._bodiless_retried.setdefault((account, folder_name, uidvalidity), self._clock.monotonic())
         return still
 
     def _quarantine(
