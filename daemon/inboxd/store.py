@@ -365,9 +365,10 @@ class Store:
         node and in every process: else both find no row, both insert, and the later one fails on the unique key
         (the account showed "internal error" until its next sync, or the sent copy went unlinked).
 
-        PostgreSQL: a transaction-scoped advisory lock on the account. SQLite: BEGIN IMMEDIATE, which takes the
-        database's one write lock before the lookup instead of at the first insert (SQLite runs one writer at a
-        time anyway, so nothing waits longer than it did)."""
+        PostgreSQL: a transaction-scoped advisory lock on the account, held to the commit (a batch with many
+        attachments: seconds, its files' fsyncs included). SQLite: BEGIN IMMEDIATE, which takes the database's one
+        write lock before the lookups instead of at the first insert: SQLite runs one writer at a time anyway, which
+        now also waits out a batch's lookups and thread planning."""
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MESSAGES_LOCK + account_id})
