@@ -13,6 +13,7 @@ import structlog
 
 from harness import MailStack, make_message
 from harness.line_proxy import LineRewritingProxy
+from harness.scripted_imap import ScriptedImap
 from inboxd.clock import SystemClock
 from inboxd.idle import IdleWatcher
 from inboxd.imap import ImapClientSession, ImapEndpoint, connect
@@ -123,3 +124,47 @@ def test_a_lost_connection_to_a_server_without_idle_is_reopened_and_not_logged_a
         assert changed.wait(10), "and polls again"
     assert server.connections == 2
     assert _watcher_events(logs) == ["idle.unsupported", "idle.reconnect"]
+
+
+def test_a_server_that_offers_idle_but_refuses_it_is_polled_on_the_same_connection() -> None:
+    """IDLE in the capabilities, but the command answered NO (turned off for the mailbox): the watcher reconnected
+    in a loop, each time catching up. It now polls with NOOP from then on, on the one connection, and a change a
+    NOOP reports (EXISTS) reaches the daemon."""
+    noops = 0
+    fixed = {
+        "LOGIN": ["{tag} OK [CAPABILITY IMAP4rev1 IDLE] logged in"],
+        "CAPABILITY": ["* CAPABILITY IMAP4rev1 IDLE", "{tag} OK done"],
+        "LIST": ['* LIST (\\HasNoChildren) "/" INBOX', "{tag} OK done"],
+        "EXAMINE": ["* 2 EXISTS", "* OK [UIDVALIDITY 7] ok", "* OK [UIDNEXT 3] ok", "{tag} OK [READ-ONLY] done"],
+        "IDLE": ["{tag} NO IDLE is not allowed for this mailbox"],
+    }
+    fixed["SELECT"] = fixed["EXAMINE"]
+
+    def answer(command: str, _args: str) -> list[str] | None:
+        nonlocal noops
+        if command == "NOOP":
+            noops += 1
+            return (["* 3 EXISTS"] if noops == 3 else []) + ["{tag} OK done"]
+        return fixed.get(command)
+
+    changed = threading.Event()
+    with ScriptedImap(answer) as server, structlog.testing.capture_logs() as logs:
+        endpoint = ImapEndpoint(host="127.0.0.1", port=server.port, tls="plain", timeout=5)
+        watcher = IdleWatcher(
+            "refused@example.test",
+            lambda: connect(endpoint, username="refused@example.test", password="x"),
+            changed.set,
+            clock=SystemClock(),
+            poll_others=0.3,
+        )
+        watcher.start()
+        try:
+            assert changed.wait(10), "a fresh connection catches up once"
+            changed.clear()
+            assert changed.wait(10), "the EXISTS of the third NOOP"
+        finally:
+            watcher.stop()
+    assert server.commands.count("LOGIN") == 1, server.commands
+    assert server.commands.count("IDLE") == 1, "refused once, not sent again"
+    assert [e.get("reason") for e in logs if e["event"] == "idle.unsupported"] == ["refused"]
+    assert not [e for e in logs if e["event"] == "idle.reconnect"]

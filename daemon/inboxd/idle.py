@@ -16,7 +16,9 @@ connection is reopened with capped exponential backoff. The watcher only signals
 A server without IDLE (no IDLE capability) is polled on the same connection instead: a NOOP of the folder every
 POLL_OTHERS seconds, whose untagged responses (EXISTS, EXPUNGE, VANISHED, FETCH) tell what changed, beside the
 STATUS of the other folders as above. That is logged once per watcher (``idle.unsupported``); sending IDLE anyway
-would fail, and the watcher would reconnect, STATUS every folder and catch up, every few seconds to minutes.
+would fail, and the watcher would reconnect, STATUS every folder and catch up, every few seconds to minutes. A
+server that offers IDLE but answers it NO or BAD (a mailbox or an account where it is turned off) is polled the same
+way from then on, by this watcher.
 """
 
 from __future__ import annotations
@@ -200,6 +202,7 @@ class IdleWatcher:
         self._idled = False  # IDLE was reached since the last failure: the backoff starts again from its base
         self._refusals: set[str] = set()  # folders whose STATUS was refused on this connection (logged once)
         self._told_no_idle = False  # idle.unsupported was logged (once per watcher, not per connection)
+        self._idle_refused = False  # the server answered IDLE with NO or BAD: this watcher polls from then on
 
     def start(self) -> None:
         self._thread.start()
@@ -263,7 +266,7 @@ class IdleWatcher:
             polled = checked = self._clock.monotonic() - random.uniform(0, self._poll_others)
             while not self._stop.is_set():
                 poll_at = self._next_poll(others, polled)
-                if can_idle:
+                if can_idle and not self._idle_refused:  # _idle polls once, and the loop from then on, if refused
                     changed, poll = self._idle(client, slice_s, poll_at=poll_at)
                 else:  # the NOOP's news is in imaplib's untagged responses, read by pending_change below
                     changed, poll = self._noop(client, at=checked + self._poll_others, poll_at=poll_at)
@@ -283,12 +286,14 @@ class IdleWatcher:
             session.close()
 
     def _can_idle(self, client: IMAPClient) -> bool:
-        """Whether the server offers IDLE; if not, say so once (a reconnect does not repeat it)."""
-        if client.has_capability("IDLE"):
+        """Whether the server offers IDLE (and did not refuse it); if not, say so once (a reconnect does not repeat
+        it)."""
+        if client.has_capability("IDLE") and not self._idle_refused:
             return True
         if not self._told_no_idle:
             self._told_no_idle = True
-            log.info("idle.unsupported", account=self._name, poll_s=self._poll_others)
+            reason = "refused" if self._idle_refused else "not offered"
+            log.info("idle.unsupported", account=self._name, poll_s=self._poll_others, reason=reason)
         return False
 
     def _noop(self, client: IMAPClient, *, at: float, poll_at: float | None) -> tuple[bool, bool]:
@@ -305,9 +310,21 @@ class IdleWatcher:
 
     def _idle(self, client: IMAPClient, slice_s: float, *, poll_at: float | None) -> tuple[bool, bool]:
         """One IDLE command, until the folder changes (True, _), the other folders are due for a STATUS at
-        ``poll_at`` (_, True), IDLE_RENEW passes or the watcher stops (False, False)."""
+        ``poll_at`` (_, True), IDLE_RENEW passes or the watcher stops (False, False). An IDLE the server refuses (NO,
+        BAD) is a NOOP instead (_noop), and so is every wait of this watcher from then on."""
         started = self._clock.monotonic()
-        client.idle()
+        try:
+            client.idle()
+        except IMAPClientError:
+            # imapclient raises for any line before the continuation; only the command's own NO or BAD is a refusal
+            # (an untagged EXISTS just before "+ idling" is not: that one goes to the reconnect, as it did)
+            tag = getattr(client, "_idle_tag", None)
+            answer = client._imap.tagged_commands.get(tag) if tag is not None else None
+            if answer is None or answer[0] not in ("NO", "BAD"):
+                raise
+            self._idle_refused = True
+            self._can_idle(client)  # says so, once
+            return self._noop(client, at=started, poll_at=poll_at)
         self.idling.set()
         changed = poll = False
         try:
