@@ -234,21 +234,26 @@ def test_a_missing_body_is_fetched_again_not_skipped(store: Store, bodies_first:
     assert _stored(store, account.id) == 8, "the cursor stopped before the message whose body did not come"
 
 
-class NeverSendsOneBody(FakeSession):
-    """A server that never returns the body of one message (bodies-first and header-first)."""
+class WithholdsBodies(FakeSession):
+    """A server that sends no body for these UIDs (bodies-first and header-first)."""
 
-    def __init__(self, mailbox: FakeMailbox, caps: Capabilities, uid: int) -> None:
+    def __init__(self, mailbox: FakeMailbox, caps: Capabilities, uids: set[int]) -> None:
         super().__init__(mailbox, caps)
-        self._uid = uid
+        self._uids = uids
 
     def fetch_bodies(self, uids):  # type: ignore[no-untyped-def]
-        return {uid: body for uid, body in super().fetch_bodies(uids).items() if uid != self._uid}
+        return {uid: body for uid, body in super().fetch_bodies(uids).items() if uid not in self._uids}
 
     def fetch_messages(self, uids):  # type: ignore[no-untyped-def]
         fetched = super().fetch_messages(uids)
-        if self._uid in fetched:
-            fetched[self._uid] = (None, fetched[self._uid][1])
-        return fetched
+        return {uid: (None, meta) if uid in self._uids else (body, meta) for uid, (body, meta) in fetched.items()}
+
+
+class NeverSendsOneBody(WithholdsBodies):
+    """A server that never returns the body of one message (bodies-first and header-first)."""
+
+    def __init__(self, mailbox: FakeMailbox, caps: Capabilities, uid: int) -> None:
+        super().__init__(mailbox, caps, {uid})
 
 
 def test_a_body_the_server_never_sends_is_quarantined_after_three_syncs(store: Store) -> None:
@@ -284,6 +289,31 @@ def test_a_body_the_server_never_sends_is_quarantined_after_three_syncs(store: S
     assert _stored(store, account.id) == 6
 
 
+class SyncedAccount:
+    """Syncs of one account as the Runner makes them: the account read afresh and recorded as synced after each
+    (no longer importing), its body misses and retry times kept across syncs, the clock a second on each time."""
+
+    def __init__(self, store: Store, account_id: int, *, batch_size: int) -> None:
+        self.store, self.account_id, self.batch_size = store, account_id, batch_size
+        self.clock = FakeClock()
+        self.misses: dict[tuple[int, str, int, int], int] = {}
+        self.retried: dict[tuple[int, str, int], float] = {}
+
+    def __call__(self, session: FakeSession) -> Any:
+        self.clock.advance(1)
+        stats = AccountSync(
+            self.store,
+            self.store.account_by_id(self.account_id),
+            session,
+            settings=SyncSettings(batch_size=self.batch_size),
+            clock=self.clock,
+            body_misses=self.misses,
+            bodiless_retried=self.retried,
+        ).run()
+        self.store.set_state(self.account_id, "active", synced=True)
+        return stats
+
+
 def test_a_message_quarantined_without_its_body_is_stored_once_the_server_sends_it(store: Store) -> None:
     """Three syncs in a row without a body can be a minute (pushes): the server's hiccup must not cost the message
     for good. Once an hour, for a week, the folder's messages quarantined without bytes are asked for again; one
@@ -292,24 +322,9 @@ def test_a_message_quarantined_without_its_body_is_stored_once_the_server_sends_
     mb = FakeMailbox()
     for n in range(4):
         mb.append("INBOX", raw_message(n))
-    clock = FakeClock()
     caps = CAPS["qresync"]
-    misses: dict[tuple[int, str, int, int], int] = {}
-    retried: dict[tuple[int, str, int], float] = {}
-
-    def sync(session: FakeSession) -> Any:
-        clock.advance(1)
-        stats = AccountSync(
-            store,
-            store.account_by_id(account.id),  # as the Runner reads it: synced once, no longer importing
-            session,
-            settings=SyncSettings(batch_size=2),
-            clock=clock,
-            body_misses=misses,
-            bodiless_retried=retried,
-        ).run()
-        store.set_state(account.id, "active", synced=True)
-        return stats
+    sync = SyncedAccount(store, account.id, batch_size=2)
+    clock = sync.clock
 
     sync(FakeSession(mb, caps))  # the account's first sync (an import is never retried into)
     mb.append("INBOX", raw_message(7))
@@ -330,21 +345,6 @@ def test_a_message_quarantined_without_its_body_is_stored_once_the_server_sends_
     assert sync(FakeSession(mb, caps)).new_messages == 0, "stored once"
 
 
-class WithholdsBodies(FakeSession):
-    """A server that sends no body for these UIDs (bodies-first and header-first)."""
-
-    def __init__(self, mailbox: FakeMailbox, caps: Capabilities, uids: set[int]) -> None:
-        super().__init__(mailbox, caps)
-        self._uids = uids
-
-    def fetch_bodies(self, uids):  # type: ignore[no-untyped-def]
-        return {uid: body for uid, body in super().fetch_bodies(uids).items() if uid not in self._uids}
-
-    def fetch_messages(self, uids):  # type: ignore[no-untyped-def]
-        fetched = super().fetch_messages(uids)
-        return {uid: (None, meta) if uid in self._uids else (body, meta) for uid, (body, meta) in fetched.items()}
-
-
 def test_asking_again_for_a_quarantined_message_never_moves_the_cursor(store: Store) -> None:
     """The cursor is held below a message whose body has not come yet (UID 2) when a message above it, quarantined
     without its body (UID 3), is asked for again and still does not come. That retry stored its batch with the
@@ -352,24 +352,9 @@ def test_asking_again_for_a_quarantined_message_never_moves_the_cursor(store: St
     account = store.add_account("held-retry@example.test", "fake", Credential("password", "x"))
     mb = FakeMailbox()
     uids = [mb.append("INBOX", raw_message(n)) for n in range(3)]
-    clock = FakeClock()
     caps = CAPS["qresync"]
-    misses: dict[tuple[int, str, int, int], int] = {}
-    retried: dict[tuple[int, str, int], float] = {}
-
-    def sync(session: FakeSession) -> Any:
-        clock.advance(1)
-        stats = AccountSync(
-            store,
-            store.account_by_id(account.id),
-            session,
-            settings=SyncSettings(batch_size=10),
-            clock=clock,
-            body_misses=misses,
-            bodiless_retried=retried,
-        ).run()
-        store.set_state(account.id, "active", synced=True)
-        return stats
+    sync = SyncedAccount(store, account.id, batch_size=10)
+    clock = sync.clock
 
     for _ in range(3):
         sync(WithholdsBodies(mb, caps, {uids[2]}))  # the third time it is quarantined, the cursor passes it
